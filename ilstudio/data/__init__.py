@@ -1,0 +1,1 @@
+"""Episode files (ACT HDF5 layout) -> normalized training samples."""

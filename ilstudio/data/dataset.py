@@ -1,0 +1,212 @@
+"""Episodes -> (qpos, action chunk, is_pad, images) training samples.
+
+A sample is one timestep t of one episode: the normalized state at t and the next
+``chunk_size`` normalized actions (ACT-style action chunking), padded past the episode
+end with its last action and flagged in ``is_pad`` so the loss can ignore them.
+
+Two ways to read: ``preload_data`` loads everything once (fast epochs, needs RAM);
+otherwise each sample reads just its slices from an h5py handle held open per process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ilstudio.config.settings import DatasetSettings, TaskSettings
+from ilstudio.data.episodes import (
+    ACTION_KEY,
+    IMAGES_KEY,
+    QPOS_KEY,
+    check_episodes,
+    is_mirrored,
+    list_episode_files,
+    open_episode,
+    read_errors,
+)
+from ilstudio.data.normalization import NormStats, compute_stats
+from ilstudio.errors import UserError
+
+# An episode source: an open h5py.File or a dict of preloaded arrays, indexed by the same keys.
+Source = Any
+
+
+class EpisodeDataset(Dataset):
+    """All (episode, t) pairs of the given episodes, as normalized training samples."""
+
+    def __init__(self, paths: Sequence[str | Path], task: TaskSettings, settings: DatasetSettings,
+                 chunk_size: int, stats: NormStats,
+                 episode_lengths: Sequence[int] | None = None) -> None:
+        if chunk_size < 1:
+            raise UserError(f"chunk_size must be >= 1, got {chunk_size}")
+        if settings.history_images_length < 1:
+            raise UserError("dataset.history_images_length must be >= 1, got "
+                            f"{settings.history_images_length}")
+        self.paths = [Path(p) for p in paths]
+        if not self.paths:
+            raise UserError("EpisodeDataset needs at least one episode")
+        self.task = task
+        self.settings = settings
+        self.chunk_size = chunk_size
+        self.stats = stats
+        self.use_images = settings.is_multimodal and bool(task.camera_names)
+        self.history = settings.history_images_length
+        if episode_lengths is None:  # built directly rather than by build_datasets
+            episode_lengths = check_episodes(self.paths, task, self.use_images)
+        self.episode_lengths = np.asarray(episode_lengths, dtype=np.int64)
+        self.episode_starts = np.concatenate([[0], np.cumsum(self.episode_lengths)[:-1]])
+        self.episode_index = np.repeat(np.arange(len(self.paths)), self.episode_lengths)
+        self._image_keys = [f"{IMAGES_KEY}/{c}" for c in task.camera_names] if self.use_images else []
+        self._handles: dict[int, dict[int, h5py.File]] = {}  # pid -> episode -> open file
+        self._preloaded: list[dict[str, np.ndarray]] | None = None
+        if settings.preload_data:
+            self._preloaded = self._preload()
+
+    def __len__(self) -> int:
+        return int(self.episode_lengths.sum())
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _keys(self) -> list[str]:
+        return [QPOS_KEY, ACTION_KEY, *self._image_keys]
+
+    def _read_episode(self, path: Path) -> dict[str, np.ndarray]:
+        with open_episode(path) as f, read_errors(path):
+            return {k: f[k][()] for k in self._keys()}
+
+    def _preload(self) -> list[dict[str, np.ndarray]]:
+        """Read all episodes in parallel threads (overlaps file I/O; h5py itself is locked)."""
+        workers = max(1, min(8, len(self.paths), os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(self._read_episode, self.paths))
+
+    def _source(self, ep: int) -> Source:
+        """The episode's arrays: preloaded, or this process's own open file handle.
+
+        Handles are keyed by pid so a DataLoader worker forked after the parent opened
+        files never reuses the parent's HDF5 handles (not fork-safe).
+        """
+        if self._preloaded is not None:
+            return self._preloaded[ep]
+        handles = self._handles.setdefault(os.getpid(), {})
+        f = handles.get(ep)
+        if f is None:
+            f = handles[ep] = open_episode(self.paths[ep])
+        return f
+
+    def close(self) -> None:
+        """Close this process's open files (lazy mode)."""
+        for f in self._handles.pop(os.getpid(), {}).values():
+            f.close()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_handles"] = {}  # h5py handles cannot be pickled (spawn workers reopen)
+        return state
+
+    # -- samples ---------------------------------------------------------------------
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(episode, t) of global index i."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} samples")
+        ep = int(self.episode_index[i])
+        return ep, i - int(self.episode_starts[ep])
+
+    def _action_chunk(self, src: Source, ep: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        end = min(t + self.chunk_size, int(self.episode_lengths[ep]))
+        actions = np.asarray(src[ACTION_KEY][t:end], dtype=np.float32)
+        n = end - t
+        if n < self.chunk_size:
+            actions = np.concatenate([actions, np.repeat(actions[-1:], self.chunk_size - n, 0)])
+        return actions, np.arange(self.chunk_size) >= n
+
+    def _frames(self, src: Source, t: int) -> torch.Tensor:
+        """(cams, 3, H, W), or (cams, history, 3, H, W) when history > 1; floats in [0, 1]."""
+        start = max(0, t - self.history + 1)
+        per_cam = []
+        for key in self._image_keys:
+            frames = np.asarray(src[key][start:t + 1])  # (n, H, W, 3) uint8
+            if len(frames) < self.history:  # before the episode start: repeat frame 0
+                pad = np.repeat(frames[:1], self.history - len(frames), 0)
+                frames = np.concatenate([pad, frames])
+            per_cam.append(frames)
+        x = torch.from_numpy(np.stack(per_cam)).permute(0, 1, 4, 2, 3).float().div_(255.0)
+        return x[:, 0] if self.history == 1 else x
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ep, t = self.locate(int(i))
+        src = self._source(ep)
+        qpos = np.asarray(src[QPOS_KEY][t], dtype=np.float32)
+        actions, is_pad = self._action_chunk(src, ep, t)
+        sample = {
+            "qpos": torch.from_numpy(self.stats.normalize_qpos(qpos).astype(np.float32)),
+            "action": torch.from_numpy(self.stats.normalize_action(actions).astype(np.float32)),
+            "is_pad": torch.from_numpy(is_pad),
+        }
+        if self.use_images:
+            sample["images"] = self._frames(src, t)
+        return sample
+
+
+# -- building train/val ----------------------------------------------------------------
+
+
+def split_episodes(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic (train, val) episode indices; val is round(fraction*n), 1..n-1."""
+    if n < 2:
+        raise UserError(f"evaluation needs at least 2 episodes (one to train on, one held out); "
+                        f"the dataset has {n}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"dataset.val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = min(max(1, round(val_fraction * n)), n - 1)
+    perm = np.random.RandomState(seed).permutation(n)
+    return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
+
+
+def build_datasets(task: TaskSettings, settings: DatasetSettings, chunk_size: int, do_eval: bool,
+                   seed: int) -> tuple[EpisodeDataset, EpisodeDataset | None, NormStats, dict]:
+    """List, filter, validate and split the episodes; stats come from train episodes only."""
+    paths = list_episode_files(task.dataset_dir)
+    n_found = len(paths)
+    if settings.skip_mirrored_data:
+        paths = [p for p in paths if not is_mirrored(p)]
+        if not paths:
+            raise UserError(f"all {n_found} episodes in {task.dataset_dir} are mirrored and "
+                            "dataset.skip_mirrored_data is true: nothing left to train on")
+    use_images = settings.is_multimodal and bool(task.camera_names)
+    lengths = check_episodes(paths, task, use_images)
+    if do_eval:
+        train_idx, val_idx = split_episodes(len(paths), settings.val_fraction, seed)
+    else:
+        train_idx, val_idx = list(range(len(paths))), []
+
+    def subset(idx: list[int]) -> tuple[list[Path], list[int]]:
+        return [paths[i] for i in idx], [lengths[i] for i in idx]
+
+    train_paths, train_lengths = subset(train_idx)
+    stats = compute_stats(train_paths)
+    train_ds = EpisodeDataset(train_paths, task, settings, chunk_size, stats, train_lengths)
+    eval_ds = None
+    if val_idx:
+        val_paths, val_lengths = subset(val_idx)
+        eval_ds = EpisodeDataset(val_paths, task, settings, chunk_size, stats, val_lengths)
+    summary = {
+        "dataset_dir": str(task.dataset_dir),
+        "episodes_found": n_found,
+        "episodes_mirrored_skipped": n_found - len(paths),
+        "episodes_train": len(train_idx),
+        "episodes_val": len(val_idx),
+        "timesteps_train": len(train_ds),
+        "timesteps_val": len(eval_ds) if eval_ds is not None else 0,
+        "cameras": list(task.camera_names) if use_images else [],
+    }
+    return train_ds, eval_ds, stats, summary

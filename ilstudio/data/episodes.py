@@ -1,0 +1,144 @@
+"""Finding and validating episode files in the ACT HDF5 layout.
+
+One file per episode::
+
+    /observations/qpos            (T, state_dim)  float
+    /observations/qvel            (T, state_dim)  float   (not used for training)
+    /observations/images/<camera> (T, H, W, 3)    uint8
+    /action                       (T, action_dim) float
+    attrs: sim (bool), mirrored (bool, optional)
+
+Validation reads headers only (shapes, dtypes, keys), so a bad file is reported in
+seconds with its name, instead of as a shape error deep inside a DataLoader worker.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ilstudio.config.settings import TaskSettings
+from ilstudio.errors import UserError
+
+QPOS_KEY = "observations/qpos"
+ACTION_KEY = "action"
+IMAGES_KEY = "observations/images"
+
+
+def _natural_key(path: Path) -> list:
+    """Sort key so episode_2 comes before episode_10."""
+    return [int(p) if p.isdigit() else p.lower() for p in re.split(r"(\d+)", path.name)]
+
+
+def list_episode_files(dataset_dir: str | Path) -> list[Path]:
+    """The episode_*.hdf5 (any *.hdf5) files of a directory, in natural order."""
+    d = Path(dataset_dir).expanduser()
+    if not str(dataset_dir):
+        raise UserError("task.dataset_dir is empty: set it to a directory of episode_*.hdf5 files")
+    if not d.is_dir():
+        raise UserError(f"dataset directory {d} does not exist (expected a directory of "
+                        "episode_*.hdf5 files in the ACT layout)")
+    files = sorted((p for p in d.glob("*.hdf5") if p.is_file()), key=_natural_key)
+    if not files:
+        raise UserError(f"dataset directory {d} has no *.hdf5 files (expected episode_*.hdf5 "
+                        "files in the ACT layout)")
+    return files
+
+
+@contextmanager
+def read_errors(path: Path) -> Iterator[None]:
+    """Turn HDF5 read failures (OSError) into a UserError naming the file."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read as HDF5 (truncated or corrupt?): {e}") from None
+
+
+def open_episode(path: Path) -> h5py.File:
+    """Open read-only; an unreadable file becomes a UserError naming it."""
+    with read_errors(path):
+        return h5py.File(path, "r")
+
+
+def is_mirrored(path: str | Path) -> bool:
+    """The episode's root attribute ``mirrored`` (False when absent)."""
+    with open_episode(Path(path)) as f:
+        return bool(f.attrs.get("mirrored", False))
+
+
+def _dataset(f: h5py.File, key: str, name: str) -> h5py.Dataset:
+    obj = f.get(key)
+    if not isinstance(obj, h5py.Dataset):
+        what = "is not a dataset" if obj is not None else "is missing"
+        raise UserError(f"{name}: /{key} {what} (ACT layout expected)")
+    return obj
+
+
+def _check_2d(ds: h5py.Dataset, key: str, dim: int, dim_name: str, name: str) -> int:
+    """Check a (T, dim) numeric array; returns T."""
+    if ds.ndim != 2:
+        raise UserError(f"{name}: /{key} has shape {ds.shape}, expected (T, {dim})")
+    if ds.shape[1] != dim:
+        raise UserError(f"{name}: /{key} has {ds.shape[1]} columns, task.{dim_name} is {dim}")
+    if not np.issubdtype(ds.dtype, np.number):
+        raise UserError(f"{name}: /{key} has dtype {ds.dtype}, expected a numeric type")
+    return ds.shape[0]
+
+
+def _check_images(f: h5py.File, cameras: Sequence[str], steps: int, name: str,
+                  frame_shapes: dict[str, tuple]) -> None:
+    """Each listed camera is (T, H, W, 3) uint8, with the same H, W in every episode."""
+    group = f.get(IMAGES_KEY)
+    present = sorted(group.keys()) if isinstance(group, h5py.Group) else []
+    for cam in cameras:
+        if cam not in present:
+            raise UserError(f"{name}: camera '{cam}' (task.camera_names) not under /{IMAGES_KEY}; "
+                            f"the file has {present or 'no cameras'}")
+        ds = _dataset(f, f"{IMAGES_KEY}/{cam}", name)
+        key = f"{IMAGES_KEY}/{cam}"
+        if ds.ndim != 4 or ds.shape[3] != 3:
+            raise UserError(f"{name}: /{key} has shape {ds.shape}, expected (T, H, W, 3)")
+        if ds.dtype != np.uint8:
+            raise UserError(f"{name}: /{key} has dtype {ds.dtype}, expected uint8")
+        if ds.shape[0] != steps:
+            raise UserError(f"{name}: /{key} has {ds.shape[0]} frames but /{QPOS_KEY} has "
+                            f"{steps} steps")
+        hw = ds.shape[1:3]
+        first = frame_shapes.setdefault(cam, hw)
+        if hw != first:
+            raise UserError(f"{name}: /{key} frames are {hw[0]}x{hw[1]} but earlier episodes' "
+                            f"are {first[0]}x{first[1]}; all episodes need one frame size")
+
+
+def check_one(path: Path, task: TaskSettings, need_images: bool,
+              frame_shapes: dict[str, tuple] | None = None) -> int:
+    """Validate one episode's headers; returns its length T."""
+    name = path.name
+    with open_episode(path) as f, read_errors(path):
+        qpos = _dataset(f, QPOS_KEY, name)
+        action = _dataset(f, ACTION_KEY, name)
+        steps = _check_2d(qpos, QPOS_KEY, task.state_dim, "state_dim", name)
+        act_steps = _check_2d(action, ACTION_KEY, task.action_dim, "action_dim", name)
+        if act_steps != steps:
+            raise UserError(f"{name}: /{ACTION_KEY} has {act_steps} steps but /{QPOS_KEY} "
+                            f"has {steps}")
+        if steps == 0:
+            raise UserError(f"{name}: episode has 0 steps")
+        if need_images:
+            _check_images(f, task.camera_names, steps, name,
+                          {} if frame_shapes is None else frame_shapes)
+    return steps
+
+
+def check_episodes(paths: Sequence[Path], task: TaskSettings, need_images: bool) -> list[int]:
+    """Header-only validation of every episode; returns the episode lengths.
+
+    Raises UserError naming the first bad file and what is wrong with it.
+    """
+    frame_shapes: dict[str, tuple] = {}
+    return [check_one(Path(p), task, need_images, frame_shapes) for p in paths]
