@@ -1,0 +1,195 @@
+"""How a parameter is declared, once.
+
+A stable parameter is a field of a frozen dataclass registered with gin under a short
+name. The field carries everything the rest of the system needs: its type (the
+annotation), default, doc, and the key the older YAML files use for it. The YAML adapter,
+type validation, ``--explain``, and the README table all read these fields; nothing else
+keeps a copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+import gin
+
+from ilstudio.errors import UserError
+
+# Every configurable with declared parameters, by its gin name, in declaration order.
+CONFIGURABLES: dict[str, type] = {}
+
+
+def param(default: Any, doc: str, *, yaml: str | None = None, choices: tuple | None = None,
+          documented: bool = True) -> Any:
+    """Declare one stable parameter.
+
+    yaml: the key the older YAML files use (defaults to the field name, if ``documented``).
+    documented: the seed README lists it (so the YAML adapter accepts it); False for
+        parameters that only exist here and are set through gin.
+    """
+    return dataclasses.field(
+        default=default,
+        metadata={"doc": doc, "yaml": yaml, "choices": choices, "documented": documented},
+    )
+
+
+def configurable(name: str, *, group: str):
+    """Register a settings dataclass with gin under ``name``, and in CONFIGURABLES.
+
+    group: the heading it appears under in docs (e.g. "LoRA").
+    """
+
+    def wrap(cls):
+        cls = dataclasses.dataclass(frozen=True)(cls)
+        cls.gin_name = name
+        cls.doc_group = group
+        CONFIGURABLES[name] = cls
+        return gin.configurable(name, module="ilstudio")(cls)
+
+    return wrap
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    """One declared parameter, as seen by the YAML adapter and the docs."""
+
+    configurable: str
+    name: str
+    type: Any
+    default: Any
+    doc: str
+    yaml_key: str | None
+    choices: tuple | None
+
+    @property
+    def gin_key(self) -> str:
+        return f"{self.configurable}.{self.name}"
+
+
+def params_of(cls: type) -> list[ParamInfo]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        md = f.metadata
+        yaml_key = (md.get("yaml") or f.name) if md.get("documented", True) else None
+        out.append(ParamInfo(cls.gin_name, f.name, hints[f.name], f.default, md.get("doc", ""),
+                             yaml_key, md.get("choices")))
+    return out
+
+
+def all_params() -> list[ParamInfo]:
+    return [p for cls in CONFIGURABLES.values() for p in params_of(cls)]
+
+
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(type_name(a) for a in args) + " or None"
+    if origin is tuple:
+        return f"tuple of {type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def convert(value: Any, tp: Any, where: str) -> Any:
+    """Convert ``value`` to the declared type ``tp`` or raise a UserError naming ``where``.
+
+    Lenient where YAML 1.1 is surprising (``1e-8`` is a string there, ``"16"`` is fine for
+    an int); strict where a wrong value would silently change the run (``"sixteen"``, 2.5
+    for an int, "maybe" for a bool).
+    """
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in {"none", "null", ""}):
+            if type(None) in typing.get_args(tp):
+                return None
+        errors = []
+        for a in args:
+            try:
+                return convert(value, a, where)
+            except UserError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is tuple:
+        (elem,) = typing.get_args(tp)[:1]
+        if isinstance(value, str):
+            items = [v.strip() for v in value.replace(" ", ",").split(",") if v.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            raise UserError(f"{where}: expected a list of {type_name(elem)}, got {value!r}")
+        return tuple(convert(v, elem, where) for v in items)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise UserError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise UserError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise UserError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return ",".join(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def check_value(info: ParamInfo, value: Any, where: str) -> Any:
+    """Convert and check against declared choices."""
+    out = convert(value, info.type, where)
+    if info.choices is not None and out is not None and out not in info.choices:
+        raise UserError(f"{where}: expected one of {', '.join(map(repr, info.choices))}, got {out!r}")
+    return out
+
+
+def validate_instance(obj: Any, source_of) -> None:
+    """Type-check a settings object gin built (gin itself checks no types).
+
+    source_of(gin_key) -> str names where the value came from, for the message.
+    """
+    for info in params_of(type(obj)):
+        value = getattr(obj, info.name)
+        where = f"{info.gin_key} (set in {source_of(info.gin_key)})"
+        checked = check_value(info, value, where)
+        if checked != value or type(checked) is not type(value):
+            # gin passes literals as parsed: 16 for a float is harmless, "16" for an int is
+            # a typo that would otherwise reach torch as a string.
+            if not (isinstance(value, int) and not isinstance(value, bool) and info.type is float):
+                if not (isinstance(value, list) and isinstance(checked, tuple)):
+                    raise UserError(f"{where}: expected {type_name(info.type)}, got {value!r}")

@@ -1,0 +1,155 @@
+"""From flags, gin files, YAML and bindings to one validated run configuration.
+
+Precedence (each rule tested in tests/test_precedence.py):
+  hyperparameters: built-in default < --training_config YAML < flag on the command line.
+  stable parameters: constructor default < task gin < --gin_file files in order
+                     < YAML stable keys < --gin_bindings in order.
+Nothing here imports torch: ``--dry_run`` and ``--explain`` stay fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import gin
+import yaml
+from absl import flags, logging
+
+from ilstudio.config import settings as S
+from ilstudio.config.declare import validate_instance
+from ilstudio.config.gin_layers import GinLayers, SearchPath
+from ilstudio.config.hyperparams import HYPERPARAMS
+from ilstudio.config.yaml_adapter import (
+    TrainingConfig,
+    convert_training_arg,
+    load_training_config,
+    training_args_fields,
+)
+from ilstudio.errors import UserError, did_you_mean
+from ilstudio.policies import import_all_configurations, policy_config_class
+
+
+@dataclasses.dataclass
+class Resolved:
+    """Everything a run needs, with sources; built without torch."""
+
+    task_name: str
+    hyper: dict[str, Any]
+    hyper_source: dict[str, str]
+    training_args_extra: dict[str, Any]
+    task: S.TaskSettings
+    dataset: S.DatasetSettings
+    model: S.ModelSettings
+    lora: S.LoraSettings
+    quantization: S.QuantizationSettings
+    policy: Any
+    layers: GinLayers
+    yaml: TrainingConfig | None
+    unused: list[tuple[str, str]]
+    gin_files: list[str]
+    gin_bindings: list[str]
+
+    @property
+    def output_dir(self) -> str:
+        return self.hyper["output_dir"]
+
+
+def find_task_file(search: SearchPath, task_name: str) -> str:
+    rel = f"gin_configs/tasks/{task_name}.gin"
+    if search.find(rel) is None:
+        known = sorted({p.stem for d in search.dirs for p in (d / "gin_configs/tasks").glob("*.gin")})
+        raise UserError(f"--task_name={task_name}: no {rel}{did_you_mean(task_name, known)}. "
+                        f"Known tasks: {', '.join(known) or 'none'}")
+    return rel
+
+
+def _resolve_hyper(fv: flags.FlagValues, yaml_cfg: TrainingConfig | None
+                   ) -> tuple[dict[str, Any], dict[str, str]]:
+    values, sources = {}, {}
+    for h in [*HYPERPARAMS, "task_name"]:
+        name = h if isinstance(h, str) else h.name
+        if fv[name].present:
+            values[name], sources[name] = fv[name].value, f"flag --{name}"
+            if yaml_cfg and name in yaml_cfg.hyper:
+                logging.info("--%s=%r on the command line overrides %r from %s", name,
+                             fv[name].value, yaml_cfg.hyper[name], yaml_cfg.source[name])
+        elif yaml_cfg and name in yaml_cfg.hyper:
+            values[name], sources[name] = yaml_cfg.hyper[name], yaml_cfg.source[name]
+        else:
+            values[name], sources[name] = fv[name].value, "default"
+    if values["output_dir"] is None:
+        values["output_dir"] = str(Path("runs") / values["task_name"])
+        sources["output_dir"] = "default (runs/<task_name>)"
+    return values, sources
+
+
+def _parse_training_arg_flags(entries: list[str], extra: dict[str, Any], sources: dict[str, str]) -> None:
+    for entry in entries:
+        name, sep, raw = entry.partition("=")
+        name = name.strip()
+        where = f"--training_arg={entry}"
+        if not sep:
+            raise UserError(f"{where}: expected name=value")
+        if name not in training_args_fields():
+            raise UserError(f"{where}: `{name}` is not a TrainingArguments field"
+                            f"{did_you_mean(name, training_args_fields())}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        extra[name] = convert_training_arg(name, value, where)
+        sources[name] = "flag --training_arg"
+
+
+def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
+    """Resolve every layer into one validated configuration (no torch, no writes)."""
+    import_all_configurations()
+    yaml_cfg = None
+    if fv.training_config:
+        yaml_cfg = load_training_config(fv.training_config, fv.yaml_unknown_keys)
+        for w in yaml_cfg.warnings:
+            logging.warning("%s", w)
+    hyper, hyper_source = _resolve_hyper(fv, yaml_cfg)
+    extra = dict(yaml_cfg.training_args) if yaml_cfg else {}
+    extra_sources = {k: yaml_cfg.source[k] for k in extra} if yaml_cfg else {}
+    _parse_training_arg_flags(fv.training_arg, extra, extra_sources)
+    hyper_source.update(extra_sources)
+
+    search = SearchPath(fv.gin_search_paths)
+    layers = GinLayers(search)
+    task_file = find_task_file(search, hyper["task_name"])
+    layers.add_file(task_file, f"--task_name={hyper['task_name']}")
+    for name in fv.gin_file:
+        layers.add_file(name, "--gin_file")
+    if yaml_cfg:
+        for key, value in yaml_cfg.stable.items():
+            layers.bind_value(key, value, yaml_cfg.source[key])
+    for i, text in enumerate(fv.gin_bindings):
+        layers.add_binding_text(text, f"--gin_bindings[{i}] ({text.strip()!r})")
+
+    built = {"task": S.TaskSettings(), "dataset": S.DatasetSettings(), "model": S.ModelSettings(),
+             "lora": S.LoraSettings(), "quantization": S.QuantizationSettings()}
+    policy_cls = policy_config_class(built["model"].policy, layers.provenance.source_of("model.policy"))
+    built["policy"] = policy_cls()
+    for obj in built.values():
+        validate_instance(obj, layers.provenance.source_of)
+    # Cross-parameter checks that need the whole picture: a policy that cannot read this
+    # task, a switch that has no meaning for this policy.
+    built["policy"].validate(task=built["task"], dataset=built["dataset"], model=built["model"],
+                             lora=built["lora"], quantization=built["quantization"],
+                             source_of=layers.provenance.source_of)
+
+    unused = layers.unused_bindings()
+    for key, source in unused:
+        logging.warning("gin binding %s (from %s) was never used by this run: it has no effect", key, source)
+
+    return Resolved(task_name=hyper["task_name"], hyper=hyper, hyper_source=hyper_source,
+                    training_args_extra=extra, layers=layers, yaml=yaml_cfg, unused=unused,
+                    gin_files=[str(p) for p in layers.files], gin_bindings=list(fv.gin_bindings),
+                    **built)
+
+
+def finalize() -> None:
+    gin.finalize()

@@ -1,0 +1,99 @@
+"""The stable parameters: the four configurables users bind in .gin files, plus the task.
+
+Each class is a gin configurable with a short name (``dataset``, ``model``, ``lora``,
+``quantization``, ``task``), so ``--gin_bindings='lora.r=16'`` works. Constructing one is
+cheap and imports nothing heavy: ``--dry_run`` builds them all to validate a config
+without touching torch.
+"""
+
+from __future__ import annotations
+
+from ilstudio.config.declare import configurable, param
+
+
+@configurable("task", group="Task")
+class TaskSettings:
+    """What the data is: bound by gin_configs/tasks/<task_name>.gin."""
+
+    dataset_dir: str = param("", "Directory of episode_*.hdf5 files (ACT layout).", documented=False)
+    state_dim: int = param(14, "Length of /observations/qpos per step.", documented=False)
+    action_dim: int = param(14, "Length of /action per step.", documented=False)
+    camera_names: tuple[str, ...] = param((), "Cameras under /observations/images.", documented=False)
+    episode_len: int = param(400, "Steps per episode (also the evaluation horizon).", documented=False)
+
+
+@configurable("dataset", group="Data processing")
+class DatasetSettings:
+    """How episodes become training samples."""
+
+    preload_data: bool = param(False, "Read every episode into memory once (parallel reads) "
+                               "instead of opening files per sample.")
+    lazy_preprocess: bool = param(True, "True: per-sample processing runs when a sample is drawn; "
+                                  "false: it runs once up front and is cached.")
+    episode_first: bool = param(False, "True: draw an episode uniformly, then a timestep in it; "
+                                "false: draw uniformly over all timesteps.")
+    use_reasoning: bool = param(False, "Add the episode's per-step reasoning text to the language target.")
+    use_prev_subtask: bool = param(False, "Add the previous subtask's text to the prompt.")
+    select_seg_token_mask: bool = param(False, "The language loss covers only the selected segments "
+                                        "(reasoning/subtask tokens); prompt tokens are masked out.")
+    is_multimodal: bool = param(True, "Samples carry camera images; false gives a state-only input "
+                                "even when the data has cameras.")
+    image_aspect_ratio: str = param("pad", "How frames are fitted to the model input: 'pad' "
+                                    "(letterbox) or 'resize' (stretch).", choices=("pad", "resize"))
+    skip_mirrored_data: bool = param(False, "Leave out episodes marked as mirrored.")
+    history_images_length: int = param(1, "Frames per camera the policy sees, current included.")
+    val_fraction: float = param(0.1, "Share of episodes held out for evaluation when --do_eval.",
+                                documented=False)
+
+
+@configurable("model", group="Model architecture")
+class ModelSettings:
+    """Which policy to build and how."""
+
+    policy: str = param("mlp", "The policy to build (see ilstudio/policies).", documented=False)
+    chunk_size: int = param(20, "Actions predicted per step (action chunk length).", documented=False)
+    model_name_or_path: str = param("", "The backbone to build from: a local directory (or hub id "
+                                    "where a network exists).")
+    is_pretrained: bool = param(False, "True: load backbone weights from model_name_or_path; "
+                                "false: build from its config with random weights.")
+    using_ema: bool = param(False, "Keep an EMA of the trainable weights; checkpoints carry the EMA weights.")
+    flash_attn: bool = param(False, "Use FlashAttention-2 in the backbone (CUDA + flash-attn only).")
+    freeze_vision_tower: bool = param(False, "The vision encoder's weights do not change.")
+    freeze_backbone: bool = param(False, "The language/visual backbone's weights do not change.")
+    tune_mm_mlp_adapter: bool = param(False, "Train only the multimodal projector.")
+    llm_loss_weight: float = param(0.0, "Weight of the language-modelling loss added to the action loss.")
+    load_pretrain: str | None = param(None, "Initialise the whole policy from a previous ilstudio "
+                                      "run directory before training.")
+    cache_dir: str | None = param(None, "Where Hugging Face files are cached and looked up.")
+
+
+@configurable("lora", group="LoRA")
+class LoraSettings:
+    """peft LoRA adapters around the backbone."""
+
+    enable: bool = param(False, "Wrap the model with peft LoRA adapters.", yaml="lora_enable")
+    module: str = param("llm", "Parts that get adapters: comma list of llm, vit, projector, "
+                        "action_head, or module-name patterns.", yaml="lora_module")
+    task_type: str = param("CAUSAL_LM", "peft task type.", yaml="lora_task_type")
+    r: int = param(64, "LoRA rank (peft LoraConfig.r).", yaml="lora_r")
+    alpha: int = param(256, "peft LoraConfig.lora_alpha.", yaml="lora_alpha")
+    dropout: float = param(0.05, "peft LoraConfig.lora_dropout.", yaml="lora_dropout")
+    bias: str = param("none", "peft LoraConfig.bias.", yaml="lora_bias",
+                      choices=("none", "all", "lora_only"))
+    weight_path: str | None = param(None, "Existing adapter weights to continue from.",
+                                    yaml="lora_weight_path")
+    lr: float | None = param(None, "Learning rate of the LoRA parameters (own parameter group); "
+                             "None uses --learning_rate.", yaml="lora_lr")
+
+
+@configurable("quantization", group="Quantization")
+class QuantizationSettings:
+    """bitsandbytes loading of the backbone."""
+
+    enable: bool = param(False, "Load the backbone quantized with bitsandbytes.", yaml="use_quantization")
+    bits: int = param(4, "4 or 8 (bitsandbytes); 16 loads in bf16/fp16.", choices=(4, 8, 16))
+    double_quant: bool = param(True, "Nested quantization of the 4-bit quantization constants.")
+    quant_type: str = param("nf4", "4-bit data type.", choices=("nf4", "fp4"))
+
+
+STABLE_CONFIGURABLES = ("task", "dataset", "model", "lora", "quantization")

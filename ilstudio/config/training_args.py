@@ -1,0 +1,127 @@
+"""Resolved hyperparameters -> a real ``transformers.TrainingArguments``.
+
+This is where the seed's names meet transformers 5: ``warmup_ratio`` becomes the
+fractional ``warmup_steps`` v5 understands, ``logging_dir`` becomes the
+TENSORBOARD_LOGGING_DIR environment variable, ``do_eval`` implies an eval strategy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from ilstudio.config.hyperparams import HYPER_BY_NAME, HYPERPARAMS
+from ilstudio.errors import UserError
+
+# What a policy trainer needs regardless of user input; a user value still wins.
+_TRAINER_DEFAULTS = {
+    "label_names": ["action"],  # so evaluate() reports eval_loss for our dict-returning models
+    "prediction_loss_only": True,
+    "ddp_find_unused_parameters": False,
+    "save_safetensors": None,  # placeholder, removed below (gone in v5)
+}
+
+
+def parse_resume(value: str | None) -> bool | str:
+    """'true'/'false' or a checkpoint path."""
+    if value is None:
+        return False
+    low = str(value).strip().lower()
+    if low in {"true", "yes", "1"}:
+        return True
+    if low in {"false", "no", "0", "", "none"}:
+        return False
+    return str(value)
+
+
+def training_args_kwargs(hyper: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    kwargs = {h.name: hyper[h.name] for h in HYPERPARAMS if h.to_training_args and hyper.get(h.name) is not None}
+    ratio = hyper.get("warmup_ratio") or 0.0
+    if not 0.0 <= ratio < 1.0:
+        raise UserError(f"--warmup_ratio={ratio}: expected a ratio in [0, 1)")
+    steps = kwargs.get("warmup_steps", 0.0)
+    if steps < 0:
+        raise UserError(f"--warmup_steps={steps}: expected >= 0")
+    if steps >= 1:
+        if not float(steps).is_integer():
+            raise UserError(f"--warmup_steps={steps}: expected a whole number of steps or a ratio < 1")
+        kwargs["warmup_steps"] = int(steps)
+    elif steps == 0 and ratio > 0:
+        kwargs["warmup_steps"] = ratio
+    report = str(kwargs.get("report_to", "none"))
+    kwargs["report_to"] = report if report in ("none", "all") else [r.strip() for r in report.split(",") if r.strip()]
+    if hyper.get("eval_strategy") is None:
+        kwargs["eval_strategy"] = "steps" if hyper.get("do_eval") else "no"
+    if kwargs["eval_strategy"] == "steps" and hyper.get("eval_steps") is None:
+        kwargs["eval_steps"] = hyper["logging_steps"]
+    if kwargs["eval_strategy"] != "no":
+        kwargs["do_eval"] = True
+    if hyper.get("deepspeed") and not Path(hyper["deepspeed"]).is_file():
+        raise UserError(f"--deepspeed={hyper['deepspeed']}: file not found")
+    for name in ("logging_steps", "save_steps", "eval_steps"):
+        v = kwargs.get(name)
+        if isinstance(v, float) and v >= 1 and v.is_integer():
+            kwargs[name] = int(v)
+    for k, v in _TRAINER_DEFAULTS.items():
+        kwargs.setdefault(k, v)
+    kwargs.pop("save_safetensors", None)
+    kwargs.update(extra)
+    if "gradient_checkpointing" in kwargs and "activation_checkpointing" in _ta_field_names():
+        # transformers 5 renamed it; the flag keeps the name users know.
+        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
+    return kwargs
+
+
+def _ta_field_names() -> set[str]:
+    from ilstudio.config.yaml_adapter import training_args_fields
+
+    return set(training_args_fields())
+
+
+def tensorboard_dir(hyper: dict[str, Any]) -> str:
+    return hyper.get("logging_dir") or os.path.join(hyper["output_dir"], "runs")
+
+
+def build_training_arguments(hyper: dict[str, Any], extra: dict[str, Any] | None = None):
+    """A TrainingArguments, or a UserError that says which value transformers refused."""
+    from transformers import TrainingArguments
+
+    kwargs = training_args_kwargs(hyper, extra or {})
+    try:
+        return TrainingArguments(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"TrainingArguments rejected the hyperparameters: {e}") from None
+
+
+def HyperArguments_defaults() -> dict[str, Any]:  # noqa: N802
+    return {h.name: h.default for h in HYPERPARAMS}
+
+
+HyperArguments = dataclasses.make_dataclass(
+    "HyperArguments",
+    [(h.name, Any, dataclasses.field(default=h.default)) for h in HYPERPARAMS],
+    namespace={"__doc__": "The command-line hyperparameters of the seed's API, with our defaults."},
+)
+
+
+def create_training_arguments(path: str | os.PathLike, hyper_args: Any = None):
+    """The seed API: YAML file + HyperArguments -> TrainingArguments.
+
+    Precedence mirrors the command line: a field of ``hyper_args`` that differs from its
+    default wins over the YAML value, which wins over the default.
+    """
+    from ilstudio.config.yaml_adapter import load_training_config
+
+    cfg = load_training_config(path)
+    hyper = {}
+    for h in HYPERPARAMS:
+        given = getattr(hyper_args, h.name, h.default) if hyper_args is not None else h.default
+        hyper[h.name] = given if given != h.default else cfg.hyper.get(h.name, h.default)
+    if hyper["output_dir"] is None:
+        hyper["output_dir"] = str(Path("runs") / str(cfg.hyper.get("task_name", "default")))
+    return build_training_arguments(hyper, cfg.training_args)
+
+
+assert set(HYPER_BY_NAME) == {h.name for h in HYPERPARAMS}

@@ -1,0 +1,164 @@
+"""The older flat YAML training files, translated into gin bindings and flag values.
+
+YAML is data: values are converted to the declared type and bound with
+``gin.bind_parameter``, never pasted into gin text, so no YAML string can inject a
+binding, a reference or an import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ilstudio.config import settings as _settings  # noqa: F401  (registers the configurables)
+from ilstudio.config.declare import ParamInfo, all_params, check_value, convert
+from ilstudio.config.hyperparams import HYPER_BY_NAME, Hyper
+from ilstudio.errors import UserError, closest
+
+# Keys transformers renamed; real files still carry the old name.
+RENAMED_KEYS = {"evaluation_strategy": "eval_strategy"}
+# Run-level flags a YAML file may also set.
+RUN_FLAG_KEYS = {"task_name": str}
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """A loaded YAML file, split by where each value goes."""
+
+    path: str
+    stable: dict[str, Any] = dataclasses.field(default_factory=dict)  # gin key -> value
+    hyper: dict[str, Any] = dataclasses.field(default_factory=dict)  # flag -> value
+    training_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # other TA fields
+    source: dict[str, str] = dataclasses.field(default_factory=dict)  # gin key/flag -> "file:line key"
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def __getitem__(self, key: str) -> Any:
+        """Look a value up by its YAML key, gin key or flag name (the seed's dict-like use)."""
+        info = stable_keys().get(key)
+        for store, k in ((self.stable, info.gin_key if info else key), (self.hyper, key),
+                         (self.training_args, key)):
+            if k in store:
+                return store[k]
+        raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+
+@functools.cache
+def stable_keys() -> dict[str, ParamInfo]:
+    """YAML key -> declared stable parameter."""
+    return {p.yaml_key: p for p in all_params() if p.yaml_key}
+
+
+@functools.cache
+def training_args_fields() -> dict[str, Any]:
+    """TrainingArguments field name -> annotated type (imports transformers: only on demand)."""
+    from transformers import TrainingArguments
+
+    return {f.name: f.type for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def convert_training_arg(name: str, value: Any, where: str) -> Any:
+    """Convert a value for a TrainingArguments field we do not declare ourselves."""
+    tp = training_args_fields()[name]
+    args = typing.get_args(tp) or (tp,)
+    if value is None:
+        return None
+    for simple in (bool, int, float):
+        if simple in args and not (simple is bool and isinstance(value, str) and str in args):
+            try:
+                return convert(value, simple, where)
+            except UserError:
+                if len(args) == 1:
+                    raise
+    return value
+
+
+def convert_hyper(h: Hyper, value: Any, where: str) -> Any:
+    if h.type is str and isinstance(value, bool):
+        return "true" if value else "false"
+    out = convert(value, h.type, where) if value is not None else None
+    if h.choices and out is not None and out not in h.choices:
+        raise UserError(f"{where}: expected one of {', '.join(h.choices)}, got {out!r}")
+    return out
+
+
+def _read_mapping(path: Path) -> list[tuple[str, int, Any]]:
+    """(key, line, value) for each top-level key; duplicate keys are an error, not 'last wins'."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"--training_config: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--training_config: cannot read {path}: {e}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return []
+    if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
+        raise UserError(f"{path}: expected a flat mapping of keys to values, got {type(data).__name__}")
+    seen: dict[str, int] = {}
+    for key_node, _ in node.value:
+        key, line = key_node.value, key_node.start_mark.line + 1
+        if key in seen:
+            raise UserError(f"{path}:{line}: key `{key}` is given twice (also line {seen[key]})")
+        seen[key] = line
+    out = [(str(k), seen.get(str(k), 0), v) for k, v in data.items()]
+    return out
+
+
+def valid_keys() -> list[str]:
+    return [*stable_keys(), *HYPER_BY_NAME, *RUN_FLAG_KEYS, *training_args_fields()]
+
+
+def load_training_config(path: str | Path, unknown_keys: str = "error") -> TrainingConfig:
+    """Load and validate a flat YAML training file.
+
+    unknown_keys: "error" reports every unknown key at once and raises; "warn" keeps them
+    as warnings in the result.
+    """
+    path = Path(path)
+    cfg = TrainingConfig(path=str(path))
+    unknown = []
+    for key, line, value in _read_mapping(path):
+        key = str(key)
+        where = f"{path}:{line}: {key}"
+        if key in RENAMED_KEYS:
+            new = RENAMED_KEYS[key]
+            cfg.warnings.append(f"{where}: `{key}` was renamed `{new}` in transformers; read as `{new}`")
+            key = new
+        if key in stable_keys():
+            info = stable_keys()[key]
+            cfg.stable[info.gin_key] = check_value(info, value, where)
+            cfg.source[info.gin_key] = f"YAML {path}:{line} ({key})"
+        elif key in HYPER_BY_NAME or key in RUN_FLAG_KEYS:
+            h = HYPER_BY_NAME.get(key) or Hyper(key, RUN_FLAG_KEYS[key], None, "")
+            cfg.hyper[key] = convert_hyper(h, value, where)
+            cfg.source[key] = f"YAML {path}:{line} ({key})"
+        elif key in training_args_fields():
+            cfg.training_args[key] = convert_training_arg(key, value, where)
+            cfg.source[key] = f"YAML {path}:{line} ({key})"
+        else:
+            hint = closest(key, valid_keys())
+            unknown.append(f"  line {line}: {key}" + (f" (did you mean `{hint[0]}`?)" if hint else ""))
+    if unknown:
+        head = (f"{path}: {len(unknown)} unknown key(s): they belong to no documented parameter "
+                f"and no TrainingArguments field")
+        if unknown_keys == "warn":
+            cfg.warnings.append(head + " (ignored because --yaml_unknown_keys=warn):\n" + "\n".join(unknown))
+        else:
+            raise UserError(head + ":\n" + "\n".join(unknown) + "\nFix or remove them, or pass "
+                            "--yaml_unknown_keys=warn to ignore them with a warning.")
+    return cfg

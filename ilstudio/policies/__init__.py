@@ -1,0 +1,38 @@
+"""Policies: each a package with a cheap ``configuration`` module and a ``modeling`` module.
+
+``model.policy = 'act'`` selects one. The configuration module registers the policy's
+own gin configurable and is imported during resolution; the modeling module (torch,
+transformers) is imported only when a run builds the model.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ilstudio.errors import UserError, did_you_mean
+
+POLICIES = {
+    "mlp": "ilstudio.policies.mlp",
+}
+
+
+def _package(name: str, source: str) -> str:
+    if name not in POLICIES:
+        raise UserError(f"model.policy = {name!r} (set in {source}): unknown policy"
+                        f"{did_you_mean(name, POLICIES)}. Known: {', '.join(POLICIES)}")
+    return POLICIES[name]
+
+
+def policy_config_class(name: str, source: str = "default"):
+    return importlib.import_module(_package(name, source) + ".configuration").CONFIG_CLASS
+
+
+def import_all_configurations() -> None:
+    """Register every policy's configurable, so any policy's bindings parse in gin files."""
+    for pkg in POLICIES.values():
+        importlib.import_module(pkg + ".configuration")
+
+
+def build_policy(name: str, **context):
+    """Build the torch module for policy ``name`` (imports its modeling code)."""
+    return importlib.import_module(_package(name, "model.policy") + ".modeling").build(**context)

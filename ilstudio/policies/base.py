@@ -1,0 +1,57 @@
+"""What every policy configuration declares, and the checks that follow from it."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from ilstudio.config.declare import params_of
+from ilstudio.errors import UserError
+
+# Stable parameters the shared data and training code gives meaning for every policy.
+COMMON_SUPPORT = frozenset({
+    "dataset.preload_data",
+    "dataset.is_multimodal",
+    "dataset.skip_mirrored_data",
+    "dataset.history_images_length",
+})
+
+
+class PolicyConfig:
+    """Mixin for a policy's settings dataclass.
+
+    uses_images: the policy can read camera frames. needs_images: it cannot work without.
+    supports: documented stable parameters (gin keys) that this policy gives an effect
+        beyond COMMON_SUPPORT. Any other documented parameter set away from its default is
+        an error at validation time, never a silent no-op.
+    """
+
+    name: ClassVar[str] = ""
+    uses_images: ClassVar[bool] = False
+    needs_images: ClassVar[bool] = False
+    needs_language: ClassVar[bool] = False
+    supports: ClassVar[frozenset[str]] = frozenset()
+
+    def validate(self, *, task, dataset, model, lora, quantization, source_of) -> None:
+        problems = []
+        if self.needs_images and not task.camera_names:
+            problems.append(f"policy '{self.name}' needs camera images, but task.camera_names is "
+                            f"empty (set in {source_of('task.camera_names')})")
+        if self.needs_images and not dataset.is_multimodal:
+            problems.append(f"policy '{self.name}' needs camera images, but dataset.is_multimodal "
+                            f"is False (set in {source_of('dataset.is_multimodal')})")
+        allowed = COMMON_SUPPORT | self.supports
+        for obj in (dataset, model, lora, quantization):
+            for info in params_of(type(obj)):
+                if info.yaml_key is None or info.gin_key in allowed:
+                    continue
+                value = getattr(obj, info.name)
+                if value != info.default:
+                    problems.append(f"{info.gin_key} = {value!r} (set in {source_of(info.gin_key)}) "
+                                    f"has no effect on policy '{self.name}'; remove it or choose "
+                                    f"a policy that supports it")
+        if problems:
+            raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
+
+    def image_inputs(self, task, dataset) -> bool:
+        return self.uses_images and bool(task.camera_names) and dataset.is_multimodal
+

@@ -1,0 +1,21 @@
+"""MLP policy settings: the smallest policy (state, optionally image features -> chunk)."""
+
+from __future__ import annotations
+
+from ilstudio.config.declare import configurable, param
+from ilstudio.policies.base import PolicyConfig
+
+
+@configurable("mlp", group="MLP policy")
+class MLPConfig(PolicyConfig):
+    name = "mlp"
+    uses_images = True
+
+    hidden_dim: int = param(256, "Width of each hidden layer.", documented=False)
+    num_layers: int = param(3, "Hidden layers.", documented=False)
+    image_feature_dim: int = param(64, "Per-camera image feature size (small conv encoder).",
+                                   documented=False)
+    dropout: float = param(0.0, "Dropout between hidden layers.", documented=False)
+
+
+CONFIG_CLASS = MLPConfig

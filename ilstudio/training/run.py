@@ -1,0 +1,131 @@
+"""One training run: validate everything, then write the run's config, then train.
+
+Order matters for trust: every check that can fail on user input (hyperparameters,
+data files, model construction) runs before the first byte goes to output_dir, so a
+mistake never leaves a half-written run directory behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from absl import logging
+
+from ilstudio.config import dumps
+from ilstudio.config.resolve import Resolved, finalize
+from ilstudio.config.training_args import build_training_arguments, parse_resume, tensorboard_dir
+from ilstudio.errors import UserError
+
+RUN_MARKERS = (dumps.OPERATIVE, "trainer_state.json", "model.safetensors")
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def holds_a_run(output_dir: Path) -> list[str]:
+    """What in output_dir says another run lives there (empty if none)."""
+    if not output_dir.is_dir():
+        return []
+    found = [m for m in RUN_MARKERS if (output_dir / m).exists()]
+    found += sorted(p.name for p in output_dir.glob("checkpoint-*"))
+    return found
+
+
+def resume_checkpoint(resolved: Resolved) -> str | None:
+    """The checkpoint to resume from, per --resume_from_checkpoint; None starts fresh."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    choice = parse_resume(resolved.hyper["resume_from_checkpoint"])
+    out = Path(resolved.output_dir)
+    if choice is True:
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last is None:
+            logging.info("--resume_from_checkpoint=true: no checkpoint in %s, starting fresh", out)
+        return last
+    if choice is False:
+        return None
+    if not (Path(choice) / "trainer_state.json").is_file():
+        raise UserError(f"--resume_from_checkpoint={choice}: not a checkpoint directory "
+                        f"(no trainer_state.json there)")
+    return choice
+
+
+def check_output_dir(resolved: Resolved, resume_from: str | None, overwrite: bool) -> None:
+    out = Path(resolved.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir={out}: exists and is not a directory")
+    existing = holds_a_run(out)
+    if existing and resume_from is None and not overwrite:
+        raise UserError(
+            f"--output_dir={out} already holds a run ({', '.join(existing[:5])}). Pass "
+            f"--resume_from_checkpoint=true to continue it, --overwrite_output_dir to replace it, "
+            f"or choose another --output_dir.")
+
+
+def validate_data(resolved: Resolved) -> list[int]:
+    """Header-level checks of the task's episodes (cheap; used by --dry_run too)."""
+    from ilstudio.data.episodes import check_episodes, list_episode_files
+
+    use_images = resolved.policy.image_inputs(resolved.task, resolved.dataset)
+    paths = list_episode_files(resolved.task.dataset_dir)
+    return check_episodes(paths, resolved.task, use_images)
+
+
+def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
+    """Train and return the final metrics."""
+    import torch
+    import transformers
+    from transformers import default_data_collator
+
+    from ilstudio.data.dataset import build_datasets
+    from ilstudio.policies import build_policy
+    from ilstudio.training.trainer import OperativeConfigToTensorBoard, PolicyTrainer
+
+    hyper = dict(resolved.hyper)
+    if not torch.cuda.is_available():
+        hyper["dataloader_pin_memory"] = False  # pinning needs an accelerator; avoid the warning
+    args = build_training_arguments(hyper, resolved.training_args_extra)
+    resume_from = resume_checkpoint(resolved)
+    check_output_dir(resolved, resume_from, overwrite_output_dir)
+
+    use_images = resolved.policy.image_inputs(resolved.task, resolved.dataset)
+    train_ds, eval_ds, stats, summary = build_datasets(
+        resolved.task, resolved.dataset, resolved.model.chunk_size, args.do_eval, args.seed)
+    logging.info("data: %s", summary)
+
+    transformers.set_seed(args.seed)
+    model = build_policy(resolved.model.policy, policy_config=resolved.policy, task=resolved.task,
+                         dataset=resolved.dataset, model=resolved.model, lora=resolved.lora,
+                         quantization=resolved.quantization, use_images=use_images)
+    finalize()
+    if hyper["gradient_checkpointing"] and not hasattr(model, "gradient_checkpointing_enable"):
+        raise UserError(f"--gradient_checkpointing: policy '{resolved.model.policy}' has no "
+                        f"checkpointable backbone")
+
+    out = Path(resolved.output_dir)
+    if is_main_process():
+        if overwrite_output_dir and resume_from is None and holds_a_run(out):
+            logging.warning("--overwrite_output_dir: replacing %s", out)
+            shutil.rmtree(out)
+        dumps.write_run_config(resolved, out, args.to_json_string())
+        stats.save(out / dumps.NORM_STATS)
+
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", tensorboard_dir(hyper))
+    callbacks = []
+    if "tensorboard" in (args.report_to or []):
+        callbacks.append(OperativeConfigToTensorBoard(os.environ["TENSORBOARD_LOGGING_DIR"],
+                                                      dumps.operative_text()))
+    trainer = PolicyTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                            data_collator=default_data_collator, callbacks=callbacks)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_model(str(out))
+    metrics = dict(result.metrics)
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate())
+    if trainer.is_world_process_zero():
+        trainer.save_state()
+    logging.info("done: %s", metrics)
+    return metrics
