@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny real data, and running train.py as a user would (a subprocess)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def train_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"})
+    env.update(extra)
+    return env
+
+
+def run_train(*args: str, cwd: Path | None = None, timeout: int = 300,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run train.py in a fresh process; returns the CompletedProcess (text output)."""
+    cmd = [sys.executable, str(REPO / "train.py"), *args]
+    return subprocess.run(cmd, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout,
+                          env=env or train_env())
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """4 synthetic episodes x 50 steps, 14-dim, one 24x32 `top` camera (read-only: don't modify)."""
+    from ilstudio.data.synthetic import write_synthetic_dataset
+
+    d = tmp_path_factory.mktemp("tiny_data")
+    write_synthetic_dataset(d, num_episodes=4, episode_len=50)
+    return d
+
+
+def tiny_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    """Flags for a small, fast run on tiny_data."""
+    return ["--task_name=tiny_synthetic", f"--gin_bindings=task.dataset_dir = '{data_dir}'",
+            f"--output_dir={output_dir}", "--per_device_train_batch_size=8", "--logging_steps=5",
+            "--report_to=none", *extra]
