@@ -153,3 +153,19 @@ def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
 
 def finalize() -> None:
     gin.finalize()
+
+
+def resolve_argv(argv: list[str]) -> Resolved:
+    """Resolve a command line in-process, on fresh FlagValues (for tests and tools).
+
+    argv excludes the program name. Flag syntax errors raise UserError like train.py's.
+    """
+    from ilstudio.config.hyperparams import define_flags
+
+    fv = flags.FlagValues()
+    define_flags(fv)
+    try:
+        fv(["train.py", *argv])
+    except flags.Error as e:
+        raise UserError(str(e)) from None
+    return resolve(fv)

@@ -22,6 +22,13 @@ from ilstudio.errors import UserError, closest
 
 # Keys transformers renamed; real files still carry the old name.
 RENAMED_KEYS = {"evaluation_strategy": "eval_strategy"}
+# Keys real files use for something we have under another name: a better hint than spelling.
+SYNONYMS = {
+    "vision_backbone_freeze": "freeze_vision_tower",
+    "language_model_freeze": "freeze_backbone",
+    "wandb_project": "report_to: wandb (wandb reads WANDB_PROJECT from the environment)",
+    "wandb_entity": "report_to: wandb (wandb reads WANDB_ENTITY from the environment)",
+}
 # Run-level flags a YAML file may also set.
 RUN_FLAG_KEYS = {"task_name": str}
 
@@ -119,6 +126,16 @@ def _read_mapping(path: Path) -> list[tuple[str, int, Any]]:
     return out
 
 
+def _hint(key: str) -> str:
+    if key in SYNONYMS:
+        return f" (did you mean `{SYNONYMS[key]}`?)"
+    gin_only = {p.name: p.gin_key for p in all_params() if p.yaml_key is None}
+    if key in gin_only:
+        return f" (a gin parameter: bind `{gin_only[key]}` in a .gin file or --gin_bindings)"
+    hit = closest(key, valid_keys(), cutoff=0.72)
+    return f" (did you mean `{hit[0]}`?)" if hit else ""
+
+
 def valid_keys() -> list[str]:
     return [*stable_keys(), *HYPER_BY_NAME, *RUN_FLAG_KEYS, *training_args_fields()]
 
@@ -151,8 +168,7 @@ def load_training_config(path: str | Path, unknown_keys: str = "error") -> Train
             cfg.training_args[key] = convert_training_arg(key, value, where)
             cfg.source[key] = f"YAML {path}:{line} ({key})"
         else:
-            hint = closest(key, valid_keys())
-            unknown.append(f"  line {line}: {key}" + (f" (did you mean `{hint[0]}`?)" if hint else ""))
+            unknown.append(f"  line {line}: {key}{_hint(key)}")
     if unknown:
         head = (f"{path}: {len(unknown)} unknown key(s): they belong to no documented parameter "
                 f"and no TrainingArguments field")

@@ -1,0 +1,64 @@
+"""Migrate an older YAML training file: ``python -m ilstudio.config.yaml_to_gin my.yaml``.
+
+Writes the stable keys as a .gin file (stdout, or ``--output my.gin``) and, next to it,
+the hyperparameters as an absl flagfile (``my.flags``): hyperparameters are flags, not gin.
+Values are rendered with ``repr`` after type conversion, so the output is gin literals only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ilstudio.config.yaml_adapter import load_training_config
+from ilstudio.errors import UserError
+
+
+def gin_literal(value) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    return repr(value)
+
+
+def convert(yaml_path: str, unknown_keys: str = "error") -> tuple[str, str]:
+    """(gin text, flagfile text) equivalent to the YAML file."""
+    cfg = load_training_config(yaml_path, unknown_keys)
+    gin_lines = [f"# Converted from {yaml_path} by ilstudio.config.yaml_to_gin.",
+                 "# Stable parameters only; hyperparameters are in the companion flagfile.", ""]
+    for key, value in cfg.stable.items():
+        gin_lines.append(f"{key} = {gin_literal(value)}")
+    flag_lines = [f"# Hyperparameters converted from {yaml_path}: pass --flagfile=<this file>."]
+    for name, value in cfg.hyper.items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        flag_lines.append(f"--{name}={value}")
+    for name, value in cfg.training_args.items():
+        flag_lines.append(f"--training_arg={name}={json.dumps(value)}")
+    return "\n".join(gin_lines) + "\n", "\n".join(flag_lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("yaml_path")
+    parser.add_argument("--output", help="write the .gin here (and <stem>.flags beside it)")
+    parser.add_argument("--yaml_unknown_keys", choices=("error", "warn"), default="error")
+    args = parser.parse_args(argv)
+    try:
+        gin_text, flag_text = convert(args.yaml_path, args.yaml_unknown_keys)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.output:
+        out = Path(args.output)
+        out.write_text(gin_text)
+        out.with_suffix(".flags").write_text(flag_text)
+        print(f"wrote {out} and {out.with_suffix('.flags')}")
+    else:
+        sys.stdout.write(gin_text + "\n" + "".join("# " + line + "\n" for line in flag_text.splitlines()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
