@@ -44,6 +44,9 @@ class DatasetSettings:
     history_images_length: int = param(1, "Frames per camera the policy sees, current included.")
     val_fraction: float = param(0.1, "Share of episodes held out for evaluation when --do_eval.",
                                 documented=False)
+    image_size: tuple[int, ...] | None = param(
+        None, "(H, W) the frames are fitted to (by image_aspect_ratio) before the policy sees "
+        "them; None keeps frames as recorded.", documented=False)
 
 
 @configurable("model", group="Model architecture")
@@ -57,6 +60,8 @@ class ModelSettings:
     is_pretrained: bool = param(False, "True: load backbone weights from model_name_or_path; "
                                 "false: build from its config with random weights.")
     using_ema: bool = param(False, "Keep an EMA of the trainable weights; checkpoints carry the EMA weights.")
+    ema_decay: float = param(0.999, "EMA decay per optimizer step (warmed up as "
+                             "min(decay, (1+n)/(10+n)) over the first steps).", documented=False)
     flash_attn: bool = param(False, "Use FlashAttention-2 in the backbone (CUDA + flash-attn only).")
     freeze_vision_tower: bool = param(False, "The vision encoder's weights do not change.")
     freeze_backbone: bool = param(False, "The language/visual backbone's weights do not change.")
