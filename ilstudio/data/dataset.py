@@ -32,6 +32,7 @@ from ilstudio.data.episodes import (
     open_episode,
     read_errors,
 )
+from ilstudio.data.image_ops import fit_frames
 from ilstudio.data.normalization import NormStats, compute_stats
 from ilstudio.errors import UserError
 
@@ -50,6 +51,9 @@ class EpisodeDataset(Dataset):
         if settings.history_images_length < 1:
             raise UserError("dataset.history_images_length must be >= 1, got "
                             f"{settings.history_images_length}")
+        size = settings.image_size
+        if size is not None and (len(size) != 2 or min(size) < 1):
+            raise UserError(f"dataset.image_size must be (height, width) with both >= 1, got {size!r}")
         self.paths = [Path(p) for p in paths]
         if not self.paths:
             raise UserError("EpisodeDataset needs at least one episode")
@@ -69,6 +73,12 @@ class EpisodeDataset(Dataset):
         self._preloaded: list[dict[str, np.ndarray]] | None = None
         if settings.preload_data:
             self._preloaded = self._preload()
+        # Per-frame preprocessing (fitting to dataset.image_size): per sample when
+        # lazy_preprocess, else once for every frame here, cached as uint8.
+        self.frames_fitted = 0  # frames passed through the fitting so far (observable cost)
+        self._frame_cache: dict[tuple[int, str], np.ndarray] | None = None
+        if self.use_images and not settings.lazy_preprocess:
+            self._frame_cache = self._preprocess_all_frames()
 
     def __len__(self) -> int:
         return int(self.episode_lengths.sum())
@@ -102,6 +112,23 @@ class EpisodeDataset(Dataset):
             f = handles[ep] = open_episode(self.paths[ep])
         return f
 
+    def fit(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 (n, H, W, 3) -> frames fitted to dataset.image_size by image_aspect_ratio."""
+        self.frames_fitted += len(frames)
+        return fit_frames(frames, self.settings.image_size, self.settings.image_aspect_ratio)
+
+    def _preprocess_all_frames(self) -> dict[tuple[int, str], np.ndarray]:
+        """lazy_preprocess=false: fit every frame of every episode once, up front."""
+        cache = {}
+        for ep, path in enumerate(self.paths):
+            if self._preloaded is not None:
+                arrays = self._preloaded[ep]  # raw frames are dropped: the cache replaces them
+                cache.update({(ep, k): self.fit(np.asarray(arrays.pop(k))) for k in self._image_keys})
+                continue
+            with open_episode(path) as f, read_errors(path):  # not kept open: fork-safe
+                cache.update({(ep, k): self.fit(f[k][()]) for k in self._image_keys})
+        return cache
+
     def close(self) -> None:
         """Close this process's open files (lazy mode)."""
         for f in self._handles.pop(os.getpid(), {}).values():
@@ -129,12 +156,15 @@ class EpisodeDataset(Dataset):
             actions = np.concatenate([actions, np.repeat(actions[-1:], self.chunk_size - n, 0)])
         return actions, np.arange(self.chunk_size) >= n
 
-    def _frames(self, src: Source, t: int) -> torch.Tensor:
+    def _frames(self, src: Source, ep: int, t: int) -> torch.Tensor:
         """(cams, 3, H, W), or (cams, history, 3, H, W) when history > 1; floats in [0, 1]."""
         start = max(0, t - self.history + 1)
         per_cam = []
         for key in self._image_keys:
-            frames = np.asarray(src[key][start:t + 1])  # (n, H, W, 3) uint8
+            if self._frame_cache is not None:
+                frames = self._frame_cache[(ep, key)][start:t + 1]
+            else:
+                frames = self.fit(np.asarray(src[key][start:t + 1]))  # (n, H, W, 3) uint8
             if len(frames) < self.history:  # before the episode start: repeat frame 0
                 pad = np.repeat(frames[:1], self.history - len(frames), 0)
                 frames = np.concatenate([pad, frames])
@@ -153,7 +183,7 @@ class EpisodeDataset(Dataset):
             "is_pad": torch.from_numpy(is_pad),
         }
         if self.use_images:
-            sample["images"] = self._frames(src, t)
+            sample["images"] = self._frames(src, ep, t)
         return sample
 
 
