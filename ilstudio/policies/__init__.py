@@ -13,6 +13,7 @@ from ilstudio.errors import UserError, did_you_mean
 
 POLICIES = {
     "mlp": "ilstudio.policies.mlp",
+    "act": "ilstudio.policies.act",
 }
 
 
