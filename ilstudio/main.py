@@ -25,6 +25,9 @@ def _fail(message: str) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         rest = FLAGS(argv)
+    except SystemExit as e:
+        # absl exits 1 after printing --help; asking for help is not a failure.
+        sys.exit(0 if e.code == 1 and any(a.startswith("--help") for a in argv) else e.code)
     except flags.Error as e:
         _fail(f"{e}\nRun with --helpfull to list every flag.")
     if len(rest) > 1:
