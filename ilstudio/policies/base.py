@@ -13,6 +13,11 @@ COMMON_SUPPORT = frozenset({
     "dataset.is_multimodal",
     "dataset.skip_mirrored_data",
     "dataset.history_images_length",
+    "dataset.episode_first",
+    "dataset.image_aspect_ratio",
+    "dataset.lazy_preprocess",
+    "model.using_ema",
+    "model.load_pretrain",
 })
 
 
@@ -39,6 +44,7 @@ class PolicyConfig:
         if self.needs_images and not dataset.is_multimodal:
             problems.append(f"policy '{self.name}' needs camera images, but dataset.is_multimodal "
                             f"is False (set in {source_of('dataset.is_multimodal')})")
+        problems += self._common_problems(task, dataset, model, source_of)
         allowed = COMMON_SUPPORT | self.supports
         for obj in (dataset, model, lora, quantization):
             for info in params_of(type(obj)):
@@ -51,6 +57,27 @@ class PolicyConfig:
                                     f"a policy that supports it")
         if problems:
             raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
+
+    def _common_problems(self, task, dataset, model, source_of) -> list[str]:
+        """Shared parameters whose effect depends on others (never a silent no-op)."""
+        problems = []
+        images = self.image_inputs(task, dataset)
+        if dataset.image_size is not None and not images:
+            problems.append(f"dataset.image_size = {dataset.image_size!r} (set in "
+                            f"{source_of('dataset.image_size')}) has no effect: policy "
+                            f"'{self.name}' gets no camera images here")
+        if dataset.image_aspect_ratio != "pad" and dataset.image_size is None:
+            problems.append(f"dataset.image_aspect_ratio = {dataset.image_aspect_ratio!r} (set in "
+                            f"{source_of('dataset.image_aspect_ratio')}) has no effect: frames keep "
+                            "their recorded size unless dataset.image_size = (H, W) is set")
+        if not dataset.lazy_preprocess and not images and not self.needs_language:
+            problems.append(f"dataset.lazy_preprocess = False (set in "
+                            f"{source_of('dataset.lazy_preprocess')}) has no effect: policy "
+                            f"'{self.name}' gets no images or text to preprocess here")
+        if model.using_ema and not 0.0 <= model.ema_decay < 1.0:
+            problems.append(f"model.ema_decay = {model.ema_decay!r} (set in "
+                            f"{source_of('model.ema_decay')}) must be in [0, 1)")
+        return problems
 
     def image_inputs(self, task, dataset) -> bool:
         return self.uses_images and bool(task.camera_names) and dataset.is_multimodal

@@ -7,6 +7,7 @@ mistake never leaves a half-written run directory behind.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -100,6 +101,11 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
     model = build_policy(resolved.model.policy, policy_config=resolved.policy, task=resolved.task,
                          dataset=resolved.dataset, model=resolved.model, lora=resolved.lora,
                          quantization=resolved.quantization, use_images=use_images)
+    if resolved.model.load_pretrain:  # before anything is written: a misfit is a UserError
+        from ilstudio.training.pretrain import load_pretrained_policy
+
+        logging.info("model.load_pretrain: initialised from %s",
+                     load_pretrained_policy(model, resolved.model.load_pretrain))
     finalize()
     if hyper["gradient_checkpointing"] and not hasattr(model, "gradient_checkpointing_enable"):
         raise UserError(f"--gradient_checkpointing: policy '{resolved.model.policy}' has no "
@@ -112,6 +118,7 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
             shutil.rmtree(out)
         dumps.write_run_config(resolved, out, args.to_json_string())
         stats.save(out / dumps.NORM_STATS)
+        (out / "data_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", tensorboard_dir(hyper))
     callbacks = []
@@ -119,7 +126,9 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
         callbacks.append(OperativeConfigToTensorBoard(os.environ["TENSORBOARD_LOGGING_DIR"],
                                                       dumps.operative_text()))
     trainer = PolicyTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                            data_collator=default_data_collator, callbacks=callbacks)
+                            data_collator=default_data_collator, callbacks=callbacks,
+                            ema_decay=resolved.model.ema_decay if resolved.model.using_ema else None,
+                            episode_first=resolved.dataset.episode_first)
     result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(str(out))
     metrics = dict(result.metrics)

@@ -12,7 +12,21 @@ from transformers import Trainer, TrainerCallback
 
 
 class PolicyTrainer(Trainer):
-    """Trainer whose optimizer honours ``policy.optimizer_param_groups`` when present."""
+    """Trainer whose optimizer honours ``policy.optimizer_param_groups`` when present.
+
+    ema_decay: keep an EMA of the trainable weights (model.using_ema); saves carry it.
+    episode_first: draw training samples episode-uniformly (dataset.episode_first).
+    """
+
+    def __init__(self, *args, ema_decay: float | None = None, episode_first: bool = False,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        from ilstudio.training.ema import EMA, EMACallback
+
+        self.episode_first = episode_first
+        self.ema = EMA(ema_decay) if ema_decay is not None else None
+        if self.ema is not None:
+            self.add_callback(EMACallback(self.ema))
 
     def create_optimizer(self, model=None):
         groups_fn = getattr(self.model, "optimizer_param_groups", None)
@@ -23,6 +37,33 @@ class PolicyTrainer(Trainer):
                 self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
                 return self.optimizer
         return super().create_optimizer(model)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.episode_first:
+            return super()._get_train_sampler(train_dataset)
+        from ilstudio.training.sampling import EpisodeFirstSampler
+
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        return EpisodeFirstSampler(ds.episode_index, ds.episode_lengths, self.args.seed)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoints and the final model carry the EMA weights (plus ema.safetensors)."""
+        import os
+
+        if self.ema is not None and self.ema.shadow is not None:
+            state_dict = self.ema.substitute(
+                self.model, self.model.state_dict() if state_dict is None else state_dict)
+            if self.args.should_save:
+                out = output_dir if output_dir is not None else self.args.output_dir
+                os.makedirs(out, exist_ok=True)
+                self.ema.save(out, self.model)
+        super()._save(output_dir, state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from ilstudio.training.ema import restore
+
+        restore(resume_from_checkpoint, self.model, self.ema)
 
 
 class OperativeConfigToTensorBoard(TrainerCallback):
