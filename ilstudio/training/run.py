@@ -18,6 +18,7 @@ from ilstudio.config import dumps
 from ilstudio.config.resolve import Resolved, finalize
 from ilstudio.config.training_args import build_training_arguments, parse_resume, tensorboard_dir
 from ilstudio.errors import UserError
+from ilstudio.training import distributed
 
 RUN_MARKERS = (dumps.OPERATIVE, "trainer_state.json", "model.safetensors")
 
@@ -35,14 +36,32 @@ def holds_a_run(output_dir: Path) -> list[str]:
     return found
 
 
+def last_complete_checkpoint(out: Path) -> str | None:
+    """The newest checkpoint-N in out that is complete (None if there is none).
+
+    PolicyTrainer renames a checkpoint into place only once every file is written, so any
+    checkpoint-N is complete; the trainer_state.json check also rejects partial directories
+    left by other writers (it is the last file transformers writes).
+    """
+    if not out.is_dir():
+        return None
+    found = []
+    for p in out.glob("checkpoint-*"):
+        step = p.name.partition("-")[2]
+        if step.isdigit() and p.is_dir():
+            if (p / "trainer_state.json").is_file():
+                found.append((int(step), str(p)))
+            else:
+                logging.warning("%s is incomplete (no trainer_state.json): not resuming from it", p)
+    return max(found)[1] if found else None
+
+
 def resume_checkpoint(resolved: Resolved) -> str | None:
     """The checkpoint to resume from, per --resume_from_checkpoint; None starts fresh."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     choice = parse_resume(resolved.hyper["resume_from_checkpoint"])
     out = Path(resolved.output_dir)
     if choice is True:
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        last = last_complete_checkpoint(out)
         if last is None:
             logging.info("--resume_from_checkpoint=true: no checkpoint in %s, starting fresh", out)
         return last
@@ -88,9 +107,17 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
     hyper = dict(resolved.hyper)
     if not torch.cuda.is_available():
         hyper["dataloader_pin_memory"] = False  # pinning needs an accelerator; avoid the warning
-    args = build_training_arguments(hyper, resolved.training_args_extra)
+    extra = distributed.launch_defaults(resolved.training_args_extra)
+    args = build_training_arguments(hyper, extra)  # under torchrun: joins the process group
     resume_from = resume_checkpoint(resolved)
-    check_output_dir(resolved, resume_from, overwrite_output_dir)
+    try:
+        check_output_dir(resolved, resume_from, overwrite_output_dir)
+        verdict = None
+    except UserError as e:
+        verdict = str(e)
+    # Barrier: every rank has checked output_dir, and resolved rank 0's configuration, before
+    # rank 0 writes anything; any rank's error stops all ranks with the same message.
+    distributed.agree(distributed.config_text(resolved, hyper, extra), verdict)
 
     use_images = resolved.policy.image_inputs(resolved.task, resolved.dataset)
     train_ds, eval_ds, stats, summary = build_datasets(

@@ -8,7 +8,39 @@ in TensorBoard.
 
 from __future__ import annotations
 
+import os
+import shutil
+
 from transformers import Trainer, TrainerCallback
+
+from ilstudio.errors import UserError
+
+# Checkpoints are written here, then renamed to checkpoint-N in one step: a directory named
+# checkpoint-N is always complete (get_last_checkpoint's pattern never matches this name).
+STAGING_DIR = ".checkpoint-staging"
+
+
+class NonFiniteLossError(UserError):
+    """Training produced a NaN/inf loss or weights: stop before it reaches a checkpoint."""
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class PolicyTrainer(Trainer):
@@ -64,6 +96,72 @@ class PolicyTrainer(Trainer):
         from ilstudio.training.ema import restore
 
         restore(resume_from_checkpoint, self.model, self.ema)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        out = super().compute_loss(model, inputs, *args, **kwargs)
+        loss = out[0] if isinstance(out, tuple) else out
+        # Checked before backward: a NaN never reaches the weights, the optimizer or a checkpoint.
+        if not bool(loss.detach().isfinite().all()):
+            raise NonFiniteLossError(
+                f"training stopped at step {self.state.global_step + 1}: the loss is "
+                f"{loss.detach().float().mean().item()} (not finite). The weights were not updated "
+                f"with it; {self._last_checkpoint_note()} Common causes: NaN/inf values in the "
+                f"episodes (/action, /observations/qpos) or a learning rate too high "
+                f"(--learning_rate={self.args.learning_rate}).")
+        return out
+
+    def _last_checkpoint_note(self) -> str:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        out = self.args.output_dir
+        last = get_last_checkpoint(out) if out and os.path.isdir(out) else None
+        return (f"the last complete checkpoint is {last}." if last
+                else "no checkpoint had been written yet.")
+
+    def _save_checkpoint(self, model, trial):
+        """Save into a staging directory, then rename it to checkpoint-N (atomic on POSIX).
+
+        transformers writes checkpoint-N file by file; a kill in between leaves a directory
+        that get_last_checkpoint would pick. Here checkpoint-N appears only once complete.
+        """
+        import torch
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise NonFiniteLossError(
+                f"training stopped at step {self.state.global_step}: weights {', '.join(bad[:3])} "
+                f"are not finite, so no checkpoint was written; {self._last_checkpoint_note()} "
+                f"Lower --learning_rate (now {self.args.learning_rate}) or check the data.")
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, STAGING_DIR)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+        if self.args.world_size > 1:  # every rank writes its rng_state_<rank>.pth into staging
+            self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial=None: staging  # only for the duration of the save
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        if self.args.world_size > 1:
+            self.accelerator.wait_for_everyone()
+        if not self.args.should_save:
+            return
+        final = os.path.join(run_dir, name)
+        _fsync_tree(os.path.join(staging, name))
+        if os.path.isdir(final):  # an older save of the same step: replace it
+            shutil.rmtree(final)
+        os.replace(os.path.join(staging, name), final)
+        _fsync_dir(run_dir)
+        shutil.rmtree(staging, ignore_errors=True)
+        if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
+            self.state.best_model_checkpoint = os.path.join(
+                run_dir, os.path.basename(self.state.best_model_checkpoint))
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
 
 class OperativeConfigToTensorBoard(TrainerCallback):

@@ -1,0 +1,136 @@
+"""Resume that loses nothing: SIGKILL at several moments, restart, same weights bit for bit.
+
+One uninterrupted run is the reference. A second run is killed (SIGKILL, no chance to clean
+up) once while a checkpoint is being written and once right after a checkpoint past the
+epoch boundary is complete; each time it is restarted with the same command plus
+--resume_from_checkpoint=true. Its final model and every checkpoint it has in common with the
+reference must be identical tensor for tensor: model, optimizer, scheduler, RNG (dropout is on)
+and the position in the data order all have to come back for that to hold.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_train, tiny_args, train_env
+
+from ilstudio.training.run import last_complete_checkpoint
+from ilstudio.training.trainer import STAGING_DIR
+
+# 4 episodes x 50 steps / batch 8: one epoch is ~25 steps, so 40 steps cross an epoch boundary.
+STEPS = ["--max_steps=40", "--save_steps=5", "--seed=7", "--logging_steps=5",
+         "--gin_bindings=mlp.dropout = 0.1", "--gin_bindings=mlp.hidden_dim = 512"]
+
+
+def _tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    import torch
+
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys(), (a, b)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), f"{k} differs between {a} and {b}"
+
+
+def _same_pickled_state(a: Path, b: Path) -> bool:
+    import torch
+
+    def flat(x):
+        if isinstance(x, torch.Tensor):
+            return [x]
+        if isinstance(x, dict):
+            return [t for k in sorted(x, key=str) for t in [k, *flat(x[k])]]
+        if isinstance(x, (list, tuple)):
+            return [t for v in x for t in flat(v)]
+        return [x]
+
+    fa = flat(torch.load(a, weights_only=False))
+    fb = flat(torch.load(b, weights_only=False))
+    return len(fa) == len(fb) and all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(fa, fb))
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO,
+                            env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def kill_when(args: list[str], ready, timeout: float = 120) -> None:
+    """Start train.py and SIGKILL it as soon as ready() is true (polled every millisecond)."""
+    proc = _start(args)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail(f"run ended before the kill point (rc {proc.returncode}):\n"
+                            f"{proc.stderr.read()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("kill point never reached")
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("resume") / "reference"
+    r = run_train(*tiny_args(tiny_data, out, *STEPS))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_sigkill_at_several_points_then_resume_gives_identical_weights(tiny_data, reference, tmp_path):
+    out = tmp_path / "killed"
+    args = tiny_args(tiny_data, out, *STEPS)
+    resume = [*args, "--resume_from_checkpoint=true"]
+
+    # 1. While checkpoint-15 is being written (checkpoint-5 and -10 are complete): the staging
+    #    directory holds a partial checkpoint when the kill lands.
+    staging = out / STAGING_DIR
+    kill_when(args, lambda: (staging / "checkpoint-15").is_dir())
+    midwrite = staging.is_dir()
+    newest = last_complete_checkpoint(out)
+    assert newest is not None and (Path(newest) / "trainer_state.json").is_file()
+    assert all((p / "trainer_state.json").is_file() for p in out.glob("checkpoint-*"))
+    # 2. Right after checkpoint-30 is complete, past the epoch boundary (~step 25).
+    kill_when(resume, lambda: (out / "checkpoint-30").is_dir())
+    assert last_complete_checkpoint(out) == str(out / "checkpoint-30")
+    # 3. Finish.
+    r = run_train(*resume)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+
+    assert_same_tensors(reference / "model.safetensors", out / "model.safetensors")
+    common = sorted({p.name for p in out.glob("checkpoint-*")} & {p.name for p in reference.glob("checkpoint-*")})
+    assert "checkpoint-40" in common, common
+    for name in common:
+        assert_same_tensors(reference / name / "model.safetensors", out / name / "model.safetensors")
+        assert _same_pickled_state(reference / name / "optimizer.pt", out / name / "optimizer.pt"), name
+    print(f"\nkill points: while writing checkpoint-15 ({'hit' if midwrite else 'missed'}), "
+          f"after checkpoint-30; identical final weights and checkpoints {common}")
+
+
+def test_partial_checkpoint_and_staging_leftovers_are_never_resumed_from(tmp_path):
+    out = tmp_path
+    (out / "checkpoint-5").mkdir()
+    (out / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    (out / "checkpoint-10").mkdir()  # written by an older, non-atomic writer and cut short
+    (out / "checkpoint-10" / "model.safetensors").write_bytes(b"\0" * 10)
+    (out / STAGING_DIR / "checkpoint-15").mkdir(parents=True)
+    (out / STAGING_DIR / "checkpoint-15" / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(out) == str(out / "checkpoint-5")
+    assert last_complete_checkpoint(out / "missing") is None
