@@ -29,6 +29,7 @@ from ilstudio.config.yaml_adapter import (
 )
 from ilstudio.errors import UserError, did_you_mean
 from ilstudio.policies import import_all_configurations, policy_config_class
+from ilstudio.sim.settings import SimSettings
 
 
 @dataclasses.dataclass
@@ -135,6 +136,9 @@ def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
     built["policy"] = policy_cls()
     for obj in built.values():
         validate_instance(obj, layers.provenance.source_of)
+    # The task's simulator settings (sim.*, bound by the sim task files): built so they land in
+    # operative_config.gin, from which `python -m ilstudio.eval` renders like the training data.
+    validate_instance(SimSettings(), layers.provenance.source_of)
     # Cross-parameter checks that need the whole picture: a policy that cannot read this
     # task, a switch that has no meaning for this policy.
     built["policy"].validate(task=built["task"], dataset=built["dataset"], model=built["model"],
