@@ -18,6 +18,7 @@ from ilstudio.config import dumps
 from ilstudio.config.resolve import Resolved, finalize
 from ilstudio.config.training_args import build_training_arguments, parse_resume, tensorboard_dir
 from ilstudio.errors import UserError
+from ilstudio.training import distributed
 
 RUN_MARKERS = (dumps.OPERATIVE, "trainer_state.json", "model.safetensors")
 
@@ -106,9 +107,17 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
     hyper = dict(resolved.hyper)
     if not torch.cuda.is_available():
         hyper["dataloader_pin_memory"] = False  # pinning needs an accelerator; avoid the warning
-    args = build_training_arguments(hyper, resolved.training_args_extra)
+    extra = distributed.launch_defaults(resolved.training_args_extra)
+    args = build_training_arguments(hyper, extra)  # under torchrun: joins the process group
     resume_from = resume_checkpoint(resolved)
-    check_output_dir(resolved, resume_from, overwrite_output_dir)
+    try:
+        check_output_dir(resolved, resume_from, overwrite_output_dir)
+        verdict = None
+    except UserError as e:
+        verdict = str(e)
+    # Barrier: every rank has checked output_dir, and resolved rank 0's configuration, before
+    # rank 0 writes anything; any rank's error stops all ranks with the same message.
+    distributed.agree(distributed.config_text(resolved, hyper, extra), verdict)
 
     use_images = resolved.policy.image_inputs(resolved.task, resolved.dataset)
     train_ds, eval_ds, stats, summary = build_datasets(
