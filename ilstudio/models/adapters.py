@@ -278,8 +278,9 @@ def lora_target_modules(parts: dict[str, nn.Module], lora_module: str,
         else:
             hits = [n for n in everything if _matches(tok, n)]
             if not hits:
-                leaves = sorted({n.rsplit(".", 1)[-1] for n in everything})
-                hint = closest(tok, list(parts), cutoff=0.4) or closest(tok, leaves, cutoff=0.6)
+                leaves = sorted({n.rsplit(".", 1)[-1] for n in everything} - set(parts))
+                leaves = [leaf for leaf in leaves if not leaf.isdigit()]
+                hint = closest(tok, list(parts) + leaves, cutoff=0.5)
                 raise UserError(
                     f"lora.module = {lora_module!r}: {tok!r} is neither a part of this policy "
                     f"nor a pattern matching any of its Linear layers"
