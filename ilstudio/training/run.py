@@ -14,6 +14,7 @@ from pathlib import Path
 
 from absl import logging
 
+from ilstudio.config import diff as config_diff
 from ilstudio.config import dumps
 from ilstudio.config.resolve import Resolved, finalize
 from ilstudio.config.training_args import build_training_arguments, parse_resume, tensorboard_dir
@@ -85,6 +86,26 @@ def check_output_dir(resolved: Resolved, resume_from: str | None, overwrite: boo
             f"or choose another --output_dir.")
 
 
+def check_resume_config(resolved: Resolved, resume_from: str | None) -> list:
+    """On resume: stop on a change the checkpoint cannot follow; print the allowed ones.
+
+    Compares with the operative config and flags saved next to the checkpoint (call after
+    the policy is built, at the point where those were written, and before rewriting them).
+    """
+    if resume_from is None:
+        return []
+    run_dir = Path(resume_from).parent
+    now = config_diff.Config("now", gin=config_diff.parse_gin_text(dumps.operative_text(), "now"),
+                             flags=config_diff.parse_flag_lines(dumps.flagfile_text(
+                                 resolved, Path(resolved.output_dir) / dumps.ALL_BINDINGS)))
+    changes = config_diff.check_resume(run_dir, now, resume_from)
+    if changes:
+        logging.warning("resuming from %s with %d configuration change(s) (recorded in %s):\n  %s",
+                        resume_from, len(changes), config_diff.RESUME_CHANGES,
+                        "\n  ".join(d.line() for d in changes))
+    return changes
+
+
 def validate_data(resolved: Resolved) -> list[int]:
     """Header-level checks of the task's episodes (cheap; used by --dry_run too)."""
     from ilstudio.data.episodes import check_episodes, list_episode_files
@@ -139,12 +160,15 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
                         f"checkpointable backbone")
 
     out = Path(resolved.output_dir)
+    resume_changes = check_resume_config(resolved, resume_from)
     if is_main_process():
         if overwrite_output_dir and resume_from is None and holds_a_run(out):
             logging.warning("--overwrite_output_dir: replacing %s", out)
             shutil.rmtree(out)
         dumps.write_run_config(resolved, out, args.to_json_string())
         stats.save(out / dumps.NORM_STATS)
+        if resume_changes:
+            config_diff.record_resume_changes(out, resume_from, resume_changes)
         (out / "data_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", tensorboard_dir(hyper))
