@@ -365,3 +365,25 @@ def test_lora_settings_checks(tmp_path):
     check_lora_settings(LoraSettings(enable=True), where)
     check_lora_settings(LoraSettings(), where)
     assert dataclasses.replace(LoraSettings(), enable=True).task_type == "CAUSAL_LM"
+
+
+def test_qlora_checkpoint_resumes_bit_identically(llama_dir, tmp_path):
+    """The full-state checkpoint still resumes a QLoRA run (adapter files are extra)."""
+    from transformers import TrainingArguments, default_data_collator
+
+    from ilstudio.training.trainer import PolicyTrainer
+
+    def run(resume=None):
+        policy, _ = lora_policy(llama_dir, quant=QuantizationSettings(enable=True, bits=4), lora_lr=1e-2)
+        args = TrainingArguments(output_dir=str(tmp_path / "r"), max_steps=4, learning_rate=1e-2,
+                                 per_device_train_batch_size=4, save_steps=2, report_to=[],
+                                 use_cpu=True, remove_unused_columns=False,
+                                 dataloader_pin_memory=False, seed=0)
+        PolicyTrainer(model=policy, args=args, train_dataset=ListDataset(16),
+                      data_collator=default_data_collator).train(resume_from_checkpoint=resume)
+        return {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+
+    straight = run()
+    resumed = run(resume=str(tmp_path / "r" / "checkpoint-2"))
+    assert straight.keys() == resumed.keys() and any("lora_" in k for k in straight)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
