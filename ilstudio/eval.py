@@ -1,0 +1,255 @@
+"""Evaluate a trained run by rolling it out in the ALOHA simulation.
+
+    python -m ilstudio.eval --checkpoint runs/sim_transfer_cube_scripted --num_episodes 50
+    python -m ilstudio.eval --checkpoint runs/x/checkpoint-2000 --temporal_ensemble
+    python -m ilstudio.eval --policy scripted --num_episodes 50     # the evaluator's own check
+
+Everything about the run comes from the run directory: its operative_config.gin (task,
+cameras, episode length, policy, chunk size, image fitting, and the sim.* rendering the
+training data was recorded with), normalization.json and model.safetensors (a checkpoint-N
+directory reads the config files of the run directory above it). Episodes use evaluation
+seeds, which never give an object pose used for recording. Results (success rate with its
+95% Wilson interval, mean return, episode length, per-episode details) are written to
+<checkpoint>/eval_results.json, and the first episode(s) as a GIF/MP4 next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ilstudio.errors import UserError
+
+RESULTS = "eval_results.json"
+WEIGHTS = "model.safetensors"
+OPERATIVE = "operative_config.gin"
+NORM_STATS = "normalization.json"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ilstudio.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="a run directory or one of its checkpoint-N directories")
+    p.add_argument("--policy", default="checkpoint", choices=("checkpoint", "scripted", "hold"),
+                   help="checkpoint: the trained policy; scripted: the recording's scripted policy "
+                   "(should reach ~100%%); hold: stand still (0%%)")
+    p.add_argument("--num_episodes", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0,
+                   help="evaluation seed; episode poses never coincide with recording ones")
+    p.add_argument("--temporal_ensemble", action="store_true",
+                   help="query every step and blend overlapping chunks (ACT, weights exp(-0.01 i))")
+    p.add_argument("--query_every", type=int, default=None,
+                   help="steps each chunk is executed without ensembling (default: the chunk size)")
+    p.add_argument("--task_name", default="sim_transfer_cube_scripted",
+                   help="for --policy scripted/hold: the task gin file (a checkpoint brings its own)")
+    p.add_argument("--gin_bindings", action="append", default=[],
+                   help="for --policy scripted/hold: extra task bindings (repeatable)")
+    p.add_argument("--output_dir", default=None,
+                   help="where results go (default: the checkpoint directory; for scripted/hold "
+                   "runs/eval_<policy>_<task_name>)")
+    p.add_argument("--video_episodes", type=int, default=1, help="episodes saved as video")
+    p.add_argument("--video_format", default="gif", choices=("gif", "mp4"))
+    p.add_argument("--device", default="auto", help="torch device (auto: cuda if available)")
+    p.add_argument("--no_progress", action="store_true")
+    return p.parse_args(argv)
+
+
+# -- loading a run ------------------------------------------------------------------------------
+
+
+def run_files(checkpoint: str) -> tuple[Path, Path, Path]:
+    """(weights, operative config, normalization stats) of a run or checkpoint directory."""
+    d = Path(checkpoint).expanduser()
+    if not d.is_dir():
+        raise UserError(f"--checkpoint={checkpoint}: no such directory (expected a run directory "
+                        f"written by train.py, or a checkpoint-N directory inside one)")
+    weights = d / WEIGHTS
+    if not weights.is_file():
+        ckpts = sorted(d.glob("checkpoint-*"), key=lambda c: c.stat().st_mtime)
+        hint = f"; try --checkpoint={ckpts[-1]}" if ckpts else ""
+        raise UserError(f"--checkpoint={checkpoint}: {d} has no {WEIGHTS} (training not finished?){hint}")
+
+    def find(name: str) -> Path:
+        for base in (d, d.parent):
+            if (base / name).is_file():
+                return base / name
+        raise UserError(f"--checkpoint={checkpoint}: no {name} in {d} or {d.parent} "
+                        f"(train.py writes it into the run directory)")
+
+    return weights, find(OPERATIVE), find(NORM_STATS)
+
+
+def load_settings(operative: Path) -> dict:
+    """Parse a run's operative_config.gin into its settings objects (as train.py built them)."""
+    import gin
+
+    from ilstudio.config import settings as S
+    from ilstudio.policies import import_all_configurations, policy_config_class
+    from ilstudio.sim.settings import SimSettings
+
+    import_all_configurations()
+    gin.clear_config()
+    try:
+        gin.parse_config_file(str(operative))
+    except Exception as e:  # noqa: BLE001 - gin raises many types for a bad file
+        raise UserError(f"{operative}: cannot be parsed with this ilstudio ({e})") from None
+    built = {"task": S.TaskSettings(), "dataset": S.DatasetSettings(), "model": S.ModelSettings(),
+             "lora": S.LoraSettings(), "quantization": S.QuantizationSettings(),
+             "sim": SimSettings()}
+    built["policy"] = policy_config_class(built["model"].policy, str(operative))()
+    return built
+
+
+def load_policy(built: dict, weights: Path, device: str):
+    """Build the policy exactly as training did and load its weights (strict)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ilstudio.policies import build_policy
+
+    use_images = built["policy"].image_inputs(built["task"], built["dataset"])
+    model = build_policy(built["model"].policy, policy_config=built["policy"], task=built["task"],
+                         dataset=built["dataset"], model=built["model"], lora=built["lora"],
+                         quantization=built["quantization"], use_images=use_images)
+    try:
+        saved = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{weights}: cannot be read as safetensors: {e}") from None
+    own = model.state_dict()
+    # Tensors tied to another (shared storage) may be saved under one name only.
+    ptrs = {own[k].data_ptr() for k in own if k in saved}
+    missing = [k for k in own if k not in saved and own[k].data_ptr() not in ptrs]
+    unexpected = [k for k in saved if k not in own]
+    shapes = [k for k in saved if k in own and saved[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise UserError(f"{weights} does not fit the policy its operative_config.gin describes: "
+                        f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {shapes[:5]}")
+    with torch.no_grad():
+        for k, v in saved.items():
+            own[k].copy_(v)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    model.to(dev).eval()
+    return model, use_images, dev
+
+
+class _OnDevice:
+    """Moves select_action's inputs to the policy's device."""
+
+    def __init__(self, policy, device) -> None:
+        self.policy, self.device = policy, device
+
+    def select_action(self, qpos, images=None):
+        qpos = qpos.to(self.device)
+        if images is None:
+            return self.policy.select_action(qpos)
+        return self.policy.select_action(qpos, images.to(self.device))
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+def save_video(frames, path: Path, fps: float) -> Path:
+    import imageio.v2 as imageio
+
+    if path.suffix == ".gif":
+        imageio.mimsave(path, frames, duration=1000.0 / fps, loop=0)
+    else:
+        imageio.mimsave(path, frames, fps=fps)
+    return path
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    from ilstudio.config.dumps import write_atomic
+    from ilstudio.sim import rollout
+
+    if args.num_episodes < 1:
+        raise UserError(f"--num_episodes must be >= 1, got {args.num_episodes}")
+    info: dict = {"policy": args.policy, "seed": args.seed, "temporal_ensemble": args.temporal_ensemble}
+    if args.policy == "checkpoint":
+        if not args.checkpoint:
+            raise UserError("--checkpoint is required (or --policy scripted / hold)")
+        weights, operative, norm = run_files(args.checkpoint)
+        built = load_settings(operative)
+        from ilstudio.data.normalization import NormStats
+
+        stats = NormStats.load(norm)
+        model, use_images, device = load_policy(built, weights, args.device)
+        task, sim, chunk = built["task"], built["sim"], built["model"].chunk_size
+        query_every = args.query_every or chunk
+        if not 1 <= query_every <= chunk:
+            raise UserError(f"--query_every={query_every}: must be between 1 and the chunk size {chunk}")
+        agent = rollout.PolicyAgent(
+            _OnDevice(model, device), stats, cameras=tuple(task.camera_names), use_images=use_images,
+            image_size=built["dataset"].image_size, image_aspect_ratio=built["dataset"].image_aspect_ratio,
+            history=built["dataset"].history_images_length, query_every=query_every,
+            temporal_ensemble=args.temporal_ensemble)
+        out = Path(args.output_dir) if args.output_dir else weights.parent
+        info.update(checkpoint=str(weights.parent), model_policy=built["model"].policy,
+                    chunk_size=chunk, query_every=1 if args.temporal_ensemble else query_every,
+                    device=str(device))
+    else:
+        from ilstudio.sim.config import load_task
+
+        if args.temporal_ensemble:
+            raise UserError(f"--temporal_ensemble applies to trained policies, not --policy {args.policy}")
+        task, sim = load_task(args.task_name, args.gin_bindings)
+        agent = (rollout.ScriptedAgent(sim, task.episode_len) if args.policy == "scripted"
+                 else rollout.HoldAgent())
+        out = Path(args.output_dir or f"runs/eval_{args.policy}_{args.task_name}")
+        info.update(task_name=args.task_name)
+    if not task.camera_names:
+        raise UserError("task.camera_names is empty: the simulator needs a camera to render")
+    out.mkdir(parents=True, exist_ok=True)
+    info.update(sim_task=sim.task, episode_len=task.episode_len, cameras=list(task.camera_names),
+                render=[sim.render_height, sim.render_width])
+
+    bar = tqdm(total=args.num_episodes, desc=f"evaluating {args.policy}", unit="ep",
+               disable=args.no_progress, file=sys.stderr)
+    wins = [0]
+
+    def progress(res) -> None:
+        wins[0] += res.success
+        bar.update(1)
+        bar.set_postfix(success=f"{wins[0]}/{res.index + 1}")
+
+    t0 = time.perf_counter()
+    results = rollout.run_episodes(agent, task, sim, args.num_episodes, args.seed,
+                                   video_episodes=args.video_episodes, on_episode=progress)
+    bar.close()
+    summary = {**info, **rollout.summarize(results, time.perf_counter() - t0)}
+    videos = []
+    for r in results:
+        if r.frames:
+            from gym_aloha.constants import FPS
+
+            videos.append(str(save_video(r.frames, out / f"eval_episode_{r.index}.{args.video_format}",
+                                         fps=FPS / 2)))
+    summary["videos"] = videos
+    write_atomic(out / RESULTS, json.dumps(summary, indent=1) + "\n")
+    summary["results_file"] = str(out / RESULTS)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        s = evaluate(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    lo, hi = s["success_rate_ci95"]
+    print(f"success {s['successes']}/{s['num_episodes']} = {s['success_rate']:.0%} "
+          f"(95% CI {lo:.0%}-{hi:.0%}); mean return {s['mean_return']:.1f}; mean episode length "
+          f"{s['mean_episode_length']:.0f}; {s['seconds_per_episode']:.1f} s/episode")
+    print(f"results: {s['results_file']}" + (f"; video: {', '.join(s['videos'])}" if s["videos"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Rolling agents out in the joint-space ALOHA scene and scoring them.
+
+Every agent, learned or scripted, goes through the same loop: the same seeded object poses
+(evaluation seeds, disjoint from recording ones), the same horizon (``task.episode_len``),
+the same renderer settings as the training data, and the same success test: the task's
+maximal reward (4) at the final step. A scripted agent that reaches ~100% here is the proof
+that the loop measures what it says; a still agent (``HoldAgent``) is the floor (0%).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ilstudio.sim.envs import (
+    EVAL,
+    Renderer,
+    episode_seed,
+    make_joint_env,
+    max_reward,
+    object_pose,
+    reset_joint_env,
+)
+
+TE_K = 0.01  # ACT's temporal-ensembling weight decay: w_i = exp(-k * i), i = 0 the oldest
+
+
+class Agent:
+    """Maps (step, qpos, frames) to a 14-dim joint action; ``reset`` starts an episode."""
+
+    uses_images = False
+
+    def reset(self, pose: np.ndarray) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def act(self, t: int, qpos: np.ndarray, frames: dict[str, np.ndarray] | None) -> np.ndarray:
+        raise NotImplementedError
+
+
+class ScriptedAgent(Agent):
+    """The recording's scripted policy, replayed open-loop in the joint-space scene."""
+
+    def __init__(self, settings, episode_len: int) -> None:
+        from ilstudio.sim.scripted import ScriptedPlanner
+
+        self.planner = ScriptedPlanner(settings)
+        self.episode_len = episode_len
+        self.actions = np.zeros((0, 14))
+
+    def reset(self, pose: np.ndarray) -> None:
+        self.actions = self.planner.plan(pose, self.episode_len).joint_actions
+
+    def act(self, t, qpos, frames):
+        return self.actions[t]
+
+
+class HoldAgent(Agent):
+    """Holds the first observed joint position: never succeeds (the evaluator's floor)."""
+
+    def reset(self, pose):
+        self.start = None
+
+    def act(self, t, qpos, frames):
+        if self.start is None:
+            self.start = np.array(qpos, dtype=np.float64)
+        return self.start
+
+
+class TemporalEnsemble:
+    """ACT's temporal ensembling: the action at t is the exp(-k*i)-weighted mean of every
+    chunk's prediction for t, i = 0 being the oldest chunk still covering t."""
+
+    def __init__(self, k: float = TE_K) -> None:
+        self.k = k
+        self.chunks: collections.deque[tuple[int, np.ndarray]] = collections.deque()
+
+    def reset(self) -> None:
+        self.chunks.clear()
+
+    def add(self, t: int, chunk: np.ndarray) -> None:
+        self.chunks.append((t, np.asarray(chunk)))
+
+    def action(self, t: int) -> np.ndarray:
+        while self.chunks and t - self.chunks[0][0] >= len(self.chunks[0][1]):
+            self.chunks.popleft()  # oldest first: expired chunks sit at the front
+        preds = np.stack([c[t - start] for start, c in self.chunks])
+        w = np.exp(-self.k * np.arange(len(preds)))
+        return (preds * (w / w.sum())[:, None]).sum(0)
+
+
+class PolicyAgent(Agent):
+    """A trained policy: normalized qpos (+ frames fitted like the training data) -> chunk.
+
+    Executes each predicted chunk for ``query_every`` steps, or, with temporal ensembling,
+    queries every step and blends the overlapping chunks (ACT).
+    """
+
+    def __init__(self, policy, stats, *, cameras: tuple[str, ...], use_images: bool,
+                 image_size, image_aspect_ratio: str, history: int, query_every: int,
+                 temporal_ensemble: bool) -> None:
+        self.policy, self.stats = policy, stats
+        self.cameras = cameras
+        self.uses_images = use_images
+        self.image_size, self.aspect, self.history = image_size, image_aspect_ratio, history
+        self.query_every = 1 if temporal_ensemble else query_every
+        self.te = TemporalEnsemble() if temporal_ensemble else None
+        self.chunk: np.ndarray | None = None
+        self.chunk_start = 0
+        self.frames: dict[str, collections.deque] = {}
+
+    def reset(self, pose):
+        self.chunk, self.chunk_start = None, 0
+        self.frames = {c: collections.deque(maxlen=self.history) for c in self.cameras}
+        if self.te is not None:
+            self.te.reset()
+
+    def _images(self, frames: dict[str, np.ndarray]):
+        import torch
+
+        from ilstudio.data.image_ops import fit_frames
+
+        per_cam = []
+        for cam in self.cameras:
+            hist = self.frames[cam]
+            hist.append(fit_frames(frames[cam][None], self.image_size, self.aspect)[0])
+            while len(hist) < self.history:  # episode start: repeat the first frame (as training)
+                hist.appendleft(hist[0])
+            per_cam.append(np.stack(hist))
+        x = torch.from_numpy(np.stack(per_cam)).permute(0, 1, 4, 2, 3).float().div_(255.0)
+        x = x[:, 0] if self.history == 1 else x
+        return x.unsqueeze(0)  # (1, cams, [history,] 3, H, W)
+
+    def _query(self, qpos: np.ndarray, frames) -> np.ndarray:
+        import torch
+
+        q = torch.from_numpy(self.stats.normalize_qpos(np.asarray(qpos, dtype=np.float32))).unsqueeze(0)
+        images = self._images(frames) if self.uses_images else None
+        with torch.no_grad():
+            out = self.policy.select_action(q, images) if images is not None else self.policy.select_action(q)
+        return self.stats.unnormalize_action(out[0].float().cpu().numpy().astype(np.float64))
+
+    def act(self, t, qpos, frames):
+        if self.te is not None:
+            self.te.add(t, self._query(qpos, frames))
+            return self.te.action(t)
+        if self.chunk is None or t - self.chunk_start >= min(self.query_every, len(self.chunk)):
+            self.chunk, self.chunk_start = self._query(qpos, frames), t
+        return self.chunk[t - self.chunk_start]
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (sensible at 0% and 100%)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, center - half), min(1.0, center + half))
+
+
+@dataclass
+class EpisodeResult:
+    index: int
+    seed: int
+    success: bool
+    final_reward: float
+    max_reward: float
+    episode_return: float
+    steps: int
+    first_max_reward_step: int | None
+    frames: list[np.ndarray] = field(default_factory=list, repr=False)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "frames"}
+
+
+def run_episodes(agent: Agent, task, sim, num_episodes: int, seed: int, *,
+                 video_episodes: int = 0, video_every: int = 2,
+                 on_episode: Callable[[EpisodeResult], None] | None = None) -> list[EpisodeResult]:
+    """Roll ``agent`` out for episodes 0..num_episodes-1 of evaluation seed ``seed``."""
+    env = make_joint_env(sim)
+    renderer = Renderer(env.physics, task.camera_names, sim)
+    top = task.camera_names[0]
+    goal = max_reward(env)
+    results = []
+    for i in range(num_episodes):
+        ep_seed = episode_seed(EVAL, seed, i)
+        pose = object_pose(sim.task, ep_seed)
+        agent.reset(pose)
+        ts = reset_joint_env(env, pose)
+        rewards: list[float] = []
+        video: list[np.ndarray] = []
+        for t in range(task.episode_len):
+            want_video = i < video_episodes and t % video_every == 0
+            frames = renderer.render() if agent.uses_images or want_video else None
+            if want_video:
+                video.append(frames[top])
+            ts = env.step(agent.act(t, ts.observation["qpos"], frames))
+            rewards.append(float(ts.reward or 0.0))
+        hits = [t for t, r in enumerate(rewards) if r == goal]
+        res = EpisodeResult(index=i, seed=ep_seed, success=rewards[-1] == goal,
+                            final_reward=rewards[-1], max_reward=max(rewards),
+                            episode_return=float(sum(rewards)), steps=len(rewards),
+                            first_max_reward_step=(hits[0] + 1) if hits else None, frames=video)
+        results.append(res)
+        if on_episode is not None:
+            on_episode(res)
+    return results
+
+
+def summarize(results: list[EpisodeResult], seconds: float | None = None) -> dict:
+    n = len(results)
+    k = sum(r.success for r in results)
+    lo, hi = wilson_interval(k, n)
+    hits = [r.first_max_reward_step for r in results if r.success and r.first_max_reward_step]
+    out = {
+        "num_episodes": n,
+        "successes": k,
+        "success_rate": k / n if n else 0.0,
+        "success_rate_ci95": [lo, hi],
+        "ci_method": "Wilson score interval, 95%",
+        "mean_return": float(np.mean([r.episode_return for r in results])) if n else 0.0,
+        "mean_episode_length": float(np.mean([r.steps for r in results])) if n else 0.0,
+        "mean_steps_to_success": float(np.mean(hits)) if hits else None,
+        "mean_max_reward": float(np.mean([r.max_reward for r in results])) if n else 0.0,
+        "episodes": [r.as_dict() for r in results],
+    }
+    if seconds is not None:
+        out["seconds"] = seconds
+        out["seconds_per_episode"] = seconds / max(1, n)
+    return out
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
