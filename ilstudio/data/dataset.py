@@ -45,7 +45,9 @@ class EpisodeDataset(Dataset):
 
     def __init__(self, paths: Sequence[str | Path], task: TaskSettings, settings: DatasetSettings,
                  chunk_size: int, stats: NormStats,
-                 episode_lengths: Sequence[int] | None = None) -> None:
+                 episode_lengths: Sequence[int] | None = None, language: Any = None) -> None:
+        """language: a policy's text processor (ilstudio.data.language.LanguageProcessor) or
+        None; with one, samples also carry input_ids, attention_mask and labels."""
         if chunk_size < 1:
             raise UserError(f"chunk_size must be >= 1, got {chunk_size}")
         if settings.history_images_length < 1:
@@ -79,6 +81,8 @@ class EpisodeDataset(Dataset):
         self._frame_cache: dict[tuple[int, str], np.ndarray] | None = None
         if self.use_images and not settings.lazy_preprocess:
             self._frame_cache = self._preprocess_all_frames()
+        self.language = (language.for_episodes(self.paths, self.episode_lengths)
+                         if language is not None else None)
 
     def __len__(self) -> int:
         return int(self.episode_lengths.sum())
@@ -184,6 +188,8 @@ class EpisodeDataset(Dataset):
         }
         if self.use_images:
             sample["images"] = self._frames(src, ep, t)
+        if self.language is not None:
+            sample.update(self.language(ep, t))
         return sample
 
 
@@ -203,8 +209,12 @@ def split_episodes(n: int, val_fraction: float, seed: int) -> tuple[list[int], l
 
 
 def build_datasets(task: TaskSettings, settings: DatasetSettings, chunk_size: int, do_eval: bool,
-                   seed: int) -> tuple[EpisodeDataset, EpisodeDataset | None, NormStats, dict]:
-    """List, filter, validate and split the episodes; stats come from train episodes only."""
+                   seed: int, language: Any = None
+                   ) -> tuple[EpisodeDataset, EpisodeDataset | None, NormStats, dict]:
+    """List, filter, validate and split the episodes; stats come from train episodes only.
+
+    language: the policy's text processor (see EpisodeDataset), or None.
+    """
     paths = list_episode_files(task.dataset_dir)
     n_found = len(paths)
     if settings.skip_mirrored_data:
@@ -224,11 +234,13 @@ def build_datasets(task: TaskSettings, settings: DatasetSettings, chunk_size: in
 
     train_paths, train_lengths = subset(train_idx)
     stats = compute_stats(train_paths)
-    train_ds = EpisodeDataset(train_paths, task, settings, chunk_size, stats, train_lengths)
+    train_ds = EpisodeDataset(train_paths, task, settings, chunk_size, stats, train_lengths,
+                              language)
     eval_ds = None
     if val_idx:
         val_paths, val_lengths = subset(val_idx)
-        eval_ds = EpisodeDataset(val_paths, task, settings, chunk_size, stats, val_lengths)
+        eval_ds = EpisodeDataset(val_paths, task, settings, chunk_size, stats, val_lengths,
+                                 language)
     summary = {
         "dataset_dir": str(task.dataset_dir),
         "episodes_found": n_found,

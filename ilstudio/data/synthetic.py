@@ -35,8 +35,25 @@ def _images(qpos: np.ndarray, cam: int, hw: tuple[int, int]) -> np.ndarray:
     return np.clip(val * 255, 0, 255).astype(np.uint8)
 
 
+SYNTH_INSTRUCTIONS = ("follow the wave with both arms", "move the gripper to the left, then to the right")
+SYNTH_SUBTASKS = ("reach", "grasp", "lift", "place")
+
+
+def _language(i: int, qpos: np.ndarray) -> dict:
+    """Episode text (see ilstudio/data/language.py): an instruction, four equal subtask
+    phases, and per-step reasoning that follows the state (rising or falling first dim)."""
+    steps = len(qpos)
+    phase = np.minimum(np.arange(steps) * len(SYNTH_SUBTASKS) // steps, len(SYNTH_SUBTASKS) - 1)
+    subtask = [SYNTH_SUBTASKS[k] for k in phase]
+    rising = np.gradient(qpos[:, 0]) >= 0
+    reasoning = [f"the arm is {'rising' if r else 'falling'} so I {s}"
+                 for r, s in zip(rising, subtask, strict=True)]
+    return {"instruction": SYNTH_INSTRUCTIONS[i % len(SYNTH_INSTRUCTIONS)], "subtask": subtask,
+            "reasoning": reasoning}
+
+
 def _write_episode(path: Path, qpos: np.ndarray, action: np.ndarray,
-                   images: dict[str, np.ndarray], mirrored: bool) -> None:
+                   images: dict[str, np.ndarray], mirrored: bool, text: dict | None = None) -> None:
     """Write one episode to path.tmp and rename, so readers never see half a file."""
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as f:
@@ -50,6 +67,12 @@ def _write_episode(path: Path, qpos: np.ndarray, action: np.ndarray,
         for cam, frames in images.items():
             imgs.create_dataset(cam, data=frames, compression="gzip", chunks=(1, *frames.shape[1:]))
         f.create_dataset("action", data=action, compression="gzip")
+        if text is not None:
+            f.attrs["language_instruction"] = text["instruction"]
+            lang = f.create_group("language")
+            for key in ("subtask", "reasoning"):
+                lang.create_dataset(key, data=np.array(text[key], dtype=object),
+                                    dtype=h5py.string_dtype("utf-8"))
     os.replace(tmp, path)
 
 
@@ -57,10 +80,11 @@ def write_synthetic_dataset(output_dir: str | Path, num_episodes: int = 4, episo
                             state_dim: int = 14, action_dim: int = 14,
                             camera_names: Sequence[str] = ("top",),
                             image_hw: tuple[int, int] = (24, 32), seed: int = 0,
-                            mirrored_every: int = 0) -> list[Path]:
+                            mirrored_every: int = 0, language: bool = False) -> list[Path]:
     """Write episode_0.hdf5 ... episode_{N-1}.hdf5; returns their paths.
 
     mirrored_every=k > 0 marks every k-th episode (k-1, 2k-1, ...) with ``mirrored=True``.
+    language=True also writes an instruction, /language/subtask and /language/reasoning.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,7 +98,8 @@ def write_synthetic_dataset(output_dir: str | Path, num_episodes: int = 4, episo
         images = {cam: _images(qpos, c, image_hw) for c, cam in enumerate(camera_names)}
         mirrored = mirrored_every > 0 and (i + 1) % mirrored_every == 0
         path = out / f"episode_{i}.hdf5"
-        _write_episode(path, qpos, action, images, mirrored)
+        _write_episode(path, qpos, action, images, mirrored,
+                       _language(i, qpos) if language else None)
         written.append(path)
     return written
 
@@ -91,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mirrored_every", type=int, default=0)
+    p.add_argument("--language", action="store_true",
+                   help="also write instruction, subtask and reasoning text")
     a = p.parse_args(argv)
     for name, v in [("num_episodes", a.num_episodes), ("episode_len", a.episode_len),
                     ("state_dim", a.state_dim), ("action_dim", a.action_dim),
@@ -100,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cameras = tuple(c.strip() for c in a.cameras.split(",") if c.strip())
     paths = write_synthetic_dataset(a.output_dir, a.num_episodes, a.episode_len, a.state_dim,
                                     a.action_dim, cameras, (a.height, a.width), a.seed,
-                                    a.mirrored_every)
+                                    a.mirrored_every, a.language)
     print(f"wrote {len(paths)} episodes x {a.episode_len} steps to {Path(a.output_dir).resolve()} "
           f"(state_dim={a.state_dim}, action_dim={a.action_dim}, cameras={list(cameras)}, "
           f"images {a.height}x{a.width})")

@@ -14,6 +14,7 @@ from ilstudio.errors import UserError, did_you_mean
 POLICIES = {
     "mlp": "ilstudio.policies.mlp",
     "act": "ilstudio.policies.act",
+    "vla": "ilstudio.policies.vla",
 }
 
 
@@ -37,3 +38,13 @@ def import_all_configurations() -> None:
 def build_policy(name: str, **context):
     """Build the torch module for policy ``name`` (imports its modeling code)."""
     return importlib.import_module(_package(name, "model.policy") + ".modeling").build(**context)
+
+
+def build_processor(name: str, **context):
+    """The policy's data-side processor (e.g. the VLA's tokenizer), or None if it has none.
+
+    Built before the datasets: ``build_datasets(..., language=processor)``.
+    """
+    modeling = importlib.import_module(_package(name, "model.policy") + ".modeling")
+    fn = getattr(modeling, "build_processor", None)
+    return fn(**context) if fn is not None else None

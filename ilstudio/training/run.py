@@ -122,7 +122,7 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
     from transformers import default_data_collator
 
     from ilstudio.data.dataset import build_datasets
-    from ilstudio.policies import build_policy
+    from ilstudio.policies import build_policy, build_processor
     from ilstudio.training.trainer import OperativeConfigToTensorBoard, PolicyTrainer
 
     hyper = dict(resolved.hyper)
@@ -141,8 +141,12 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
     distributed.agree(distributed.config_text(resolved, hyper, extra), verdict)
 
     use_images = resolved.policy.image_inputs(resolved.task, resolved.dataset)
+    # A policy's data-side processor (the VLA's tokenizer), None for most policies.
+    processor = build_processor(resolved.model.policy, policy_config=resolved.policy,
+                                task=resolved.task, dataset=resolved.dataset, model=resolved.model)
     train_ds, eval_ds, stats, summary = build_datasets(
-        resolved.task, resolved.dataset, resolved.model.chunk_size, args.do_eval, args.seed)
+        resolved.task, resolved.dataset, resolved.model.chunk_size, args.do_eval, args.seed,
+        language=processor)
     logging.info("data: %s", summary)
 
     transformers.set_seed(args.seed)

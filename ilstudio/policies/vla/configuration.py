@@ -1,0 +1,90 @@
+"""VLA policy settings and the checks that need no torch (flash_attn, backbone location)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from ilstudio.config.declare import configurable, param
+from ilstudio.errors import UserError
+from ilstudio.policies.base import PolicyConfig
+from ilstudio.policies.vla.layout import is_backbone_dir, looks_local
+
+
+@configurable("vla", group="VLA policy")
+class VLAConfig(PolicyConfig):
+    name = "vla"
+    uses_images = True
+    needs_images = True
+    needs_language = True
+    supports = frozenset({
+        "model.model_name_or_path",
+        "model.is_pretrained",
+        "model.cache_dir",
+        "model.flash_attn",
+        "model.freeze_vision_tower",
+        "model.freeze_backbone",
+        "model.tune_mm_mlp_adapter",
+        "model.llm_loss_weight",
+        "dataset.use_reasoning",
+        "dataset.use_prev_subtask",
+        "dataset.select_seg_token_mask",
+        "dataset.lazy_preprocess",
+        # LoRA / QLoRA on the parts (llm, vit, projector, action_head): ilstudio/models/adapters.py
+        "lora.enable", "lora.module", "lora.task_type", "lora.r", "lora.alpha", "lora.dropout",
+        "lora.bias", "lora.weight_path", "lora.lr",
+        "quantization.enable", "quantization.bits", "quantization.double_quant",
+        "quantization.quant_type",
+    })
+
+    max_prompt_tokens: int = param(32, "Prompt length in tokens (instruction, previous subtask); "
+                                   "left-padded, longer prompts are cut.", documented=False)
+    max_target_tokens: int = param(48, "Language-target length in tokens (subtask, reasoning); "
+                                   "right-padded, longer targets are cut.", documented=False)
+    instruction: str = param("", "Instruction for episodes without a `language_instruction` "
+                             "attribute (plain ACT data).", documented=False)
+
+    def validate(self, *, task, dataset, model, lora, quantization, source_of) -> None:
+        from ilstudio.models.adapters import check_lora_settings, check_quantization_combo
+
+        super().validate(task=task, dataset=dataset, model=model, lora=lora,
+                         quantization=quantization, source_of=source_of)
+        check_lora_settings(lora, source_of)
+        check_quantization_combo(lora, quantization, source_of)
+        problems = []
+        name = model.model_name_or_path
+        if not name:
+            problems.append("policy 'vla' needs model.model_name_or_path (a backbone directory; "
+                            "create a tiny one with `python -m ilstudio.policies.vla.make_tiny DIR`)")
+        elif model.is_pretrained and looks_local(name) and not is_backbone_dir(name):
+            problems.append(f"model.model_name_or_path = {name!r} (set in "
+                            f"{source_of('model.model_name_or_path')}) with model.is_pretrained = "
+                            f"True: no VLA backbone there (expected {Path(name) / 'vision'}/ and "
+                            f"{Path(name) / 'llm'}/ with config.json)")
+        if model.flash_attn:
+            why = flash_attn_unavailable()
+            if why:
+                problems.append(f"model.flash_attn = True (set in {source_of('model.flash_attn')}): "
+                                f"FlashAttention-2 cannot run here: {why}. Set model.flash_attn = "
+                                f"False (the backbone then uses PyTorch SDPA attention)")
+        for key, value in (("max_prompt_tokens", self.max_prompt_tokens),
+                           ("max_target_tokens", self.max_target_tokens)):
+            if value < 1:
+                problems.append(f"vla.{key} = {value} (set in {source_of('vla.' + key)}): "
+                                f"must be >= 1")
+        if problems:
+            raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def flash_attn_unavailable() -> str:
+    """Why FlashAttention-2 cannot run on this machine ('' if it can)."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash-attn package is not installed"
+    import torch  # only reached where flash-attn is installed
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is available"
+    return ""
+
+
+CONFIG_CLASS = VLAConfig

@@ -1,0 +1,134 @@
+"""Write a tiny random VLA backbone directory, offline (no hub, no network).
+
+    python -m ilstudio.policies.vla.make_tiny data/vla_tiny [--hidden 64 --layers 2 ...]
+
+The directory has the layout of ``ilstudio.policies.vla.layout``: ``vision/`` (a small
+SigLIP or CLIP vision tower), ``llm/`` (a small Llama or Qwen2 causal LM plus a byte-level
+BPE tokenizer trained here on a few robot sentences) and ``projector.safetensors``. Weights
+are random but saved, so the same directory serves ``model.is_pretrained=True`` (load these
+exact weights) and ``False`` (build from the configs, fresh random weights). Seeded: the same
+arguments write the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from ilstudio.policies.vla.layout import LLM, PROJECTOR, VISION, is_backbone_dir
+
+# Sentences the tiny tokenizer learns its merges from; any text still tokenizes (byte-level).
+CORPUS = (
+    "pick up the cube and transfer it to the other arm",
+    "follow the wave with both arms",
+    "previous subtask: none. subtask: reach. reasoning: the arm is rising so I reach",
+    "subtask: grasp lift place release. reasoning: the arm is falling so I grasp",
+    "move the gripper to the left, then to the right, and stop",
+)
+SPECIAL = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}
+
+
+def make_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE tokenizer, trained in memory, as a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(list(CORPUS) * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL)
+
+
+def vision_config(kind: str, hidden: int, layers: int, heads: int, image_size: int, patch: int):
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    cls = {"siglip": SiglipVisionConfig, "clip": CLIPVisionConfig}[kind]
+    return cls(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+               num_attention_heads=heads, image_size=image_size, patch_size=patch)
+
+
+def llm_config(kind: str, hidden: int, layers: int, heads: int, vocab_size: int, tokenizer):
+    from transformers import LlamaConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind]
+    # Untied embeddings: a plain-module checkpoint (safetensors) cannot hold shared tensors.
+    return cls(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+               max_position_embeddings=1024, tie_word_embeddings=False,
+               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+               bos_token_id=tokenizer.bos_token_id)
+
+
+def write_tiny_backbone(output_dir: str | Path, *, hidden: int = 64, layers: int = 2, heads: int = 4,
+                        vision_hidden: int = 32, vision_layers: int = 1, vision_heads: int = 2,
+                        image_size: int = 32, patch_size: int = 8, llm: str = "llama",
+                        vision: str = "siglip", seed: int = 0) -> Path:
+    """Write the directory atomically (build in a sibling temp dir, then rename)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from ilstudio.policies.vla.modeling import MultimodalProjector
+
+    out = Path(output_dir).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        torch.manual_seed(seed)
+        tokenizer = make_tokenizer()
+        vcfg = vision_config(vision, vision_hidden, vision_layers, vision_heads, image_size, patch_size)
+        AutoModel.from_config(vcfg).save_pretrained(tmp / VISION)
+        lcfg = llm_config(llm, hidden, layers, heads, len(tokenizer), tokenizer)
+        AutoModelForCausalLM.from_config(lcfg).save_pretrained(tmp / LLM)
+        tokenizer.save_pretrained(tmp / LLM)
+        projector = MultimodalProjector(vision_hidden, hidden, state_dim=None)
+        save_file({k: v.contiguous() for k, v in projector.state_dict().items()}, tmp / PROJECTOR)
+        if out.exists():
+            if any(out.iterdir()) and not is_backbone_dir(out):
+                raise FileExistsError(f"{out} exists and is not a VLA backbone directory; "
+                                      f"refusing to replace it")
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m ilstudio.policies.vla.make_tiny", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("output_dir")
+    p.add_argument("--hidden", type=int, default=64, help="LM hidden size")
+    p.add_argument("--layers", type=int, default=2, help="LM layers")
+    p.add_argument("--heads", type=int, default=4, help="LM attention heads")
+    p.add_argument("--vision_hidden", type=int, default=32)
+    p.add_argument("--vision_layers", type=int, default=1)
+    p.add_argument("--vision_heads", type=int, default=2)
+    p.add_argument("--image_size", type=int, default=32, help="vision tower input (square)")
+    p.add_argument("--patch_size", type=int, default=8)
+    p.add_argument("--llm", choices=("llama", "qwen2"), default="llama")
+    p.add_argument("--vision", choices=("siglip", "clip"), default="siglip")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.hidden % a.heads or a.vision_hidden % a.vision_heads:
+        p.error("hidden sizes must be divisible by their head counts")
+    if a.image_size % a.patch_size:
+        p.error("--image_size must be a multiple of --patch_size")
+    out = write_tiny_backbone(a.output_dir, hidden=a.hidden, layers=a.layers, heads=a.heads,
+                              vision_hidden=a.vision_hidden, vision_layers=a.vision_layers,
+                              vision_heads=a.vision_heads, image_size=a.image_size,
+                              patch_size=a.patch_size, llm=a.llm, vision=a.vision, seed=a.seed)
+    print(f"wrote a tiny {a.vision}+{a.llm} VLA backbone to {out.resolve()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,385 @@
+"""VLA policy: a vision tower, a multimodal projector, a causal LM and an action head.
+
+Sequence the LM reads (one row per sample; P, T fixed by vla.max_prompt_tokens/max_target_tokens)::
+
+    [prompt (P, left-padded)] [image tokens] [state token] [K action queries] [target (T)]
+
+* image tokens: every camera, every history frame (dataset.history_images_length), oldest
+  first: the vision tower's patch tokens through the projector's image MLP (the "mm MLP
+  adapter": Linear(vision hidden, LM hidden), GELU, Linear(LM hidden, LM hidden)).
+* state token: the normalized qpos through the projector's linear ``state`` embedding.
+* action queries: K = model.chunk_size learned vectors (part of the action head); the LM's
+  last hidden state at query k goes through the head's MLP to action k of the chunk.
+* target: the language target (subtask/reasoning, see ilstudio/data/language.py), after
+  the queries. Causal attention means the actions never depend on the target text, so
+  ``select_action`` needs no text generation; the target only adds the language loss
+  (teacher-forced next-token cross-entropy), and is skipped when model.llm_loss_weight = 0.
+
+loss = masked L1(action chunk) + model.llm_loss_weight * LM loss.
+
+Parts (``VLAPolicy.parts()``, what LoRA's ``lora.module`` names): ``llm``, ``vit``,
+``projector`` (image MLP + state embedding), ``action_head`` (queries + MLP). Trainable parts:
+
+    default               everything
+    freeze_vision_tower   vit frozen
+    freeze_backbone       vit and llm frozen (projector, action head and LoRA adapters train)
+    tune_mm_mlp_adapter   only the projector and the action head train: an untrained random
+                          head would make the policy useless, so "only the projector" is read
+                          as "only the projector, plus the head that turns the LM into actions"
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from absl import logging
+from torch import nn
+
+from ilstudio.errors import UserError
+from ilstudio.policies.vla.layout import LLM, PROJECTOR, VISION, is_backbone_dir
+
+IGNORE = -100
+# Pixel normalization per vision model type (their image processors' defaults).
+_CLIP_MEAN, _CLIP_STD = (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)
+_PIXEL_STATS = {"clip_vision_model": (_CLIP_MEAN, _CLIP_STD)}
+
+
+class MultimodalProjector(nn.Module):
+    """Vision hidden -> LM hidden (2-layer MLP), and qpos -> one LM token (linear)."""
+
+    def __init__(self, vision_hidden: int, llm_hidden: int, state_dim: int | None) -> None:
+        super().__init__()
+        self.image = nn.Sequential(nn.Linear(vision_hidden, llm_hidden), nn.GELU(),
+                                   nn.Linear(llm_hidden, llm_hidden))
+        self.state = nn.Linear(state_dim, llm_hidden) if state_dim else None
+
+
+class ActionHead(nn.Module):
+    """K learned query tokens appended to the LM input, and an MLP on their hidden states."""
+
+    def __init__(self, hidden: int, chunk_size: int, action_dim: int) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(chunk_size, hidden) * 0.02)
+        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, action_dim))
+
+
+class VLAPolicy(nn.Module):
+    def __init__(self, vit: nn.Module, llm: nn.Module, projector: MultimodalProjector,
+                 action_head: ActionHead, *, prompt_len: int, num_cameras: int, history: int,
+                 llm_loss_weight: float) -> None:
+        super().__init__()
+        self.vit, self.llm, self.projector, self.action_head = vit, llm, projector, action_head
+        self.prompt_len = prompt_len
+        self.num_cameras, self.history = num_cameras, history
+        self.llm_loss_weight = float(llm_loss_weight)
+        self.lora_lr: float | None = None  # lora.lr when LoRA adapters were injected
+        self.prompt: tuple[torch.Tensor, torch.Tensor] | None = None  # see set_prompt
+        vcfg = vit.config
+        self.image_size = int(vcfg.image_size)
+        mean, std = _PIXEL_STATS.get(vcfg.model_type, ((0.5,) * 3, (0.5,) * 3))
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def parts(self) -> dict[str, nn.Module]:
+        """The named parts (what lora.module and the freezing switches refer to)."""
+        return {"llm": self.llm, "vit": self.vit, "projector": self.projector,
+                "action_head": self.action_head}
+
+    def optimizer_param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """With LoRA: LoRA parameters at lora.lr, the rest at lr; else [] (Trainer default)."""
+        from ilstudio.models.adapters import has_lora, lora_param_groups
+
+        if not has_lora(self):
+            return []
+        return lora_param_groups(self, lr, self.lora_lr, weight_decay)
+
+    def set_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """The prompt select_action uses when called without one (e.g. by an evaluator that
+        passes only qpos and images): (P,) tensors from LanguageProcessor.encode_prompt."""
+        self.prompt = (input_ids, attention_mask)
+
+    # -- activation checkpointing: delegated to the Hugging Face parts -----------------
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                        offload: bool = False) -> None:
+        for part in (self.llm, self.vit):
+            if getattr(part, "supports_gradient_checkpointing", False):
+                part.activation_checkpointing_enable(activation_checkpointing_kwargs,
+                                                     every_n_layers=every_n_layers, offload=offload)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    # -- inputs ------------------------------------------------------------------------
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, cams[, history], 3, H, W) in [0, 1] -> (B, cams*history*patches, LM hidden)."""
+        if images.dim() == 5:
+            images = images[:, :, None]
+        b, cams, hist = images.shape[:3]
+        if (cams, hist) != (self.num_cameras, self.history):
+            raise ValueError(f"images have {cams} camera(s) x {hist} frame(s); this VLA was built "
+                             f"for {self.num_cameras} x {self.history}")
+        x = images.reshape(-1, *images.shape[-3:]).float()
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                              align_corners=False)
+        x = (x - self.pixel_mean) / self.pixel_std
+        vit_dtype = next(self.vit.parameters()).dtype
+        tokens = self.vit(pixel_values=x.to(vit_dtype)).last_hidden_state
+        tokens = self.projector.image(tokens.to(self.projector.image[0].weight.dtype))
+        return tokens.reshape(b, -1, tokens.shape[-1])
+
+    def _sequence(self, qpos, images, input_ids, attention_mask, with_target: bool):
+        p = self.prompt_len
+        if input_ids is None or input_ids.shape[1] < p:
+            raise ValueError(f"input_ids must hold at least the {p} prompt tokens")
+        if not with_target:
+            input_ids, attention_mask = input_ids[:, :p], attention_mask[:, :p]
+        text = self.llm.get_input_embeddings()(input_ids)
+        dtype = text.dtype
+        b = text.shape[0]
+        img = self.encode_images(images).to(dtype)
+        state = self.projector.state(qpos.to(self.projector.state.weight.dtype))[:, None].to(dtype)
+        queries = self.action_head.queries[None].expand(b, -1, -1).to(dtype)
+        middle = torch.cat([img, state, queries], 1)
+        embeds = torch.cat([text[:, :p], middle, text[:, p:]], 1)
+        mask = torch.cat([attention_mask[:, :p], attention_mask.new_ones(b, middle.shape[1]),
+                          attention_mask[:, p:]], 1)
+        return embeds, mask, p + img.shape[1] + 1
+
+    def _hidden(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=mask,
+                                     position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    def _actions(self, hidden: torch.Tensor, query_start: int) -> torch.Tensor:
+        k = self.action_head.queries.shape[0]
+        h = hidden[:, query_start:query_start + k]
+        return self.action_head.mlp(h.to(self.action_head.mlp[0].weight.dtype)).float()
+
+    # -- training and inference ----------------------------------------------------------
+
+    def forward(self, qpos: torch.Tensor, images: torch.Tensor | None = None,
+                input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, action: torch.Tensor | None = None,
+                is_pad: torch.Tensor | None = None) -> dict:
+        with_lm = self.llm_loss_weight > 0 and labels is not None
+        embeds, mask, qs = self._sequence(qpos, images, input_ids, attention_mask, with_lm)
+        hidden = self._hidden(embeds, mask)
+        pred = self._actions(hidden, qs)
+        if action is None:
+            return {"actions": pred}
+        l1 = (pred - action).abs().mean(-1)
+        keep = (~is_pad).float() if is_pad is not None else torch.ones_like(l1)
+        action_loss = (l1 * keep).sum() / keep.sum().clamp(min=1.0)
+        out = {"action_loss": action_loss.detach()}
+        loss = action_loss
+        if with_lm:
+            k = self.action_head.queries.shape[0]
+            target = labels[:, self.prompt_len:]
+            start = qs + k - 1  # the hidden state before each target token predicts it
+            h = hidden[:, start:start + target.shape[1]]
+            logits = self.llm.get_output_embeddings()(h).float()
+            if (target != IGNORE).any():
+                lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                          ignore_index=IGNORE)
+            else:
+                lm_loss = logits.sum() * 0.0
+            loss = loss + self.llm_loss_weight * lm_loss
+            out["lm_loss"] = lm_loss.detach()
+        out["loss"] = loss
+        return out
+
+    @torch.no_grad()
+    def select_action(self, qpos: torch.Tensor, images: torch.Tensor,
+                      input_ids: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """A normalized action chunk (B, chunk_size, action_dim); needs the prompt tokens only
+        (given here, or set once with set_prompt)."""
+        if input_ids is None:
+            if self.prompt is None:
+                raise ValueError("select_action needs the prompt tokens: pass input_ids and "
+                                 "attention_mask, or call set_prompt first")
+            b = qpos.shape[0]
+            input_ids, attention_mask = (x.to(qpos.device).reshape(1, -1).expand(b, -1)
+                                         for x in self.prompt)
+        embeds, mask, qs = self._sequence(qpos, images, input_ids, attention_mask, False)
+        return self._actions(self._hidden(embeds, mask), qs)
+
+
+# -- building --------------------------------------------------------------------------
+
+
+def ensure_backbone(model) -> str:
+    """The backbone's name; with is_pretrained=False and no backbone there, write a tiny one.
+
+    With is_pretrained=False the name is always a local directory (a missing one gets a tiny
+    random backbone from make_tiny, logged); only with is_pretrained=True can it be a hub id,
+    looked up through model.cache_dir.
+    """
+    name = model.model_name_or_path
+    if not name:
+        raise UserError("policy 'vla' needs model.model_name_or_path")
+    if not model.is_pretrained and not is_backbone_dir(name):
+        from ilstudio.policies.vla.make_tiny import write_tiny_backbone
+
+        path = Path(name).expanduser()
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise UserError(f"model.model_name_or_path = {name!r} exists but is not a VLA backbone "
+                            f"directory (expected vision/config.json and llm/config.json)")
+        logging.warning("model.model_name_or_path = %r does not exist and model.is_pretrained is "
+                        "False: writing a tiny random backbone there (python -m "
+                        "ilstudio.policies.vla.make_tiny %s)", name, name)
+        write_tiny_backbone(path)
+    return name
+
+
+def _from_kwargs(model) -> dict:
+    return {"cache_dir": model.cache_dir} if model.cache_dir else {}
+
+
+def load_tokenizer(model):
+    from transformers import AutoTokenizer
+
+    name = ensure_backbone(model)
+    try:
+        return AutoTokenizer.from_pretrained(name, subfolder=LLM, **_from_kwargs(model))
+    except OSError as e:
+        raise UserError(f"model.model_name_or_path = {name!r}: cannot load the tokenizer from "
+                        f"{LLM}/ ({e})") from None
+
+
+def build_processor(*, policy_config, dataset, model, **_):
+    """The dataset's language processor (tokenizer from the backbone's llm/ folder)."""
+    from ilstudio.data.language import LanguageProcessor
+
+    return LanguageProcessor(load_tokenizer(model), dataset, policy_config.max_prompt_tokens,
+                             policy_config.max_target_tokens, policy_config.instruction)
+
+
+def _attn_kwargs(model) -> dict:
+    return {"attn_implementation": "flash_attention_2"} if model.flash_attn else {}
+
+
+def load_vision(model) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    name, kw = model.model_name_or_path, _from_kwargs(model)
+    try:
+        if model.is_pretrained:
+            return AutoModel.from_pretrained(name, subfolder=VISION, **kw, **_attn_kwargs(model))
+        cfg = AutoConfig.from_pretrained(name, subfolder=VISION, **kw)
+        return AutoModel.from_config(cfg, **_attn_kwargs(model))
+    except OSError as e:
+        raise UserError(f"model.model_name_or_path = {name!r}: cannot load the vision tower from "
+                        f"{VISION}/ ({e})") from None
+
+
+def load_llm(model, quantization_config=None, dtype=None) -> nn.Module:
+    """The causal LM; quantized loads go through from_pretrained (random weights saved first).
+
+    dtype: load in this dtype (bf16 for quantization.bits = 16), None for the default.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name, kw = model.model_name_or_path, _from_kwargs(model)
+    if dtype is not None:
+        kw["dtype"] = dtype
+    try:
+        if model.is_pretrained:
+            return AutoModelForCausalLM.from_pretrained(name, subfolder=LLM, **kw, **_attn_kwargs(model),
+                                                        quantization_config=quantization_config)
+        cfg = AutoConfig.from_pretrained(name, subfolder=LLM, **_from_kwargs(model))
+        llm = AutoModelForCausalLM.from_config(cfg, **_attn_kwargs(model))
+        if quantization_config is None:
+            return llm if dtype is None else llm.to(dtype)
+        # bitsandbytes quantizes while loading: give it these random weights to load.
+        with tempfile.TemporaryDirectory() as tmp:
+            llm.save_pretrained(tmp)
+            return AutoModelForCausalLM.from_pretrained(tmp, **_attn_kwargs(model),
+                                                        quantization_config=quantization_config)
+    except OSError as e:
+        raise UserError(f"model.model_name_or_path = {name!r}: cannot load the language model "
+                        f"from {LLM}/ ({e})") from None
+
+
+def _untie(llm: nn.Module) -> None:
+    """Give lm_head its own copy of tied embeddings: a plain-module safetensors checkpoint
+    cannot hold shared tensors (the Trainer saves our state dict with safetensors)."""
+    out, inp = llm.get_output_embeddings(), llm.get_input_embeddings()
+    if out is not None and out.weight is inp.weight:
+        out.weight = nn.Parameter(inp.weight.detach().clone(), requires_grad=inp.weight.requires_grad)
+        llm.config.tie_word_embeddings = False
+
+
+def _load_projector(projector: MultimodalProjector, model) -> None:
+    """Initial image-MLP weights from projector.safetensors when loading pretrained parts."""
+    path = Path(model.model_name_or_path).expanduser() / PROJECTOR
+    if not (model.is_pretrained and path.is_file()):
+        return
+    from safetensors.torch import load_file
+
+    state = {k: v for k, v in load_file(str(path)).items() if k.startswith("image.")}
+    try:
+        projector.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise UserError(f"{path}: does not fit this backbone's projector ({e})") from None
+
+
+def trainable_parts(model) -> dict[str, bool]:
+    """Which parts train, from the freezing switches (see the module docstring)."""
+    train = {"vit": True, "llm": True, "projector": True, "action_head": True}
+    if model.freeze_vision_tower:
+        train["vit"] = False
+    if model.freeze_backbone:
+        train["vit"] = train["llm"] = False
+    if model.tune_mm_mlp_adapter:
+        train = {"vit": False, "llm": False, "projector": True, "action_head": True}
+    return train
+
+
+def build(*, policy_config, task, dataset, model, lora, quantization, use_images: bool,
+          **_) -> VLAPolicy:
+    if not use_images:
+        raise UserError("policy 'vla' needs camera images (task.camera_names and "
+                        "dataset.is_multimodal)")
+    ensure_backbone(model)
+    from ilstudio.models.adapters import (
+        apply_lora,
+        bnb_quantization_config,
+        lora_target_modules,
+        torch_dtype_for,
+    )
+
+    quant_config = bnb_quantization_config(quantization)  # None unless 4/8-bit
+    vit = load_vision(model)
+    llm = load_llm(model, quant_config, torch_dtype_for(quantization))
+    _untie(llm)
+    tokenizer_vocab = len(load_tokenizer(model))
+    if tokenizer_vocab > llm.get_input_embeddings().num_embeddings:
+        raise UserError(f"model.model_name_or_path = {model.model_name_or_path!r}: the tokenizer "
+                        f"has {tokenizer_vocab} tokens but the LM embeds only "
+                        f"{llm.get_input_embeddings().num_embeddings}")
+    hidden = llm.get_input_embeddings().embedding_dim
+    projector = MultimodalProjector(vit.config.hidden_size, hidden, task.state_dim)
+    _load_projector(projector, model)
+    head = ActionHead(hidden, model.chunk_size, task.action_dim)
+    policy = VLAPolicy(vit, llm, projector, head, prompt_len=policy_config.max_prompt_tokens,
+                       num_cameras=len(task.camera_names), history=dataset.history_images_length,
+                       llm_loss_weight=model.llm_loss_weight)
+    train = trainable_parts(model)
+    for part, module in policy.parts().items():
+        for param in module.parameters():
+            if param.is_floating_point():  # 4/8-bit bitsandbytes weights never take grads
+                param.requires_grad_(train[part])
+    if lora.enable:  # LoRA (QLoRA on a 4/8-bit LM) on the parts named by lora.module
+        targets = lora_target_modules(policy.parts(), lora.module, root=policy)
+        policy = apply_lora(policy, lora, targets, quantized=quant_config is not None,
+                            parts=policy.parts())
+        policy.lora_lr = lora.lr
+    return policy
