@@ -57,7 +57,7 @@ def _same_pickled_state(a: Path, b: Path) -> bool:
     fa = flat(torch.load(a, weights_only=False))
     fb = flat(torch.load(b, weights_only=False))
     return len(fa) == len(fb) and all(
-        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(fa, fb))
+        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(fa, fb, strict=True))
 
 
 def _start(args: list[str]) -> subprocess.Popen:
