@@ -187,10 +187,12 @@ def test_lr_backbone_is_its_own_optimizer_group(tmp_path):
     assert by_lr[1e-3] == rest and not rest & backbone
 
 
-def test_freeze_backbone_keeps_resnet_bit_identical_through_a_trainer_step(tmp_path, tiny_data):
+@pytest.mark.parametrize("switch", ["model.freeze_backbone", "model.freeze_vision_tower"])
+def test_freeze_keeps_resnet_bit_identical_through_a_trainer_step(tmp_path, tiny_data, switch):
+    """ACT's ResNet is both its backbone and its vision tower: either switch freezes it."""
     from ilstudio.data.dataset import build_datasets
 
-    overrides = {"model.freeze_backbone": True, "task.dataset_dir": str(tiny_data)}
+    overrides = {switch: True, "task.dataset_dir": str(tiny_data)}
     model = build_act(**overrides)
     s = settings(**overrides)
     train_ds, _, _, _ = build_datasets(s["task"], s["dataset"], CHUNK, False, 0)
@@ -248,6 +250,9 @@ def test_validation_errors_name_the_parameter(tmp_path):
         validate(settings(**{"act.hidden_dim": 30}))
     with pytest.raises(UserError, match=r"lora\.enable.*no effect on policy 'act'"):
         validate(settings(**{"lora.enable": True}))
+    with pytest.raises(UserError) as both:  # every problem in one message
+        validate(settings(**{"task.camera_names": (), "model.is_pretrained": True}))
+    assert "task.camera_names" in str(both.value) and "model.model_name_or_path" in str(both.value)
     validate(settings(**{"model.freeze_backbone": True, "model.cache_dir": str(tmp_path)}))
 
 

@@ -65,8 +65,6 @@ class ACTConfig(PolicyConfig):
                                          documented=False)
 
     def validate(self, *, task, dataset, model, lora, quantization, source_of) -> None:
-        super().validate(task=task, dataset=dataset, model=model, lora=lora,
-                         quantization=quantization, source_of=source_of)
         problems = []
         path = model.model_name_or_path
         where = f"model.model_name_or_path (set in {source_of('model.model_name_or_path')})"
@@ -96,6 +94,14 @@ class ACTConfig(PolicyConfig):
                             f"non-zero length")
         if self.lr_backbone < 0 or self.kl_weight < 0:
             problems.append("act.lr_backbone and act.kl_weight must be >= 0")
+        # Report the shared checks (cameras, unsupported switches) and ours in one message.
+        try:
+            super().validate(task=task, dataset=dataset, model=model, lora=lora,
+                             quantization=quantization, source_of=source_of)
+        except UserError as e:
+            if not problems:
+                raise
+            raise UserError(str(e) + "\n  " + "\n  ".join(problems)) from None
         if problems:
             raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
 
