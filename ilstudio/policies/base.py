@@ -74,6 +74,13 @@ class PolicyConfig:
             problems.append(f"dataset.lazy_preprocess = False (set in "
                             f"{source_of('dataset.lazy_preprocess')}) has no effect: policy "
                             f"'{self.name}' gets no images or text to preprocess here")
+        if model.load_pretrain:
+            from ilstudio.training.pretrain import weights_file
+
+            try:
+                weights_file(model.load_pretrain)
+            except UserError as e:
+                problems.append(f"{e} (set in {source_of('model.load_pretrain')})")
         if model.using_ema and not 0.0 <= model.ema_decay < 1.0:
             problems.append(f"model.ema_decay = {model.ema_decay!r} (set in "
                             f"{source_of('model.ema_decay')}) must be in [0, 1)")

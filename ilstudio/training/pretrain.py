@@ -10,11 +10,12 @@ A run saved with ``model.using_ema`` holds the EMA weights, so that is what is l
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ilstudio.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported only when loading: validation (--dry_run) stays cheap
+    from torch import nn
 
 WEIGHTS = "model.safetensors"
 
@@ -25,6 +26,7 @@ def _listed(keys: list[str], limit: int = 8) -> str:
 
 
 def weights_file(location: str) -> Path:
+    """The model.safetensors that ``location`` names; a UserError if there is none."""
     p = Path(location).expanduser()
     if p.is_file():
         return p
@@ -43,6 +45,7 @@ def weights_file(location: str) -> Path:
 
 def load_pretrained_policy(model: nn.Module, location: str) -> Path:
     """Copy the weights at ``location`` into ``model`` (strict); returns the file read."""
+    import torch
     from safetensors.torch import load_file
 
     path = weights_file(location)
