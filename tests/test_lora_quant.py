@@ -99,13 +99,13 @@ def batch(n: int = 8, seed: int = 0) -> dict:
             "image": torch.randn(n, 6, generator=g), "target": torch.randn(n, ACTION, generator=g)}
 
 
-def lora_policy(llama_dir, quant=None, lora_lr=None, **lora_kw):
+def lora_policy(llama_dir, quant=None, lora_lr=None, detect=False, **lora_kw):
     quant = quant or QuantizationSettings()
     lora = LoraSettings(enable=True, **{"r": 4, "alpha": 8, "dropout": 0.0, **lora_kw})
     policy = TinyPolicy(load_llm(llama_dir, quant), lora_lr=lora_lr)
     targets = lora_target_modules(policy.parts(), lora.module, root=policy)
     quantized = bnb_quantization_config(quant) is not None
-    return apply_lora(policy, lora, targets, quantized, parts=policy.parts()), targets
+    return apply_lora(policy, lora, targets, None if detect else quantized, parts=policy.parts()), targets
 
 
 # ---------------------------------------------------------------------------- quantization
@@ -374,7 +374,8 @@ def test_qlora_checkpoint_resumes_bit_identically(llama_dir, tmp_path):
     from ilstudio.training.trainer import PolicyTrainer
 
     def run(resume=None):
-        policy, _ = lora_policy(llama_dir, quant=QuantizationSettings(enable=True, bits=4), lora_lr=1e-2)
+        policy, _ = lora_policy(llama_dir, quant=QuantizationSettings(enable=True, bits=4), lora_lr=1e-2,
+                                detect=True)  # apply_lora(quantized=None) finds the 4-bit LM
         args = TrainingArguments(output_dir=str(tmp_path / "r"), max_steps=4, learning_rate=1e-2,
                                  per_device_train_batch_size=4, save_steps=2, report_to=[],
                                  use_cpu=True, remove_unused_columns=False,

@@ -316,7 +316,8 @@ def lora_config(lora: LoraSettings, target_modules: list[str]):
                       target_modules=list(target_modules), task_type=lora.task_type)
 
 
-def apply_lora(model: nn.Module, lora: LoraSettings, target_modules: list[str], quantized: bool, *,
+def apply_lora(model: nn.Module, lora: LoraSettings, target_modules: list[str],
+               quantized: bool | None = None, *,
                parts: dict[str, nn.Module] | None = None,
                gradient_checkpointing: bool = False) -> nn.Module:
     """Inject LoRA adapters into ``target_modules`` of ``model`` (QLoRA when ``quantized``).
@@ -325,7 +326,7 @@ def apply_lora(model: nn.Module, lora: LoraSettings, target_modules: list[str], 
     nn.Module root, or a task-specific ``PeftModel`` when the root is a HF PreTrainedModel.
 
     quantized: run ``peft.prepare_model_for_kbit_training`` on each bitsandbytes-loaded HF
-        submodule first (freezes it, upcasts its fp16/bf16 weights to fp32, and, with
+        submodule first (None: detect, i.e. True when any submodule was loaded in 4/8-bit) (freezes it, upcasts its fp16/bf16 weights to fp32, and, with
         ``gradient_checkpointing``, turns on non-reentrant checkpointing in it).
     parts: the policy's parts (name -> submodule). The base weights of the parts that hold
         a target are frozen; all other parameters keep their requires_grad. Default: the
@@ -343,6 +344,8 @@ def apply_lora(model: nn.Module, lora: LoraSettings, target_modules: list[str], 
     before = {n: p.requires_grad for n, p in model.named_parameters()}
 
     kbit_roots: list[str] = []
+    if quantized is None:
+        quantized = any(is_quantized_module(m) for m in names.values())
     if quantized:
         kbit_roots = _outermost(n for n, m in names.items() if is_quantized_module(m))
         gc_kwargs = {"use_reentrant": False}
