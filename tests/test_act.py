@@ -234,6 +234,19 @@ def test_is_pretrained_loads_the_saved_resnet(tmp_path):
     assert not any(torch.equal(ref[k], fresh.backbone.state_dict()[k]) for k in weights)
 
 
+def test_is_pretrained_takes_an_image_classification_checkpoint(tmp_path):
+    """ImageNet ResNet-18 is saved as ResNetForImageClassification: its `resnet` part loads."""
+    from transformers import ResNetForImageClassification
+
+    torch.manual_seed(5)
+    classifier = ResNetForImageClassification(_tiny_resnet().config)
+    classifier.save_pretrained(tmp_path / "cls")
+    ref = classifier.resnet.state_dict()
+    loaded = build_act(**{"model.model_name_or_path": str(tmp_path / "cls"),
+                          "model.is_pretrained": True}).backbone.state_dict()
+    assert ref.keys() == loaded.keys() and all(torch.equal(ref[k], loaded[k]) for k in ref)
+
+
 def test_validation_errors_name_the_parameter(tmp_path):
     with pytest.raises(UserError, match=r"model\.model_name_or_path.*empty"):
         validate(settings(**{"model.is_pretrained": True}))
