@@ -388,3 +388,30 @@ def test_qlora_checkpoint_resumes_bit_identically(llama_dir, tmp_path):
     resumed = run(resume=str(tmp_path / "r" / "checkpoint-2"))
     assert straight.keys() == resumed.keys() and any("lora_" in k for k in straight)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_adapter_files_carry_the_ema_weights_like_model_safetensors(llama_dir, tmp_path):
+    """With model.using_ema the adapter files hold what model.safetensors holds (the EMA)."""
+    from safetensors.torch import load_file
+    from transformers import TrainingArguments, default_data_collator
+
+    from ilstudio.training.trainer import PolicyTrainer
+
+    policy, _ = lora_policy(llama_dir, lora_lr=1e-2)
+    args = TrainingArguments(output_dir=str(tmp_path / "r"), max_steps=3, learning_rate=1e-2,
+                             per_device_train_batch_size=8, save_strategy="no", report_to=[],
+                             use_cpu=True, remove_unused_columns=False, dataloader_pin_memory=False)
+    trainer = PolicyTrainer(model=policy, args=args, train_dataset=ListDataset(16),
+                            data_collator=default_data_collator, ema_decay=0.9)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "r"))
+    full = load_file(str(tmp_path / "r" / "model.safetensors"))
+    adapter = load_file(str(tmp_path / "r" / ADAPTER_WEIGHTS))
+    trainables = load_file(str(tmp_path / "r" / NON_LORA_TRAINABLES))
+    live = dict(policy.named_parameters())
+    assert adapter and trainables
+    for key, value in adapter.items():
+        name = key.replace(".weight", ".default.weight")
+        assert torch.equal(value, full[name]) and not torch.equal(value, live[name].detach())
+    for key, value in trainables.items():
+        assert torch.equal(value, full[key])

@@ -496,8 +496,12 @@ def lora_param_groups(model: nn.Module, base_lr: float, lora_lr: float | None,
 # Saving and loading a LoRA run
 # ----------------------------------------------------------------------------------------
 
-def save_adapter(model: nn.Module, output_dir: str | Path) -> list[Path]:
+def save_adapter(model: nn.Module, output_dir: str | Path, state_dict: dict | None = None) -> list[Path]:
     """Write the adapter (peft format) and the trainable non-LoRA weights to ``output_dir``.
+
+    state_dict: take the tensors from this state dict of ``model`` instead of the live
+    weights (the Trainer passes the EMA-substituted one, so the adapter files carry the same
+    weights as model.safetensors).
 
     Files: ``adapter_model.safetensors`` + ``adapter_config.json`` (loadable by peft and by
     ``lora.weight_path``), and ``non_lora_trainables.safetensors`` (e.g. the action head and
@@ -511,12 +515,14 @@ def save_adapter(model: nn.Module, output_dir: str | Path) -> list[Path]:
         raise ValueError("save_adapter: the model has no LoRA adapters")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    adapter = {k: v.detach().contiguous().cpu()
-               for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
+    if state_dict is None:
+        state_dict = model.state_dict()
+    adapter = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(
+        model, state_dict=state_dict, adapter_name=ADAPTER_NAME).items()}
     save_file(adapter, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     model.peft_config[ADAPTER_NAME].save_pretrained(str(out))  # adapter_config.json
-    trainables = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()
-                  if p.requires_grad and "lora_" not in n}
+    trainables = {n: state_dict[n].detach().contiguous().cpu() for n, p in model.named_parameters()
+                  if p.requires_grad and "lora_" not in n and n in state_dict}
     save_file(trainables, str(out / NON_LORA_TRAINABLES), metadata={"format": "pt"})
     return [out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG, out / NON_LORA_TRAINABLES]
 

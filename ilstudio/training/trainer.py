@@ -95,7 +95,8 @@ class PolicyTrainer(Trainer):
         if self.args.should_save and has_lora(self.model):
             # LoRA runs also get the adapter + trainable non-LoRA weights (peft format), so
             # evaluation rebuilds base + adapter (ilstudio.models.load_adapter_run).
-            save_adapter(self.model, output_dir if output_dir is not None else self.args.output_dir)
+            save_adapter(self.model, output_dir if output_dir is not None else self.args.output_dir,
+                         state_dict)  # the EMA weights when model.using_ema, as model.safetensors
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
