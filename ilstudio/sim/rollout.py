@@ -161,7 +161,9 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     denom = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, center - half), min(1.0, center + half))
+    lo = 0.0 if successes == 0 else max(0.0, center - half)  # exact bounds at 0% and 100%
+    hi = 1.0 if successes == n else min(1.0, center + half)
+    return (lo, hi)
 
 
 @dataclass
