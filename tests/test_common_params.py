@@ -334,3 +334,22 @@ def test_validation_refuses_no_op_settings(tiny_data, tmp_path):
     assert r.returncode == 2
     assert "dataset.image_aspect_ratio" in r.stderr and "dataset.image_size" in r.stderr
     assert "dataset.lazy_preprocess" in r.stderr
+
+
+def test_episode_first_under_distributed_sharding(uneven_data):
+    """With 2 ranks, accelerate shards the batches of identical per-rank samplers: together
+    the ranks draw exactly the single-process sequence (same episode-uniform law)."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    from ilstudio.training.sampling import EpisodeFirstSampler
+
+    index, lengths = np.repeat([0, 1], [10, 200]), [10, 200]
+    single = list(BatchSampler(EpisodeFirstSampler(index, lengths, seed=7), 4, drop_last=False))
+    per_rank = [list(BatchSamplerShard(BatchSampler(EpisodeFirstSampler(index, lengths, seed=7), 4,
+                                                    drop_last=False), num_processes=2,
+                                       process_index=r)) for r in range(2)]
+    interleaved = [b for pair in zip(*per_rank, strict=True) for b in pair]
+    assert interleaved[:len(single) - 1] == single[:len(single) - 1]
+    drawn = np.concatenate([np.concatenate(p) for p in per_rank])
+    assert 0.35 < np.mean(drawn < 10) < 0.65  # still episode-uniform, not 10/210
