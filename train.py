@@ -2,15 +2,10 @@
 """Train a policy: python train.py --gin_file=gin_configs/default.gin --learning_rate=1e-3.
 
 Stable parameters come from gin (--gin_file, --gin_bindings) and the task's gin file;
-hyperparameters are flags (see --helpfull); --training_config reads an older flat YAML.
+hyperparameters are flags (see --helpshort); --training_config reads an older flat YAML.
 """
 
-from absl import flags
-
-from ilstudio.config import hyperparams
 from ilstudio.main import run_cli
-
-flags.adopt_module_key_flags(hyperparams)
 
 if __name__ == "__main__":
     run_cli()

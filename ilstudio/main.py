@@ -64,6 +64,12 @@ def _main(argv: list[str]) -> None:
 
 def run_cli() -> None:
     """Console-script entrypoint (also what train.py calls)."""
+    # --helpshort lists the key flags of the program's main module: make ours key flags of
+    # whichever script runs (train.py or the ilstudio-train console script).
+    from ilstudio.config import hyperparams
+
+    for flag in FLAGS.get_flags_for_module(hyperparams.__name__):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(_main, flags_parser=_parse_flags)
 
 
