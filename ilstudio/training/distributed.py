@@ -72,12 +72,18 @@ def config_text(resolved, hyper: dict[str, Any], extra: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" + config_gin_text(resolved)
 
 
-def _first_difference(a: str, b: str) -> str:
-    for line in difflib.unified_diff(a.splitlines(), b.splitlines(), "rank 0", "this rank",
-                                     n=0, lineterm=""):
-        if line[:1] in "+-" and not line.startswith(("+++", "---")):
-            return line
-    return "(texts differ)"
+def _first_difference(reference: str, other: str, r: int) -> str:
+    removed = added = None
+    for line in difflib.unified_diff(reference.splitlines(), other.splitlines(), n=0, lineterm=""):
+        if line.startswith(("+++", "---", "@@")):
+            continue
+        if line.startswith("-") and removed is None:
+            removed = line[1:]
+        elif line.startswith("+") and added is None:
+            added = line[1:]
+        if removed is not None and added is not None:
+            break
+    return f"rank 0 has `{removed or '(nothing)'}`, rank {r} has `{added or '(nothing)'}`"
 
 
 def agree(config: str, error: str | None) -> None:
@@ -102,5 +108,5 @@ def agree(config: str, error: str | None) -> None:
         if text != reference:
             raise UserError(
                 f"rank {r} resolved a different configuration from rank 0 (first difference: "
-                f"{_first_difference(reference, text)}). Every rank must see the same flags, gin "
+                f"{_first_difference(reference, text, r)}). Every rank must see the same flags, gin "
                 f"files and YAML: check the files on each node.")
