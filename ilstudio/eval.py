@@ -155,6 +155,12 @@ class _OnDevice:
 def save_video(frames, path: Path, fps: float) -> Path:
     import imageio.v2 as imageio
 
+    if path.suffix == ".mp4":
+        try:
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError:
+            raise UserError("--video_format=mp4 needs the imageio-ffmpeg package "
+                            "(pip install imageio-ffmpeg); --video_format=gif needs nothing more") from None
     if path.suffix == ".gif":
         imageio.mimsave(path, frames, duration=1000.0 / fps, loop=0)
     else:
