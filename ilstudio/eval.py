@@ -155,12 +155,6 @@ class _OnDevice:
 def save_video(frames, path: Path, fps: float) -> Path:
     import imageio.v2 as imageio
 
-    if path.suffix == ".mp4":
-        try:
-            import imageio_ffmpeg  # noqa: F401
-        except ImportError:
-            raise UserError("--video_format=mp4 needs the imageio-ffmpeg package "
-                            "(pip install imageio-ffmpeg); --video_format=gif needs nothing more") from None
     if path.suffix == ".gif":
         imageio.mimsave(path, frames, duration=1000.0 / fps, loop=0)
     else:
@@ -176,6 +170,12 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     if args.num_episodes < 1:
         raise UserError(f"--num_episodes must be >= 1, got {args.num_episodes}")
+    if args.video_format == "mp4" and args.video_episodes > 0:
+        try:
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError:
+            raise UserError("--video_format=mp4 needs the imageio-ffmpeg package "
+                            "(pip install imageio-ffmpeg); --video_format=gif needs nothing more") from None
     info: dict = {"policy": args.policy, "seed": args.seed, "temporal_ensemble": args.temporal_ensemble}
     if args.policy == "checkpoint":
         if not args.checkpoint:
