@@ -20,7 +20,7 @@ def closest(name: str, candidates: Iterable[str], n: int = 1, cutoff: float = 0.
     canon = {}
     for c in candidates:
         canon.setdefault(c.lower().replace("-", "_"), c)
-    hits = difflib.get_close_matches(name.lower().replace("-", "_"), list(canon), n=n, cutoff=cutoff)
+    hits = difflib.get_close_matches(str(name).lower().replace("-", "_"), list(canon), n=n, cutoff=cutoff)
     return [canon[h] for h in hits]
 
 

@@ -10,6 +10,7 @@ keeps a copy.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
@@ -151,13 +152,21 @@ def convert(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise UserError(f"{where}: expected a number, got {value!r}")
+        out = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
             try:
-                return float(value.strip())
+                out = float(value)
+            except OverflowError:  # an int beyond float range
+                pass
+        elif isinstance(value, str):
+            try:
+                out = float(value.strip())
             except ValueError:
                 pass
+        if out is not None and math.isfinite(out):
+            return out
+        if out is not None:  # NaN/inf would reach the optimizer as a silent NaN loss
+            raise UserError(f"{where}: expected a finite number, got {value!r}")
         raise UserError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

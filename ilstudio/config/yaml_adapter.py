@@ -112,6 +112,8 @@ def _read_mapping(path: Path) -> list[tuple[str, int, Any]]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML: {e}") from None
+    except (ValueError, OverflowError, RecursionError) as e:  # e.g. a 5000-digit integer
+        raise UserError(f"{path}: YAML value cannot be read: {e}") from None
     if data is None:
         return []
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):

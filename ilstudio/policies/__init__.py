@@ -19,7 +19,7 @@ POLICIES = {
 
 
 def _package(name: str, source: str) -> str:
-    if name not in POLICIES:
+    if not isinstance(name, str) or name not in POLICIES:  # gin passes any literal through
         raise UserError(f"model.policy = {name!r} (set in {source}): unknown policy"
                         f"{did_you_mean(name, POLICIES)}. Known: {', '.join(POLICIES)}")
     return POLICIES[name]
