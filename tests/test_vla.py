@@ -1,0 +1,493 @@
+"""The VLA policy: its parts, its parameters' effects, its language data, and train.py runs.
+
+Real parts throughout: tiny random Hugging Face models written to tmp dirs by make_tiny,
+real HDF5 episodes with text, real Trainer steps, real train.py subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, run_train, tiny_args
+
+from ilstudio.config.settings import (
+    DatasetSettings,
+    LoraSettings,
+    ModelSettings,
+    QuantizationSettings,
+    TaskSettings,
+)
+from ilstudio.data.language import IGNORE, read_episode_text
+from ilstudio.errors import UserError
+from ilstudio.policies.vla.configuration import VLAConfig
+
+TINY = {"hidden": 32, "layers": 1, "heads": 2, "vision_hidden": 16, "vision_layers": 1,
+        "vision_heads": 2, "image_size": 16, "patch_size": 8}
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory) -> Path:
+    from ilstudio.policies.vla.make_tiny import write_tiny_backbone
+
+    return write_tiny_backbone(tmp_path_factory.mktemp("vla") / "tiny", **TINY)
+
+
+@pytest.fixture(scope="module")
+def lang_data(tmp_path_factory) -> Path:
+    from ilstudio.data.synthetic import write_synthetic_dataset
+
+    d = tmp_path_factory.mktemp("lang_data")
+    write_synthetic_dataset(d, num_episodes=3, episode_len=STEPS, language=True)
+    return d
+
+
+def settings(data: Path, backbone: Path, *, dataset: dict | None = None, model: dict | None = None,
+             cameras: tuple[str, ...] = ("top",)):
+    task = TaskSettings(dataset_dir=str(data), camera_names=cameras, episode_len=STEPS)
+    ds = DatasetSettings(**(dataset or {}))
+    m = ModelSettings(**{"policy": "vla", "model_name_or_path": str(backbone), "chunk_size": 5,
+                         **(model or {})})
+    return task, ds, m
+
+
+def make(data, backbone, *, dataset=None, model=None, lora=None, quantization=None, seed=0):
+    """(policy, train dataset) built the way train.py builds them."""
+    from ilstudio.data.dataset import build_datasets
+    from ilstudio.policies import build_policy, build_processor
+
+    task, ds, m = settings(data, backbone, dataset=dataset, model=model)
+    pc = VLAConfig()
+    proc = build_processor("vla", policy_config=pc, task=task, dataset=ds, model=m)
+    train_ds, _, _, _ = build_datasets(task, ds, m.chunk_size, False, 0, language=proc)
+    torch.manual_seed(seed)
+    policy = build_policy("vla", policy_config=pc, task=task, dataset=ds, model=m,
+                          lora=lora or LoraSettings(), quantization=quantization or QuantizationSettings(),
+                          use_images=True)
+    return policy, train_ds
+
+
+def batch_of(ds, n: int = 4, start: int = 3) -> dict:
+    return torch.utils.data.default_collate([ds[i] for i in range(start, start + n)])
+
+
+def validate(task, ds, m, lora=None, quant=None) -> None:
+    VLAConfig().validate(task=task, dataset=ds, model=m, lora=lora or LoraSettings(),
+                         quantization=quant or QuantizationSettings(), source_of=lambda k: "test")
+
+
+# -- the backbone directory, loading ---------------------------------------------------------
+
+
+def test_make_tiny_layout_and_is_pretrained_loads_its_weights(backbone, lang_data):
+    from safetensors.torch import load_file
+
+    for rel in ("vision/config.json", "vision/model.safetensors", "llm/config.json",
+                "llm/model.safetensors", "llm/tokenizer.json", "projector.safetensors"):
+        assert (backbone / rel).is_file(), rel
+    saved_llm = load_file(str(backbone / "llm/model.safetensors"))
+    saved_vit = load_file(str(backbone / "vision/model.safetensors"))
+    saved_proj = load_file(str(backbone / "projector.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    vkey = next(k for k in saved_vit if k.endswith("q_proj.weight"))
+
+    pre, _ = make(lang_data, backbone, model={"is_pretrained": True})
+    assert torch.equal(pre.llm.state_dict()[key], saved_llm[key])
+    assert torch.equal(pre.vit.state_dict()[vkey], saved_vit[vkey])
+    assert torch.equal(pre.projector.image[0].weight, saved_proj["image.0.weight"])
+
+    fresh, _ = make(lang_data, backbone, model={"is_pretrained": False}, seed=1)
+    assert fresh.llm.state_dict()[key].shape == saved_llm[key].shape
+    assert not torch.equal(fresh.llm.state_dict()[key], saved_llm[key])
+    assert not torch.equal(fresh.projector.image[0].weight, saved_proj["image.0.weight"])
+
+
+def test_other_architectures_clip_and_qwen2_build_and_run(tmp_path, lang_data):
+    from ilstudio.policies.vla.make_tiny import write_tiny_backbone
+
+    d = write_tiny_backbone(tmp_path / "cq", **TINY, llm="qwen2", vision="clip")
+    policy, ds = make(lang_data, d)
+    assert type(policy.llm).__name__ == "Qwen2ForCausalLM"
+    assert type(policy.vit).__name__ == "CLIPVisionModel"
+    out = policy(**batch_of(ds))
+    assert torch.isfinite(out["loss"])
+
+
+def test_cache_dir_is_where_a_hub_id_is_looked_up(backbone, lang_data, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from ilstudio.policies.vla.modeling import load_tokenizer, load_vision
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never the network
+    cache = tmp_path / "hf_cache"
+    repo = cache / "models--ilstudio-test--tiny-vla"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(backbone, repo / "snapshots" / commit)
+    hub = {"model_name_or_path": "ilstudio-test/tiny-vla", "is_pretrained": True}
+
+    m = ModelSettings(policy="vla", cache_dir=str(cache), **hub)
+    assert len(load_tokenizer(m)) > 256
+    vit = load_vision(m)
+    assert vit.config.hidden_size == TINY["vision_hidden"]
+    with pytest.raises(UserError, match="cannot load the tokenizer"):
+        load_tokenizer(ModelSettings(policy="vla", **hub))  # no cache_dir: nowhere to find it
+
+
+def test_missing_pretrained_dir_is_a_validation_error(lang_data, tmp_path):
+    task, ds, m = settings(lang_data, tmp_path / "nope", model={"is_pretrained": True})
+    with pytest.raises(UserError, match="no VLA backbone there"):
+        validate(task, ds, m)
+
+
+def test_missing_dir_without_pretrained_gets_a_tiny_backbone(tmp_path):
+    from ilstudio.policies.vla.layout import is_backbone_dir
+    from ilstudio.policies.vla.modeling import ensure_backbone
+
+    target = tmp_path / "auto"
+    ensure_backbone(ModelSettings(policy="vla", model_name_or_path=str(target)))
+    assert is_backbone_dir(target)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "x.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a VLA backbone"):
+        ensure_backbone(ModelSettings(policy="vla", model_name_or_path=str(junk)))
+    assert (junk / "x.txt").read_text() == "mine"
+
+
+# -- freezing switches, through a real Trainer step -------------------------------------------
+
+
+def _train_steps(policy, ds, tmp_path, steps: int = 2) -> None:
+    from transformers import TrainingArguments, default_data_collator
+
+    from ilstudio.training.trainer import PolicyTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=steps, learning_rate=1e-2,
+                             per_device_train_batch_size=4, report_to=[], save_strategy="no",
+                             use_cpu=True, label_names=["action"], logging_strategy="no",
+                             dataloader_pin_memory=False)
+    PolicyTrainer(model=policy, args=args, train_dataset=ds,
+                  data_collator=default_data_collator).train()
+
+
+@pytest.mark.parametrize("switch, trained", [
+    (None, {"vit", "llm", "projector", "action_head"}),
+    ("freeze_vision_tower", {"llm", "projector", "action_head"}),
+    ("freeze_backbone", {"projector", "action_head"}),
+    ("tune_mm_mlp_adapter", {"projector", "action_head"}),
+])
+def test_freezing_switches_after_a_trainer_step(switch, trained, backbone, lang_data, tmp_path):
+    model = {switch: True} if switch else {}
+    policy, ds = make(lang_data, backbone, model={"llm_loss_weight": 0.5, **model},
+                      dataset={"use_reasoning": True})
+    before = {part: {n: p.detach().clone() for n, p in mod.named_parameters()}
+              for part, mod in policy.parts().items()}
+    _train_steps(policy, ds, tmp_path)
+    changed = set()
+    for part, mod in policy.parts().items():
+        for n, p in mod.named_parameters():
+            if not torch.equal(before[part][n], p.detach()):
+                changed.add(part)
+        frozen = part not in trained
+        assert all(p.requires_grad != frozen for p in mod.parameters()), part
+    assert changed == trained
+    if switch == "tune_mm_mlp_adapter":
+        # The state embedding belongs to the projector, the queries to the action head.
+        assert not torch.equal(before["projector"]["state.weight"], policy.projector.state.weight)
+        assert not torch.equal(before["action_head"]["queries"], policy.action_head.queries)
+
+
+# -- losses ------------------------------------------------------------------------------------
+
+
+def test_llm_loss_weight_adds_exactly_weight_times_lm_loss(backbone, lang_data):
+    weight = 0.7
+    policy, ds = make(lang_data, backbone, dataset={"use_reasoning": True})
+    policy.eval()
+    batch = batch_of(ds)
+    assert policy.llm_loss_weight == 0.0
+    base = policy(**batch)
+    assert "lm_loss" not in base and torch.equal(base["loss"], base["action_loss"])
+    policy.llm_loss_weight = weight  # what model.llm_loss_weight sets at build time
+    out = policy(**batch)
+    assert out["lm_loss"] > 0
+    torch.testing.assert_close(out["loss"], base["loss"] + weight * out["lm_loss"])
+    # ...and the builder takes it from the setting.
+    built, _ = make(lang_data, backbone, model={"llm_loss_weight": weight},
+                    dataset={"use_reasoning": True})
+    assert built.llm_loss_weight == weight
+
+
+def test_action_loss_ignores_padded_steps(backbone, lang_data):
+    policy, ds = make(lang_data, backbone)
+    policy.eval()
+    batch = batch_of(ds, n=2, start=STEPS - 3)  # chunk 5 runs past the episode end
+    assert batch["is_pad"].any()
+    ref = policy(**batch)["action_loss"]
+    batch["action"][batch["is_pad"]] += 100.0
+    torch.testing.assert_close(policy(**batch)["action_loss"], ref)
+
+
+# -- language data -----------------------------------------------------------------------------
+
+
+def _processor(backbone, **dataset):
+    from ilstudio.policies.vla.modeling import build_processor
+
+    return build_processor(policy_config=VLAConfig(), dataset=DatasetSettings(**dataset),
+                           model=ModelSettings(policy="vla", model_name_or_path=str(backbone)))
+
+
+def _decode(proc, ids) -> str:
+    return proc.tokenizer.decode([int(i) for i in ids])
+
+
+def _prompt(proc, sample) -> str:
+    p = proc.prompt_len
+    return _decode(proc, sample["input_ids"][:p][sample["attention_mask"][:p].bool()])
+
+
+def _label_text(proc, sample) -> str:
+    return _decode(proc, sample["labels"][sample["labels"] != IGNORE])
+
+
+def test_prompt_tokens_never_carry_labels_and_target_follows_switches(backbone, lang_data):
+    path = lang_data / "episode_1.hdf5"
+    text = read_episode_text(path, STEPS)
+    t = 7
+    plain = _processor(backbone).encode(text, t)
+    reasoning = _processor(backbone, use_reasoning=True).encode(text, t)
+    for s in (plain, reasoning):
+        assert (s["labels"][:_processor(backbone).prompt_len] == IGNORE).all()
+        assert s["input_ids"].shape == s["labels"].shape == s["attention_mask"].shape
+    proc = _processor(backbone)
+    assert _prompt(proc, plain) == text.instruction
+    assert _label_text(proc, plain) == f" subtask: {text.subtask[t]}<eos>"
+    assert _label_text(proc, reasoning) == (f" subtask: {text.subtask[t]} reasoning: "
+                                            f"{text.reasoning[t]}<eos>")
+    with h5py.File(path) as f:  # the text really is the episode's
+        assert f["language/reasoning"].asstr()[t] == text.reasoning[t]
+
+
+def test_use_prev_subtask_adds_the_previous_subtask_to_the_prompt(backbone, lang_data):
+    text = read_episode_text(lang_data / "episode_0.hdf5", STEPS)
+    proc = _processor(backbone, use_prev_subtask=True)
+    change = next(t for t in range(1, STEPS) if text.subtask[t] != text.subtask[t - 1])
+    assert _prompt(proc, proc.encode(text, 0)) == f"{text.instruction} previous subtask: none"
+    prompt = _prompt(proc, proc.encode(text, change + 1))
+    assert prompt == f"{text.instruction} previous subtask: {text.subtask[change - 1]}"
+    assert text.subtask[change - 1] != text.subtask[change]
+    assert _prompt(_processor(backbone), proc.encode(text, 0)).endswith("none")
+    assert "previous" not in _prompt(proc, _processor(backbone).encode(text, change + 1))
+
+
+def test_select_seg_token_mask_keeps_only_segment_tokens(backbone, lang_data):
+    text = read_episode_text(lang_data / "episode_2.hdf5", STEPS)
+    t = 11
+    full = _processor(backbone, use_reasoning=True).encode(text, t)
+    seg_proc = _processor(backbone, use_reasoning=True, select_seg_token_mask=True)
+    seg = seg_proc.encode(text, t)
+    tok = seg_proc.tokenizer
+    n_sub = len(tok(text.subtask[t], add_special_tokens=False)["input_ids"])
+    n_rsn = len(tok(text.reasoning[t], add_special_tokens=False)["input_ids"])
+    assert int((seg["labels"] != IGNORE).sum()) == n_sub + n_rsn
+    assert _label_text(seg_proc, seg) == text.subtask[t] + text.reasoning[t]
+    # Same input either way; the mask only removes template tokens (markers, eos) from the loss.
+    assert torch.equal(seg["input_ids"], full["input_ids"])
+    kept = seg["labels"] != IGNORE
+    assert torch.equal(seg["labels"][kept], full["labels"][kept])
+    assert int((full["labels"] != IGNORE).sum()) > n_sub + n_rsn
+    assert (seg["labels"][:seg_proc.prompt_len] == IGNORE).all()
+
+
+def test_text_switches_need_the_text_in_the_data(backbone, tiny_data):
+    from ilstudio.data.dataset import EpisodeDataset
+    from ilstudio.data.normalization import compute_stats
+
+    paths = sorted(tiny_data.glob("*.hdf5"))[:1]
+    task = TaskSettings(dataset_dir=str(tiny_data), camera_names=("top",))
+    stats = compute_stats(paths)
+    with pytest.raises(UserError, match="language_instruction"):
+        EpisodeDataset(paths, task, DatasetSettings(), 5, stats, language=_processor(backbone))
+    from ilstudio.policies.vla.modeling import build_processor
+
+    fallback = build_processor(policy_config=VLAConfig(instruction="do the thing"),
+                               dataset=DatasetSettings(use_reasoning=True),
+                               model=ModelSettings(policy="vla", model_name_or_path=str(backbone)))
+    with pytest.raises(UserError, match="use_reasoning = True.*language/reasoning.*episode_0"):
+        EpisodeDataset(paths, task, DatasetSettings(use_reasoning=True), 5, stats, language=fallback)
+
+
+def test_lazy_and_eager_preprocess_give_identical_batches(backbone, lang_data):
+    from ilstudio.data.dataset import build_datasets
+
+    task, _, _ = settings(lang_data, backbone)
+    built = {}
+    for lazy in (True, False):
+        ds_settings = DatasetSettings(lazy_preprocess=lazy, use_reasoning=True, use_prev_subtask=True)
+        proc = _processor(backbone, lazy_preprocess=lazy, use_reasoning=True, use_prev_subtask=True)
+        ds, _, _, _ = build_datasets(task, ds_settings, 5, False, 0, language=proc)
+        built[lazy] = (ds, proc, proc.encode_calls)
+    (lazy_ds, lazy_proc, lazy_calls), (eager_ds, eager_proc, eager_calls) = built[True], built[False]
+    assert lazy_calls == 0  # nothing tokenized up front
+    assert eager_calls == len(eager_ds) == 3 * STEPS  # every (episode, t), at construction
+    for i in range(len(lazy_ds)):
+        a, b = lazy_ds[i], eager_ds[i]
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert torch.equal(a[key], b[key]), (i, key)
+    assert lazy_proc.encode_calls == len(lazy_ds)  # tokenized when drawn
+    assert eager_proc.encode_calls == eager_calls  # served from the cache
+
+
+# -- images: history, gradient checkpointing ---------------------------------------------------
+
+
+def test_history_images_length_three_frames_per_camera(backbone, lang_data):
+    policy, ds = make(lang_data, backbone, dataset={"history_images_length": 3})
+    policy.eval()
+    batch = batch_of(ds, n=2, start=5)
+    assert batch["images"].shape[1:3] == (1, 3)  # (B, cams, history, 3, H, W)
+    frames = []  # how many images each vision-tower call sees
+    hook = policy.vit.register_forward_pre_hook(
+        lambda m, args, kwargs: frames.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
+    with torch.no_grad():
+        ref = policy.select_action(batch["qpos"], batch["images"], batch["input_ids"],
+                                   batch["attention_mask"])
+        older = batch["images"].clone()
+        older[:, :, 0] = 1.0 - older[:, :, 0]  # change only the oldest frame
+        moved = policy.select_action(batch["qpos"], older, batch["input_ids"], batch["attention_mask"])
+    hook.remove()
+    assert frames == [2 * 1 * 3, 2 * 1 * 3]
+    assert not torch.allclose(ref, moved)
+    one, ds1 = make(lang_data, backbone)
+    assert batch_of(ds1)["images"].dim() == 5
+    with pytest.raises(ValueError, match="built for 1 x 1"):
+        one.select_action(batch["qpos"], batch["images"], batch["input_ids"], batch["attention_mask"])
+
+
+def test_gradient_checkpointing_is_delegated_to_the_lm(backbone, lang_data):
+    policy, ds = make(lang_data, backbone, model={"llm_loss_weight": 0.3},
+                      dataset={"use_reasoning": True})
+    batch = batch_of(ds)
+    policy.train()
+    policy(**batch)["loss"].backward()
+    ref = policy.projector.image[0].weight.grad.clone()
+    policy.zero_grad()
+    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert policy.llm.is_activation_checkpointing and policy.vit.is_activation_checkpointing
+    policy(**batch)["loss"].backward()
+    torch.testing.assert_close(policy.projector.image[0].weight.grad, ref)
+
+
+def test_select_action_uses_a_set_prompt(backbone, lang_data):
+    policy, ds = make(lang_data, backbone)
+    policy.eval()
+    b = batch_of(ds, n=2)
+    proc = _processor(backbone)
+    prompt = proc.encode_prompt(read_episode_text(lang_data / "episode_0.hdf5", STEPS).instruction)
+    with pytest.raises(ValueError, match="set_prompt"):
+        policy.select_action(b["qpos"], b["images"])
+    policy.set_prompt(prompt["input_ids"], prompt["attention_mask"])
+    chunk = policy.select_action(b["qpos"], b["images"])
+    assert chunk.shape == (2, 5, 14)
+    explicit = policy.select_action(b["qpos"], b["images"], prompt["input_ids"][None].expand(2, -1),
+                                    prompt["attention_mask"][None].expand(2, -1))
+    torch.testing.assert_close(chunk, explicit)
+
+
+# -- validation --------------------------------------------------------------------------------
+
+
+def test_flash_attn_is_refused_where_it_cannot_run(backbone, lang_data):
+    from ilstudio.policies.vla.configuration import flash_attn_unavailable
+
+    reason = flash_attn_unavailable()
+    if not reason:
+        pytest.skip("FlashAttention-2 can run here")
+    task, ds, m = settings(lang_data, backbone, model={"flash_attn": True})
+    with pytest.raises(UserError, match="model.flash_attn = True.*FlashAttention-2 cannot run here"):
+        validate(task, ds, m)
+    validate(*settings(lang_data, backbone))  # the same without flash_attn is fine
+
+
+def test_vla_needs_cameras(backbone, lang_data):
+    with pytest.raises(UserError, match="needs camera images"):
+        validate(*settings(lang_data, backbone, cameras=()))
+
+
+def _vla_args(data: Path, out: Path, backbone: Path, *extra: str) -> list[str]:
+    return tiny_args(data, out, f"--gin_file={REPO / 'gin_configs/vla.gin'}",
+                     f"--gin_bindings=model.model_name_or_path = '{backbone}'",
+                     "--gin_bindings=model.chunk_size = 5", *extra)
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("task.camera_names = []", "policy 'vla' needs camera images, but task.camera_names is empty"),
+    ("model.flash_attn = True", "FlashAttention-2 cannot run here"),
+])
+def test_train_py_validation_errors_exit_2(binding, message, backbone, lang_data, tmp_path):
+    from ilstudio.policies.vla.configuration import flash_attn_unavailable
+
+    if "flash" in binding and not flash_attn_unavailable():
+        pytest.skip("FlashAttention-2 can run here")
+    out = tmp_path / "run"
+    proc = run_train(*_vla_args(lang_data, out, backbone, f"--gin_bindings={binding}", "--max_steps=1"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+# -- a real run ------------------------------------------------------------------------------------
+
+
+def test_train_py_run_learns_and_loads_back(backbone, lang_data, tmp_path):
+    import gin
+    from safetensors.torch import load_file
+
+    from ilstudio.config import settings as S
+    from ilstudio.data.dataset import build_datasets
+    from ilstudio.eval import load_policy, load_settings
+    from ilstudio.policies import build_policy, build_processor
+
+    out = tmp_path / "run"
+    proc = run_train(*_vla_args(lang_data, out, backbone, "--max_steps=30", "--learning_rate=5e-3",
+                                "--logging_steps=5",
+                                "--gin_bindings=model.llm_loss_weight = 0.1",
+                                "--gin_bindings=dataset.use_reasoning = True",
+                                "--gin_bindings=model.freeze_vision_tower = True"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = [e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"]
+            if "loss" in e]
+    assert len(logs) >= 6
+    assert np.mean(logs[-2:]) < 0.8 * np.mean(logs[:2]), logs
+
+    # Rebuild as the evaluator does: operative_config.gin -> settings -> policy, strict weights.
+    try:
+        built = load_settings(out / "operative_config.gin")
+        policy, _, _ = load_policy(built, out / "model.safetensors", "cpu")
+    finally:
+        gin.clear_config()
+    task, ds, model, pc = built["task"], built["dataset"], built["model"], built["policy"]
+    assert (model.policy, model.llm_loss_weight, ds.use_reasoning) == ("vla", 0.1, True)
+    saved = load_file(str(out / "model.safetensors"))
+    own = policy.state_dict()
+    assert set(saved) == set(own) and all(torch.equal(own[k], saved[k]) for k in saved)
+    # The loaded policy predicts as well as training ended: better than a fresh one.
+    processor = build_processor("vla", policy_config=pc, task=task, dataset=ds, model=model)
+    data, _, _, _ = build_datasets(task, ds, model.chunk_size, False, 0, language=processor)
+    batch = batch_of(data, n=16, start=0)
+    fresh = build_policy("vla", policy_config=pc, task=task, dataset=ds, model=model,
+                         lora=S.LoraSettings(), quantization=S.QuantizationSettings(), use_images=True)
+    with torch.no_grad():
+        trained_l1 = policy.eval()(**batch)["action_loss"]
+        fresh_l1 = fresh.eval()(**batch)["action_loss"]
+    assert trained_l1 < 0.7 * fresh_l1, (trained_l1, fresh_l1)
