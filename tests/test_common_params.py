@@ -353,3 +353,20 @@ def test_episode_first_under_distributed_sharding(uneven_data):
     assert interleaved[:len(single) - 1] == single[:len(single) - 1]
     drawn = np.concatenate([np.concatenate(p) for p in per_rank])
     assert 0.35 < np.mean(drawn < 10) < 0.65  # still episode-uniform, not 10/210
+
+
+def test_load_pretrain_into_a_lora_wrapped_policy(yaml_run):
+    """A run trained without LoRA initialises the same policy with LoRA adapters added."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from ilstudio.policies.mlp.configuration import MLPConfig
+    from ilstudio.policies.mlp.modeling import MLPPolicy
+    from ilstudio.training.pretrain import load_pretrained_policy
+
+    torch.manual_seed(123)
+    policy = MLPPolicy(MLPConfig(), 14, 14, 20, 1, 3)
+    policy = inject_adapter_in_model(LoraConfig(target_modules=["mlp.0"], r=2), policy)
+    load_pretrained_policy(policy, str(yaml_run))
+    saved = load_file(str(yaml_run / "model.safetensors"))
+    assert torch.equal(policy.mlp[0].base_layer.weight, saved["mlp.0.weight"])
+    assert torch.equal(policy.mlp[3].weight, saved["mlp.3.weight"])

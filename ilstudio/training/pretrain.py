@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from absl import logging
+
 from ilstudio.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported only when loading: validation (--dry_run) stays cheap
@@ -43,6 +45,31 @@ def weights_file(location: str) -> Path:
                     f"finished ilstudio run directory or a checkpoint-N directory{hint})")
 
 
+def canonical(key: str) -> str:
+    """A parameter name without peft's wrapping (``base_model.model.``, ``.base_layer``)."""
+    return key.replace("base_model.model.", "").replace(".base_layer.", ".")
+
+
+def match_keys(own: dict, saved: dict) -> tuple[dict[str, str], list[str], list[str]]:
+    """(own key -> saved key, own keys not found, own LoRA keys not found).
+
+    Exact names first; then peft-insensitive names, so a run trained without LoRA can
+    initialise a policy that wraps the same backbone with LoRA (the adapters start fresh).
+    """
+    by_canon = {canonical(k): k for k in saved}
+    pairs, missing, fresh = {}, [], []
+    for k in own:
+        if k in saved:
+            pairs[k] = k
+        elif canonical(k) in by_canon:
+            pairs[k] = by_canon[canonical(k)]
+        elif "lora_" in k:
+            fresh.append(k)
+        else:
+            missing.append(k)
+    return pairs, missing, fresh
+
+
 def load_pretrained_policy(model: nn.Module, location: str) -> Path:
     """Copy the weights at ``location`` into ``model`` (strict); returns the file read."""
     import torch
@@ -55,13 +82,15 @@ def load_pretrained_policy(model: nn.Module, location: str) -> Path:
         raise UserError(f"model.load_pretrain = {location!r}: {path} cannot be read as "
                         f"safetensors: {e}") from None
     own = model.state_dict()
+    pairs, missing, fresh = match_keys(own, saved)
+    loaded = set(pairs.values())
     # Tied tensors may be saved under one name only: a missing key sharing storage with a
-    # present one is loaded through it.
-    present_ptrs = {own[k].data_ptr() for k in own if k in saved}
-    missing = [k for k in own if k not in saved and own[k].data_ptr() not in present_ptrs]
-    unexpected = [k for k in saved if k not in own]
-    mismatched = [f"{k} {tuple(saved[k].shape)} vs {tuple(own[k].shape)}"
-                  for k in saved if k in own and saved[k].shape != own[k].shape]
+    # loaded one is loaded through it.
+    loaded_ptrs = {own[k].data_ptr() for k in pairs}
+    missing = [k for k in missing if own[k].data_ptr() not in loaded_ptrs]
+    unexpected = [k for k in saved if k not in loaded]
+    mismatched = [f"{s} {tuple(saved[s].shape)} vs {tuple(own[k].shape)}"
+                  for k, s in pairs.items() if saved[s].shape != own[k].shape]
     problems = []
     if mismatched:
         problems.append(f"shape mismatch (saved vs this policy): {_listed(mismatched)}")
@@ -74,6 +103,9 @@ def load_pretrained_policy(model: nn.Module, location: str) -> Path:
                         "built (same policy, task dims, cameras and chunk size are needed):\n  "
                         + "\n  ".join(problems))
     with torch.no_grad():
-        for k, v in saved.items():
-            own[k].copy_(v)
+        for k, s in pairs.items():
+            own[k].copy_(saved[s])
+    if fresh:
+        logging.info("model.load_pretrain: %d LoRA adapter tensors are new (not in %s) and keep "
+                     "their initialisation", len(fresh), path)
     return path
