@@ -171,3 +171,57 @@ def test_a_rank_that_resolves_differently_stops_every_rank(tiny_data, tmp_path):
     assert text.count("exitcode  : 2") == 2  # UserError on both ranks, not a crash
     assert "Traceback" not in text.split("Traceback (most recent call last):\n  File \"<frozen runpy>\"")[0]
     assert not out.exists() or not any(out.iterdir())
+
+
+# -- DeepSpeed and FSDP settings reach TrainingArguments ---------------------------------
+
+
+def test_deepspeed_flag_reaches_training_arguments(tiny_data, tmp_path):
+    import importlib.util
+
+    from ilstudio.config.resolve import resolve_argv
+    from ilstudio.config.training_args import build_training_arguments, training_args_kwargs
+    from ilstudio.errors import UserError
+
+    zero2 = str(REPO / "configs" / "deepspeed" / "zero2.json")
+    r = resolve_argv(tiny_args(tiny_data, tmp_path / "o", f"--deepspeed={zero2}"))
+    assert training_args_kwargs(r.hyper, r.training_args_extra)["deepspeed"] == zero2
+    if importlib.util.find_spec("deepspeed") is None:  # as here: a clear error, not a traceback
+        with pytest.raises(UserError, match=r"--deepspeed=.*zero2.json: the deepspeed package"):
+            build_training_arguments(r.hyper, r.training_args_extra)
+    else:
+        assert build_training_arguments(r.hyper, r.training_args_extra).deepspeed == zero2
+    for path, message in ((tmp_path / "missing.json", "file not found"),
+                          (tmp_path / "bad.json", "not a readable JSON file")):
+        if path.name == "bad.json":
+            path.write_text("{'stage': 2")
+        r = resolve_argv(tiny_args(tiny_data, tmp_path / "o", f"--deepspeed={path}"))
+        with pytest.raises(UserError, match=f"--deepspeed={path}: {message}"):
+            training_args_kwargs(r.hyper, r.training_args_extra)
+
+
+def test_shipped_deepspeed_configs_leave_no_model_dependent_auto():
+    """transformers fills `auto` bucket sizes from model.config.hidden_size, which our plain
+    nn.Module policies lack: those keys must be numbers in the configs we ship."""
+    for name, stage in (("zero2.json", 2), ("zero3.json", 3)):
+        cfg = json.loads((REPO / "configs" / "deepspeed" / name).read_text())
+        zero = cfg["zero_optimization"]
+        assert zero["stage"] == stage
+        for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size",
+                    "stage3_param_persistence_threshold"):
+            assert zero.get(key, 0) != "auto", (name, key)
+        assert cfg["train_micro_batch_size_per_gpu"] == "auto"  # = --per_device_train_batch_size
+
+
+def test_fsdp_settings_reach_training_arguments(tiny_data, tmp_path):
+    """transformers 5 form: fsdp=true plus fsdp_config (a dict here; a JSON path also works)."""
+    from ilstudio.config.resolve import resolve_argv
+    from ilstudio.config.training_args import build_training_arguments
+
+    r = resolve_argv(tiny_args(tiny_data, tmp_path / "o", "--training_arg=fsdp=true",
+                               '--training_arg=fsdp_config={"reshard_after_forward": false, '
+                               '"min_num_params": 1000}'))
+    args = build_training_arguments(r.hyper, r.training_args_extra)
+    assert args.fsdp is True
+    assert args.fsdp_config["reshard_after_forward"] is False
+    assert args.fsdp_config["min_num_params"] == 1000

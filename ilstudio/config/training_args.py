@@ -58,8 +58,8 @@ def training_args_kwargs(hyper: dict[str, Any], extra: dict[str, Any]) -> dict[s
         kwargs["eval_steps"] = hyper["logging_steps"]
     if kwargs["eval_strategy"] != "no":
         kwargs["do_eval"] = True
-    if hyper.get("deepspeed") and not Path(hyper["deepspeed"]).is_file():
-        raise UserError(f"--deepspeed={hyper['deepspeed']}: file not found")
+    if hyper.get("deepspeed"):
+        check_deepspeed_config(hyper["deepspeed"])
     for name in ("logging_steps", "save_steps", "eval_steps"):
         v = kwargs.get(name)
         if isinstance(v, float) and v >= 1 and v.is_integer():
@@ -72,6 +72,35 @@ def training_args_kwargs(hyper: dict[str, Any], extra: dict[str, Any]) -> dict[s
         # transformers 5 renamed it; the flag keeps the name users know.
         kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
     return kwargs
+
+
+def check_deepspeed_config(path: str) -> None:
+    """--deepspeed names an existing file holding a JSON object.
+
+    Checked here (also by --dry_run) because transformers would otherwise fail later with a
+    traceback: a JSONDecodeError, or (see require_deepspeed) PackageNotFoundError.
+    """
+    import json
+
+    where = f"--deepspeed={path}"
+    if not Path(path).is_file():
+        raise UserError(f"{where}: file not found (expected a DeepSpeed JSON config, e.g. "
+                        f"configs/deepspeed/zero2.json)")
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{where}: not a readable JSON file ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(config).__name__}")
+
+
+def require_deepspeed(path: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"--deepspeed={path}: the deepspeed package is not installed in this "
+                        f"environment (pip install deepspeed; it needs CUDA). Without it, leave "
+                        f"out --deepspeed.")
 
 
 def _ta_field_names() -> set[str]:
@@ -89,30 +118,12 @@ def build_training_arguments(hyper: dict[str, Any], extra: dict[str, Any] | None
     from transformers import TrainingArguments
 
     kwargs = training_args_kwargs(hyper, extra or {})
+    if kwargs.get("deepspeed"):
+        require_deepspeed(kwargs["deepspeed"])
     try:
         return TrainingArguments(**kwargs)
-    except (TypeError, ValueError, OverflowError) as e:
-        culprit = _culprit(TrainingArguments, kwargs)
-        where = f"--{culprit}={kwargs[culprit]!r}: " if culprit else ""
-        raise UserError(f"{where}TrainingArguments rejected the hyperparameters: {e}") from None
-
-
-def _culprit(cls, kwargs: dict[str, Any]) -> str | None:
-    """The one argument whose removal makes TrainingArguments accept the rest (None if none).
-
-    transformers' messages often omit the field name ("'' is not a valid SchedulerType");
-    users need the flag. Only runs after a failure, so its cost does not matter.
-    """
-    for name in kwargs:
-        if name == "output_dir":
-            continue
-        rest = {k: v for k, v in kwargs.items() if k != name}
-        try:
-            cls(**rest)
-        except Exception:  # noqa: BLE001, S112 - still failing without it: not the culprit
-            continue
-        return name
-    return None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"TrainingArguments rejected the hyperparameters: {e}") from None
 
 
 def HyperArguments_defaults() -> dict[str, Any]:  # noqa: N802
