@@ -122,8 +122,28 @@ def build_training_arguments(hyper: dict[str, Any], extra: dict[str, Any] | None
         require_deepspeed(kwargs["deepspeed"])
     try:
         return TrainingArguments(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"TrainingArguments rejected the hyperparameters: {e}") from None
+    except (TypeError, ValueError, OverflowError) as e:
+        culprit = _culprit(TrainingArguments, kwargs)
+        where = f"--{culprit}={kwargs[culprit]!r}: " if culprit else ""
+        raise UserError(f"{where}TrainingArguments rejected the hyperparameters: {e}") from None
+
+
+def _culprit(cls, kwargs: dict[str, Any]) -> str | None:
+    """The one argument whose removal makes TrainingArguments accept the rest (None if none).
+
+    transformers' messages often omit the field name ("'' is not a valid SchedulerType");
+    users need the flag. Only runs after a failure, so its cost does not matter.
+    """
+    for name in kwargs:
+        if name == "output_dir":
+            continue
+        rest = {k: v for k, v in kwargs.items() if k != name}
+        try:
+            cls(**rest)
+        except Exception:  # noqa: BLE001, S112 - still failing without it: not the culprit
+            continue
+        return name
+    return None
 
 
 def HyperArguments_defaults() -> dict[str, Any]:  # noqa: N802
