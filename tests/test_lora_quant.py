@@ -45,15 +45,24 @@ def where(key: str) -> str:
     return f"test.gin:{key}"
 
 
+def save_tiny_llama(directory, seed: int):
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     """A tiny random Llama saved like a pretrained checkpoint (no hub access)."""
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    return d
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def other_llama_dir(tmp_path_factory):
+    """Same shape, other random weights (a base that is not the one a run was trained on)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("other_llama"), seed=7)
 
 
 def load_llm(path, quant: QuantizationSettings | None = None):
@@ -367,14 +376,16 @@ def test_lora_settings_checks(tmp_path):
     assert dataclasses.replace(LoraSettings(), enable=True).task_type == "CAUSAL_LM"
 
 
-def test_qlora_checkpoint_resumes_bit_identically(llama_dir, tmp_path):
-    """The full-state checkpoint still resumes a QLoRA run (adapter files are extra)."""
+def test_qlora_checkpoint_resumes_bit_identically(llama_dir, other_llama_dir, tmp_path):
+    """The full-state checkpoint resumes a QLoRA run (adapter files are extra), even into a
+    policy built on other base weights: the 4-bit weights come back with their quant state."""
     from transformers import TrainingArguments, default_data_collator
 
     from ilstudio.training.trainer import PolicyTrainer
 
     def run(resume=None):
-        policy, _ = lora_policy(llama_dir, quant=QuantizationSettings(enable=True, bits=4), lora_lr=1e-2,
+        base = other_llama_dir if resume else llama_dir
+        policy, _ = lora_policy(base, quant=QuantizationSettings(enable=True, bits=4), lora_lr=1e-2,
                                 detect=True)  # apply_lora(quantized=None) finds the 4-bit LM
         args = TrainingArguments(output_dir=str(tmp_path / "r"), max_steps=4, learning_rate=1e-2,
                                  per_device_train_batch_size=4, save_steps=2, report_to=[],
@@ -382,7 +393,11 @@ def test_qlora_checkpoint_resumes_bit_identically(llama_dir, tmp_path):
                                  dataloader_pin_memory=False, seed=0)
         PolicyTrainer(model=policy, args=args, train_dataset=ListDataset(16),
                       data_collator=default_data_collator).train(resume_from_checkpoint=resume)
-        return {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+        policy.eval()
+        with torch.no_grad():
+            pred = policy(**batch(4, seed=11))["pred"]
+        return {"pred": pred, **{n: p.detach().clone() for n, p in policy.named_parameters()
+                                 if p.requires_grad}}
 
     straight = run()
     resumed = run(resume=str(tmp_path / "r" / "checkpoint-2"))
@@ -415,3 +430,18 @@ def test_adapter_files_carry_the_ema_weights_like_model_safetensors(llama_dir, t
         assert torch.equal(value, full[name]) and not torch.equal(value, live[name].detach())
     for key, value in trainables.items():
         assert torch.equal(value, full[key])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_full_state_dict_of_a_quantized_model_loads_into_another_base(llama_dir, other_llama_dir, bits):
+    """load_state_with_quantized: what eval/load_pretrain need for a QLoRA model.safetensors."""
+    from ilstudio.models.adapters import load_state_with_quantized
+
+    quant = QuantizationSettings(enable=True, bits=bits)
+    trained, other = load_llm(llama_dir, quant), load_llm(other_llama_dir, quant)
+    ids = batch(2)["input_ids"]
+    with torch.no_grad():
+        assert not torch.equal(trained(ids).logits, other(ids).logits)
+        missing, unexpected = load_state_with_quantized(other, trained.state_dict())
+        assert (missing, unexpected) == ([], [])
+        assert torch.equal(trained(ids).logits, other(ids).logits)

@@ -544,3 +544,79 @@ def load_adapter_run(model: nn.Module, run_dir: str | Path) -> nn.Module:
         model = inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     load_adapter_weights(model, run, what=f"LoRA run {run}")
     return model
+
+
+# ----------------------------------------------------------------------------------------
+# Full state dicts of quantized policies
+# ----------------------------------------------------------------------------------------
+
+def load_state_with_quantized(model: nn.Module, state: dict) -> tuple[list[str], list[str]]:
+    """``model.load_state_dict(state, strict=False)`` that also restores bitsandbytes 4-bit
+    weights; returns (missing_keys, unexpected_keys).
+
+    A 4-bit layer's state dict holds the packed weight plus its quantization state
+    (``weight.absmax``, ``weight.quant_map``, ``weight.nested_*``,
+    ``weight.quant_state.bitsandbytes__nf4``). ``nn.Module.load_state_dict`` ignores that
+    state (reporting it as unexpected) and copies the packed bytes under the *current*
+    scales, which is only right when the model was built from the very same base weights.
+    Here each 4-bit weight is rebuilt from its saved quantization state
+    (``Params4bit.from_prequantized``), so a model.safetensors of a QLoRA policy loads into
+    any freshly built policy of the same shape. 8-bit layers restore their scales (``SCB``)
+    in bitsandbytes' own ``load_state_dict``.
+    """
+    import bitsandbytes as bnb
+    import torch
+
+    state = dict(state)
+    loaded: set[str] = set()
+    for name, module in model.named_modules():
+        key = f"{name}.weight" if name else "weight"
+        if isinstance(module, bnb.nn.Linear8bitLt) and key in state:
+            scb_key = key[: -len("weight")] + "SCB"
+            if getattr(module.weight, "SCB", None) is None and module.state.SCB is not None \
+                    and scb_key in state:
+                # After a forward pass the scales live in module.state (weight.data is
+                # state.CB), where bitsandbytes' own loader does not look.
+                with torch.no_grad():
+                    module.weight.data.copy_(state.pop(key))
+                    module.state.SCB.copy_(state.pop(scb_key))
+                state.pop(key[: -len("weight")] + "weight_format", None)  # layout marker (row)
+                loaded.add(key)
+            continue
+        if not isinstance(module, bnb.nn.Linear4bit) or key not in state:
+            continue
+        stats = {k[len(key) + 1:]: state.pop(k) for k in [k for k in state if k.startswith(key + ".")]}
+        data = state.pop(key)
+        if not stats:
+            raise ValueError(f"{key}: a 4-bit weight saved without its quantization state")
+        module.weight = bnb.nn.Params4bit.from_prequantized(
+            data=data.to(module.weight.device), quantized_stats=stats, requires_grad=False,
+            device=module.weight.device, module=module)
+        loaded.add(key)
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in loaded and not
+               any(k.startswith(q + ".") for q in loaded)]
+    return missing, list(result.unexpected_keys)
+
+
+def restore_quantized_weights(model: nn.Module, checkpoint_dir: str | Path) -> bool:
+    """After the Trainer resumed ``checkpoint_dir`` with plain ``load_state_dict``: rebuild the
+    4-bit base weights from their saved quantization state. False when nothing was 4-bit."""
+    import sys
+
+    if "bitsandbytes" not in sys.modules:  # nothing can be 4-bit; skip importing it (~4 s)
+        return False
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+
+    if not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()):
+        return False
+    path = Path(checkpoint_dir) / "model.safetensors"
+    if not path.is_file():
+        return False
+    state = load_file(str(path))
+    quantized = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    keep = {k: v for k, v in state.items()
+            if any(k == f"{q}.weight" or k.startswith(f"{q}.weight.") for q in quantized)}
+    load_state_with_quantized(model, keep)
+    return True

@@ -100,7 +100,11 @@ class PolicyTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from ilstudio.models.adapters import restore_quantized_weights
         from ilstudio.training.ema import restore
+
+        # load_state_dict skips bitsandbytes 4-bit quantization state: rebuild those weights.
+        restore_quantized_weights(self.model, resume_from_checkpoint)
 
         restore(resume_from_checkpoint, self.model, self.ema)
 
