@@ -103,6 +103,28 @@ def load_settings(operative: Path) -> dict:
     return built
 
 
+def check_frame_size(task, sim) -> str | None:
+    """A warning if the run's training episodes were rendered at another size than sim.* says.
+
+    Runs trained before sim.* was part of the config fall back to its defaults; the episodes
+    themselves still tell the size the policy saw.
+    """
+    import h5py
+
+    try:
+        first = sorted(Path(task.dataset_dir).glob("*.hdf5"))[:1]
+        if not first or not task.camera_names:
+            return None
+        with h5py.File(first[0], "r") as f:
+            shape = f[f"observations/images/{task.camera_names[0]}"].shape[1:3]
+    except (OSError, KeyError):
+        return None
+    if tuple(shape) != (sim.render_height, sim.render_width):
+        return (f"warning: {first[0]} frames are {shape[0]}x{shape[1]} but the run's sim.render_height/"
+                f"width are {sim.render_height}x{sim.render_width}; rollouts render at the latter")
+    return None
+
+
 def load_policy(built: dict, weights: Path, device: str):
     """Build the policy exactly as training did and load its weights (strict)."""
     import torch
@@ -187,6 +209,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         stats = NormStats.load(norm)
         model, use_images, device = load_policy(built, weights, args.device)
         task, sim, chunk = built["task"], built["sim"], built["model"].chunk_size
+        warning = check_frame_size(task, sim)
+        if warning:
+            print(warning, file=sys.stderr)
         query_every = args.query_every or chunk
         if not 1 <= query_every <= chunk:
             raise UserError(f"--query_every={query_every}: must be between 1 and the chunk size {chunk}")

@@ -116,7 +116,7 @@ def record(task, sim, output_dir: str | os.PathLike, num_episodes: int, seed: in
     remove_partials(out)
     attrs = _settings_attrs(task, sim, seed)
     have, attempt = existing_progress(out, attrs)
-    max_attempts = max_attempts if max_attempts is not None else 2 * num_episodes + 10
+    max_attempts = max_attempts if max_attempts is not None else 4 * num_episodes + 10
     stats = {"kept": have, "already_there": have, "attempts": 0, "failed_scripted": 0,
              "failed_replay": 0, "seconds": 0.0, "bytes": 0}
     if have >= num_episodes:
@@ -169,7 +169,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--output_dir", default=None, help="default: the task's task.dataset_dir")
     p.add_argument("--seed", type=int, default=0, help="object poses of attempt k come from (seed, k)")
     p.add_argument("--max_attempts", type=int, default=None,
-                   help="give up after this many attempts (default 2*num_episodes+10)")
+                   help="give up after this many attempts (default 4*num_episodes+10; insertion keeps ~half)")
     p.add_argument("--gin_bindings", action="append", default=[],
                    help="extra bindings, e.g. \"sim.render_height = 120\" (repeatable)")
     p.add_argument("--gin_file", action="append", default=[], help="extra gin files (repeatable)")
