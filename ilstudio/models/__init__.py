@@ -17,9 +17,11 @@ from ilstudio.models.adapters import (
     is_quantized_module,
     load_adapter_run,
     load_adapter_weights,
+    load_state_with_quantized,
     lora_config,
     lora_param_groups,
     lora_target_modules,
+    restore_quantized_weights,
     save_adapter,
     torch_dtype_for,
 )
@@ -27,6 +29,7 @@ from ilstudio.models.adapters import (
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "NON_LORA_TRAINABLES", "PART_NAMES", "apply_lora",
     "bnb_quantization_config", "check_lora_settings", "check_quantization_combo", "has_lora",
-    "is_quantized_module", "load_adapter_run", "load_adapter_weights", "lora_config",
-    "lora_param_groups", "lora_target_modules", "save_adapter", "torch_dtype_for",
+    "is_quantized_module", "load_adapter_run", "load_adapter_weights", "load_state_with_quantized", "lora_config",
+    "lora_param_groups", "lora_target_modules", "restore_quantized_weights", "save_adapter",
+    "torch_dtype_for",
 ]
