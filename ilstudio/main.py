@@ -44,14 +44,15 @@ def _main(argv: list[str]) -> None:
     try:
         resolved = resolve(FLAGS)
         if FLAGS.dry_run or FLAGS.explain:
-            from ilstudio.config.training_args import build_training_arguments
+            from ilstudio.config.training_args import check_training_arguments
             from ilstudio.training.run import resume_checkpoint, validate_data
 
-            build_training_arguments(resolved.hyper, resolved.training_args_extra)
+            how = check_training_arguments(resolved.hyper, resolved.training_args_extra)
             resume_checkpoint(resolved)
             lengths = validate_data(resolved)
             print(describe(resolved, explain=FLAGS.explain), end="")
             print(f"# data: {len(lengths)} episodes, {sum(lengths)} steps in {resolved.task.dataset_dir}")
+            print(f"# hyperparameters: {how}")
             print("# dry run: configuration valid; nothing written, nothing trained")
             return
         from ilstudio.training.run import train

@@ -104,9 +104,9 @@ def require_deepspeed(path: str) -> None:
 
 
 def _ta_field_names() -> set[str]:
-    from ilstudio.config.yaml_adapter import training_args_fields
+    from ilstudio.config.ta_schema import field_names
 
-    return set(training_args_fields())
+    return field_names()  # a snapshot when transformers is not imported yet (dry run)
 
 
 def tensorboard_dir(hyper: dict[str, Any]) -> str:
@@ -144,6 +144,24 @@ def _culprit(cls, kwargs: dict[str, Any]) -> str | None:
             continue
         return name
     return None
+
+
+def check_training_arguments(hyper: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
+    """--dry_run's check: the real TrainingArguments if transformers is loaded anyway or the
+    snapshot does not match it; else our checks plus field names and enum values from
+    ilstudio/config/ta_schema.py's snapshot (no 5 s transformers import). Returns how."""
+    from ilstudio.config.ta_schema import check_kwargs, usable_snapshot
+
+    schema = usable_snapshot()
+    if schema is None:
+        build_training_arguments(hyper, extra)
+        return "built transformers.TrainingArguments"
+    kwargs = training_args_kwargs(hyper, extra or {})
+    if kwargs.get("deepspeed"):
+        require_deepspeed(kwargs["deepspeed"])
+    check_kwargs(kwargs, schema)
+    return (f"checked against transformers {schema['version']}'s TrainingArguments fields and "
+            f"choices; checks that need torch run when training starts")
 
 
 def HyperArguments_defaults() -> dict[str, Any]:  # noqa: N802

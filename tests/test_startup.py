@@ -1,0 +1,81 @@
+"""Start-up cost: --help and --dry_run import none of torch, transformers, peft, bitsandbytes.
+
+The dry run checks hyperparameters against a snapshot of TrainingArguments
+(ilstudio/config/ta_schema.py); the snapshot must describe the installed transformers.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, tiny_args, train_env
+
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
+
+
+def _imported_top_level(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "train.py"), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=train_env())
+    names = {line.rsplit("|", 1)[-1].strip().split(".")[0]
+             for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    return proc, names
+
+
+def test_help_imports_nothing_heavy():
+    proc, names = _imported_top_level("--helpshort")
+    assert "--learning_rate" in proc.stdout
+    assert not names & set(HEAVY), names & set(HEAVY)
+
+
+def test_dry_run_imports_nothing_heavy(tiny_data, tmp_path):
+    proc, names = _imported_top_level(*tiny_args(tiny_data, tmp_path / "o"), "--dry_run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "checked against transformers" in proc.stdout
+    assert not names & set(HEAVY), names & set(HEAVY)
+
+
+def test_dry_run_refuses_what_training_arguments_refuses(tiny_data, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"),
+                           *tiny_args(tiny_data, tmp_path / "o"), "--dry_run",
+                           "--lr_scheduler_type=cosin"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=train_env())
+    assert proc.returncode == 2
+    assert "--lr_scheduler_type=cosin" in proc.stderr and "did you mean `cosine`" in proc.stderr
+
+
+def test_snapshot_matches_installed_transformers():
+    from ilstudio.config import ta_schema, ta_snapshot
+
+    live = ta_schema.live_schema()
+    assert ta_snapshot.SCHEMA == live, (
+        "transformers changed: python -m ilstudio.config.ta_schema > ilstudio/config/ta_snapshot.py")
+
+
+@pytest.mark.parametrize("name,value,ok", [("lr_scheduler_type", "cosine", True),
+                                           ("lr_scheduler_type", "cosin", False),
+                                           ("optim", "sgd", True), ("optim", "adam", False),
+                                           ("save_strategy", "best", True),
+                                           ("logging_strategy", "best", False)])
+def test_snapshot_check_agrees_with_training_arguments(tmp_path, name, value, ok):
+    from ilstudio.config import ta_snapshot
+    from ilstudio.config.ta_schema import check_kwargs
+    from ilstudio.errors import UserError
+
+    kwargs = {"output_dir": str(tmp_path), "report_to": "none", name: value}
+    if name == "save_strategy":  # 'best' needs a metric to be valid as a whole
+        kwargs.update(metric_for_best_model="loss", eval_strategy="steps")
+    light_ok = True
+    try:
+        check_kwargs(kwargs, ta_snapshot.SCHEMA)
+    except UserError:
+        light_ok = False
+    from transformers import TrainingArguments
+
+    try:
+        TrainingArguments(**kwargs)
+        full_ok = True
+    except (ValueError, TypeError):
+        full_ok = False
+    assert light_ok == full_ok == ok
