@@ -140,6 +140,9 @@ def load_policy(built: dict, weights: Path, device: str):
         saved = load_file(str(weights))
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{weights}: cannot be read as safetensors: {e}") from None
+    from ilstudio.models.adapters import restore_quantized_weights
+
+    restore_quantized_weights(model, saved)  # QLoRA: 4-bit weights come with their quant state
     own = model.state_dict()
     # Tensors tied to another (shared storage) may be saved under one name only.
     ptrs = {own[k].data_ptr() for k in own if k in saved}

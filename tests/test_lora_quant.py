@@ -445,3 +445,29 @@ def test_full_state_dict_of_a_quantized_model_loads_into_another_base(llama_dir,
         missing, unexpected = load_state_with_quantized(other, trained.state_dict())
         assert (missing, unexpected) == ([], [])
         assert torch.equal(trained(ids).logits, other(ids).logits)
+
+
+def test_strict_copy_of_a_qlora_state_dict_works_after_restore(llama_dir, other_llama_dir):
+    """What eval/load_pretrain do (strict shape check, then copy_) loads a QLoRA policy's
+    model.safetensors once restore_quantized_weights rebuilt the 4-bit weights."""
+    from ilstudio.models.adapters import restore_quantized_weights
+
+    quant = QuantizationSettings(enable=True, bits=4, quant_type="fp4", double_quant=True)
+    trained, _ = lora_policy(llama_dir, quant=quant)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.1)
+    saved = {k: v.clone() for k, v in trained.state_dict().items()}
+    fresh, _ = lora_policy(other_llama_dir, quant=quant)
+    assert restore_quantized_weights(fresh, saved)
+    own = fresh.state_dict()
+    assert set(own) == set(saved) and all(own[k].shape == saved[k].shape for k in saved)
+    with torch.no_grad():
+        for k, v in saved.items():
+            own[k].copy_(v)
+    trained.eval()
+    fresh.eval()
+    probe = batch(4, seed=2)
+    with torch.no_grad():
+        assert torch.equal(trained(**probe)["pred"], fresh(**probe)["pred"])

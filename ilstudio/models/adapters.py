@@ -599,23 +599,33 @@ def load_state_with_quantized(model: nn.Module, state: dict) -> tuple[list[str],
     return missing, list(result.unexpected_keys)
 
 
-def restore_quantized_weights(model: nn.Module, checkpoint_dir: str | Path) -> bool:
-    """After the Trainer resumed ``checkpoint_dir`` with plain ``load_state_dict``: rebuild the
-    4-bit base weights from their saved quantization state. False when nothing was 4-bit."""
+def restore_quantized_weights(model: nn.Module, source: str | Path | dict) -> bool:
+    """Rebuild ``model``'s 4-bit weights from their saved quantization state.
+
+    source: a checkpoint/run directory or model.safetensors file, or its loaded state dict.
+    Call it before (or after) a plain ``load_state_dict``/``copy_`` of a full state dict:
+    those skip bitsandbytes' 4-bit quantization state, and the state dict's derived quant
+    tensors only match in shape once the weights were rebuilt. False when nothing is 4-bit.
+    """
     import sys
 
     if "bitsandbytes" not in sys.modules:  # nothing can be 4-bit; skip importing it (~4 s)
         return False
     import bitsandbytes as bnb
-    from safetensors.torch import load_file
 
-    if not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()):
-        return False
-    path = Path(checkpoint_dir) / "model.safetensors"
-    if not path.is_file():
-        return False
-    state = load_file(str(path))
     quantized = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    if not quantized:
+        return False
+    if isinstance(source, dict):
+        state = source
+    else:
+        from safetensors.torch import load_file
+
+        path = Path(source)
+        path = path / "model.safetensors" if path.is_dir() else path
+        if not path.is_file():
+            return False
+        state = load_file(str(path))
     keep = {k: v for k, v in state.items()
             if any(k == f"{q}.weight" or k.startswith(f"{q}.weight.") for q in quantized)}
     load_state_with_quantized(model, keep)

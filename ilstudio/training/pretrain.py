@@ -81,6 +81,9 @@ def load_pretrained_policy(model: nn.Module, location: str) -> Path:
     except Exception as e:  # safetensors raises several types for a bad file
         raise UserError(f"model.load_pretrain = {location!r}: {path} cannot be read as "
                         f"safetensors: {e}") from None
+    from ilstudio.models.adapters import restore_quantized_weights
+
+    restore_quantized_weights(model, saved)  # QLoRA: 4-bit weights come with their quant state
     own = model.state_dict()
     pairs, missing, fresh = match_keys(own, saved)
     loaded = set(pairs.values())
