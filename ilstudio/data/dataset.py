@@ -178,6 +178,10 @@ class EpisodeDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ep, t = self.locate(int(i))
+        with read_errors(self.paths[ep]):  # a corrupt chunk met mid-training names its file
+            return self._sample(ep, t)
+
+    def _sample(self, ep: int, t: int) -> dict[str, torch.Tensor]:
         src = self._source(ep)
         qpos = np.asarray(src[QPOS_KEY][t], dtype=np.float32)
         actions, is_pad = self._action_chunk(src, ep, t)

@@ -129,6 +129,13 @@ def check_one(path: Path, task: TaskSettings, need_images: bool,
                             f"has {steps}")
         if steps == 0:
             raise UserError(f"{name}: episode has 0 steps")
+        for key, ds in ((QPOS_KEY, qpos), (ACTION_KEY, action)):
+            # Small arrays, read in full: NaN/inf here would surface mid-training as a NaN loss.
+            bad = ~np.isfinite(np.asarray(ds[()], dtype=np.float64))
+            if bad.any():
+                t, col = (int(x) for x in np.argwhere(bad)[0])
+                raise UserError(f"{name}: /{key} has {int(bad.sum())} non-finite value(s) (NaN or "
+                                f"inf), first at step {t}, column {col}; fix or remove the episode")
         if need_images:
             _check_images(f, task.camera_names, steps, name,
                           {} if frame_shapes is None else frame_shapes)

@@ -1,0 +1,153 @@
+"""Broken data, end to end: every fault is an error naming the file and what is wrong.
+
+Each fault goes through the checks ``train.py --dry_run`` runs (in-process, for speed; three
+of them also as real ``train.py --dry_run`` subprocesses: exit code 2, no traceback, nothing
+written), and the ones a dry run cannot see without reading every frame
+(a corrupt compressed image chunk) through a real run, which must stop with the file's name
+and no checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import run_train, tiny_args
+
+from ilstudio.data.synthetic import write_synthetic_dataset
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    d = tmp_path / "data"
+    write_synthetic_dataset(d, num_episodes=3, episode_len=30)
+    return d
+
+
+def truncate(d: Path) -> str:
+    p = d / "episode_1.hdf5"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    return "episode_1.hdf5: cannot be read as HDF5 (truncated or corrupt?)"
+
+
+def garbage(d: Path) -> str:
+    (d / "episode_2.hdf5").write_bytes(b"not an hdf5 file at all\n" * 100)
+    return "episode_2.hdf5: cannot be read as HDF5"
+
+
+def missing_action(d: Path) -> str:
+    with h5py.File(d / "episode_0.hdf5", "r+") as f:
+        del f["action"]
+    return "episode_0.hdf5: /action"
+
+
+def missing_camera(d: Path) -> str:
+    with h5py.File(d / "episode_1.hdf5", "r+") as f:
+        del f["observations/images/top"]
+    return "episode_1.hdf5: camera 'top'"
+
+
+def empty_dir(d: Path) -> str:
+    for p in d.iterdir():
+        p.unlink()
+    return "has no *.hdf5 files"
+
+
+def short_action(d: Path) -> str:
+    with h5py.File(d / "episode_2.hdf5", "r+") as f:
+        a = f["action"][()]
+        del f["action"]
+        f["action"] = a[:-3]
+    return "episode_2.hdf5: /action has 27 steps but /observations/qpos has 30"
+
+
+def nan_action(d: Path) -> str:
+    with h5py.File(d / "episode_1.hdf5", "r+") as f:
+        f["action"][7, 3] = np.nan
+    return "episode_1.hdf5: /action has 1 non-finite value(s) (NaN or inf), first at step 7, column 3"
+
+
+FAULTS = [truncate, garbage, missing_action, missing_camera, empty_dir, short_action, nan_action]
+
+
+def dry_run_in_process(data: Path, out: Path, *extra: str) -> str:
+    """What --dry_run runs (resolve + data checks), in-process: the UserError's message."""
+    from ilstudio.config.resolve import resolve_argv
+    from ilstudio.errors import UserError
+    from ilstudio.training.run import validate_data
+
+    with pytest.raises(UserError) as e:
+        validate_data(resolve_argv(tiny_args(data, out, *extra)))
+    return str(e.value)
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.__name__ for f in FAULTS])
+def test_each_fault_is_found_by_the_dry_run_checks(data, tmp_path, fault):
+    expected = fault(data)
+    msg = dry_run_in_process(data, tmp_path / "out")
+    assert expected in msg
+    assert str(data) in msg or "episode_" in msg  # the file (or the directory) is named
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fault", [truncate, nan_action, empty_dir], ids=lambda f: f.__name__)
+def test_train_py_dry_run_exits_2_naming_the_file(data, tmp_path, fault):
+    expected = fault(data)
+    out = tmp_path / "out"
+    r = run_train(*tiny_args(data, out, "--dry_run"), timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert expected in r.stderr, r.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_mismatched_dims_between_task_and_data(data, tmp_path):
+    msg = dry_run_in_process(data, tmp_path / "out", "--gin_bindings=task.state_dim = 10")
+    assert "episode_0.hdf5: /observations/qpos has 14 columns, task.state_dim is 10" in msg
+    msg = dry_run_in_process(data, tmp_path / "out", "--gin_bindings=task.action_dim = 7")
+    assert "episode_0.hdf5: /action has 14 columns, task.action_dim is 7" in msg
+
+
+def test_real_run_refuses_bad_data_before_writing(data, tmp_path):
+    truncate(data)
+    out = tmp_path / "out"
+    r = run_train(*tiny_args(data, out, "--max_steps=5"), timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "episode_1.hdf5" in r.stderr
+    assert not out.exists()
+
+
+def corrupt_image_chunks(path: Path) -> None:
+    """Rewrite the camera as gzip chunks (one per frame), then overwrite every chunk's bytes:
+    headers stay valid, so only reading a frame finds the damage."""
+    with h5py.File(path, "r+") as f:
+        key = "observations/images/top"
+        frames = f[key][()]
+        del f[key]
+        f.create_dataset(key, data=frames, chunks=(1, *frames.shape[1:]), compression="gzip")
+    with h5py.File(path, "r") as f:
+        ds = f["observations/images/top"]
+        spans = [(ds.id.get_chunk_info(i).byte_offset, ds.id.get_chunk_info(i).size)
+                 for i in range(ds.id.get_num_chunks())]
+    raw = bytearray(path.read_bytes())
+    for offset, size in spans:
+        raw[offset:offset + size] = b"\xff" * size
+    path.write_bytes(bytes(raw))
+
+
+def test_corrupt_frame_mid_training_stops_with_the_file_name_and_no_checkpoint(tmp_path):
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, num_episodes=1, episode_len=30)
+    corrupt_image_chunks(data / "episode_0.hdf5")
+    out = tmp_path / "out"
+    dry = run_train(*tiny_args(data, out, "--dry_run"), timeout=120)
+    assert dry.returncode == 0, dry.stderr[-2000:]  # headers are fine: a dry run cannot see it
+    r = run_train(*tiny_args(data, out, "--max_steps=5", "--save_steps=1"), timeout=180)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert "episode_0.hdf5: cannot be read as HDF5 (truncated or corrupt?)" in r.stderr
+    assert not list(out.glob("checkpoint-*")) and not (out / "model.safetensors").exists()
+    shutil.rmtree(out, ignore_errors=True)
