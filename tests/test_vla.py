@@ -117,6 +117,18 @@ def test_other_architectures_clip_and_qwen2_build_and_run(tmp_path, lang_data):
     assert type(policy.vit).__name__ == "CLIPVisionModel"
     out = policy(**batch_of(ds))
     assert torch.isfinite(out["loss"])
+    out["loss"].backward()  # every trainable parameter gets a gradient (DDP needs that)
+    assert not policy.vit.post_layernorm.weight.requires_grad  # CLIP: pooled token only
+    assert not policy.llm.lm_head.weight.requires_grad  # no language loss
+    assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)
+
+
+def test_every_trainable_parameter_gets_a_gradient_with_language_loss(backbone, lang_data):
+    policy, ds = make(lang_data, backbone, model={"llm_loss_weight": 0.5},
+                      dataset={"use_reasoning": True})
+    policy(**batch_of(ds))["loss"].backward()
+    assert policy.llm.lm_head.weight.grad is not None
+    assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)
 
 
 def test_cache_dir_is_where_a_hub_id_is_looked_up(backbone, lang_data, tmp_path, monkeypatch):
@@ -491,3 +503,46 @@ def test_train_py_run_learns_and_loads_back(backbone, lang_data, tmp_path):
         trained_l1 = policy.eval()(**batch)["action_loss"]
         fresh_l1 = fresh.eval()(**batch)["action_loss"]
     assert trained_l1 < 0.7 * fresh_l1, (trained_l1, fresh_l1)
+
+
+def test_train_py_qlora_run_learns_and_loads_back(backbone, lang_data, tmp_path):
+    """QLoRA on the VLA through train.py: 4-bit LM + LoRA adapters (own lr), on the saved tiny
+    weights (is_pretrained=True), so the evaluator rebuilds the same base and loads strictly."""
+    import bitsandbytes as bnb
+    import gin
+    from safetensors.torch import load_file
+
+    from ilstudio.eval import load_policy, load_settings
+    from ilstudio.models.adapters import load_adapter_run
+    from ilstudio.policies import build_policy
+
+    out = tmp_path / "qlora"
+    proc = run_train(*_vla_args(lang_data, out, backbone, "--max_steps=25", "--learning_rate=5e-3",
+                                "--logging_steps=5", "--gin_bindings=model.is_pretrained = True",
+                                "--gin_bindings=lora.enable = True", "--gin_bindings=lora.r = 8",
+                                "--gin_bindings=lora.alpha = 16", "--gin_bindings=lora.lr = 1e-2",
+                                "--gin_bindings=quantization.enable = True",
+                                "--gin_bindings=quantization.bits = 4"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = [e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"]
+            if "loss" in e]
+    assert np.mean(logs[-2:]) < 0.85 * np.mean(logs[:2]), logs
+    assert (out / "adapter_model.safetensors").is_file()
+    try:
+        built = load_settings(out / "operative_config.gin")
+        policy, _, _ = load_policy(built, out / "model.safetensors", "cpu")
+    finally:
+        gin.clear_config()
+    q_proj = policy.llm.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    own = policy.state_dict()
+    for key, value in adapter.items():  # peft names drop the adapter name
+        assert torch.equal(own[key.replace(".weight", ".default.weight")], value), key
+    # The adapter route (base from model_name_or_path + adapter + trainable non-LoRA parts).
+    again = build_policy("vla", policy_config=built["policy"], task=built["task"],
+                         dataset=built["dataset"], model=built["model"], lora=built["lora"],
+                         quantization=built["quantization"], use_images=True)
+    again = load_adapter_run(again, out)
+    head = "action_head.mlp.0.weight"
+    assert torch.equal(again.state_dict()[head], own[head])

@@ -51,8 +51,9 @@ def vision_config(kind: str, hidden: int, layers: int, heads: int, image_size: i
     from transformers import CLIPVisionConfig, SiglipVisionConfig
 
     cls = {"siglip": SiglipVisionConfig, "clip": CLIPVisionConfig}[kind]
+    extra = {"vision_use_head": False} if kind == "siglip" else {}  # the VLA reads patch tokens
     return cls(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-               num_attention_heads=heads, image_size=image_size, patch_size=patch)
+               num_attention_heads=heads, image_size=image_size, patch_size=patch, **extra)
 
 
 def llm_config(kind: str, hidden: int, layers: int, heads: int, vocab_size: int, tokenizer):

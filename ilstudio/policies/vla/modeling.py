@@ -26,6 +26,9 @@ Parts (``VLAPolicy.parts()``, what LoRA's ``lora.module`` names): ``llm``, ``vit
     tune_mm_mlp_adapter   only the projector and the action head train: an untrained random
                           head would make the policy useless, so "only the projector" is read
                           as "only the projector, plus the head that turns the LM into actions"
+
+Parameters the forward never uses (the LM's output layer when llm_loss_weight = 0, a vision
+pooling head) are frozen at build time, so every trainable parameter gets a gradient (DDP).
 """
 
 from __future__ import annotations
@@ -343,6 +346,29 @@ def trainable_parts(model) -> dict[str, bool]:
     return train
 
 
+def _freeze_unused(policy: VLAPolicy) -> None:
+    """Stop training parameters the forward never uses, so no trainable parameter goes without
+    a gradient (DDP runs with find_unused_parameters=False): the LM's output layer when there
+    is no language loss, and vision-tower layers outside the patch tokens (a pooling head,
+    CLIP's post-layernorm), found by one backward pass on a blank image."""
+    if policy.llm_loss_weight == 0:
+        policy.llm.get_output_embeddings().requires_grad_(False)
+    trainable = [p for p in policy.vit.parameters() if p.requires_grad]
+    if not trainable:
+        return
+    size = policy.image_size
+    blank = torch.zeros(1, 3, size, size, dtype=trainable[0].dtype)
+    policy.vit(pixel_values=blank).last_hidden_state.float().sum().backward()
+    unused = [n for n, p in policy.vit.named_parameters() if p.requires_grad and p.grad is None]
+    for p in policy.vit.parameters():
+        if p.requires_grad and p.grad is None:
+            p.requires_grad_(False)
+        p.grad = None
+    if unused:
+        logging.info("vision tower: %d parameter(s) outside the patch tokens stay frozen (%s)",
+                     len(unused), ", ".join(unused[:4]))
+
+
 def build(*, policy_config, task, dataset, model, lora, quantization, use_images: bool,
           **_) -> VLAPolicy:
     if not use_images:
@@ -377,6 +403,7 @@ def build(*, policy_config, task, dataset, model, lora, quantization, use_images
         for param in module.parameters():
             if param.is_floating_point():  # 4/8-bit bitsandbytes weights never take grads
                 param.requires_grad_(train[part])
+    _freeze_unused(policy)
     if lora.enable:  # LoRA (QLoRA on a 4/8-bit LM) on the parts named by lora.module
         targets = lora_target_modules(policy.parts(), lora.module, root=policy)
         policy = apply_lora(policy, lora, targets, quantized=quant_config is not None,
