@@ -385,6 +385,22 @@ def test_history_images_length_three_frames_per_camera(backbone, lang_data):
         one.select_action(batch["qpos"], batch["images"], batch["input_ids"], batch["attention_mask"])
 
 
+@pytest.mark.parametrize("aspect", ["pad", "resize"])
+def test_image_aspect_ratio_fits_frames_to_the_towers_square(aspect, backbone, lang_data):
+    policy, ds = make(lang_data, backbone, dataset={"image_aspect_ratio": aspect})
+    seen = []
+    hook = policy.vit.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["pixel_values"]), with_kwargs=True)
+    with torch.no_grad():
+        policy(**batch_of(ds, n=1))
+    hook.remove()
+    x = seen[0]  # 24x32 frames into a 16x16 tower: letterbox = 12x16 content, 2 black rows each side
+    assert x.shape[-2:] == (16, 16)
+    black = (0.0 - 0.5) / 0.5  # SigLIP normalization of a zero pixel
+    bands = torch.cat([x[..., :2, :], x[..., -2:, :]], -2)
+    assert torch.all(bands == black) == (aspect == "pad")
+
+
 def test_gradient_checkpointing_is_delegated_to_the_lm(backbone, lang_data):
     policy, ds = make(lang_data, backbone, model={"llm_loss_weight": 0.3},
                       dataset={"use_reasoning": True})

@@ -5,8 +5,9 @@ Sequence the LM reads (one row per sample; P, T fixed by vla.max_prompt_tokens/m
     [prompt (P, left-padded)] [image tokens] [state token] [K action queries] [target (T)]
 
 * image tokens: every camera, every history frame (dataset.history_images_length), oldest
-  first: the vision tower's patch tokens through the projector's image MLP (the "mm MLP
-  adapter": Linear(vision hidden, LM hidden), GELU, Linear(LM hidden, LM hidden)).
+  first, fitted to the vision tower's square input by dataset.image_aspect_ratio ('pad':
+  letterbox, 'resize': stretch): the tower's patch tokens through the projector's image MLP
+  (the "mm MLP adapter": Linear(vision hidden, LM hidden), GELU, Linear(LM hidden, LM hidden)).
 * state token: the normalized qpos through the projector's linear ``state`` embedding.
 * action queries: K = model.chunk_size learned vectors (part of the action head); the LM's
   last hidden state at query k goes through the head's MLP to action k of the chunk.
@@ -72,12 +73,13 @@ class ActionHead(nn.Module):
 class VLAPolicy(nn.Module):
     def __init__(self, vit: nn.Module, llm: nn.Module, projector: MultimodalProjector,
                  action_head: ActionHead, *, prompt_len: int, num_cameras: int, history: int,
-                 llm_loss_weight: float) -> None:
+                 llm_loss_weight: float, aspect: str = "pad") -> None:
         super().__init__()
         self.vit, self.llm, self.projector, self.action_head = vit, llm, projector, action_head
         self.prompt_len = prompt_len
         self.num_cameras, self.history = num_cameras, history
         self.llm_loss_weight = float(llm_loss_weight)
+        self.aspect = aspect  # dataset.image_aspect_ratio: how frames become the tower's square
         self.lora_lr: float | None = None  # lora.lr when LoRA adapters were injected
         self.prompt: tuple[torch.Tensor, torch.Tensor] | None = None  # see set_prompt
         vcfg = vit.config
@@ -118,6 +120,20 @@ class VLAPolicy(nn.Module):
 
     # -- inputs ------------------------------------------------------------------------
 
+    def fit_square(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, 3, S, S), S the tower's image_size: letterboxed (black bands)
+        for image_aspect_ratio 'pad', stretched for 'resize' (as ilstudio.data.image_ops)."""
+        size = (self.image_size, self.image_size)
+        if tuple(x.shape[-2:]) == size:
+            return x
+        if self.aspect != "pad":
+            return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        from ilstudio.data.image_ops import letterbox_geometry
+
+        (nh, nw), (top, left) = letterbox_geometry(tuple(x.shape[-2:]), size)
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
+        return F.pad(x, (left, size[1] - nw - left, top, size[0] - nh - top))
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, cams[, history], 3, H, W) in [0, 1] -> (B, cams*history*patches, LM hidden)."""
         if images.dim() == 5:
@@ -126,10 +142,7 @@ class VLAPolicy(nn.Module):
         if (cams, hist) != (self.num_cameras, self.history):
             raise ValueError(f"images have {cams} camera(s) x {hist} frame(s); this VLA was built "
                              f"for {self.num_cameras} x {self.history}")
-        x = images.reshape(-1, *images.shape[-3:]).float()
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
-                              align_corners=False)
+        x = self.fit_square(images.reshape(-1, *images.shape[-3:]).float())
         x = (x - self.pixel_mean) / self.pixel_std
         vit_dtype = next(self.vit.parameters()).dtype
         tokens = self.vit(pixel_values=x.to(vit_dtype)).last_hidden_state
@@ -397,7 +410,7 @@ def build(*, policy_config, task, dataset, model, lora, quantization, use_images
     head = ActionHead(hidden, model.chunk_size, task.action_dim)
     policy = VLAPolicy(vit, llm, projector, head, prompt_len=policy_config.max_prompt_tokens,
                        num_cameras=len(task.camera_names), history=dataset.history_images_length,
-                       llm_loss_weight=model.llm_loss_weight)
+                       llm_loss_weight=model.llm_loss_weight, aspect=dataset.image_aspect_ratio)
     train = trainable_parts(model)
     for part, module in policy.parts().items():
         for param in module.parameters():
