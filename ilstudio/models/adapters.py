@@ -326,8 +326,9 @@ def apply_lora(model: nn.Module, lora: LoraSettings, target_modules: list[str],
     nn.Module root, or a task-specific ``PeftModel`` when the root is a HF PreTrainedModel.
 
     quantized: run ``peft.prepare_model_for_kbit_training`` on each bitsandbytes-loaded HF
-        submodule first (None: detect, i.e. True when any submodule was loaded in 4/8-bit) (freezes it, upcasts its fp16/bf16 weights to fp32, and, with
-        ``gradient_checkpointing``, turns on non-reentrant checkpointing in it).
+        submodule first: it freezes that submodule, upcasts its fp16/bf16 weights to fp32
+        and, with ``gradient_checkpointing``, turns on non-reentrant checkpointing in it.
+        None: detect (True when any submodule was loaded in 4/8-bit).
     parts: the policy's parts (name -> submodule). The base weights of the parts that hold
         a target are frozen; all other parameters keep their requires_grad. Default: the
         root's direct children.
