@@ -471,3 +471,35 @@ def test_strict_copy_of_a_qlora_state_dict_works_after_restore(llama_dir, other_
     probe = batch(4, seed=2)
     with torch.no_grad():
         assert torch.equal(trained(**probe)["pred"], fresh(**probe)["pred"])
+
+
+def test_yaml_lora_and_quantization_keys_take_effect(llama_dir, tmp_path):
+    """The older YAML keys (lora_*, use_quantization, bits, ...) reach bitsandbytes and peft."""
+    import gin
+
+    from ilstudio.config import load_training_config
+    from ilstudio.config import settings as S
+
+    path = tmp_path / "train.yaml"
+    path.write_text("lora_enable: true\nlora_module: q_proj\nlora_r: 4\nlora_alpha: 12\n"
+                    "lora_dropout: 0.2\nlora_bias: lora_only\nlora_lr: 3e-3\n"
+                    "use_quantization: true\nbits: 4\nquant_type: fp4\ndouble_quant: false\n")
+    cfg = load_training_config(path)
+    gin.clear_config()
+    try:
+        for key, value in cfg.stable.items():
+            gin.bind_parameter(key, value)
+        lora, quant = S.LoraSettings(), S.QuantizationSettings()
+    finally:
+        gin.clear_config()
+    check_lora_settings(lora, where)
+    check_quantization_combo(lora, quant, where)
+    policy = TinyPolicy(load_llm(llama_dir, quant), lora_lr=lora.lr)
+    targets = lora_target_modules(policy.parts(), lora.module, root=policy)
+    apply_lora(policy, lora, targets, quantized=True, parts=policy.parts())
+    layer = dict(policy.named_modules())["llm.model.layers.0.self_attn.q_proj"]
+    assert isinstance(layer.base_layer, bnb.nn.Linear4bit)
+    assert layer.base_layer.weight.quant_type == "fp4" and not layer.base_layer.weight.quant_state.nested
+    assert (layer.r["default"], layer.lora_alpha["default"], layer.lora_dropout["default"].p) == (4, 12, 0.2)
+    assert policy.peft_config["default"].bias == "lora_only"
+    assert {g["name"]: g["lr"] for g in policy.optimizer_param_groups(1e-4, 0.0)}["lora"] == 3e-3
