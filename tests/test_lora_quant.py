@@ -374,6 +374,11 @@ def test_lora_settings_checks(tmp_path):
     check_lora_settings(LoraSettings(enable=True), where)
     check_lora_settings(LoraSettings(), where)
     assert dataclasses.replace(LoraSettings(), enable=True).task_type == "CAUSAL_LM"
+    from peft import TaskType
+
+    from ilstudio.models.adapters import _peft_task_types
+
+    assert _peft_task_types() == [t.value for t in TaskType]  # the copy kept for cheap validation
 
 
 def test_qlora_checkpoint_resumes_bit_identically(llama_dir, other_llama_dir, tmp_path):
