@@ -57,13 +57,14 @@ def settings(data: Path, backbone: Path, *, dataset: dict | None = None, model: 
     return task, ds, m
 
 
-def make(data, backbone, *, dataset=None, model=None, lora=None, quantization=None, seed=0):
+def make(data, backbone, *, dataset=None, model=None, lora=None, quantization=None, seed=0,
+         policy_config=None):
     """(policy, train dataset) built the way train.py builds them."""
     from ilstudio.data.dataset import build_datasets
     from ilstudio.policies import build_policy, build_processor
 
     task, ds, m = settings(data, backbone, dataset=dataset, model=model)
-    pc = VLAConfig()
+    pc = policy_config or VLAConfig()
     proc = build_processor("vla", policy_config=pc, task=task, dataset=ds, model=m)
     train_ds, _, _, _ = build_datasets(task, ds, m.chunk_size, False, 0, language=proc)
     torch.manual_seed(seed)
@@ -444,6 +445,40 @@ def test_flash_attn_is_refused_where_it_cannot_run(backbone, lang_data):
     with pytest.raises(UserError, match="model.flash_attn = True.*FlashAttention-2 cannot run here"):
         validate(task, ds, m)
     validate(*settings(lang_data, backbone))  # the same without flash_attn is fine
+
+
+@pytest.mark.parametrize("key", ["use_reasoning", "select_seg_token_mask"])
+def test_language_target_switches_need_a_language_loss(key, backbone, lang_data):
+    with pytest.raises(UserError, match=f"dataset.{key} = True.*model.llm_loss_weight > 0"):
+        validate(*settings(lang_data, backbone, dataset={key: True}))
+    validate(*settings(lang_data, backbone, dataset={key: True}, model={"llm_loss_weight": 0.1}))
+
+
+def test_a_language_loss_needs_a_language_target_in_the_data(backbone, tiny_data):
+    from ilstudio.data.dataset import build_datasets
+    from ilstudio.policies.vla.modeling import build_processor
+
+    task, ds, m = settings(tiny_data, backbone, model={"llm_loss_weight": 0.5})
+    proc = build_processor(policy_config=VLAConfig(instruction="follow the wave"), dataset=ds,
+                           model=m)
+    with pytest.raises(UserError, match="no episode has a language target"):
+        build_datasets(task, ds, 5, False, 0, language=proc)
+
+
+def test_vla_instruction_sets_the_evaluation_prompt(backbone, tiny_data):
+    """Plain ACT data (no text) trains with vla.instruction, and select_action(qpos, images)
+    (what the evaluator calls) uses it."""
+    policy, ds = make(tiny_data, backbone, policy_config=VLAConfig(instruction="follow the wave"),
+                      dataset={"use_prev_subtask": False})
+    sample = ds[0]
+    proc = _processor(backbone)
+    assert _prompt(proc, sample) == "follow the wave"
+    assert _decode(proc, policy.prompt[0][policy.prompt[1].bool()]) == "follow the wave"
+    b = batch_of(ds, n=2)
+    policy.eval()
+    torch.testing.assert_close(policy.select_action(b["qpos"], b["images"]),
+                               policy.select_action(b["qpos"], b["images"], b["input_ids"],
+                                                    b["attention_mask"]))
 
 
 def test_vla_needs_cameras(backbone, lang_data):

@@ -102,12 +102,13 @@ class LanguageProcessor:
     """Tokenizes one step's texts into the fixed-length tensors described above.
 
     tokenizer: a Hugging Face tokenizer with pad and eos tokens.
+    needs_target: refuse data that gives no language target (a language loss would be 0).
     settings: the DatasetSettings (use_reasoning, use_prev_subtask, select_seg_token_mask,
         lazy_preprocess).
     """
 
     def __init__(self, tokenizer, settings, max_prompt_tokens: int, max_target_tokens: int,
-                 default_instruction: str = "") -> None:
+                 default_instruction: str = "", needs_target: bool = False) -> None:
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise UserError("the backbone's tokenizer needs a pad token and an eos token")
         self.tokenizer = tokenizer
@@ -115,6 +116,7 @@ class LanguageProcessor:
         self.prompt_len = max_prompt_tokens
         self.target_len = max_target_tokens
         self.default_instruction = default_instruction
+        self.needs_target = needs_target  # a language loss is on: the data must give it a target
         self.encode_calls = 0  # how many samples were tokenized (tests check eager vs lazy)
         self._warned = False
 
@@ -194,6 +196,10 @@ class LanguageProcessor:
                 raise UserError(f"dataset.{key} = True, but {len(missing)} episode(s) have no "
                                 f"/{what} (first: {missing[0]}); set dataset.{key} = False or add "
                                 f"the text to the data")
+        if self.needs_target and not any(self.target_pieces(x, 0) for x in texts):
+            raise UserError(f"model.llm_loss_weight > 0, but no episode has a language target: "
+                            f"none has /{SUBTASK_KEY}, and /{REASONING_KEY} counts only with "
+                            f"dataset.use_reasoning = True (first episode: {Path(paths[0]).name})")
         return EpisodeLanguage(self, texts, [int(n) for n in lengths],
                                eager=not self.settings.lazy_preprocess)
 

@@ -61,6 +61,16 @@ class VLAConfig(PolicyConfig):
                             f"{source_of('model.model_name_or_path')}) with model.is_pretrained = "
                             f"True: no VLA backbone there (expected {Path(name) / 'vision'}/ and "
                             f"{Path(name) / 'llm'}/ with config.json)")
+        if model.llm_loss_weight == 0:
+            # The language target only feeds the language loss: without it these do nothing.
+            for key in ("use_reasoning", "select_seg_token_mask"):
+                if getattr(dataset, key):
+                    problems.append(f"dataset.{key} = True (set in {source_of('dataset.' + key)}) "
+                                    f"shapes the language target, which only the language loss "
+                                    f"reads: set model.llm_loss_weight > 0 (it is 0)")
+        elif model.llm_loss_weight < 0:
+            problems.append(f"model.llm_loss_weight = {model.llm_loss_weight} (set in "
+                            f"{source_of('model.llm_loss_weight')}): must be >= 0")
         if model.flash_attn:
             why = flash_attn_unavailable()
             if why:

@@ -275,7 +275,8 @@ def build_processor(*, policy_config, dataset, model, **_):
     from ilstudio.data.language import LanguageProcessor
 
     return LanguageProcessor(load_tokenizer(model), dataset, policy_config.max_prompt_tokens,
-                             policy_config.max_target_tokens, policy_config.instruction)
+                             policy_config.max_target_tokens, policy_config.instruction,
+                             needs_target=model.llm_loss_weight > 0)
 
 
 def _attn_kwargs(model) -> dict:
@@ -417,6 +418,12 @@ def build(*, policy_config, task, dataset, model, lora, quantization, use_images
             if param.is_floating_point():  # 4/8-bit bitsandbytes weights never take grads
                 param.requires_grad_(train[part])
     _freeze_unused(policy)
+    if policy_config.instruction:  # evaluation without per-call prompts uses vla.instruction
+        from ilstudio.data.language import EpisodeText
+
+        proc = build_processor(policy_config=policy_config, dataset=dataset, model=model)
+        prompt = proc.encode_prompt(proc.prompt_text(EpisodeText(policy_config.instruction), 0))
+        policy.set_prompt(prompt["input_ids"], prompt["attention_mask"])
     if lora.enable:  # LoRA (QLoRA on a 4/8-bit LM) on the parts named by lora.module
         targets = lora_target_modules(policy.parts(), lora.module, root=policy)
         policy = apply_lora(policy, lora, targets, quantized=quant_config is not None,
