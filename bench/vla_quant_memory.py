@@ -105,7 +105,8 @@ def measure(args, directory: str, mode: str) -> dict:
             self.action_head = nn.Linear(llm.config.hidden_size, 14 * 8)
 
         def forward(self, input_ids, target):
-            h = self.llm(input_ids=input_ids, output_hidden_states=True).hidden_states[-1][:, -1]
+            # The action head reads the decoder's hidden states (no vocabulary logits).
+            h = self.llm.get_decoder()(input_ids=input_ids).last_hidden_state[:, -1]
             return nn.functional.mse_loss(self.action_head(h.float()), target)
 
     policy = Policy(llm)
