@@ -508,3 +508,20 @@ def test_yaml_lora_and_quantization_keys_take_effect(llama_dir, tmp_path):
     assert (layer.r["default"], layer.lora_alpha["default"], layer.lora_dropout["default"].p) == (4, 12, 0.2)
     assert policy.peft_config["default"].bias == "lora_only"
     assert {g["name"]: g["lr"] for g in policy.optimizer_param_groups(1e-4, 0.0)}["lora"] == 3e-3
+
+
+def test_8bit_lora_trains_with_frozen_int8_weights(llama_dir):
+    policy, _ = lora_policy(llama_dir, quant=QuantizationSettings(enable=True, bits=8), lora_lr=1e-2)
+    base = {n: p.detach().clone() for n, p in policy.named_parameters() if "base_layer" in n}
+    assert base and all(p.dtype == torch.int8 for p in base.values())
+    opt = torch.optim.AdamW([g for g in policy.optimizer_param_groups(1e-2, 0.0)], lr=1e-2)
+    data = batch(16, seed=3)
+    losses = []
+    for _ in range(12):
+        loss = policy(**data)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    assert all(torch.equal(p, base[n]) for n, p in policy.named_parameters() if n in base)
