@@ -71,8 +71,13 @@ def llm_config(kind: str, hidden: int, layers: int, heads: int, vocab_size: int,
 def write_tiny_backbone(output_dir: str | Path, *, hidden: int = 64, layers: int = 2, heads: int = 4,
                         vision_hidden: int = 32, vision_layers: int = 1, vision_heads: int = 2,
                         image_size: int = 32, patch_size: int = 8, llm: str = "llama",
-                        vision: str = "siglip", seed: int = 0) -> Path:
-    """Write the directory atomically (build in a sibling temp dir, then rename)."""
+                        vision: str = "siglip", seed: int = 0, replace: bool = True) -> Path:
+    """Write the directory atomically (build in a sibling temp dir, then rename).
+
+    replace: an existing backbone directory there is replaced; False keeps it (several
+    processes, e.g. torchrun ranks, may race to create the same directory: first one wins,
+    and as the output is seeded, all would have written the same files).
+    """
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModel, AutoModelForCausalLM
@@ -83,21 +88,32 @@ def write_tiny_backbone(output_dir: str | Path, *, hidden: int = 64, layers: int
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        torch.manual_seed(seed)
-        tokenizer = make_tokenizer()
-        vcfg = vision_config(vision, vision_hidden, vision_layers, vision_heads, image_size, patch_size)
-        AutoModel.from_config(vcfg).save_pretrained(tmp / VISION)
-        lcfg = llm_config(llm, hidden, layers, heads, len(tokenizer), tokenizer)
-        AutoModelForCausalLM.from_config(lcfg).save_pretrained(tmp / LLM)
-        tokenizer.save_pretrained(tmp / LLM)
-        projector = MultimodalProjector(vision_hidden, hidden, state_dim=None)
-        save_file({k: v.contiguous() for k, v in projector.state_dict().items()}, tmp / PROJECTOR)
+        with torch.random.fork_rng():  # seeded without disturbing the caller's random state
+            torch.manual_seed(seed)
+            tokenizer = make_tokenizer()
+            vcfg = vision_config(vision, vision_hidden, vision_layers, vision_heads, image_size,
+                                 patch_size)
+            AutoModel.from_config(vcfg).save_pretrained(tmp / VISION)
+            lcfg = llm_config(llm, hidden, layers, heads, len(tokenizer), tokenizer)
+            AutoModelForCausalLM.from_config(lcfg).save_pretrained(tmp / LLM)
+            tokenizer.save_pretrained(tmp / LLM)
+            projector = MultimodalProjector(vision_hidden, hidden, state_dim=None)
+            save_file({k: v.contiguous() for k, v in projector.state_dict().items()},
+                      tmp / PROJECTOR)
         if out.exists():
             if any(out.iterdir()) and not is_backbone_dir(out):
                 raise FileExistsError(f"{out} exists and is not a VLA backbone directory; "
                                       f"refusing to replace it")
+            if not replace and is_backbone_dir(out):
+                shutil.rmtree(tmp)
+                return out
             shutil.rmtree(out)
-        os.replace(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not is_backbone_dir(out):  # not a lost race: a real failure
+                raise
+            shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -251,7 +251,7 @@ def ensure_backbone(model) -> str:
         logging.warning("model.model_name_or_path = %r does not exist and model.is_pretrained is "
                         "False: writing a tiny random backbone there (python -m "
                         "ilstudio.policies.vla.make_tiny %s)", name, name)
-        write_tiny_backbone(path)
+        write_tiny_backbone(path, replace=False)
     return name
 
 
