@@ -45,10 +45,12 @@ def _main(argv: list[str]) -> None:
         resolved = resolve(FLAGS)
         if FLAGS.dry_run or FLAGS.explain:
             from ilstudio.config.training_args import check_training_arguments
-            from ilstudio.training.run import resume_checkpoint, validate_data
+            from ilstudio.training.run import check_output_dir, resume_checkpoint, validate_data
 
             how = check_training_arguments(resolved.hyper, resolved.training_args_extra)
-            resume_checkpoint(resolved)
+            resume = resume_checkpoint(resolved)
+            if FLAGS.dry_run:  # would the run start? (--explain may inspect an existing run)
+                check_output_dir(resolved, resume, FLAGS.overwrite_output_dir)
             lengths = validate_data(resolved)
             print(describe(resolved, explain=FLAGS.explain), end="")
             print(f"# data: {len(lengths)} episodes, {sum(lengths)} steps in {resolved.task.dataset_dir}")

@@ -7,6 +7,7 @@ mistake never leaves a half-written run directory behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -79,6 +80,12 @@ def check_output_dir(resolved: Resolved, resume_from: str | None, overwrite: boo
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir={out}: exists and is not a directory")
     existing = holds_a_run(out)
+    if existing and resume_from is None and not overwrite and parse_resume(
+            resolved.hyper["resume_from_checkpoint"]) is True:
+        raise UserError(
+            f"--output_dir={out} already holds a run ({', '.join(existing[:5])}) but no complete "
+            f"checkpoint to resume from (--resume_from_checkpoint=true). Pass "
+            f"--overwrite_output_dir to replace it, or choose another --output_dir.")
     if existing and resume_from is None and not overwrite:
         raise UserError(
             f"--output_dir={out} already holds a run ({', '.join(existing[:5])}). Pass "
@@ -104,6 +111,39 @@ def check_resume_config(resolved: Resolved, resume_from: str | None) -> list:
                         resume_from, len(changes), config_diff.RESUME_CHANGES,
                         "\n  ".join(d.line() for d in changes))
     return changes
+
+
+@contextlib.contextmanager
+def output_errors(out: Path, what: str):
+    """A failed write (disk full, read-only, a path through a file) is a UserError, not a traceback."""
+    from ilstudio.training.trainer import is_write_failure
+
+    try:
+        yield
+    except Exception as e:
+        if not is_write_failure(e):
+            raise
+        raise UserError(f"--output_dir={out}: cannot write {what}: {e}. Check free space, "
+                        f"permissions, and that the path is a directory.") from None
+
+
+def save_final_model(trainer, out: Path) -> None:
+    """Write the final model beside the run, file by file atomically (staging dir, then rename).
+
+    A kill or a full disk mid-write leaves the previous files or none, never a truncated
+    model.safetensors.
+    """
+    staging = out / ".final-staging"
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    try:
+        trainer.save_model(str(staging))
+        if trainer.is_world_process_zero():
+            for f in sorted(staging.iterdir()):
+                os.replace(f, out / f.name)
+    finally:
+        if trainer.is_world_process_zero():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def validate_data(resolved: Resolved) -> list[int]:
@@ -167,15 +207,16 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
 
     out = Path(resolved.output_dir)
     resume_changes = check_resume_config(resolved, resume_from)
-    if is_main_process():
-        if overwrite_output_dir and resume_from is None and holds_a_run(out):
-            logging.warning("--overwrite_output_dir: replacing %s", out)
-            shutil.rmtree(out)
-        dumps.write_run_config(resolved, out, args.to_json_string())
-        stats.save(out / dumps.NORM_STATS)
-        if resume_changes:
-            config_diff.record_resume_changes(out, resume_from, resume_changes)
-        (out / "data_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with output_errors(out, "the run's configuration"):
+        if is_main_process():
+            if overwrite_output_dir and resume_from is None and holds_a_run(out):
+                logging.warning("--overwrite_output_dir: replacing %s", out)
+                shutil.rmtree(out)
+            dumps.write_run_config(resolved, out, args.to_json_string())
+            stats.save(out / dumps.NORM_STATS)
+            if resume_changes:
+                config_diff.record_resume_changes(out, resume_from, resume_changes)
+            (out / "data_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", tensorboard_dir(hyper))
     callbacks = []
@@ -187,7 +228,8 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
                             ema_decay=resolved.model.ema_decay if resolved.model.using_ema else None,
                             episode_first=resolved.dataset.episode_first)
     result = trainer.train(resume_from_checkpoint=resume_from)
-    trainer.save_model(str(out))
+    with output_errors(out, "the final model"):
+        save_final_model(trainer, out)
     metrics = dict(result.metrics)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())

@@ -24,6 +24,19 @@ class NonFiniteLossError(UserError):
     """Training produced a NaN/inf loss or weights: stop before it reaches a checkpoint."""
 
 
+# torch.save reports a failed write as a RuntimeError from its zip writer.
+_TORCH_WRITE_ERRORS = ("PytorchStreamWriter failed", "inline_container.cc", "file write failed")
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """A failed write to disk, as torch/safetensors/the OS report it (disk full, EFBIG, EACCES)."""
+    if isinstance(e, OSError):
+        return True
+    text = f"{type(e).__name__}: {e}"
+    return ("SafetensorError" in text and "I/O error" in text) or (
+        isinstance(e, RuntimeError) and any(m in text for m in _TORCH_WRITE_ERRORS))
+
+
 def _fsync_tree(path: str) -> None:
     for root, _, files in os.walk(path):
         for name in files:
@@ -149,12 +162,23 @@ class PolicyTrainer(Trainer):
         staging = os.path.join(run_dir, STAGING_DIR)
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
-            os.makedirs(staging)
+            try:
+                os.makedirs(staging)
+            except OSError as e:
+                raise UserError(f"could not write {name} in {run_dir}: {e}") from None
         if self.args.world_size > 1:  # every rank writes its rng_state_<rank>.pth into staging
             self.accelerator.wait_for_everyone()
         self._get_output_dir = lambda trial=None: staging  # only for the duration of the save
         try:
             super()._save_checkpoint(model, trial)
+        except Exception as e:  # disk full, read-only, quota: never leave a partial checkpoint
+            shutil.rmtree(staging, ignore_errors=True)
+            if not is_write_failure(e):
+                raise
+            raise UserError(
+                f"could not write {name} in {run_dir}: {e}. The partial checkpoint was removed; "
+                f"{self._last_checkpoint_note()} Free space or fix permissions, then resume "
+                f"with --resume_from_checkpoint=true.") from None
         finally:
             del self._get_output_dir
         if self.args.world_size > 1:
