@@ -445,6 +445,10 @@ def test_flash_attn_is_refused_where_it_cannot_run(backbone, lang_data):
     with pytest.raises(UserError, match="model.flash_attn = True.*FlashAttention-2 cannot run here"):
         validate(task, ds, m)
     validate(*settings(lang_data, backbone))  # the same without flash_attn is fine
+    from ilstudio.policies.vla.modeling import _attn_kwargs  # where it can run: FA2 in both parts
+
+    assert _attn_kwargs(ModelSettings(flash_attn=True)) == {"attn_implementation": "flash_attention_2"}
+    assert _attn_kwargs(ModelSettings()) == {}
 
 
 @pytest.mark.parametrize("key", ["use_reasoning", "select_seg_token_mask"])
