@@ -129,6 +129,27 @@ def run_plain(model, dataset, args, warmup: int, steps: int) -> float:
     return steps / (time.perf_counter() - t0)
 
 
+def measure(a, cap: Capture, data: Path, tmp: Path, policy: str, variant: str) -> tuple:
+    trainer_sps, plain_sps = [], []
+    for r in range(a.repeats):
+        out = tmp / f"{policy}-{variant}-{r}"
+        if a.profile and r == 0:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            trainer_sps.append(run_trainer(cap, data, out, policy, a.batch, a.trainer_flag))
+            prof.disable()
+            print(f"--- cProfile of the {policy} ({variant}) Trainer run (top 30) ---")
+            pstats.Stats(prof).sort_stats(os.environ.get("BENCH_PROFILE_SORT", "cumulative")).print_stats(30)
+        else:
+            trainer_sps.append(run_trainer(cap, data, out, policy, a.batch, a.trainer_flag))
+        plain_sps.append(run_plain(copy.deepcopy(cap.model), cap.dataset, cap.args, a.warmup, a.steps))
+    t, pl = statistics.median(trainer_sps), statistics.median(plain_sps)
+    return (policy, variant, t, pl, t / pl, trainer_sps, plain_sps)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--policies", default="mlp,act")
@@ -137,6 +158,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="cProfile one Trainer run per policy")
+    p.add_argument("--variants", default="per_sample,batched",
+                   help="data paths to time the Trainer with: per_sample (__getitem__ + "
+                        "default_data_collator, as before ilstudio/data/batched.py), batched")
     p.add_argument("--trainer_flag", action="append", default=[],
                    help="extra train.py flag for the Trainer side (repeatable)")
     a = p.parse_args()
@@ -163,31 +187,23 @@ def main() -> None:
             if policy == "act" and not (REPO / "ilstudio/policies/act/modeling.py").exists():
                 print("act: not available, skipped")
                 continue
-            trainer_sps, plain_sps = [], []
-            for r in range(a.repeats):
-                out = Path(tmp) / f"{policy}{r}"
-                if a.profile and r == 0:
-                    import cProfile
-                    import pstats
+            for variant in [v for v in a.variants.split(",") if v]:
+                import ilstudio.data.batched as batched_mod
 
-                    prof = cProfile.Profile()
-                    prof.enable()
-                    trainer_sps.append(run_trainer(cap, data, out, policy, a.batch, a.trainer_flag))
-                    prof.disable()
-                    print(f"--- cProfile of the {policy} Trainer run (cumulative, top 30) ---")
-                    pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
-                else:
-                    trainer_sps.append(run_trainer(cap, data, out, policy, a.batch, a.trainer_flag))
-                plain_model = copy.deepcopy(cap.model)
-                plain_sps.append(run_plain(plain_model, cap.dataset, cap.args, a.warmup, a.steps))
-            t, pl = statistics.median(trainer_sps), statistics.median(plain_sps)
-            rows.append((policy, t, pl, t / pl, trainer_sps, plain_sps))
+                real_can_batch = batched_mod.can_batch
+                if variant == "per_sample":
+                    batched_mod.can_batch = lambda ds: False
+                try:
+                    rows.append(measure(a, cap, data, Path(tmp), policy, variant))
+                finally:
+                    batched_mod.can_batch = real_can_batch
     print()
-    print("| policy | batch | train.py steps/s | plain loop steps/s | ratio | runs (trainer / plain) |")
-    print("|---|---|---|---|---|---|")
-    for policy, t, pl, ratio, ts, ps in rows:
-        runs = " ".join(f"{x:.0f}" for x in ts) + " / " + " ".join(f"{x:.0f}" for x in ps)
-        print(f"| {policy} | {a.batch} | {t:.1f} | {pl:.1f} | {ratio:.3f} | {runs} |")
+    print("| policy | data path | batch | train.py steps/s | plain loop steps/s | ratio | "
+          "runs (trainer / plain) |")
+    print("|---|---|---|---|---|---|---|")
+    for policy, variant, t, pl, ratio, ts, ps in rows:
+        runs = " ".join(f"{x:.1f}" for x in ts) + " / " + " ".join(f"{x:.1f}" for x in ps)
+        print(f"| {policy} | {variant} | {a.batch} | {t:.1f} | {pl:.1f} | {ratio:.3f} | {runs} |")
 
 
 if __name__ == "__main__":

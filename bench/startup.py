@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Start-up: wall time of `train.py --help`, `--dry_run`, and launch -> first optimizer step.
+
+Each is a fresh process, repeated; the median is reported with min and max (the machine
+is shared, so spread is contention). The first-step time runs the real train.py entry
+point with a callback that stamps the wall clock when optimizer step 1 ends, then exits.
+Also lists which heavy libraries each command imported (python -X importtime).
+
+    OMP_NUM_THREADS=1 python bench/startup.py [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
+
+FIRST_STEP = r"""
+import os, sys, time
+sys.argv[0] = "train.py"
+from transformers import TrainerCallback
+from ilstudio.training.trainer import PolicyTrainer
+
+class Stamp(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 1:
+            print(f"FIRST_STEP_AT {time.time():.6f}", flush=True)
+            os._exit(0)
+
+real = PolicyTrainer.__init__
+def init(self, *a, **k):
+    real(self, *a, **k)
+    self.add_callback(Stamp())
+PolicyTrainer.__init__ = init
+from absl import flags
+from ilstudio.config import hyperparams
+from ilstudio.main import run_cli
+flags.adopt_module_key_flags(hyperparams)
+run_cli()
+"""
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.update(OMP_NUM_THREADS=e.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1",
+             TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    return e
+
+
+def wall(cmd: list[str], ok=(0,)) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env())
+    dt = time.perf_counter() - t0
+    if proc.returncode not in ok:
+        raise SystemExit(f"{cmd} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return dt
+
+
+def first_step(args: list[str]) -> float:
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", FIRST_STEP, *args], cwd=REPO,
+                          capture_output=True, text=True, env=env())
+    for line in proc.stdout.splitlines():
+        if line.startswith("FIRST_STEP_AT "):
+            return float(line.split()[1]) - t0
+    raise SystemExit(f"no first step ({proc.returncode}):\n{proc.stderr[-2000:]}")
+
+
+def heavy_imports(cmd_args: list[str]) -> list[str]:
+    proc = subprocess.run([sys.executable, "-X", "importtime", *cmd_args], cwd=REPO,
+                          capture_output=True, text=True, env=env())
+    names = {line.rsplit("|", 1)[-1].strip().split(".")[0]
+             for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    return sorted(names & set(HEAVY))
+
+
+def summary(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.2f} s (min {min(xs):.2f}, max {max(xs):.2f}, n={len(xs)})"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=5)
+    a = p.parse_args()
+    from overhead import machine
+
+    from ilstudio.data.synthetic import write_synthetic_dataset
+
+    print(f"machine: {machine()}")
+    train = str(REPO / "train.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        write_synthetic_dataset(data)
+        run = ["--task_name=tiny_synthetic", f"--gin_bindings=task.dataset_dir = '{data}'"]
+        rows = []
+        help_t = [wall([sys.executable, train, "--help"]) for _ in range(a.repeats)]
+        rows.append(("train.py --help", summary(help_t), "< 1 s", heavy_imports([train, "--help"])))
+        dry = [*run, f"--output_dir={tmp}/dry", "--dry_run"]
+        dry_t = [wall([sys.executable, train, *dry]) for _ in range(a.repeats)]
+        rows.append(("train.py --dry_run", summary(dry_t), "< 3 s", heavy_imports([train, *dry])))
+        n = max(1, a.repeats // 2)
+        fs = [first_step([*run, f"--output_dir={tmp}/run{i}", "--report_to=none"]) for i in range(n)]
+        rows.append(("launch -> first optimizer step (default MLP run, tiny data)", summary(fs),
+                     "-", ["torch", "transformers", "..."]))
+    print()
+    print("| command | wall time (median) | goal | heavy libraries imported |")
+    print("|---|---|---|---|")
+    for name, t, goal, heavy in rows:
+        print(f"| {name} | {t} | {goal} | {', '.join(heavy) or 'none'} |")
+
+
+if __name__ == "__main__":
+    main()
