@@ -154,6 +154,24 @@ def test_cache_dir_is_where_a_hub_id_is_looked_up(backbone, lang_data, tmp_path,
         load_tokenizer(ModelSettings(policy="vla", **hub))  # no cache_dir: nowhere to find it
 
 
+def test_make_tiny_cli(tmp_path, capsys):
+    from ilstudio.policies.vla.layout import is_backbone_dir
+    from ilstudio.policies.vla.make_tiny import main
+
+    with pytest.raises(SystemExit) as bad:
+        main([str(tmp_path / "x"), "--hidden", "30", "--heads", "4"])
+    assert bad.value.code == 2 and not (tmp_path / "x").exists()
+    main([str(tmp_path / "cli"), "--hidden", "32", "--layers", "1", "--heads", "2"])
+    assert is_backbone_dir(tmp_path / "cli") and "wrote a tiny siglip+llama" in capsys.readouterr().out
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(SystemExit) as refused:
+        main([str(mine)])
+    assert refused.value.code == 2 and "refusing to replace it" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep"
+
+
 def test_missing_pretrained_dir_is_a_validation_error(lang_data, tmp_path):
     task, ds, m = settings(lang_data, tmp_path / "nope", model={"is_pretrained": True})
     with pytest.raises(UserError, match="no VLA backbone there"):

@@ -140,10 +140,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.error("hidden sizes must be divisible by their head counts")
     if a.image_size % a.patch_size:
         p.error("--image_size must be a multiple of --patch_size")
-    out = write_tiny_backbone(a.output_dir, hidden=a.hidden, layers=a.layers, heads=a.heads,
-                              vision_hidden=a.vision_hidden, vision_layers=a.vision_layers,
-                              vision_heads=a.vision_heads, image_size=a.image_size,
-                              patch_size=a.patch_size, llm=a.llm, vision=a.vision, seed=a.seed)
+    try:
+        out = write_tiny_backbone(a.output_dir, hidden=a.hidden, layers=a.layers, heads=a.heads,
+                                  vision_hidden=a.vision_hidden, vision_layers=a.vision_layers,
+                                  vision_heads=a.vision_heads, image_size=a.image_size,
+                                  patch_size=a.patch_size, llm=a.llm, vision=a.vision, seed=a.seed)
+    except FileExistsError as e:
+        p.error(str(e))
     print(f"wrote a tiny {a.vision}+{a.llm} VLA backbone to {out.resolve()}")
 
 
