@@ -272,3 +272,27 @@ def test_sample_through_real_train_py_dry_run(tmp_path, tiny_data):
             assert err.strip()
             MESSAGES[normalize(err.strip(), tmp_path)] += 1
 
+
+
+# Inputs that crashed the configuration layer with a traceback before it was fixed (found by
+# the generators above), kept as fixed regression cases: (kind, input, text the message names).
+FOUND_CRASHES = [
+    ("yaml", "lora_r: 1" + "0" * 5000 + "\n", "c.yaml"),
+    ("bindings", "model.policy = 16", "model.policy"),
+    ("bindings", "model.policy = [1, 2]", "model.policy"),
+    ("bindings", "lora.r = %UNDEFINED", "%UNDEFINED"),
+    ("flags", "--lr_scheduler_type=", "--lr_scheduler_type"),
+    ("flags", "--learning_rate=nan", "--learning_rate"),
+    ("yaml", "learning_rate: .inf\n", "learning_rate"),
+]
+
+
+@pytest.mark.parametrize("kind,payload,named", FOUND_CRASHES, ids=[c[1][:24] for c in FOUND_CRASHES])
+def test_former_crashes_are_user_errors(tmp_path, tiny_data, kind, payload, named):
+    if kind == "yaml":
+        msg = drive(tmp_path, tiny_data, yaml_text=payload)
+    elif kind == "bindings":
+        msg = drive(tmp_path, tiny_data, bindings=[payload])
+    else:
+        msg = drive(tmp_path, tiny_data, flags=[payload])
+    assert msg is not None and named in msg

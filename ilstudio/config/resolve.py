@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,27 @@ def _parse_training_arg_flags(entries: list[str], extra: dict[str, Any], sources
         sources[name] = "flag --training_arg"
 
 
+_UNDEFINED_MACRO = re.compile(r"configurable 'macro' \(.*\) in scope '([^']+)'")
+
+
+def construct(cls):
+    """Build a configurable from its gin bindings; gin evaluating a bad value is a UserError.
+
+    Values are evaluated only here (an undefined %MACRO, an @reference that raises), so
+    gin's TypeError/ValueError would otherwise reach the user as a traceback.
+    """
+    try:
+        return cls()
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a bound value raised when gin evaluated it
+        m = _UNDEFINED_MACRO.search(str(e))
+        if m:
+            raise UserError(f"gin macro %{m.group(1)} is used by a binding of `{cls.gin_name}` "
+                            f"but never defined (add `{m.group(1)} = <value>`)") from None
+        raise UserError(f"gin could not build `{cls.gin_name}` from its bindings: {e}") from None
+
+
 def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
     """Resolve every layer into one validated configuration (no torch, no writes)."""
     import_all_configurations()
@@ -135,15 +157,16 @@ def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
     for i, text in enumerate(fv.gin_bindings):
         layers.add_binding_text(text, f"--gin_bindings[{i}] ({text.strip()!r})")
 
-    built = {"task": S.TaskSettings(), "dataset": S.DatasetSettings(), "model": S.ModelSettings(),
-             "lora": S.LoraSettings(), "quantization": S.QuantizationSettings()}
+    built = {k: construct(cls) for k, cls in (
+        ("task", S.TaskSettings), ("dataset", S.DatasetSettings), ("model", S.ModelSettings),
+        ("lora", S.LoraSettings), ("quantization", S.QuantizationSettings))}
     policy_cls = policy_config_class(built["model"].policy, layers.provenance.source_of("model.policy"))
-    built["policy"] = policy_cls()
+    built["policy"] = construct(policy_cls)
     for obj in built.values():
         validate_instance(obj, layers.provenance.source_of)
     # The task's simulator settings (sim.*, bound by the sim task files): built so they land in
     # operative_config.gin, from which `python -m ilstudio.eval` renders like the training data.
-    validate_instance(SimSettings(), layers.provenance.source_of)
+    validate_instance(construct(SimSettings), layers.provenance.source_of)
     # Cross-parameter checks that need the whole picture: a policy that cannot read this
     # task, a switch that has no meaning for this policy.
     built["policy"].validate(task=built["task"], dataset=built["dataset"], model=built["model"],
