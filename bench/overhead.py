@@ -2,12 +2,12 @@
 """Framework overhead: train.py's Trainer path vs a plain PyTorch loop, same model, one process.
 
 Trainer side: ``ilstudio.training.run.train`` exactly as train.py runs it (flags -> resolve ->
-datasets with ``dataset.preload_data = True`` -> policy -> PolicyTrainer), timed by a
-callback between optimizer steps W and W+N. Plain side: a deep copy of the same initial
-model, the first batches pre-collated into tensors once (data in memory, no DataLoader),
-AdamW with the same hyperparameters, the same linear schedule and gradient clipping, timed
-over the same N steps. Runs alternate (plain, trainer, plain, ...) so machine contention
-hits both; medians are reported. Ratio = trainer steps/s / plain steps/s (goal >= 0.95).
+datasets with ``dataset.preload_data = True`` -> policy -> PolicyTrainer). Plain side: a
+deep copy of the same initial model, batches pre-collated into tensors once (data in
+memory, no DataLoader), AdamW with the same hyperparameters, the same linear schedule and
+gradient clipping. Both run in the same process, interleaved step by step (see Capture), so
+contention on a shared machine hits both alike. Per run: median step time of each side;
+ratio = trainer steps/s / plain steps/s (goal >= 0.95); the table gives medians over runs.
 
     OMP_NUM_THREADS=1 python bench/overhead.py [--policies mlp,act] [--repeats 3]
         [--profile] [--trainer_flag=--training_arg=disable_tqdm=true ...]
@@ -47,8 +47,52 @@ def machine() -> str:
             f"python {platform.python_version()}")
 
 
+class PlainLoop:
+    """The loop a user would write: batches pre-collated in memory, no DataLoader, no
+    callbacks, no logging; AdamW, linear schedule and clipping as the Trainer's."""
+
+    def __init__(self, model, dataset, args, total_steps: int) -> None:
+        import torch
+        from transformers import default_data_collator
+
+        self.model = model
+        g = torch.Generator().manual_seed(0)
+        self.batches = []
+        for _ in range(8):
+            idx = torch.randint(len(dataset), (args.per_device_train_batch_size,), generator=g)
+            self.batches.append(default_data_collator([dataset[int(i)] for i in idx]))
+        groups = getattr(model, "optimizer_param_groups", None)
+        params = groups(args.learning_rate, args.weight_decay) if callable(groups) else None
+        params = params or [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=args.learning_rate, eps=args.adam_epsilon,
+                                     betas=(args.adam_beta1, args.adam_beta2),
+                                     weight_decay=args.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: max(0.0, (total_steps - s) / total_steps))
+        self.max_grad_norm, self.n = args.max_grad_norm, 0
+        model.train()
+
+    def step(self) -> None:
+        import torch
+
+        loss = self.model(**self.batches[self.n % len(self.batches)])["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.n += 1
+
+
 class Capture:
-    """Patches PolicyTrainer to time steps and hand over its initial model and dataset."""
+    """Patches PolicyTrainer so every Trainer step is followed by one plain-loop step.
+
+    A callback at each step end runs one step of a PlainLoop on a deep copy of the same
+    initial model, timing it; the Trainer's step time is the interval from the end of one
+    callback to the start of the next (data loading, forward, backward, optimizer, logging,
+    callbacks: everything the Trainer does per step). Interleaving step by step exposes
+    both sides to the same contention on a shared machine; medians drop the spikes.
+    """
 
     def __init__(self, warmup: int, steps: int) -> None:
         from transformers import TrainerCallback
@@ -56,33 +100,43 @@ class Capture:
         from ilstudio.training.trainer import PolicyTrainer
 
         self.warmup, self.steps = warmup, steps
-        self.t0 = self.t1 = 0.0
-        self.model = self.dataset = self.args = self.trainer = None
+        self.trainer_times: list[float] = []
+        self.plain_times: list[float] = []
         capture = self
 
-        class Timer(TrainerCallback):
+        class Interleave(TrainerCallback):
+            last = None
+
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                capture.trainer_times, capture.plain_times, self.last = [], [], None
+                capture.plain = PlainLoop(copy.deepcopy(capture.initial), capture.dataset, args,
+                                          capture.warmup + capture.steps)
+
             def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step == capture.warmup:
-                    capture.t0 = time.perf_counter()
-                elif state.global_step == capture.warmup + capture.steps:
-                    capture.t1 = time.perf_counter()
+                now = time.perf_counter()
+                timed = state.global_step > capture.warmup
+                if timed and self.last is not None:
+                    capture.trainer_times.append(now - self.last)
+                t0 = time.perf_counter()
+                capture.plain.step()
+                if timed:
+                    capture.plain_times.append(time.perf_counter() - t0)
+                self.last = time.perf_counter()
 
         real_init = PolicyTrainer.__init__
 
         def init(trainer, *a, **k):
             real_init(trainer, *a, **k)
-            trainer.add_callback(Timer())
-            capture.model = copy.deepcopy(trainer.model)
-            capture.dataset, capture.args, capture.trainer = trainer.train_dataset, trainer.args, trainer
+            capture.initial = copy.deepcopy(trainer.model)
+            capture.dataset = trainer.train_dataset
+            trainer.add_callback(Interleave())
 
         PolicyTrainer.__init__ = init
 
-    @property
-    def steps_per_s(self) -> float:
-        return self.steps / (self.t1 - self.t0)
 
-
-def run_trainer(cap: Capture, data: Path, out: Path, policy: str, batch: int, extra: list[str]):
+def run_trainer(cap: Capture, data: Path, out: Path, policy: str, batch: int,
+                extra: list[str]) -> tuple[float, float]:
+    """(trainer steps/s, plain steps/s), from per-step medians of one interleaved run."""
     import gin
 
     from ilstudio.config.resolve import resolve_argv
@@ -92,44 +146,16 @@ def run_trainer(cap: Capture, data: Path, out: Path, policy: str, batch: int, ex
     argv = ["--task_name=tiny_synthetic", f"--gin_bindings=task.dataset_dir = '{data}'",
             "--gin_bindings=dataset.preload_data = True", *POLICY_FLAGS[policy],
             f"--output_dir={out}", f"--per_device_train_batch_size={batch}",
-            f"--max_steps={cap.warmup + cap.steps}", "--save_strategy=no", "--report_to=none",
-            "--learning_rate=1e-4", *extra]
+            f"--max_steps={cap.warmup + cap.steps + 1}", "--save_strategy=no",
+            "--report_to=none", "--learning_rate=1e-4", *extra]
     train(resolve_argv(argv))
-    return cap.steps_per_s
-
-
-def run_plain(model, dataset, args, warmup: int, steps: int) -> float:
-    """The loop a user would write: no DataLoader, no callbacks, no logging."""
-    import torch
-    from transformers import default_data_collator
-
-    g = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(8):
-        idx = torch.randint(len(dataset), (args.per_device_train_batch_size,), generator=g)
-        batches.append(default_data_collator([dataset[int(i)] for i in idx]))
-    groups = getattr(model, "optimizer_param_groups", None)
-    params = groups(args.learning_rate, args.weight_decay) if callable(groups) else None
-    params = params or [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                            eps=args.adam_epsilon, weight_decay=args.weight_decay)
-    total = warmup + steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (total - s) / total))
-    model.train()
-    t0 = 0.0
-    for step in range(total):
-        if step == warmup:
-            t0 = time.perf_counter()
-        loss = model(**batches[step % len(batches)])["loss"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-    return steps / (time.perf_counter() - t0)
+    return 1 / statistics.median(cap.trainer_times), 1 / statistics.median(cap.plain_times)
 
 
 def measure(a, cap: Capture, data: Path, tmp: Path, policy: str, variant: str) -> tuple:
+    batch = a.act_batch if policy == "act" else a.batch
+    cap.steps = a.act_steps if policy == "act" else a.steps
+    cap.warmup = min(a.warmup, 5) if policy == "act" else a.warmup
     trainer_sps, plain_sps = [], []
     for r in range(a.repeats):
         out = tmp / f"{policy}-{variant}-{r}"
@@ -139,21 +165,25 @@ def measure(a, cap: Capture, data: Path, tmp: Path, policy: str, variant: str) -
 
             prof = cProfile.Profile()
             prof.enable()
-            trainer_sps.append(run_trainer(cap, data, out, policy, a.batch, a.trainer_flag))
+            t, pl = run_trainer(cap, data, out, policy, batch, a.trainer_flag)
             prof.disable()
-            print(f"--- cProfile of the {policy} ({variant}) Trainer run (top 30) ---")
+            print(f"--- cProfile of the {policy} ({variant}) run, plain steps included (top 30) ---")
             pstats.Stats(prof).sort_stats(os.environ.get("BENCH_PROFILE_SORT", "cumulative")).print_stats(30)
         else:
-            trainer_sps.append(run_trainer(cap, data, out, policy, a.batch, a.trainer_flag))
-        plain_sps.append(run_plain(copy.deepcopy(cap.model), cap.dataset, cap.args, a.warmup, a.steps))
+            t, pl = run_trainer(cap, data, out, policy, batch, a.trainer_flag)
+        trainer_sps.append(t)
+        plain_sps.append(pl)
     t, pl = statistics.median(trainer_sps), statistics.median(plain_sps)
-    return (policy, variant, t, pl, t / pl, trainer_sps, plain_sps)
+    ratios = [x / y for x, y in zip(trainer_sps, plain_sps, strict=True)]
+    return (policy, variant, t, pl, statistics.median(ratios), trainer_sps, plain_sps, batch)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--policies", default="mlp,act")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--act_batch", type=int, default=8, help="ACT's batch (its CPU step is slow)")
+    p.add_argument("--act_steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--repeats", type=int, default=3)
@@ -176,7 +206,8 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     print(f"machine: {machine()}")
-    print(f"batch {a.batch}, {a.steps} timed steps after {a.warmup} warm-up, {a.repeats} repeats, "
+    print(f"batch {a.batch} (act {a.act_batch}), {a.steps} (act {a.act_steps}) timed steps after "
+          f"{a.warmup} warm-up, {a.repeats} repeats, "
           f"trainer flags {a.trainer_flag or 'default'}")
     cap = Capture(a.warmup, a.steps)
     rows = []
@@ -195,15 +226,17 @@ def main() -> None:
                     batched_mod.can_batch = lambda ds: False
                 try:
                     rows.append(measure(a, cap, data, Path(tmp), policy, variant))
+                    print(f"# {policy} {variant}: trainer {rows[-1][5]} plain {rows[-1][6]} "
+                          f"ratio {rows[-1][4]:.3f}", flush=True)
                 finally:
                     batched_mod.can_batch = real_can_batch
     print()
     print("| policy | data path | batch | train.py steps/s | plain loop steps/s | ratio | "
           "runs (trainer / plain) |")
     print("|---|---|---|---|---|---|---|")
-    for policy, variant, t, pl, ratio, ts, ps in rows:
+    for policy, variant, t, pl, ratio, ts, ps, batch in rows:
         runs = " ".join(f"{x:.1f}" for x in ts) + " / " + " ".join(f"{x:.1f}" for x in ps)
-        print(f"| {policy} | {variant} | {a.batch} | {t:.1f} | {pl:.1f} | {ratio:.3f} | {runs} |")
+        print(f"| {policy} | {variant} | {batch} | {t:.1f} | {pl:.1f} | {ratio:.3f} | {runs} |")
 
 
 if __name__ == "__main__":
