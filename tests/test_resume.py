@@ -2,8 +2,8 @@
 
 One uninterrupted run is the reference. A second run is killed (SIGKILL, no chance to clean
 up) once while a checkpoint is being written and once right after a checkpoint past the
-epoch boundary is complete; each time it is restarted with the same command plus
---resume_from_checkpoint=true. Its final model and every checkpoint it has in common with the
+epoch boundary is complete; every launch is the same command, with
+--resume_from_checkpoint=true (a fresh start when there is no checkpoint yet). Its final model and every checkpoint it has in common with the
 reference must be identical tensor for tensor: model, optimizer, scheduler, RNG (dropout is on)
 and the position in the data order all have to come back for that to hold.
 """
@@ -101,7 +101,7 @@ def test_sigkill_at_several_points_then_resume_gives_identical_weights(tiny_data
     # 1. While checkpoint-15 is being written (checkpoint-5 and -10 are complete): the staging
     #    directory holds a partial checkpoint when the kill lands.
     staging = out / STAGING_DIR
-    kill_when(args, lambda: (staging / "checkpoint-15").is_dir())
+    kill_when(resume, lambda: (staging / "checkpoint-15").is_dir())
     midwrite = staging.is_dir()
     newest = last_complete_checkpoint(out)
     assert newest is not None and (Path(newest) / "trainer_state.json").is_file()
@@ -134,3 +134,24 @@ def test_partial_checkpoint_and_staging_leftovers_are_never_resumed_from(tmp_pat
     (out / STAGING_DIR / "checkpoint-15" / "trainer_state.json").write_text("{}")
     assert last_complete_checkpoint(out) == str(out / "checkpoint-5")
     assert last_complete_checkpoint(out / "missing") is None
+
+
+def test_resume_true_restarts_a_run_killed_before_its_first_checkpoint(tiny_data, tmp_path):
+    """The same command (with --resume_from_checkpoint=true) starts over when nothing was
+    checkpointed yet, but never retrains over a finished run."""
+    from ilstudio.config.resolve import resolve_argv
+    from ilstudio.errors import UserError
+    from ilstudio.training.run import check_output_dir, resume_checkpoint
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "operative_config.gin").write_text("# dumps of a run killed at step 3\n")
+    resolved = resolve_argv([*tiny_args(tiny_data, out), "--resume_from_checkpoint=true"])
+    assert resume_checkpoint(resolved) is None
+    check_output_dir(resolved, None, overwrite=False)  # starts again from step 0
+    (out / "model.safetensors").write_bytes(b"finished")
+    with pytest.raises(UserError, match="already holds a finished run"):
+        check_output_dir(resolved, None, overwrite=False)
+    fresh = resolve_argv(tiny_args(tiny_data, out))
+    with pytest.raises(UserError, match="already holds a run"):
+        check_output_dir(fresh, None, overwrite=False)

@@ -89,7 +89,7 @@ def test_output_dir_holding_a_run_is_never_silently_reused(existing_run):
     before = (out / "model.safetensors").read_bytes()
     for extra, expect in ((["--dry_run"], "already holds a run"),
                           (["--dry_run", "--resume_from_checkpoint=true"],
-                           "no complete checkpoint to resume from")):
+                           "already holds a finished run")):
         r = run_train(*args, *extra, timeout=120)
         assert r.returncode == 2, r.stderr[-2000:]
         assert expect in r.stderr and "model.safetensors" in r.stderr

@@ -82,9 +82,15 @@ def check_output_dir(resolved: Resolved, resume_from: str | None, overwrite: boo
     existing = holds_a_run(out)
     if existing and resume_from is None and not overwrite and parse_resume(
             resolved.hyper["resume_from_checkpoint"]) is True:
+        if not {"model.safetensors", "trainer_state.json"} & set(existing):
+            # Killed before its first complete checkpoint: the same command starts it again.
+            logging.warning("--resume_from_checkpoint=true: %s holds an unfinished run with no "
+                            "complete checkpoint (%s); starting it again from step 0", out,
+                            ", ".join(existing[:5]))
+            return
         raise UserError(
-            f"--output_dir={out} already holds a run ({', '.join(existing[:5])}) but no complete "
-            f"checkpoint to resume from (--resume_from_checkpoint=true). Pass "
+            f"--output_dir={out} already holds a finished run ({', '.join(existing[:5])}) but no "
+            f"complete checkpoint to resume from (--resume_from_checkpoint=true). Pass "
             f"--overwrite_output_dir to replace it, or choose another --output_dir.")
     if existing and resume_from is None and not overwrite:
         raise UserError(
