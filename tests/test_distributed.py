@@ -225,3 +225,26 @@ def test_fsdp_settings_reach_training_arguments(tiny_data, tmp_path):
     assert args.fsdp is True
     assert args.fsdp_config["reshard_after_forward"] is False
     assert args.fsdp_config["min_num_params"] == 1000
+
+
+@pytest.mark.skipif(not os.environ.get("ILSTUDIO_SLOW_TESTS"),
+                    reason="another 2-rank launch (~20 s idle); set ILSTUDIO_SLOW_TESTS=1")
+def test_accelerate_launch_is_data_parallel_too(tiny_data, tmp_path):
+    """`accelerate launch --multi_gpu` (accelerate's torchrun-based launcher; on a CPU-only
+    machine it runs gloo DDP through launch_defaults' use_cpu) shards like torchrun."""
+    import shutil
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        pytest.skip("accelerate CLI not installed")
+    out, trace = tmp_path / "acc", tmp_path / "trace"
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+           "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0", str(HELPER),
+           *_flags(tiny_data, out, PER_DEVICE), "--num_train_epochs=1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=train_env(ILS_TRACE_DIR=str(trace)))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    traces = [json.loads((trace / f"rank{r}.json").read_text()) for r in (0, 1)]
+    shards = [set(t["indices"]) for t in traces]
+    assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(SAMPLES))
+    assert all(t["batch_sizes"] == [PER_DEVICE] * (SAMPLES // (2 * PER_DEVICE)) for t in traces)
