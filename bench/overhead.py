@@ -32,6 +32,8 @@ sys.path.insert(0, str(REPO))
 # Small but not trivial: per-policy gin bindings that keep a CPU step in the ms range.
 POLICY_FLAGS = {
     "mlp": [],
+    # the same policy at a width where a step costs more than the Trainer's fixed per-step work
+    "mlp_wide": ["--gin_bindings=mlp.hidden_dim = 2048", "--gin_bindings=mlp.num_layers = 4"],
     "act": ["--gin_file=gin_configs/act.gin", "--gin_bindings=act.hidden_dim = 64",
             "--gin_bindings=act.dim_feedforward = 128", "--gin_bindings=act.enc_layers = 2",
             "--gin_bindings=act.nheads = 4"],
@@ -180,12 +182,12 @@ def measure(a, cap: Capture, data: Path, tmp: Path, policy: str, variant: str) -
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--policies", default="mlp,act")
+    p.add_argument("--policies", default="mlp,mlp_wide,act")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--act_batch", type=int, default=8, help="ACT's batch (its CPU step is slow)")
-    p.add_argument("--act_steps", type=int, default=40)
+    p.add_argument("--act_steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=150)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="cProfile one Trainer run per policy")
     p.add_argument("--variants", default="per_sample,batched",
