@@ -29,6 +29,16 @@ def run_train(*args: str, cwd: Path | None = None, timeout: int = 300,
                           env=env or train_env())
 
 
+@pytest.fixture(autouse=True)
+def _fresh_gin_config():
+    """Gin's bindings are process-global: no test may see another's (e.g. task.camera_names)."""
+    import gin
+
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """4 synthetic episodes x 50 steps, 14-dim, one 24x32 `top` camera (read-only: don't modify)."""
