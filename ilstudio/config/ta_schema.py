@@ -53,11 +53,17 @@ def installed_version() -> str | None:
         return None
 
 
+def _minor(version: str | None) -> tuple[str, ...]:
+    return tuple((version or "").split(".")[:2])
+
+
 def snapshot() -> dict[str, Any] | None:
-    """The stored schema if it describes the installed transformers, else None."""
+    """The stored schema if it describes the installed transformers (same minor release, which
+    pyproject.toml pins), else None so that callers build the real TrainingArguments."""
     from ilstudio.config import ta_snapshot
 
-    return ta_snapshot.SCHEMA if ta_snapshot.SCHEMA["version"] == installed_version() else None
+    same = _minor(ta_snapshot.SCHEMA["version"]) == _minor(installed_version())
+    return ta_snapshot.SCHEMA if same else None
 
 
 def usable_snapshot() -> dict[str, Any] | None:

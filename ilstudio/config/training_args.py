@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ilstudio.config.hyperparams import HYPER_BY_NAME, HYPERPARAMS
-from ilstudio.errors import UserError
+from ilstudio.errors import UserError, did_you_mean
 
 # What a policy trainer needs regardless of user input; a user value still wins.
 _TRAINER_DEFAULTS = {
@@ -124,8 +124,21 @@ def build_training_arguments(hyper: dict[str, Any], extra: dict[str, Any] | None
         return TrainingArguments(**kwargs)
     except (TypeError, ValueError, OverflowError) as e:
         culprit = _culprit(TrainingArguments, kwargs)
-        where = f"--{culprit}={kwargs[culprit]!r}: " if culprit else ""
-        raise UserError(f"{where}TrainingArguments rejected the hyperparameters: {e}") from None
+        where = f"--{culprit}={kwargs[culprit]}: " if culprit else ""
+        hint = did_you_mean(str(kwargs[culprit]), _enum_values(TrainingArguments, culprit)) if culprit else ""
+        raise UserError(f"{where}TrainingArguments rejected the hyperparameters{hint}: {e}") from None
+
+
+def _enum_values(cls, name: str) -> list[str]:
+    """The allowed values of an enum-typed TrainingArguments field (empty if not an enum)."""
+    import enum
+    import typing
+
+    tp = {f.name: f.type for f in dataclasses.fields(cls)}.get(name)
+    for arg in typing.get_args(tp) or (tp,):
+        if isinstance(arg, type) and issubclass(arg, enum.Enum):
+            return [str(e.value) for e in arg]
+    return []
 
 
 def _culprit(cls, kwargs: dict[str, Any]) -> str | None:
