@@ -222,7 +222,7 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
             stats.save(out / dumps.NORM_STATS)
             if resume_changes:
                 config_diff.record_resume_changes(out, resume_from, resume_changes)
-            (out / "data_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            dumps.write_atomic(out / "data_summary.json", json.dumps(summary, indent=2) + "\n")
 
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", tensorboard_dir(hyper))
     callbacks = []
