@@ -86,9 +86,8 @@ def load_settings(operative: Path) -> dict:
     """Parse a run's operative_config.gin into its settings objects (as train.py built them)."""
     import gin
 
-    from ilstudio.config import settings as S
-    from ilstudio.policies import import_all_configurations, policy_config_class
-    from ilstudio.sim.settings import SimSettings
+    from ilstudio.config.resolve import build_settings
+    from ilstudio.policies import import_all_configurations
 
     import_all_configurations()
     gin.clear_config()
@@ -96,11 +95,7 @@ def load_settings(operative: Path) -> dict:
         gin.parse_config_file(str(operative))
     except Exception as e:  # noqa: BLE001 - gin raises many types for a bad file
         raise UserError(f"{operative}: cannot be parsed with this ilstudio ({e})") from None
-    built = {"task": S.TaskSettings(), "dataset": S.DatasetSettings(), "model": S.ModelSettings(),
-             "lora": S.LoraSettings(), "quantization": S.QuantizationSettings(),
-             "sim": SimSettings()}
-    built["policy"] = policy_config_class(built["model"].policy, str(operative))()
-    return built
+    return build_settings(lambda key: str(operative))
 
 
 def check_frame_size(task, sim) -> str | None:

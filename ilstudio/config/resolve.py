@@ -48,6 +48,7 @@ class Resolved:
     lora: S.LoraSettings
     quantization: S.QuantizationSettings
     policy: Any
+    sim: SimSettings
     layers: GinLayers
     yaml: TrainingConfig | None
     unused: list[tuple[str, str]]
@@ -131,6 +132,26 @@ def construct(cls):
         raise UserError(f"gin could not build `{cls.gin_name}` from its bindings: {e}") from None
 
 
+def build_settings(source_of) -> dict[str, Any]:
+    """Every settings object of a run from the gin bindings now in force, type-checked.
+
+    The one place that decides what a run's configurables are: training resolves through it
+    and the evaluator rebuilds a run from its operative_config.gin through it, so both always
+    construct (and put in the operative config) the same objects. ``source_of(gin_key)``
+    names where a value came from, for error messages.
+    """
+    built = {k: construct(cls) for k, cls in (
+        ("task", S.TaskSettings), ("dataset", S.DatasetSettings), ("model", S.ModelSettings),
+        ("lora", S.LoraSettings), ("quantization", S.QuantizationSettings),
+        # The task's simulator settings (sim.*, bound by the sim task files): built so they land
+        # in operative_config.gin, from which `python -m ilstudio.eval` renders like the data.
+        ("sim", SimSettings))}
+    built["policy"] = construct(policy_config_class(built["model"].policy, source_of("model.policy")))
+    for obj in built.values():
+        validate_instance(obj, source_of)
+    return built
+
+
 def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
     """Resolve every layer into one validated configuration (no torch, no writes)."""
     import_all_configurations()
@@ -157,16 +178,7 @@ def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
     for i, text in enumerate(fv.gin_bindings):
         layers.add_binding_text(text, f"--gin_bindings[{i}] ({text.strip()!r})")
 
-    built = {k: construct(cls) for k, cls in (
-        ("task", S.TaskSettings), ("dataset", S.DatasetSettings), ("model", S.ModelSettings),
-        ("lora", S.LoraSettings), ("quantization", S.QuantizationSettings))}
-    policy_cls = policy_config_class(built["model"].policy, layers.provenance.source_of("model.policy"))
-    built["policy"] = construct(policy_cls)
-    for obj in built.values():
-        validate_instance(obj, layers.provenance.source_of)
-    # The task's simulator settings (sim.*, bound by the sim task files): built so they land in
-    # operative_config.gin, from which `python -m ilstudio.eval` renders like the training data.
-    validate_instance(construct(SimSettings), layers.provenance.source_of)
+    built = build_settings(layers.provenance.source_of)
     # Cross-parameter checks that need the whole picture: a policy that cannot read this
     # task, a switch that has no meaning for this policy.
     built["policy"].validate(task=built["task"], dataset=built["dataset"], model=built["model"],

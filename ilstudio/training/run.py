@@ -25,10 +25,6 @@ from ilstudio.training import distributed
 RUN_MARKERS = (dumps.OPERATIVE, "trainer_state.json", "model.safetensors")
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def holds_a_run(output_dir: Path) -> list[str]:
     """What in output_dir says another run lives there (empty if none)."""
     if not output_dir.is_dir():
@@ -214,7 +210,7 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
     out = Path(resolved.output_dir)
     resume_changes = check_resume_config(resolved, resume_from)
     with output_errors(out, "the run's configuration"):
-        if is_main_process():
+        if distributed.is_main_process():
             if overwrite_output_dir and resume_from is None and holds_a_run(out):
                 logging.warning("--overwrite_output_dir: replacing %s", out)
                 shutil.rmtree(out)
