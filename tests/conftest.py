@@ -54,3 +54,12 @@ def tiny_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
     return ["--task_name=tiny_synthetic", f"--gin_bindings=task.dataset_dir = '{data_dir}'",
             f"--output_dir={output_dir}", "--per_device_train_batch_size=8", "--logging_steps=5",
             "--report_to=none", *extra]
+
+
+def finished_run(tmp_path_factory, name: str, data_dir: Path, *extra: str) -> tuple[Path, list[str]]:
+    """Train once on tiny data (for module-scoped fixtures); returns (output_dir, the flags used)."""
+    out = tmp_path_factory.mktemp(name) / "run"
+    args = tiny_args(data_dir, out, *extra)
+    r = run_train(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, args

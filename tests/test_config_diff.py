@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_train, tiny_args, train_env
+from conftest import REPO, finished_run, run_train, train_env
 
 from ilstudio.config import diff
 
@@ -61,11 +61,7 @@ def test_cli_groups_by_configurable_and_flags_with_both_values(tmp_path):
 
 @pytest.fixture(scope="module")
 def short_run(tiny_data, tmp_path_factory) -> tuple[Path, list[str]]:
-    out = tmp_path_factory.mktemp("diffrun") / "run"
-    args = tiny_args(tiny_data, out, "--max_steps=10", "--save_steps=5")
-    r = run_train(*args)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out, args
+    return finished_run(tmp_path_factory, "diffrun", tiny_data, "--max_steps=10", "--save_steps=5")
 
 
 def test_cli_compares_two_run_directories(short_run, tmp_path):

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_train, tiny_args, train_env
+from conftest import REPO, finished_run, run_train, tiny_args, train_env
 
 from ilstudio.training.trainer import STAGING_DIR
 
@@ -77,11 +77,7 @@ def test_failed_checkpoint_write_is_an_error_and_leaves_nothing_partial(tiny_dat
 
 @pytest.fixture(scope="module")
 def existing_run(tiny_data, tmp_path_factory) -> tuple[Path, list[str]]:
-    out = tmp_path_factory.mktemp("existing") / "run"
-    args = tiny_args(tiny_data, out, "--max_steps=2", "--save_strategy=no")
-    r = run_train(*args)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out, args
+    return finished_run(tmp_path_factory, "existing", tiny_data, "--max_steps=2", "--save_strategy=no")
 
 
 def test_output_dir_holding_a_run_is_never_silently_reused(existing_run):
