@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
@@ -135,10 +136,10 @@ class PolicyTrainer(Trainer):
         return out
 
     def _last_checkpoint_note(self) -> str:
-        from transformers.trainer_utils import get_last_checkpoint
+        from ilstudio.training.run import last_complete_checkpoint
 
         out = self.args.output_dir
-        last = get_last_checkpoint(out) if out and os.path.isdir(out) else None
+        last = last_complete_checkpoint(Path(out)) if out else None
         return (f"the last complete checkpoint is {last}." if last
                 else "no checkpoint had been written yet.")
 
