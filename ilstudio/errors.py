@@ -28,3 +28,25 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """' (did you mean `x`?)' or '' when nothing is close."""
     hits = closest(name, candidates)
     return f" (did you mean `{hits[0]}`?)" if hits else ""
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """A bounded repr for messages.
+
+    A value read from a file can be arbitrarily large (a YAML alias bomb expands to hundreds
+    of millions of elements, an integer can have thousands of digits): a plain ``repr`` in an
+    error message would hang the run. Strings, numbers and containers are cut with ``...``.
+    """
+    import reprlib
+
+    class _Bounded(reprlib.Repr):
+        def repr_int(self, x: int, level: int) -> str:
+            if x.bit_length() > 128:  # repr() of a huge int is slow, then refused by Python
+                return f"<an integer of about {int(x.bit_length() * 0.30103)} digits>"
+            return super().repr_int(x, level)
+
+    r = _Bounded()
+    r.maxstring, r.maxother, r.maxlong, r.maxlevel = limit, limit, 40, 2
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = r.maxdeque = r.maxarray = 4
+    text = r.repr(value)
+    return text if len(text) <= 2 * limit else text[:2 * limit] + "..."

@@ -29,7 +29,7 @@ def assert_user_error(proc, *needles: str) -> None:
     (["--task_name=sim_transfer_cube_scriptd"], ["did you mean `sim_transfer_cube_scripted`"]),
     (["--gin_file=nope.gin"], ["gin file `nope.gin` not found"]),
     ([f"--training_config={COMPAT / 'openvla_finetune.yaml'}"], ["28 unknown key(s)", "training_mode"]),
-    (["--warmup_ratio=1.5"], ["--warmup_ratio=1.5: expected a ratio in [0, 1)"]),
+    (["--warmup_ratio=1.5"], ["--warmup_ratio: 1.5 is out of range; allowed: [0, 1)"]),
     (["--resume_from_checkpoint=/no/such/ckpt"], ["not a checkpoint directory"]),
     (["extra_positional"], ["unexpected positional arguments"]),
 ])

@@ -10,7 +10,6 @@ Nothing here imports torch: ``--dry_run`` and ``--explain`` stay fast.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -86,11 +85,13 @@ def _resolve_hyper(fv: flags.FlagValues, yaml_cfg: TrainingConfig | None
     if values["output_dir"] is None:
         values["output_dir"] = str(Path("runs") / values["task_name"])
         sources["output_dir"] = "default (runs/<task_name>)"
-    for h in HYPERPARAMS:  # absl's float flags accept nan/inf; no hyperparameter means them
-        v = values[h.name]
-        if h.type is float and v is not None and not math.isfinite(v):
-            raise UserError(f"--{h.name}={v} (from {sources[h.name]}): expected a finite number")
+    for h in HYPERPARAMS:
+        source = sources[h.name]
+        where = f"--{h.name}" if source.startswith("flag") else f"{h.name} (from {source})"
+        h.check(values[h.name], where)
     return values, sources
+
+
 
 
 def _parse_training_arg_flags(entries: list[str], extra: dict[str, Any], sources: dict[str, str]) -> None:
