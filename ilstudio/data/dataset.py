@@ -28,9 +28,9 @@ from ilstudio.data.episodes import (
     QPOS_KEY,
     check_episodes,
     is_mirrored,
-    list_episode_files,
     open_episode,
     read_errors,
+    scan_episode_files,
 )
 from ilstudio.data.image_ops import fit_frames
 from ilstudio.data.normalization import NormStats, compute_stats
@@ -219,7 +219,7 @@ def build_datasets(task: TaskSettings, settings: DatasetSettings, chunk_size: in
 
     language: the policy's text processor (see EpisodeDataset), or None.
     """
-    paths = list_episode_files(task.dataset_dir)
+    paths, not_episodes = scan_episode_files(task.dataset_dir)
     n_found = len(paths)
     if settings.skip_mirrored_data:
         paths = [p for p in paths if not is_mirrored(p)]
@@ -249,6 +249,9 @@ def build_datasets(task: TaskSettings, settings: DatasetSettings, chunk_size: in
         "dataset_dir": str(task.dataset_dir),
         "episodes_found": n_found,
         "episodes_mirrored_skipped": n_found - len(paths),
+        # *.hdf5 entries that are not readable files (dangling/looping symlinks, directories)
+        "entries_skipped": len(not_episodes),
+        "entries_skipped_why": dict(not_episodes),
         "episodes_train": len(train_idx),
         "episodes_val": len(val_idx),
         "timesteps_train": len(train_ds),
