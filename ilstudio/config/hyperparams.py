@@ -128,6 +128,30 @@ HYPERPARAMS: tuple[Hyper, ...] = (
 
 HYPER_BY_NAME = {h.name: h for h in HYPERPARAMS}
 
+# TrainingArguments fields the run sets itself, from a flag: passing one through
+# --training_arg (or as a pass-through YAML key) would bypass that flag's checks (the
+# output_dir guard, resume) or silently beat its value while flags.txt records the flag's.
+OWNED_BY_FLAG = {
+    **{h.name: h.name for h in HYPERPARAMS},
+    "overwrite_output_dir": "overwrite_output_dir",
+    "activation_checkpointing": "gradient_checkpointing",  # transformers 5's name for it
+    "evaluation_strategy": "eval_strategy",  # transformers' old name
+    "local_rank": None,  # set by the launcher (torchrun / accelerate), never by hand
+}
+
+
+def owned_field_message(name: str, where: str, yaml_key: bool = False) -> str | None:
+    """Why a TrainingArguments field may not be set directly (None if it may)."""
+    if name not in OWNED_BY_FLAG:
+        return None
+    flag = OWNED_BY_FLAG[name]
+    if flag is None:
+        return (f"{where}: `{name}` is set by the launcher (torchrun / accelerate launch), "
+                f"not by a setting")
+    use = f"the `{flag}` key" if yaml_key and flag in HYPER_BY_NAME else f"--{flag}"
+    return (f"{where}: `{name}` is set by the run from --{flag}, which checks and records it; "
+            f"use {use} instead")
+
 _DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float,
            bool: flags.DEFINE_bool}
 

@@ -20,7 +20,7 @@ from absl import flags, logging
 from ilstudio.config import settings as S
 from ilstudio.config.declare import validate_instance
 from ilstudio.config.gin_layers import GinLayers, SearchPath
-from ilstudio.config.hyperparams import HYPERPARAMS
+from ilstudio.config.hyperparams import HYPERPARAMS, owned_field_message
 from ilstudio.config.yaml_adapter import (
     TrainingConfig,
     convert_training_arg,
@@ -94,6 +94,9 @@ def _resolve_hyper(fv: flags.FlagValues, yaml_cfg: TrainingConfig | None
             values[name], sources[name] = yaml_cfg.hyper[name], yaml_cfg.source[name]
         else:
             values[name], sources[name] = fv[name].value, "default"
+    if values["output_dir"] is not None and not str(values["output_dir"]).strip():
+        raise UserError(f"--output_dir is empty (from {sources['output_dir']}): name the run's "
+                        f"directory, or leave it out for runs/<task_name>")
     if values["output_dir"] is None:
         values["output_dir"] = str(Path("runs") / values["task_name"])
         sources["output_dir"] = "default (runs/<task_name>)"
@@ -113,6 +116,9 @@ def _parse_training_arg_flags(entries: list[str], extra: dict[str, Any], sources
         where = f"--training_arg={entry if len(entry) <= 80 else entry[:77] + '...'}"
         if not sep:
             raise UserError(f"{where}: expected name=value")
+        owned = owned_field_message(name, where)
+        if owned:
+            raise UserError(owned)
         if name not in training_args_fields():
             raise UserError(f"{where}: `{name}` is not a TrainingArguments field"
                             f"{did_you_mean(name, training_args_fields())}")

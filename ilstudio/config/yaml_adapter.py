@@ -17,7 +17,7 @@ import yaml
 
 from ilstudio.config import settings as _settings  # noqa: F401  (registers the configurables)
 from ilstudio.config.declare import ParamInfo, all_params, check_value, convert
-from ilstudio.config.hyperparams import HYPER_BY_NAME, Hyper
+from ilstudio.config.hyperparams import HYPER_BY_NAME, Hyper, owned_field_message
 from ilstudio.errors import UserError, closest, read_user_text
 
 # Keys transformers renamed; real files still carry the old name.
@@ -220,6 +220,9 @@ def load_training_config(path: str | Path, unknown_keys: str = "error") -> Train
             cfg.hyper[key] = convert_hyper(h, value, where)
             cfg.source[key] = f"YAML {path}:{line} ({key})"
         elif key in training_args_fields():
+            owned = owned_field_message(key, where, yaml_key=True)
+            if owned:
+                raise UserError(owned)
             cfg.training_args[key] = convert_training_arg(key, value, where)
             cfg.source[key] = f"YAML {path}:{line} ({key})"
         else:
