@@ -85,7 +85,8 @@ HYPERPARAMS: tuple[Hyper, ...] = (
     Hyper("optim", str, "adamw_torch", "Optimizer name as TrainingArguments.optim understands it."),
     Hyper("adam_beta1", float, 0.9, "AdamW beta1.", bounds="[0, 1)"),
     Hyper("adam_beta2", float, 0.999, "AdamW beta2.", bounds="[0, 1)"),
-    Hyper("adam_epsilon", float, 1e-8, "AdamW epsilon.", bounds="[0, inf)"),
+    Hyper("adam_epsilon", float, 1e-8, "AdamW epsilon (0 would divide 0 by 0 for a parameter "
+          "with no gradient yet).", bounds="(0, inf)"),
     Hyper("logging_dir", str, None, "TensorBoard directory (default: <output_dir>/runs). "
           "transformers 5 removed this field: it is passed as the TENSORBOARD_LOGGING_DIR "
           "environment variable.", to_training_args=False),
@@ -161,10 +162,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     if "learning_rate" in flag_values:
         return
     for h in HYPERPARAMS:
+        doc = f"{h.doc} Allowed: {h.bounds}." if h.bounds else h.doc
         if h.choices and h.type is str:
-            flags.DEFINE_enum(h.name, h.default, list(h.choices), h.doc, flag_values=flag_values)
+            flags.DEFINE_enum(h.name, h.default, list(h.choices), doc, flag_values=flag_values)
         else:
-            _DEFINE[h.type](h.name, h.default, h.doc, flag_values=flag_values)
+            _DEFINE[h.type](h.name, h.default, doc, flag_values=flag_values)
     flags.DEFINE_string("task_name", "sim_transfer_cube_scripted",
                         "Task: gin_configs/tasks/<task_name>.gin binds its data and dims.",
                         flag_values=flag_values)

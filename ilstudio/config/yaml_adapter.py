@@ -18,7 +18,7 @@ import yaml
 from ilstudio.config import settings as _settings  # noqa: F401  (registers the configurables)
 from ilstudio.config.declare import ParamInfo, all_params, check_value, convert
 from ilstudio.config.hyperparams import HYPER_BY_NAME, Hyper, owned_field_message
-from ilstudio.errors import UserError, closest, read_user_text
+from ilstudio.errors import UserError, closest, read_user_text, shown
 
 # Keys transformers renamed; real files still carry the old name.
 RENAMED_KEYS = {"evaluation_strategy": "eval_strategy"}
@@ -95,7 +95,8 @@ def convert_hyper(h: Hyper, value: Any, where: str) -> Any:
         return "true" if value else "false"
     out = convert(value, h.type, where) if value is not None else None
     if h.choices and out is not None and out not in h.choices:
-        raise UserError(f"{where}: expected one of {', '.join(h.choices)}, got {out!r}")
+        raise UserError(f"{where}: expected one of {', '.join(h.choices)}, got {shown(out)}")
+    h.check(out, where)
     return out
 
 
