@@ -197,7 +197,7 @@ def load_training_config(path: str | Path, unknown_keys: str = "error") -> Train
     path = Path(path)
     cfg = TrainingConfig(path=str(path))
     unknown = []
-    targets: dict[str, tuple[str, int]] = {}  # what a key sets -> (the key, its line)
+    targets: dict[str, tuple[str, int, Any]] = {}  # what a key sets -> (the key, line, value)
     for key, line, value in _read_mapping(path):
         key = str(key)
         where = f"{path}:{line}: {key}"
@@ -208,10 +208,18 @@ def load_training_config(path: str | Path, unknown_keys: str = "error") -> Train
             key = new
         target = stable_keys()[key].gin_key if key in stable_keys() else key
         if target in targets:
-            other, other_line = targets[target]
-            raise UserError(f"{path}:{line}: `{given}` sets the same parameter as `{other}` (line "
-                            f"{other_line}); give it once")
-        targets[target] = (given, line)
+            # Two spellings of one parameter (eval_strategy / evaluation_strategy): with two
+            # values neither may silently win. Real files written across the rename carry
+            # both with one value; that is only worth a warning.
+            other, other_line, other_value = targets[target]
+            if other_value != value or type(other_value) is not type(value):
+                raise UserError(f"{path}:{line}: `{given}` sets the same parameter as `{other}` "
+                                f"(line {other_line}) to a different value ({shown(value)} vs "
+                                f"{shown(other_value)}); give it once")
+            cfg.warnings.append(f"{path}:{line}: `{given}` repeats `{other}` (line {other_line}) "
+                                f"with the same value; give it once")
+            continue
+        targets[target] = (given, line, value)
         if key in stable_keys():
             info = stable_keys()[key]
             cfg.stable[info.gin_key] = check_value(info, value, where)
