@@ -104,11 +104,15 @@ def save_final_model(trainer, out: Path) -> None:
 
 def validate_data(resolved: Resolved) -> list[int]:
     """Header-level checks of the task's episodes (cheap; used by --dry_run too)."""
-    from ilstudio.data.episodes import check_episodes, list_episode_files
+    from ilstudio.data.episodes import check_camera_sizes, check_episodes
+    from ilstudio.data.sources import list_episodes
 
     use_images = resolved.policy.image_inputs(resolved.task, resolved.dataset)
-    paths = list_episode_files(resolved.task.dataset_dir)
-    return check_episodes(paths, resolved.task, use_images)
+    paths = list_episodes(resolved.task.dataset_dir, resolved.model.cache_dir)
+    lengths = check_episodes(paths, resolved.task, use_images)
+    if use_images:
+        check_camera_sizes(paths[0], resolved.task.camera_names, resolved.dataset.image_size)
+    return lengths
 
 
 def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
@@ -142,7 +146,7 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
                                 task=resolved.task, dataset=resolved.dataset, model=resolved.model)
     train_ds, eval_ds, stats, summary = build_datasets(
         resolved.task, resolved.dataset, resolved.model.chunk_size, args.do_eval, args.seed,
-        language=processor)
+        language=processor, cache_dir=resolved.model.cache_dir)
     logging.info("data: %s", summary)
     # Preloaded data: one vectorised gather per batch (bench/overhead.py), same samples.
     train_ds, eval_ds = batched(train_ds), batched(eval_ds)
