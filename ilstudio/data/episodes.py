@@ -10,6 +10,10 @@ One file per episode::
 
 Validation reads headers only (shapes, dtypes, keys), so a bad file is reported in
 seconds with its name, instead of as a shape error deep inside a DataLoader worker.
+
+An episode "path" may also be a LeRobot episode reference (``lerobot_reader.LeRobotEpisode``:
+it has ``open_source()``); ``open_episode``, ``is_mirrored`` and ``check_episodes`` accept
+both, so the dataset layer above reads either format through the same keys.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import stat
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -91,14 +96,23 @@ def read_errors(path: Path) -> Iterator[None]:
         raise UserError(f"{path}: cannot be read as HDF5 (truncated or corrupt?): {e}") from None
 
 
-def open_episode(path: Path) -> h5py.File:
+def episode_ref(path: Any) -> Any:
+    """An episode reference as the data layer keeps it: a LeRobot reference, or a Path."""
+    return path if hasattr(path, "open_source") else Path(path)
+
+
+def open_episode(path: Any) -> Any:
     """Open read-only; an unreadable file becomes a UserError naming it."""
+    if hasattr(path, "open_source"):  # a LeRobot episode: same keys as an HDF5 episode
+        return path.open_source()
     with read_errors(path):
         return h5py.File(path, "r")
 
 
-def is_mirrored(path: str | Path) -> bool:
+def is_mirrored(path: Any) -> bool:
     """The episode's root attribute ``mirrored`` (False when absent)."""
+    if hasattr(path, "open_source"):
+        return bool(path.mirrored)
     with open_episode(Path(path)) as f:
         return bool(f.attrs.get("mirrored", False))
 
@@ -127,26 +141,35 @@ def _check_2d(ds: h5py.Dataset, key: str, dim: int, dim_name: str, name: str) ->
 _FLOAT32_EXACT_INT = 2**24
 
 
-def _check_values(name: str, key: str, values: np.ndarray) -> None:
-    """Every value converts to float32 exactly (integers) or finitely (floats), and is finite."""
+def check_exact_values(where: str, values: np.ndarray) -> None:
+    """A (T, dim) array of state/action values converts to the float32 the policy trains on
+    exactly (integers up to 2**24) or at least finitely (floats), and is finite.
+
+    Anything else (complex numbers losing their imaginary part, strings, integers rounded,
+    float64 beyond float32's range becoming inf) would change the data silently, or surface
+    mid-training as a NaN loss. ``where`` names the file and key. Every data format's episode
+    check calls this.
+    """
+    values = np.asarray(values)
+    if values.dtype.kind not in "biuf":
+        raise UserError(f"{where} has dtype {values.dtype}, which does not convert exactly to "
+                        f"the float32 the policy trains on (expected a real integer or float type)")
     if values.dtype.kind in "iu" and values.size:
         big = np.abs(values.astype(np.float64)) > _FLOAT32_EXACT_INT
         if big.any():
             t, col = (int(x) for x in np.argwhere(big)[0])
-            raise UserError(f"{name}: /{key} holds integer {values[t, col]} at step {t}, column "
-                            f"{col}: beyond 2**24 it does not convert exactly to float32; store "
-                            f"the values as floats")
+            raise UserError(f"{where} holds integer {values[t, col]} at step {t}, column {col}: "
+                            f"beyond 2**24 it does not convert exactly to float32; store the "
+                            f"values as floats")
         return
-    # Small arrays, read in full: NaN/inf here (or a float64 beyond float32's range, which
-    # becomes inf) would surface mid-training as a NaN loss.
     with np.errstate(over="ignore"):
         bad = ~np.isfinite(values.astype(np.float32))
     if bad.any():
         t, col = (int(x) for x in np.argwhere(bad)[0])
         why = (f" ({values[t, col]} is beyond float32's range)" if np.isfinite(values[t, col])
                else "")
-        raise UserError(f"{name}: /{key} has {int(bad.sum())} non-finite value(s) (NaN or inf), "
-                        f"first at step {t}, column {col}{why}; fix or remove the episode")
+        raise UserError(f"{where} has {int(bad.sum())} non-finite value(s) (NaN or inf), first "
+                        f"at step {t}, column {col}{why}; fix or remove the episode")
 
 
 def _check_images(f: h5py.File, cameras: Sequence[str], steps: int, name: str,
@@ -192,17 +215,38 @@ def check_one(path: Path, task: TaskSettings, need_images: bool,
         if steps == 0:
             raise UserError(f"{name}: episode has 0 steps")
         for key, ds in ((QPOS_KEY, qpos), (ACTION_KEY, action)):
-            _check_values(name, key, ds[()])
+            check_exact_values(f"{name}: /{key}", ds[()])
         if need_images:
             _check_images(f, task.camera_names, steps, name,
                           {} if frame_shapes is None else frame_shapes)
     return steps
 
 
-def check_episodes(paths: Sequence[Path], task: TaskSettings, need_images: bool) -> list[int]:
+def check_camera_sizes(path: Any, cameras: Sequence[str], image_size: Sequence[int] | None) -> None:
+    """Cameras of different frame sizes are stacked into one tensor only when fitted to
+    dataset.image_size; without it, a UserError naming the sizes (not a stacking error later)."""
+    if image_size is not None or len(cameras) < 2:
+        return
+    with open_episode(path) as f, read_errors(path):
+        sizes = {cam: tuple(f[f"{IMAGES_KEY}/{cam}"].shape[1:3]) for cam in cameras}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"'{c}' {h}x{w}" for c, (h, w) in sizes.items())
+        raise UserError(f"cameras have different frame sizes ({listed}); bind dataset.image_size = "
+                        f"(H, W) so every camera is fitted to one size")
+
+
+def check_episodes(paths: Sequence[Any], task: TaskSettings, need_images: bool) -> list[int]:
     """Header-only validation of every episode; returns the episode lengths.
 
     Raises UserError naming the first bad file and what is wrong with it.
     """
     frame_shapes: dict[str, tuple] = {}
-    return [check_one(Path(p), task, need_images, frame_shapes) for p in paths]
+    lengths = []
+    for p in paths:
+        if hasattr(p, "open_source"):
+            from ilstudio.data.lerobot_reader import check_episode
+
+            lengths.append(check_episode(p, task, need_images, frame_shapes))
+        else:
+            lengths.append(check_one(Path(p), task, need_images, frame_shapes))
+    return lengths
