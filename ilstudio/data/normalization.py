@@ -58,7 +58,7 @@ class NormStats:
 
     def save(self, path: str | Path) -> None:
         """Write as JSON atomically, so a crash never leaves half a stats file."""
-        from ilstudio.config.dumps import write_atomic
+        from ilstudio.rundir import write_atomic
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
