@@ -174,6 +174,9 @@ def add_sim_evaluation(trainer, resolved: Resolved, stats, hyper: dict, args) ->
 
 def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
     """Train and return the final metrics."""
+    from ilstudio.training.lazy_imports import import_trainer
+
+    import_trainer(need_peft=resolved.lora.enable or resolved.quantization.enable)
     import torch
     import transformers
 
@@ -183,6 +186,9 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
     from ilstudio.training.trainer import OperativeConfigToTensorBoard, PolicyTrainer
 
     hyper = dict(resolved.hyper)
+    from ilstudio.training import threads
+
+    logging.info("torch threads: %d (%s)", *threads.configure(hyper["dataloader_num_workers"]))
     if not torch.cuda.is_available():
         hyper["dataloader_pin_memory"] = False  # pinning needs an accelerator; avoid the warning
     extra = distributed.launch_defaults(resolved.training_args_extra)
