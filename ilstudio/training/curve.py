@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-CURVE_FILE = "learning_curve.png"
 SUCCESS_KEY = "eval_sim_success_rate"
 RETURN_KEY = "eval_sim_mean_return"
 
@@ -82,11 +81,11 @@ def render(log_history: list[dict], title: str = "") -> bytes | None:
 def write(run_dir: Path, log_history: list[dict], title: str = "") -> Path | None:
     """Write ``run_dir/learning_curve.png`` atomically; None (and nothing written) without
     matplotlib."""
-    from ilstudio.config.dumps import write_atomic
+    from ilstudio import rundir
 
     png = render(log_history, title)
     if png is None:
         return None
-    path = Path(run_dir) / CURVE_FILE
-    write_atomic(path, png)
+    path = Path(run_dir) / rundir.LEARNING_CURVE
+    rundir.write_atomic(path, png)
     return path

@@ -9,9 +9,9 @@ agent and loop as ``python -m ilstudio.eval`` (ilstudio/sim/rollout.py). Then:
   episode as an animated image in TensorBoard when ``--report_to`` includes tensorboard;
 * ``<output_dir>/best/`` holds the weights with the highest success rate so far (ties: the
   higher mean return; a full tie keeps the earlier one), with ``best.json`` saying which step
-  and what it scored. It is built in a staging directory and renamed into place, so it is
-  always one complete checkpoint; ``python -m ilstudio.eval --checkpoint <output_dir>/best``
-  evaluates it;
+  and what it scored. It is written into a staging directory and renamed into place
+  (``rundir.atomic_dir``), so a best/ that exists is complete;
+  ``python -m ilstudio.eval --checkpoint <output_dir>/best`` evaluates it;
 * ``learning_curve.png`` (loss and success rate against steps) is redrawn.
 
 Only the main process rolls out. The rollouts use evaluation seed ``SELECTION_SEED`` (1);
@@ -26,21 +26,16 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 
 from absl import logging
 from transformers import TrainerCallback
 
+from ilstudio import rundir
 from ilstudio.training import curve
 
-BEST_DIR = "best"
-BEST_RECORD = "best.json"
-STAGING = ".best-staging"
-PREVIOUS = ".best-previous"
 SELECTION_SEED = 1
 SIM_PACKAGES = ("mujoco", "dm_control", "gym_aloha")
 
@@ -73,41 +68,6 @@ def rng_preserved():
         finally:
             random.setstate(py)
             np.random.set_state(npy)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish_dir(staging: Path, final: Path) -> None:
-    """Move a complete ``staging`` directory to ``final``, replacing what was there.
-
-    POSIX cannot swap two directories in one step: the old one is first renamed aside
-    (``recover_dir`` puts it back if a kill lands in between), so ``final`` is only ever
-    absent or complete.
-    """
-    from ilstudio.training.trainer import _fsync_tree
-
-    previous = final.parent / PREVIOUS
-    _fsync_tree(str(staging))
-    shutil.rmtree(previous, ignore_errors=True)
-    if final.exists():
-        os.replace(final, previous)
-    os.replace(staging, final)
-    fsync_dir(final.parent)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
-def recover_dir(final: Path) -> None:
-    """After a kill between the two renames of ``publish_dir``: the previous best/ comes back."""
-    previous = final.parent / PREVIOUS
-    if not final.exists() and previous.is_dir():
-        os.replace(previous, final)
-    shutil.rmtree(final.parent / STAGING, ignore_errors=True)
 
 
 def score(record: dict) -> tuple[float, float]:
@@ -143,9 +103,7 @@ class SimEvalCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero or not self.rollouts:
             return
-        best_dir = self.run_dir / BEST_DIR
-        recover_dir(best_dir)
-        record = best_dir / BEST_RECORD
+        record = self.run_dir / rundir.BEST_DIR / rundir.BEST_RECORD
         if record.is_file():  # resumed: the bar is what best/ scored, whichever step wrote it
             self.best = score(json.loads(record.read_text()))
         evaluated = [r for r in state.log_history if curve.SUCCESS_KEY in r]
@@ -225,20 +183,17 @@ class SimEvalCallback(TrainerCallback):
 
     def save_best(self, step: int, record: dict) -> None:
         """best/: the checkpoint's weights exactly as a checkpoint saves them (EMA, LoRA)."""
-        staging = self.run_dir / STAGING
-        shutil.rmtree(staging, ignore_errors=True)
-        self.trainer.save_model(str(staging))
-        from ilstudio.config.dumps import write_atomic
-
-        write_atomic(staging / BEST_RECORD, json.dumps({"step": step, **record}, indent=1) + "\n")
-        publish_dir(staging, self.run_dir / BEST_DIR)
+        best = self.run_dir / rundir.BEST_DIR
+        with rundir.output_errors(self.run_dir, rundir.BEST_DIR), rundir.atomic_dir(best) as staged:
+            self.trainer.save_model(str(staged))
+            (staged / rundir.BEST_RECORD).write_text(json.dumps({"step": step, **record}, indent=1) + "\n")
         logging.info("step %d: new best (success rate %.0f%%) saved in %s", step,
-                     100 * record[curve.SUCCESS_KEY], self.run_dir / BEST_DIR)
+                     100 * record[curve.SUCCESS_KEY], best)
 
     def draw(self, state) -> None:
         if curve.write(self.run_dir, state.log_history, self.title) is None:
             logging.warning("matplotlib is not installed: no %s (pip install matplotlib)",
-                            curve.CURVE_FILE)
+                            rundir.LEARNING_CURVE)
 
     def log_video(self, frames: list, step: int) -> None:
         """The episode as an animated GIF in TensorBoard's Images tab (no moviepy needed)."""
