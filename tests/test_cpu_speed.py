@@ -85,3 +85,35 @@ def test_train_run_logs_threads(tiny_data: Path, tmp_path: Path) -> None:
     proc = run_train(*tiny_args(tiny_data, tmp_path / "run", "--max_steps=1", "--save_strategy=no"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torch threads: 1 (OMP_NUM_THREADS)" in proc.stderr
+
+
+def test_policy_trainer_steps_match_transformers_trainer_bit_for_bit(tiny_data: Path, tmp_path: Path) -> None:
+    """PolicyTrainer's own per-step paths (gradient clipping) change no result: same weights
+    as transformers' Trainer after steps where clipping really acts."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from ilstudio.config.settings import DatasetSettings, ModelSettings, TaskSettings
+    from ilstudio.data.batched import batched, collate
+    from ilstudio.data.dataset import build_datasets
+    from ilstudio.policies import build_policy, policy_config_class
+    from ilstudio.training.trainer import PolicyTrainer
+
+    task = TaskSettings(dataset_dir=str(tiny_data), camera_names=("top",), episode_len=50)
+    dataset = DatasetSettings(preload_data=True)
+    ds = batched(build_datasets(task, dataset, 5, False, 0)[0])
+    finals, norms = [], []
+    for cls in (Trainer, PolicyTrainer):
+        torch.manual_seed(0)
+        model = build_policy("mlp", policy_config=policy_config_class("mlp")(hidden_dim=32, num_layers=2),
+                             task=task, dataset=dataset, model=ModelSettings(chunk_size=5), use_images=True)
+        args = TrainingArguments(output_dir=str(tmp_path / cls.__name__), max_steps=6, max_grad_norm=0.01,
+                                 per_device_train_batch_size=8, learning_rate=1e-2, logging_steps=1,
+                                 save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                                 remove_unused_columns=False, dataloader_pin_memory=False)
+        trainer = cls(model=model, args=args, train_dataset=ds, data_collator=collate)
+        trainer.train()
+        finals.append({k: v.clone() for k, v in model.state_dict().items()})
+        norms.append([r["grad_norm"] for r in trainer.state.log_history if "grad_norm" in r])
+    assert norms[0] == norms[1] and min(norms[0]) > 0.01  # clipping acted at every step
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
