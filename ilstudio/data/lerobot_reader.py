@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ilstudio.data.episodes import ACTION_KEY, IMAGES_KEY, QPOS_KEY
+from ilstudio.data.episodes import ACTION_KEY, IMAGES_KEY, QPOS_KEY, check_exact_values
 from ilstudio.data.lerobot_format import (
     ACTION_KEY as LR_ACTION,
 )
@@ -406,16 +406,12 @@ def check_episode(ref: LeRobotEpisode, task: Any, need_images: bool,
         if steps == 0:
             raise UserError(f"{where}: episode has 0 steps")
         for key, name in ((QPOS_KEY, STATE_KEY), (ACTION_KEY, LR_ACTION)):
-            arr = np.asarray(src[key], dtype=np.float64)
+            arr = np.asarray(src[key])
             dim = info.state_dim if key == QPOS_KEY else info.action_dim
             if arr.ndim != 2 or arr.shape[1] != dim:
                 raise UserError(f"{data.root / meta.data_file}: '{name}' of episode {meta.index} "
                                 f"has shape {arr.shape}, info.json says ({steps}, {dim})")
-            bad = ~np.isfinite(arr)
-            if bad.any():
-                t, col = (int(x) for x in np.argwhere(bad)[0])
-                raise UserError(f"{where}: '{name}' has {int(bad.sum())} non-finite value(s), "
-                                f"first at step {t}, column {col}")
+            check_exact_values(f"{where}: '{name}'", arr)
         if need_images:
             _check_cameras(ref, task.camera_names, src.timestamps, frame_shapes)
     return steps
