@@ -40,8 +40,12 @@ BREAKING_KEYS = frozenset({
 })
 BREAKING_CONFIGURABLES = frozenset({"lora", "quantization"})
 RESUME_SAFE = frozenset({"lora.dropout", "lora.lr", "lora.weight_path"})
-# Flags that change what the checkpoint's optimizer/engine state means.
-BREAKING_FLAGS = frozenset({"optim", "deepspeed", "task_name"})
+# Flags that change what the checkpoint's optimizer/engine state means, or that a resumed run
+# could not apply: the seed (the checkpoint's RNG state decides the rest of the run).
+BREAKING_FLAGS = frozenset({"optim", "deepspeed", "task_name", "seed"})
+# Resume-safe parameters whose change between unset and set is not: lora.lr set gives the
+# LoRA parameters their own optimizer group, so the saved optimizer state no longer fits.
+GROUPING_KEYS = frozenset({"lora.lr"})
 # Flags that differ between a run and its own resume by design.
 RESUME_IGNORED_FLAGS = frozenset({"resume_from_checkpoint", "gin_file"})
 
@@ -264,6 +268,8 @@ def breaks_checkpoint(d: Difference) -> bool:
         return d.key in BREAKING_FLAGS
     key = d.key.rsplit("/", 1)[-1]
     configurable = key.split(".")[0]
+    if key in GROUPING_KEYS and {d.a, d.b} & {"None", NOT_SET}:
+        return True
     if key.startswith("%") or key in RESUME_SAFE:
         return False
     if key in BREAKING_KEYS or configurable in BREAKING_CONFIGURABLES:
