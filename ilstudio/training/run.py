@@ -42,8 +42,8 @@ def resume_checkpoint(resolved: Resolved) -> str | None:
         return None
     problem = rundir.checkpoint_problem(choice)
     if problem:
-        raise UserError(f"--resume_from_checkpoint={choice}: not a complete checkpoint directory "
-                        f"({problem})")
+        what = "not a checkpoint directory" if problem.startswith("no ") else "a damaged checkpoint"
+        raise UserError(f"--resume_from_checkpoint={choice}: {what} ({problem})")
     return choice
 
 
@@ -209,7 +209,7 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
     lock, verdict = None, None
     if distributed.is_main_process():
         try:
-            with rundir.output_errors(out, "the run lock"):
+            with rundir.output_errors(out, "the run's configuration"):  # the lock file first
                 lock = rundir.RunLock(out)
             check_output_dir(resolved, resume_from, overwrite_output_dir, locked=True)
         except UserError as e:
