@@ -358,3 +358,23 @@ def test_dataloader_worker_decodes_after_the_parent_did(datasets):
                                          num_workers=1, multiprocessing_context="fork")
     (batch,) = list(loader)
     assert torch.equal(batch["images"], torch.stack(in_parent))
+
+
+def test_single_camera_key_as_pusht_has_it(tmp_path):
+    """`observation.image` (LeRobot's one-camera datasets, e.g. pusht) is camera 'image'."""
+    root = tmp_path / "pusht_like"
+    with LeRobotWriter(root, fps=FPS, version="v2.1") as w:
+        for e in EPISODES[:2]:
+            w.add_episode(e["state"], e["action"], {"top": e["images"]["top"]}, task=e["task"])
+    info = json.loads((root / "meta/info.json").read_text())
+    info["features"]["observation.image"] = info["features"].pop("observation.images.top")
+    (root / "meta/info.json").write_text(json.dumps(info))
+    (root / "videos/chunk-000/observation.images.top").rename(root / "videos/chunk-000/observation.image")
+    from ilstudio.data.lerobot_format import derived_task_values
+
+    assert derived_task_values(str(root), {})["camera_names"] == ("image",)
+    refs = list_episodes(str(root))
+    assert check_episodes(refs, task_for(root, ("image",)), need_images=True) == [20, 33]
+    with open_episode(refs[1]) as src:
+        frames = src["observations/images/image"][()]
+    assert [which_frame(f, 1, CAMS["top"], 33) for f in frames] == list(range(33))

@@ -80,7 +80,10 @@ class VideoReader:
             self._stream = self._container.streams.video[0]
         except (av.error.FFmpegError, IndexError) as e:
             raise VideoError(f"{path}: cannot be opened as a video (truncated or corrupt?): {e}") from None
-        self._stream.thread_type = "AUTO"
+        # Slice threads, not frame threads: frame threading holds frames back after every seek
+        # (measured, one 240x320 file, interleaved: random frames 221/s with SLICE, 161/s with
+        # AUTO; sequential decoding 392 vs 454 frames/s). Random access is the training path.
+        self._stream.thread_type = "SLICE"
         self._errors = av.error.FFmpegError
         self._lock = threading.Lock()  # one decoder state: threads (preload) take turns
 
