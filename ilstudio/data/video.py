@@ -168,7 +168,7 @@ class VideoWriter:
     def __init__(self, path: Path, fps: float, height: int, width: int) -> None:
         av = _av()
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.frames = path, 0
+        self.path, self.frames, self.bytes = path, 0, 0  # bytes: encoded so far
         self.fps = Fraction(fps).limit_denominator(1001)
         self._container = av.open(str(path), "w")
         self._stream = self._container.add_stream(CODEC, rate=self.fps, options=dict(ENCODER_OPTIONS))
@@ -186,7 +186,9 @@ class VideoWriter:
             frame = self._frame_cls.from_ndarray(np.ascontiguousarray(img), format="rgb24")
             frame.pts = self.frames
             frame.time_base = self._stream.codec_context.time_base
-            self._container.mux(self._stream.encode(frame))
+            packets = self._stream.encode(frame)
+            self.bytes += sum(p.size for p in packets)
+            self._container.mux(packets)
             self.frames += 1
 
     def close(self) -> None:
