@@ -94,8 +94,9 @@ class VideoReader:
     def _decode_from(self, ts: float) -> Iterator[tuple[float, object]]:
         """(time, frame) from the keyframe at or before ts onwards."""
         s = self._stream
-        self._container.seek(max(0, int(ts / s.time_base) - 1), backward=True, any_frame=False,
-                             stream=s)
+        # The nearest keyframe at or before ts's own pts (rounded, not floored: a frame that is
+        # itself a keyframe is decoded first, not after the previous keyframe's frames).
+        self._container.seek(max(0, round(ts / s.time_base)), backward=True, any_frame=False, stream=s)
         for frame in self._container.decode(s):
             if frame.pts is not None:
                 yield float(frame.pts * s.time_base), frame
