@@ -35,7 +35,7 @@ from ilstudio.data.episodes import (
 )
 from ilstudio.data.image_ops import fit_frames
 from ilstudio.data.normalization import NormStats, compute_stats
-from ilstudio.data.sources import list_episodes
+from ilstudio.data.sources import scan_episodes
 from ilstudio.errors import UserError
 
 # An episode source: an open h5py.File or a dict of preloaded arrays, indexed by the same keys.
@@ -240,7 +240,7 @@ def build_datasets(task: TaskSettings, settings: DatasetSettings, chunk_size: in
     language: the policy's text processor (see EpisodeDataset), or None.
     cache_dir: where hub datasets named in task.dataset_dir are cached (model.cache_dir).
     """
-    paths = list_episodes(task.dataset_dir, cache_dir)
+    paths, not_episodes = scan_episodes(task.dataset_dir, cache_dir)
     n_found = len(paths)
     if settings.skip_mirrored_data:
         paths = [p for p in paths if not is_mirrored(p)]
@@ -270,6 +270,9 @@ def build_datasets(task: TaskSettings, settings: DatasetSettings, chunk_size: in
         "dataset_dir": task.dataset_dir if isinstance(task.dataset_dir, str) else list(task.dataset_dir),
         "episodes_found": n_found,
         "episodes_mirrored_skipped": n_found - len(paths),
+        # *.hdf5 entries that are not readable files (dangling/looping symlinks, directories)
+        "entries_skipped": len(not_episodes),
+        "entries_skipped_why": dict(not_episodes),
         "episodes_train": len(train_idx),
         "episodes_val": len(val_idx),
         "timesteps_train": len(train_ds),
