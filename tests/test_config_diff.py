@@ -13,7 +13,7 @@ from ilstudio.config import diff
 
 
 def run_diff(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ilstudio.config.diff", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "ilstudio.tools.diff", *args], cwd=REPO,
                           capture_output=True, text=True, env=train_env(), timeout=120)
 
 

@@ -75,8 +75,8 @@ FAULTS = [truncate, garbage, missing_action, missing_camera, empty_dir, short_ac
 
 def dry_run_in_process(data: Path, out: Path, *extra: str) -> str:
     """What --dry_run runs (resolve + data checks), in-process: the UserError's message."""
-    from ilstudio.config.resolve import resolve_argv
     from ilstudio.errors import UserError
+    from ilstudio.resolve import resolve_argv
     from ilstudio.training.run import validate_data
 
     with pytest.raises(UserError) as e:

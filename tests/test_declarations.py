@@ -72,7 +72,7 @@ def test_no_stable_parameter_shadows_a_flag():
 def test_readme_tables_are_generated_from_declarations():
     readme = (REPO / "README.md").read_text()
     assert docs.generated_block() in readme, (
-        "README parameter tables are stale: run python -m ilstudio.config.docs --write README.md")
+        "README parameter tables are stale: run python -m ilstudio.tools.docs --write README.md")
 
 
 def test_every_flag_documented_with_default_in_help():

@@ -75,7 +75,7 @@ class PolicyConfig:
                             f"{source_of('dataset.lazy_preprocess')}) has no effect: policy "
                             f"'{self.name}' gets no images or text to preprocess here")
         if model.load_pretrain:
-            from ilstudio.training.pretrain import weights_file
+            from ilstudio.models.state_io import weights_file
 
             try:
                 weights_file(model.load_pretrain)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from ilstudio.config.declare import validate_instance
 from ilstudio.config.gin_layers import GinLayers, SearchPath
-from ilstudio.config.resolve import find_task_file
-from ilstudio.config.settings import TaskSettings
-from ilstudio.sim.settings import SimSettings
+from ilstudio.config.settings import SimSettings, TaskSettings
+from ilstudio.resolve import find_task_file
 
 
 def load_task(task_name: str, gin_bindings: list[str] | tuple[str, ...] = (),

@@ -101,7 +101,7 @@ class VLAPolicy(nn.Module):
 
     def optimizer_param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """With LoRA: LoRA parameters at lora.lr, the rest at lr; else [] (Trainer default)."""
-        from ilstudio.models.adapters import has_lora, lora_param_groups
+        from ilstudio.models import has_lora, lora_param_groups
 
         if not has_lora(self):
             return []
@@ -385,7 +385,7 @@ def build(*, policy_config, task, dataset, model, lora, quantization, use_images
         raise UserError("policy 'vla' needs camera images (task.camera_names and "
                         "dataset.is_multimodal)")
     backbone_name(model)
-    from ilstudio.models.adapters import (
+    from ilstudio.models import (
         apply_lora,
         bnb_quantization_config,
         lora_target_modules,

@@ -23,6 +23,7 @@ from ilstudio.config import settings as S
 from ilstudio.config.declare import validate_instance
 from ilstudio.config.gin_layers import GinLayers, SearchPath
 from ilstudio.config.hyperparams import HYPERPARAMS
+from ilstudio.config.settings import SimSettings
 from ilstudio.config.yaml_adapter import (
     TrainingConfig,
     convert_training_arg,
@@ -31,7 +32,6 @@ from ilstudio.config.yaml_adapter import (
 )
 from ilstudio.errors import UserError, did_you_mean
 from ilstudio.policies import import_all_configurations, policy_config_class
-from ilstudio.sim.settings import SimSettings
 
 
 @dataclasses.dataclass
