@@ -87,16 +87,11 @@ def run_files(checkpoint: str) -> tuple[Path, Path, Path]:
 
 def load_settings(operative: Path) -> dict:
     """Parse a run's operative_config.gin into its settings objects (as train.py built them)."""
-    import gin
+    from ilstudio.resolve import build_settings, layer_gin
 
-    from ilstudio.policies import import_all_configurations
-    from ilstudio.resolve import build_settings
-
-    import_all_configurations()
-    gin.clear_config()
     try:
-        gin.parse_config_file(str(operative))
-    except Exception as e:  # noqa: BLE001 - gin raises many types for a bad file
+        layer_gin(gin_files=[str(operative)])
+    except UserError as e:
         raise UserError(f"{operative}: cannot be parsed with this ilstudio ({e})") from None
     return build_settings(lambda key: str(operative))
 

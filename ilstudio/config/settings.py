@@ -141,4 +141,12 @@ class SimSettings:
                             documented=False)
 
 
+
+def images_enabled(task: TaskSettings, dataset: DatasetSettings) -> bool:
+    """Whether samples carry camera frames: the one rule (dataset.is_multimodal and at least
+    one camera). The data pipeline reads frames exactly when this holds; a policy uses them
+    when it also can (``PolicyConfig.image_inputs``)."""
+    return dataset.is_multimodal and bool(task.camera_names)
+
+
 STABLE_CONFIGURABLES = ("task", "dataset", "model", "lora", "quantization")

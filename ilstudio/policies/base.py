@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from ilstudio.config.declare import params_of
+from ilstudio.config.settings import images_enabled
 from ilstudio.errors import UserError
 
 # Stable parameters the shared data and training code gives meaning for every policy.
@@ -87,5 +88,6 @@ class PolicyConfig:
         return problems
 
     def image_inputs(self, task, dataset) -> bool:
-        return self.uses_images and bool(task.camera_names) and dataset.is_multimodal
+        """Whether this policy gets camera frames: it can read them, and the data has them."""
+        return self.uses_images and images_enabled(task, dataset)
 

@@ -128,17 +128,10 @@ class VLAPolicy(nn.Module):
 
     def fit_square(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, 3, S, S), S the tower's image_size: letterboxed (black bands)
-        for image_aspect_ratio 'pad', stretched for 'resize' (as ilstudio.data.image_ops)."""
-        size = (self.image_size, self.image_size)
-        if tuple(x.shape[-2:]) == size:
-            return x
-        if self.aspect != "pad":
-            return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        from ilstudio.data.image_ops import letterbox_geometry
+        for image_aspect_ratio 'pad', stretched for 'resize' (``image_ops.fit_tensor``)."""
+        from ilstudio.data.image_ops import fit_tensor
 
-        (nh, nw), (top, left) = letterbox_geometry(tuple(x.shape[-2:]), size)
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
-        return F.pad(x, (left, size[1] - nw - left, top, size[0] - nh - top))
+        return fit_tensor(x, (self.image_size, self.image_size), self.aspect)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, cams[, history], 3, H, W) in [0, 1] -> (B, cams*history*patches, LM hidden)."""
