@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, finished_run, run_train, train_env
 
-from ilstudio.config import diff
+from ilstudio.tools import diff
 
 
 def run_diff(*args: str) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ from collections import Counter
 
 from conftest import FIXTURES, REPO, SHARED, needs_shared
 
-from ilstudio.config import docs
+from ilstudio.tools import docs
 from ilstudio.config.declare import CONFIGURABLES, all_params
 from ilstudio.config.hyperparams import HYPER_BY_NAME
 from ilstudio.config.yaml_adapter import stable_keys
