@@ -56,12 +56,13 @@ def list_episode_files(dataset_dir: str | Path) -> list[Path]:
 
 
 @contextmanager
-def read_errors(path: Path) -> Iterator[None]:
-    """Turn HDF5 read failures (OSError) into a UserError naming the file."""
+def read_errors(path: Any) -> Iterator[None]:
+    """Turn read failures (OSError) into a UserError naming the file (or LeRobot episode)."""
     try:
         yield
     except OSError as e:
-        raise UserError(f"{path}: cannot be read as HDF5 (truncated or corrupt?): {e}") from None
+        how = "" if hasattr(path, "open_source") else " as HDF5"
+        raise UserError(f"{path}: cannot be read{how} (truncated or corrupt?): {e}") from None
 
 
 def episode_ref(path: Any) -> Any:

@@ -38,12 +38,14 @@ from ilstudio.data.lerobot_format import (
     V21_VIDEO_PATH,
     V30_DATA_PATH,
     V30_VIDEO_PATH,
+    VELOCITY_KEY,
     LeRobotInfo,
     load_info,
 )
 from ilstudio.data.video import VideoError, VideoReader, probe
 from ilstudio.errors import UserError
 
+QVEL_KEY = "observations/qvel"
 INSTRUCTION_ATTR = "language_instruction"  # as ilstudio.data.language reads it
 MIRRORED_FIELD = "mirrored"  # an optional per-episode field (ilstudio writes it; LeRobot ignores it)
 
@@ -197,7 +199,7 @@ def _numeric_columns(path: str, mtime: float, pid: int) -> dict[str, np.ndarray]
     try:
         names = pq.read_schema(path).names
         want = [c for c in ("episode_index", "frame_index", "timestamp", "task_index", STATE_KEY,
-                            LR_ACTION) if c in names]
+                            LR_ACTION, VELOCITY_KEY) if c in names]
         table = pq.read_table(path, columns=want)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot be read as parquet (truncated or corrupt?): {e}") from None
@@ -301,10 +303,12 @@ class LeRobotSource:
                 raise UserError(f"{path}: no '{key}' column (LeRobot layout expected)")
         self.timestamps = cols["timestamp"][rows].astype(np.float64)
         self._arrays = {QPOS_KEY: cols[STATE_KEY][rows], ACTION_KEY: cols[LR_ACTION][rows]}
+        if VELOCITY_KEY in cols:
+            self._arrays[QVEL_KEY] = cols[VELOCITY_KEY][rows]
         task_index = cols.get("task_index")
         task = (data.tasks.get(int(task_index[rows[0]])) if task_index is not None and len(rows)
                 else None) or (meta.tasks[0] if meta.tasks else "")
-        self.attrs: dict[str, Any] = {MIRRORED_FIELD: meta.mirrored}
+        self.attrs: dict[str, Any] = {MIRRORED_FIELD: meta.mirrored, "fps": data.info.fps}
         if task:  # absent, not empty: language falls back on vla.instruction as for HDF5
             self.attrs[INSTRUCTION_ATTR] = task
         self._readers: dict[str, VideoReader] = {}
@@ -329,6 +333,8 @@ class LeRobotSource:
     def __getitem__(self, key: str) -> Any:
         if key in self._arrays:
             return self._arrays[key]
+        if key == IMAGES_KEY:  # like the HDF5 group: camera -> frames
+            return {cam: _Frames(self, cam) for cam in self.ref.data.info.cameras}
         prefix = IMAGES_KEY + "/"
         if key.startswith(prefix) and key[len(prefix):] in self.ref.data.info.cameras:
             return _Frames(self, key[len(prefix):])
