@@ -7,10 +7,10 @@ from collections import Counter
 
 from conftest import FIXTURES, REPO, SHARED, needs_shared
 
-from ilstudio.tools import docs
 from ilstudio.config.declare import CONFIGURABLES, all_params
 from ilstudio.config.hyperparams import HYPER_BY_NAME
 from ilstudio.config.yaml_adapter import stable_keys
+from ilstudio.tools import docs
 
 SEED_DIR = SHARED / "seed"
 
