@@ -10,23 +10,22 @@ Nothing here imports torch: ``--dry_run`` and ``--explain`` stay fast.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import gin
-import yaml
 from absl import flags, logging
 
 from ilstudio.config import settings as S
 from ilstudio.config.declare import validate_instance
 from ilstudio.config.gin_layers import GinLayers, SearchPath
-from ilstudio.config.hyperparams import HYPERPARAMS, layer_hyperparams
+from ilstudio.config.hyperparams import HYPERPARAMS, layer_hyperparams, owned_field_message
 from ilstudio.config.settings import SimSettings
 from ilstudio.config.yaml_adapter import (
     TrainingConfig,
     convert_training_arg,
+    load_bounded_yaml,
     load_training_config,
     training_args_fields,
 )
@@ -60,11 +59,23 @@ class Resolved:
         return self.hyper["output_dir"]
 
 
-def find_task_file(search: SearchPath, task_name: str) -> str:
+# A task name names a file in gin_configs/tasks/; it is never a path. A task file is gin (code):
+# a name that could climb out of the task folders ("../../x/evil") would let a YAML file, which
+# is data, choose a gin file to execute.
+_TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def find_task_file(search: SearchPath, task_name: str, source: str = "flag --task_name") -> str:
+    known = sorted({p.stem for d in search.dirs for p in (d / "gin_configs/tasks").glob("*.gin")})
+    task_name = str(task_name)
+    where = (f"--task_name={task_name:.100}" if source.startswith("flag") else
+             f"task_name: {task_name:.100} (from {source})")
+    if not _TASK_NAME.fullmatch(task_name) or ".." in task_name:
+        raise UserError(f"{where}: a task is a name (letters, digits, _ . -), not a path"
+                        f"{did_you_mean(task_name, known)}. Known tasks: {', '.join(known) or 'none'}")
     rel = f"gin_configs/tasks/{task_name}.gin"
     if search.find(rel) is None:
-        known = sorted({p.stem for d in search.dirs for p in (d / "gin_configs/tasks").glob("*.gin")})
-        raise UserError(f"--task_name={task_name}: no {rel}{did_you_mean(task_name, known)}. "
+        raise UserError(f"{where}: no {rel}{did_you_mean(task_name, known)}. "
                         f"Known tasks: {', '.join(known) or 'none'}")
     return rel
 
@@ -74,27 +85,32 @@ def _resolve_hyper(fv: flags.FlagValues, yaml_cfg: TrainingConfig | None
     names = [*(h.name for h in HYPERPARAMS), "task_name"]
     values, sources = layer_hyperparams({n: fv[n].value for n in names if fv[n].present},
                                         {n: fv[n].value for n in names}, yaml_cfg)
-    for h in HYPERPARAMS:  # absl's float flags accept nan/inf; no hyperparameter means them
-        v = values[h.name]
-        if h.type is float and v is not None and not math.isfinite(v):
-            raise UserError(f"--{h.name}={v} (from {sources[h.name]}): expected a finite number")
+    if not str(values["output_dir"]).strip():
+        raise UserError(f"--output_dir is empty (from {sources['output_dir']}): name the run's "
+                        f"directory, or leave it out for runs/<task_name>")
+    for h in HYPERPARAMS:
+        source = sources[h.name]
+        where = f"--{h.name}" if source.startswith("flag") else f"{h.name} (from {source})"
+        h.check(values[h.name], where)
     return values, sources
+
+
 
 
 def _parse_training_arg_flags(entries: list[str], extra: dict[str, Any], sources: dict[str, str]) -> None:
     for entry in entries:
         name, sep, raw = entry.partition("=")
         name = name.strip()
-        where = f"--training_arg={entry}"
+        where = f"--training_arg={entry if len(entry) <= 80 else entry[:77] + '...'}"
         if not sep:
             raise UserError(f"{where}: expected name=value")
+        owned = owned_field_message(name, where)
+        if owned:
+            raise UserError(owned)
         if name not in training_args_fields():
             raise UserError(f"{where}: `{name}` is not a TrainingArguments field"
                             f"{did_you_mean(name, training_args_fields())}")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
+        value = load_bounded_yaml(raw, where, invalid_as_text=True)[1]
         extra[name] = convert_training_arg(name, value, where)
         sources[name] = "flag --training_arg"
 
@@ -161,7 +177,8 @@ def bind_dataset_values(layers: GinLayers) -> None:
         layers.bind_value(f"task.{name}", value, "the LeRobot dataset's meta/info.json")
 
 
-def layer_gin(*, task_name: str | None = None, gin_files: Sequence[str] = (),
+def layer_gin(*, task_name: str | None = None, task_source: str = "flag --task_name",
+              gin_files: Sequence[str] = (),
               gin_bindings: Sequence[str] = (), search_paths: Sequence[str] = (),
               yaml_cfg: TrainingConfig | None = None) -> GinLayers:
     """The one gin layering: training, the simulator's task loading and evaluation parse
@@ -176,7 +193,7 @@ def layer_gin(*, task_name: str | None = None, gin_files: Sequence[str] = (),
     search = SearchPath(list(search_paths))
     layers = GinLayers(search)
     if task_name is not None:
-        layers.add_file(find_task_file(search, task_name), f"--task_name={task_name}")
+        layers.add_file(find_task_file(search, task_name, task_source), f"--task_name={task_name}")
     for name in gin_files:
         layers.add_file(name, "--gin_file")
     if yaml_cfg:
@@ -200,9 +217,9 @@ def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
     _parse_training_arg_flags(fv.training_arg, extra, extra_sources)
     hyper_source.update(extra_sources)
 
-    layers = layer_gin(task_name=hyper["task_name"], gin_files=fv.gin_file,
-                       gin_bindings=fv.gin_bindings, search_paths=fv.gin_search_paths,
-                       yaml_cfg=yaml_cfg)
+    layers = layer_gin(task_name=hyper["task_name"], task_source=hyper_source["task_name"],
+                       gin_files=fv.gin_file, gin_bindings=fv.gin_bindings,
+                       search_paths=fv.gin_search_paths, yaml_cfg=yaml_cfg)
     bind_dataset_values(layers)
     built = build_settings(layers.provenance.source_of)
     # Cross-parameter checks that need the whole picture: a policy that cannot read this

@@ -202,6 +202,8 @@ def create_training_arguments(path: str | os.PathLike, hyper_args: Any = None):
     given = {h.name: getattr(hyper_args, h.name) for h in HYPERPARAMS
              if hyper_args is not None and getattr(hyper_args, h.name, h.default) != h.default}
     hyper, _ = layer_hyperparams(given, defaults, cfg)
+    for h in HYPERPARAMS:
+        h.check(hyper[h.name], f"{h.name} ({'HyperArguments' if h.name in given else path})")
     return build_training_arguments(hyper, cfg.training_args)
 
 
