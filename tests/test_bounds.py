@@ -25,7 +25,7 @@ from ilstudio.config.hyperparams import HYPERPARAMS
 from ilstudio.errors import UserError
 from ilstudio.policies import import_all_configurations
 from ilstudio.resolve import resolve_argv
-from ilstudio.sim import settings as _sim  # noqa: F401  (registers sim.*)
+from ilstudio.config import settings as _sim  # noqa: F401  (registers sim.*)
 
 import_all_configurations()
 REPO = Path(__file__).resolve().parents[1]
