@@ -67,7 +67,7 @@ def base_args(data: Path, out: Path) -> list[str]:
 def resolve(argv):
     import gin
 
-    from ilstudio.config.resolve import resolve_argv
+    from ilstudio.resolve import resolve_argv
 
     gin.clear_config()
     return resolve_argv(argv)
@@ -88,10 +88,10 @@ def dry(argv):
 
 
 def family_ranges(rng: random.Random, n: int, data: Path, work: Path) -> None:
+    from ilstudio.config import settings as _sim  # noqa: F401
     from ilstudio.config.declare import all_params
     from ilstudio.config.hyperparams import HYPERPARAMS
     from ilstudio.policies import import_all_configurations
-    from ilstudio.sim import settings as _sim  # noqa: F401
 
     import_all_configurations()
     decls = [("hyper", h.name, h.type, h.allowed, None) for h in HYPERPARAMS
