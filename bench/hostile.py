@@ -460,12 +460,12 @@ def main() -> int:
         start = time.monotonic()
         fam(rng, a.cases if fam is not family_run_dir else max(1, a.cases // 4), data, work)
         print(f"# {fam.__name__}: {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
-    print("\n| family | cases tried | held | broke |\n|---|---|---|---|")
-    for family, (tried, held, _breaks) in RESULTS.items():
-        print(f"| {family} | {tried} | {held} | {tried - held} |")
-    for family, (_, _, breaks) in RESULTS.items():
-        for b in breaks[:10]:
-            print(f"BROKE {family}: {b}")
+    lines = ["", "| family | cases tried | held | broke |", "|---|---|---|---|"]
+    lines += [f"| {family} | {tried} | {held} | {tried - held} |"
+              for family, (tried, held, _breaks) in RESULTS.items()]
+    lines += [f"BROKE {family}: {b}" for family, (_, _, breaks) in RESULTS.items() for b in breaks[:10]]
+    (work / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), file=sys.stderr, flush=True)
     return 0 if all(t == h for t, h, _ in RESULTS.values()) else 1
 
 
