@@ -2,40 +2,35 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from ilstudio.config.declare import params_of
+from ilstudio.config.declare import param, params_of
 from ilstudio.config.settings import images_enabled
 from ilstudio.errors import UserError
 
-# Stable parameters the shared data and training code gives meaning for every policy.
-COMMON_SUPPORT = frozenset({
-    "dataset.preload_data",
-    "dataset.is_multimodal",
-    "dataset.skip_mirrored_data",
-    "dataset.history_images_length",
-    "dataset.episode_first",
-    "dataset.image_aspect_ratio",
-    "dataset.lazy_preprocess",
-    "model.using_ema",
-    "model.load_pretrain",
-})
+
+def dropout_param(default: float, doc: str) -> Any:
+    """A policy's dropout rate: in [0, 1), and free to change on resume (it shapes no weight,
+    so it is the one kind of policy setting that does not break resuming)."""
+    return param(default, doc, documented=False, bounds="[0, 1)", breaks_resume=False)
 
 
 class PolicyConfig:
     """Mixin for a policy's settings dataclass.
 
     uses_images: the policy can read camera frames. needs_images: it cannot work without.
-    supports: documented stable parameters (gin keys) that this policy gives an effect
-        beyond COMMON_SUPPORT. Any other documented parameter set away from its default is
-        an error at validation time, never a silent no-op.
+    Which shared parameters it gives an effect is declared with each parameter
+    (``param(policies=...)``): any other documented parameter set away from its default is
+    an error at validation time, never a silent no-op.
     """
 
     name: ClassVar[str] = ""
     uses_images: ClassVar[bool] = False
     needs_images: ClassVar[bool] = False
     needs_language: ClassVar[bool] = False
-    supports: ClassVar[frozenset[str]] = frozenset()
+    # A policy's own settings shape its network: changing one breaks resuming, unless the
+    # parameter declares otherwise (``param(breaks_resume=False)``, e.g. a dropout rate).
+    breaks_resume: ClassVar[bool] = True
 
     def validate(self, *, task, dataset, model, lora, quantization, source_of) -> None:
         problems = []
@@ -46,10 +41,9 @@ class PolicyConfig:
             problems.append(f"policy '{self.name}' needs camera images, but dataset.is_multimodal "
                             f"is False (set in {source_of('dataset.is_multimodal')})")
         problems += self._common_problems(task, dataset, model, source_of)
-        allowed = COMMON_SUPPORT | self.supports
         for obj in (dataset, model, lora, quantization):
             for info in params_of(type(obj)):
-                if info.yaml_key is None or info.gin_key in allowed:
+                if info.yaml_key is None or info.honoured_by(self.name):
                     continue
                 value = getattr(obj, info.name)
                 if value != info.default:
