@@ -146,12 +146,14 @@ def publish_dir(staged: str | os.PathLike, final: str | os.PathLike, *,
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
-    """Yield a hidden sibling directory to fill; when the block succeeds it becomes ``final``
-    (see ``publish_dir``); on any error it is removed and ``final`` is untouched."""
+def atomic_dir(final: str | os.PathLike, *, replace: bool = True,
+               suffix: str = ".partial") -> Iterator[Path]:
+    """Yield a hidden sibling directory to fill (``.<name>.<random><suffix>``); when the
+    block succeeds it becomes ``final`` (see ``publish_dir``); on any error it is removed
+    and ``final`` is untouched."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    staged = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=suffix))
     try:
         yield staged
         publish_dir(staged, final, replace=replace)
