@@ -78,8 +78,11 @@ class SearchPath:
     def __init__(self, extra: list[str]) -> None:
         self.dirs = [Path(p) for p in extra] + [Path.cwd(), REPO_ROOT]
         gin.config.clear_config()
-        for d in reversed(self.dirs):
-            gin.add_config_file_search_path(str(d))
+        # gin looks an include up under each prefix in turn, starting with '' (the working
+        # directory), and asks its Python-package reader too, which crashes on a directory
+        # that imports as a namespace package (gin_configs/ on sys.path). Our directories
+        # (the working directory among them) are the whole search path, in our order.
+        gin.config._LOCATION_PREFIXES[:] = [str(d) for d in self.dirs]  # noqa: SLF001
 
     def find(self, name: str) -> Path | None:
         p = Path(name)

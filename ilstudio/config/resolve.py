@@ -185,6 +185,11 @@ def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
                              lora=built["lora"], quantization=built["quantization"],
                              source_of=layers.provenance.source_of)
 
+    inert = S.inert_values(built["lora"], built["quantization"])
+    if inert:
+        values = {k: getattr(built[k.split(".")[0]], k.split(".")[1]) for k in inert}
+        logging.warning("%s", S.inert_warning(inert, values, layers.provenance.source_of))
+
     unused = layers.unused_bindings()
     for key, source in unused:
         logging.warning("gin binding %s (from %s) was never used by this run: it has no effect", key, source)

@@ -181,26 +181,63 @@ def HyperArguments_defaults() -> dict[str, Any]:  # noqa: N802
     return {h.name: h.default for h in HYPERPARAMS}
 
 
-HyperArguments = dataclasses.make_dataclass(
-    "HyperArguments",
-    [(h.name, Any, dataclasses.field(default=h.default)) for h in HYPERPARAMS],
-    namespace={"__doc__": "The command-line hyperparameters of the seed's API, with our defaults."},
-)
+def _hyper_arguments_class():
+    """The seed's ``HyperArguments`` dataclass, remembering which fields the caller set.
+
+    The command line's rule is "a flag you give beats the YAML, even when it equals the
+    built-in default"; the Python API keeps the same rule, so a field passed to the
+    constructor (or assigned afterwards) counts as given whatever its value.
+    """
+    cls = dataclasses.make_dataclass(
+        "HyperArguments",
+        [(h.name, Any, dataclasses.field(default=h.default)) for h in HYPERPARAMS],
+        namespace={"__doc__": "The command-line hyperparameters of the seed's API, with our "
+                              "defaults; fields you set beat --training_config's YAML."},
+    )
+    names = [h.name for h in HYPERPARAMS]
+    init = cls.__init__
+
+    def __init__(self, *args, **kwargs):  # noqa: N807
+        init(self, *args, **kwargs)
+        object.__setattr__(self, "_given", set(names[:len(args)]) | set(kwargs))
+
+    def __setattr__(self, name, value):  # noqa: N807
+        object.__setattr__(self, name, value)
+        if name in HYPER_BY_NAME and "_given" in self.__dict__:
+            self._given.add(name)
+
+    cls.__init__, cls.__setattr__ = __init__, __setattr__
+    cls.__module__ = __name__
+    return cls
+
+
+HyperArguments = _hyper_arguments_class()
+
+
+def given_hyperparameters(hyper_args: Any) -> dict[str, Any]:
+    """The values a caller set on ``hyper_args``: every field it was given for our
+    HyperArguments; for any other object (an older HyperArguments of the user's own), the
+    fields that differ from our defaults, the only sign of intent it carries."""
+    if hyper_args is None:
+        return {}
+    given = getattr(hyper_args, "_given", None)
+    if given is not None:
+        return {name: getattr(hyper_args, name) for name in given}
+    return {h.name: getattr(hyper_args, h.name) for h in HYPERPARAMS
+            if hasattr(hyper_args, h.name) and getattr(hyper_args, h.name) != h.default}
 
 
 def create_training_arguments(path: str | os.PathLike, hyper_args: Any = None):
     """The seed API: YAML file + HyperArguments -> TrainingArguments.
 
-    Precedence mirrors the command line: a field of ``hyper_args`` that differs from its
-    default wins over the YAML value, which wins over the default.
+    Precedence mirrors the command line: a field of ``hyper_args`` the caller set (even to
+    its default value) wins over the YAML value, which wins over the default.
     """
     from ilstudio.config.yaml_adapter import load_training_config
 
     cfg = load_training_config(path)
-    hyper = {}
-    for h in HYPERPARAMS:
-        given = getattr(hyper_args, h.name, h.default) if hyper_args is not None else h.default
-        hyper[h.name] = given if given != h.default else cfg.hyper.get(h.name, h.default)
+    given = given_hyperparameters(hyper_args)
+    hyper = {h.name: given.get(h.name, cfg.hyper.get(h.name, h.default)) for h in HYPERPARAMS}
     if hyper["output_dir"] is None:
         hyper["output_dir"] = str(Path("runs") / str(cfg.hyper.get("task_name", "default")))
     return build_training_arguments(hyper, cfg.training_args)

@@ -64,56 +64,31 @@ _SKIPPED_BY_PART = ("lm_head",)
 # Validation-time checks (no torch)
 # ----------------------------------------------------------------------------------------
 
-def _defaults(obj: Any) -> dict[str, Any]:
-    from ilstudio.config.declare import params_of
-
-    return {info.name: info.default for info in params_of(type(obj))}
-
-
 def check_quantization_combo(lora: LoraSettings, quantization: QuantizationSettings,
                              source_of: Callable[[str], str]) -> None:
     """Refuse quantization settings that cannot train or would be silent no-ops.
 
     A 4/8-bit bitsandbytes backbone cannot be fine-tuned directly (transformers refuses it
     at Trainer construction); it trains through LoRA adapters (QLoRA). Settings that only
-    matter for another bit width, or with quantization disabled, are errors rather than
-    silently ignored.
+    matter for another bit width, or with quantization disabled, are inert, not errors: see
+    config.settings.inert_values.
     """
     problems = []
     q = quantization
-    defaults = _defaults(q)
     if q.enable and q.bits in (4, 8) and not lora.enable:
         problems.append(
             f"quantization.enable = True with quantization.bits = {q.bits} (set in "
             f"{source_of('quantization.enable')}) loads the backbone as frozen {q.bits}-bit "
             f"bitsandbytes weights, which cannot be trained directly: enable LoRA "
             f"(lora.enable = True, i.e. QLoRA) or set quantization.enable = False")
-    if not q.enable:
-        for name in ("bits", "double_quant", "quant_type"):
-            if getattr(q, name) != defaults[name]:
-                problems.append(f"quantization.{name} = {getattr(q, name)!r} (set in "
-                                f"{source_of('quantization.' + name)}) has no effect while "
-                                f"quantization.enable is False")
-    elif q.bits != 4:
-        for name in ("double_quant", "quant_type"):
-            if getattr(q, name) != defaults[name]:
-                problems.append(f"quantization.{name} = {getattr(q, name)!r} (set in "
-                                f"{source_of('quantization.' + name)}) only applies to 4-bit "
-                                f"quantization, but quantization.bits = {q.bits}")
     if problems:
         raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
 def check_lora_settings(lora: LoraSettings, source_of: Callable[[str], str]) -> None:
-    """Refuse LoRA settings peft would reject late, or that do nothing with LoRA disabled."""
+    """Refuse LoRA settings peft would reject late (only while LoRA is enabled)."""
     problems = []
-    if not lora.enable:
-        for name, default in _defaults(lora).items():
-            if name != "enable" and getattr(lora, name) != default:
-                problems.append(f"lora.{name} = {getattr(lora, name)!r} (set in "
-                                f"{source_of('lora.' + name)}) has no effect while lora.enable "
-                                f"is False")
-    else:
+    if lora.enable:  # with LoRA off these values are inert (config.settings.inert_values)
         task_types = _peft_task_types()
         if lora.task_type not in task_types:
             hint = closest(lora.task_type, task_types)

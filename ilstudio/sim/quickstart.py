@@ -5,8 +5,8 @@
 1. records ``--num_episodes`` scripted transfer-cube demonstrations into the task's
    dataset directory (data/sim_transfer_cube_scripted) unless they are already there
    (an interrupted recording continues where it stopped);
-2. trains the default policy (gin_configs/default.gin, the MLP) on them with train.py for
-   ``--max_steps`` steps into ``--output_dir``;
+2. trains the small MLP policy (gin_configs/mlp.gin, a CPU-sized policy trained from
+   scratch) on them with train.py for ``--max_steps`` steps into ``--output_dir``;
 3. evaluates it in the simulator for ``--eval_episodes`` episodes (0 skips), writing
    <output_dir>/eval_results.json and a GIF of the first episode.
 
@@ -48,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[2/3] training the default policy for {args.max_steps} steps into {args.output_dir}",
+    print(f"[2/3] training the MLP policy for {args.max_steps} steps into {args.output_dir}",
           flush=True)
+    if not any(f.startswith("--gin_file") for f in train_flags):
+        train_flags = ["--gin_file=gin_configs/mlp.gin", *train_flags]
     cmd = [sys.executable, "-m", "ilstudio.main", f"--task_name={args.task_name}",
            f"--output_dir={args.output_dir}", f"--max_steps={args.max_steps}",
            "--per_device_train_batch_size=32", "--learning_rate=1e-3", "--logging_steps=100",

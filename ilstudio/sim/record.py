@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ilstudio.errors import UserError
+from ilstudio.sim.settings import SIM_INSTRUCTIONS
 
 RECORDER = "ilstudio.sim.record"
 
@@ -144,7 +145,8 @@ def record(task, sim, output_dir: str | os.PathLike, num_episodes: int, seed: in
             write_episode(path, qpos=rec.qpos, qvel=rec.qvel, action=rec.action, images=rec.images,
                           gzip_level=sim.gzip_level,
                           attrs={**attrs, "attempt": attempt, "episode_seed": ep_seed,
-                                 "object_pose": pose})
+                                 "object_pose": pose,
+                                 "language_instruction": SIM_INSTRUCTIONS[sim.task]})
             stats["bytes"] += path.stat().st_size
             stats["kept"] += 1
             bar.update(1)

@@ -11,6 +11,12 @@ from __future__ import annotations
 from ilstudio.config.declare import configurable, param
 
 SIM_TASKS = ("transfer_cube", "insertion")
+# The `language_instruction` each recorded episode carries (language-conditioned policies,
+# such as the default LoRA VLA, read it as their prompt).
+SIM_INSTRUCTIONS = {
+    "transfer_cube": "pick up the red cube with the right arm and hand it to the left arm",
+    "insertion": "pick up the peg and the socket and insert the peg into the socket",
+}
 
 
 @configurable("sim", group="Simulation")

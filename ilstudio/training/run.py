@@ -197,11 +197,11 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
     model = build_policy(resolved.model.policy, policy_config=resolved.policy, task=resolved.task,
                          dataset=resolved.dataset, model=resolved.model, lora=resolved.lora,
                          quantization=resolved.quantization, use_images=use_images)
-    if resolved.model.load_pretrain:  # before anything is written: a misfit is a UserError
+    if resolved.model.pretrain_from:  # before anything is written: a misfit is a UserError
         from ilstudio.training.pretrain import load_pretrained_policy
 
         logging.info("model.load_pretrain: initialised from %s",
-                     load_pretrained_policy(model, resolved.model.load_pretrain))
+                     load_pretrained_policy(model, resolved.model.pretrain_from))
     finalize()
     if hyper["gradient_checkpointing"] and not hasattr(model, "gradient_checkpointing_enable"):
         raise UserError(f"--gradient_checkpointing: policy '{resolved.model.policy}' has no "
