@@ -223,9 +223,11 @@ def test_headline_command_trains_lora_on_readme_synthetic_data(tmp_path):
 
     from conftest import train_env
 
-    made = subprocess.run([sys.executable, "-m", "ilstudio.data.synthetic", "data/tiny_synthetic"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=train_env())
-    assert made.returncode == 0, made.stderr[-2000:]
+    for module, target in (("ilstudio.policies.vla.make_tiny", "data/vla_tiny"),
+                           ("ilstudio.data.synthetic", "data/tiny_synthetic")):
+        made = subprocess.run([sys.executable, "-m", module, target], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120, env=train_env())
+        assert made.returncode == 0, made.stderr[-2000:]
     proc = run_train("--gin_file=gin_configs/default.gin", "--gin_bindings=lora.r=16",
                      "--learning_rate=1e-3", "--task_name=tiny_synthetic", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
