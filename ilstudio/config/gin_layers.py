@@ -83,6 +83,11 @@ class SearchPath:
         # that imports as a namespace package (gin_configs/ on sys.path). Our directories
         # (the working directory among them) are the whole search path, in our order.
         gin.config._LOCATION_PREFIXES[:] = [str(d) for d in self.dirs]  # noqa: SLF001
+        # Files are found on the filesystem only (the installed package's gin_configs is a
+        # directory in the search path); gin's Python-package reader would log an error for
+        # every directory an include is not in.
+        gin.config._FILE_READERS[:] = [r for r in gin.config._FILE_READERS  # noqa: SLF001
+                                       if "resource_reader" not in getattr(r[0], "__module__", "")]
 
     def find(self, name: str) -> Path | None:
         p = Path(name)
@@ -164,6 +169,9 @@ class GinLayers:
             raise
         except Exception as e:  # noqa: BLE001 - anything gin raises here is the user's input
             msg = str(e)
+            bad = _not_a_literal(msg, text, label, filename)
+            if bad:
+                raise UserError(bad) from None
             if filename and filename not in msg:
                 msg = f"{label}: {msg}"
             elif not filename:
@@ -213,6 +221,31 @@ class GinLayers:
                 if key not in used:
                     out.append((key, self.provenance.source_of(key)))
         return out
+
+
+_BAD_TOKEN = re.compile(r"Failed to parse token '(.*?)' \((?:[^()]*, )?line (\d+)\)")
+
+
+def _not_a_literal(message: str, text: str, label: str, filename: str | None) -> str | None:
+    """A readable message for a value gin cannot read (``lora.r = sixteen``), instead of
+    Python's ``malformed node or string ... <ast.Name object at 0x...>``."""
+    m = _BAD_TOKEN.search(message)
+    if not m or "malformed node" not in message:
+        return None
+    token, line_no = m.group(1), int(m.group(2))
+    lines = text.splitlines()
+    line = lines[line_no - 1].strip() if 0 < line_no <= len(lines) else token
+    key = line.split("=", 1)[0].strip() if "=" in line else ""
+    from ilstudio.config.declare import all_params, type_name
+
+    declared = {p.gin_key: p for p in all_params()}
+    short = key.split("/")[-1]
+    expected = f"expected {type_name(declared[short].type)}; " if short in declared else ""
+    where = f"{label}:{line_no}" if filename else label
+    return (f"{where}: `{line}`: {expected}`{token}` is not a value gin can read. Gin values are "
+            f"Python literals: numbers (16, 1e-3), True/False, None, lists/tuples, and strings in "
+            f"quotes ({key or 'name'} = '{token}' is the string). On a command line, quote the "
+            f"whole binding: --gin_bindings=\"{key or 'name'} = '{token}'\"")
 
 
 def _macro_names_in_operative() -> set[str]:

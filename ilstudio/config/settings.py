@@ -29,6 +29,9 @@ class TaskSettings:
                                           "observation.images.<name>; unbound: all of them).",
                                           documented=False)
     episode_len: int = param(400, "Steps per episode (also the evaluation horizon).", documented=False)
+    data_command: str = param("", "The command that creates this task's data, shown when "
+                              "task.dataset_dir is missing or empty ('{dataset_dir}' is filled in).",
+                              documented=False)
 
 
 @configurable("dataset", group="Data processing")

@@ -10,7 +10,8 @@ from ilstudio.sim.settings import SimSettings
 
 
 def load_task(task_name: str, gin_bindings: list[str] | tuple[str, ...] = (),
-              gin_files: list[str] | tuple[str, ...] = ()) -> tuple[TaskSettings, SimSettings]:
+              gin_files: list[str] | tuple[str, ...] = (),
+              gin_search_paths: list[str] | tuple[str, ...] = ()) -> tuple[TaskSettings, SimSettings]:
     """Parse gin_configs/tasks/<task_name>.gin (+ files and bindings); build task and sim settings.
 
     Raises UserError for an unknown task or a bad binding (with the file/binding named).
@@ -18,7 +19,7 @@ def load_task(task_name: str, gin_bindings: list[str] | tuple[str, ...] = (),
     from ilstudio.policies import import_all_configurations
 
     import_all_configurations()  # a task file may bind policy settings too
-    search = SearchPath([])
+    search = SearchPath(list(gin_search_paths))
     layers = GinLayers(search)
     layers.add_file(find_task_file(search, task_name), f"--task_name={task_name}")
     for name in gin_files:

@@ -108,7 +108,15 @@ def validate_data(resolved: Resolved) -> list[int]:
     from ilstudio.data.sources import list_episodes
 
     use_images = resolved.policy.image_inputs(resolved.task, resolved.dataset)
-    paths = list_episodes(resolved.task.dataset_dir, resolved.model.cache_dir)
+    task = resolved.task
+    if task.data_command and isinstance(task.dataset_dir, str):
+        d = Path(task.dataset_dir).expanduser()
+        if not d.is_dir() or not any(d.iterdir()):
+            command = task.data_command.replace("{dataset_dir}", task.dataset_dir)
+            raise UserError(f"dataset directory {d} {'is empty' if d.is_dir() else 'does not exist'}"
+                            f" (task.dataset_dir). Create the data of task '{resolved.task_name}' "
+                            f"with:\n  {command}")
+    paths = list_episodes(task.dataset_dir, resolved.model.cache_dir)
     lengths = check_episodes(paths, resolved.task, use_images)
     if use_images:
         check_camera_sizes(paths[0], resolved.task.camera_names, resolved.dataset.image_size)
