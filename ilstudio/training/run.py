@@ -113,7 +113,7 @@ def validate_data(resolved: Resolved) -> list[int]:
         d = Path(task.dataset_dir).expanduser()
         if not d.is_dir() or not any(d.iterdir()):
             command = task.data_command.replace("{dataset_dir}", task.dataset_dir)
-            raise UserError(f"dataset directory {d} {'is empty' if d.is_dir() else 'does not exist'}"
+            raise UserError(f"dataset directory {d} {'has no *.hdf5 files' if d.is_dir() else 'does not exist'}"
                             f" (task.dataset_dir). Create the data of task '{resolved.task_name}' "
                             f"with:\n  {command}")
     paths = list_episodes(task.dataset_dir, resolved.model.cache_dir)
