@@ -179,19 +179,6 @@ def load_policy(built: dict, weights: Path, device: str):
     return model, use_images, dev
 
 
-class _OnDevice:
-    """Moves select_action's inputs to the policy's device."""
-
-    def __init__(self, policy, device) -> None:
-        self.policy, self.device = policy, device
-
-    def select_action(self, qpos, images=None):
-        qpos = qpos.to(self.device)
-        if images is None:
-            return self.policy.select_action(qpos)
-        return self.policy.select_action(qpos, images.to(self.device))
-
-
 # -- running ------------------------------------------------------------------------------------
 
 
@@ -232,14 +219,10 @@ def evaluate(args: SimpleNamespace) -> dict:
         warning = check_frame_size(task, sim)
         if warning:
             print(warning, file=sys.stderr)
-        query_every = args.query_every or chunk
-        if not 1 <= query_every <= chunk:
-            raise UserError(f"--query_every={query_every}: must be between 1 and the chunk size {chunk}")
-        agent = rollout.PolicyAgent(
-            _OnDevice(model, device), stats, cameras=tuple(task.camera_names), use_images=use_images,
-            image_size=built["dataset"].image_size, image_aspect_ratio=built["dataset"].image_aspect_ratio,
-            history=built["dataset"].history_images_length, query_every=query_every,
-            temporal_ensemble=args.temporal_ensemble)
+        agent = rollout.policy_agent(model, stats, task, built["dataset"], chunk, device=device,
+                                     use_images=use_images, query_every=args.query_every,
+                                     temporal_ensemble=args.temporal_ensemble)
+        query_every = agent.query_every
         out = Path(args.output_dir) if args.output_dir else weights.parent
         info.update(checkpoint=str(weights.parent), model_policy=built["model"].policy,
                     chunk_size=chunk, query_every=1 if args.temporal_ensemble else query_every,

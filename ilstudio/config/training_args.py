@@ -238,6 +238,8 @@ def create_training_arguments(path: str | os.PathLike, hyper_args: Any = None):
     cfg = load_training_config(path)
     given = given_hyperparameters(hyper_args)
     hyper = {h.name: given.get(h.name, cfg.hyper.get(h.name, h.default)) for h in HYPERPARAMS}
+    for h in HYPERPARAMS:
+        h.check(hyper[h.name], f"{h.name} ({'HyperArguments' if h.name in given else path})")
     if hyper["output_dir"] is None:
         hyper["output_dir"] = str(Path("runs") / str(cfg.hyper.get("task_name", "default")))
     return build_training_arguments(hyper, cfg.training_args)

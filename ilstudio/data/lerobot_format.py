@@ -36,6 +36,7 @@ INFO_PATH = "meta/info.json"
 SUPPORTED_VERSIONS = ("v2.1", "v3.0")
 STATE_KEY = "observation.state"
 ACTION_KEY = "action"
+VELOCITY_KEY = "observation.velocity"  # ACT's /observations/qvel, where a dataset has it
 CAMERA_PREFIX = "observation.images."
 DEFAULT_CHUNK_SIZE = 1000
 

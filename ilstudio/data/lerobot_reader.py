@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ilstudio.data.episodes import ACTION_KEY, IMAGES_KEY, QPOS_KEY
+from ilstudio.data.episodes import ACTION_KEY, IMAGES_KEY, QPOS_KEY, check_exact_values
 from ilstudio.data.lerobot_format import (
     ACTION_KEY as LR_ACTION,
 )
@@ -38,12 +38,14 @@ from ilstudio.data.lerobot_format import (
     V21_VIDEO_PATH,
     V30_DATA_PATH,
     V30_VIDEO_PATH,
+    VELOCITY_KEY,
     LeRobotInfo,
     load_info,
 )
 from ilstudio.data.video import VideoError, VideoReader, probe
 from ilstudio.errors import UserError
 
+QVEL_KEY = "observations/qvel"
 INSTRUCTION_ATTR = "language_instruction"  # as ilstudio.data.language reads it
 MIRRORED_FIELD = "mirrored"  # an optional per-episode field (ilstudio writes it; LeRobot ignores it)
 
@@ -197,7 +199,7 @@ def _numeric_columns(path: str, mtime: float, pid: int) -> dict[str, np.ndarray]
     try:
         names = pq.read_schema(path).names
         want = [c for c in ("episode_index", "frame_index", "timestamp", "task_index", STATE_KEY,
-                            LR_ACTION) if c in names]
+                            LR_ACTION, VELOCITY_KEY) if c in names]
         table = pq.read_table(path, columns=want)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot be read as parquet (truncated or corrupt?): {e}") from None
@@ -301,10 +303,12 @@ class LeRobotSource:
                 raise UserError(f"{path}: no '{key}' column (LeRobot layout expected)")
         self.timestamps = cols["timestamp"][rows].astype(np.float64)
         self._arrays = {QPOS_KEY: cols[STATE_KEY][rows], ACTION_KEY: cols[LR_ACTION][rows]}
+        if VELOCITY_KEY in cols:
+            self._arrays[QVEL_KEY] = cols[VELOCITY_KEY][rows]
         task_index = cols.get("task_index")
         task = (data.tasks.get(int(task_index[rows[0]])) if task_index is not None and len(rows)
                 else None) or (meta.tasks[0] if meta.tasks else "")
-        self.attrs: dict[str, Any] = {MIRRORED_FIELD: meta.mirrored}
+        self.attrs: dict[str, Any] = {MIRRORED_FIELD: meta.mirrored, "fps": data.info.fps}
         if task:  # absent, not empty: language falls back on vla.instruction as for HDF5
             self.attrs[INSTRUCTION_ATTR] = task
         self._readers: dict[str, VideoReader] = {}
@@ -329,6 +333,8 @@ class LeRobotSource:
     def __getitem__(self, key: str) -> Any:
         if key in self._arrays:
             return self._arrays[key]
+        if key == IMAGES_KEY:  # like the HDF5 group: camera -> frames
+            return {cam: _Frames(self, cam) for cam in self.ref.data.info.cameras}
         prefix = IMAGES_KEY + "/"
         if key.startswith(prefix) and key[len(prefix):] in self.ref.data.info.cameras:
             return _Frames(self, key[len(prefix):])
@@ -395,16 +401,12 @@ def check_episode(ref: LeRobotEpisode, task: Any, need_images: bool,
         if steps == 0:
             raise UserError(f"{where}: episode has 0 steps")
         for key, name in ((QPOS_KEY, STATE_KEY), (ACTION_KEY, LR_ACTION)):
-            arr = np.asarray(src[key], dtype=np.float64)
+            arr = np.asarray(src[key])
             dim = info.state_dim if key == QPOS_KEY else info.action_dim
             if arr.ndim != 2 or arr.shape[1] != dim:
                 raise UserError(f"{data.root / meta.data_file}: '{name}' of episode {meta.index} "
                                 f"has shape {arr.shape}, info.json says ({steps}, {dim})")
-            bad = ~np.isfinite(arr)
-            if bad.any():
-                t, col = (int(x) for x in np.argwhere(bad)[0])
-                raise UserError(f"{where}: '{name}' has {int(bad.sum())} non-finite value(s), "
-                                f"first at step {t}, column {col}")
+            check_exact_values(f"{where}: '{name}'", arr)
         if need_images:
             _check_cameras(ref, task.camera_names, src.timestamps, frame_shapes)
     return steps

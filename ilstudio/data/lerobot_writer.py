@@ -33,6 +33,7 @@ from ilstudio.data.lerobot_format import (
     V30_DATA_PATH,
     V30_EPISODES_PATH,
     V30_VIDEO_PATH,
+    VELOCITY_KEY,
 )
 from ilstudio.data.lerobot_reader import MIRRORED_FIELD, _pa
 from ilstudio.data.video import CODEC, VideoWriter
@@ -97,7 +98,11 @@ class LeRobotWriter:
         if self.root.exists() and any(self.root.iterdir()):
             raise UserError(f"{self.root} exists and is not empty; choose a new directory")
         self.root.mkdir(parents=True, exist_ok=True)
-        self.fps, self.version, self.robot_type = fps, version, robot_type
+        if not fps > 0:
+            raise UserError(f"fps must be positive, got {fps}")
+        # LeRobot's info.json holds fps as an int (DatasetInfo.fps: int) wherever it is one.
+        self.fps = int(fps) if float(fps).is_integer() else float(fps)
+        self.version, self.robot_type = version, robot_type
         self.image_storage = image_storage
         self.features: dict[str, dict] | None = None
         self.cameras: list[str] = []
@@ -120,13 +125,12 @@ class LeRobotWriter:
 
     # -- features ------------------------------------------------------------------------
 
-    def _init_features(self, state: np.ndarray, action: np.ndarray, images: dict[str, np.ndarray]) -> None:
-        feats: dict[str, dict] = {
-            STATE_KEY: {"dtype": "float32", "shape": [state.shape[1]],
-                        "names": [f"state_{i}" for i in range(state.shape[1])]},
-            ACTION_KEY: {"dtype": "float32", "shape": [action.shape[1]],
-                         "names": [f"action_{i}" for i in range(action.shape[1])]},
-        }
+    def _init_features(self, vectors: dict[str, np.ndarray], images: dict[str, np.ndarray]) -> None:
+        feats: dict[str, dict] = {}
+        for key, x in vectors.items():
+            stem = key.rsplit(".", 1)[-1]
+            feats[key] = {"dtype": str(x.dtype), "shape": [x.shape[1]],
+                          "names": [f"{stem}_{i}" for i in range(x.shape[1])]}
         for cam, frames in images.items():
             h, w = frames.shape[1:3]
             feat = {"dtype": self.image_storage, "shape": [h, w, 3],
@@ -146,25 +150,47 @@ class LeRobotWriter:
 
     # -- episodes ------------------------------------------------------------------------
 
+    def _check_like_first(self, vectors: dict[str, np.ndarray], images: dict[str, np.ndarray]) -> None:
+        """One schema per dataset: every episode has the first one's features, dims and sizes."""
+        assert self.features is not None
+        have = {k: [v.shape[1]] for k, v in vectors.items()}
+        have.update({CAMERA_PREFIX + c: [*v.shape[1:3], 3] for c, v in images.items()})
+        first = {k: f["shape"] for k, f in self.features.items()
+                 if k in (STATE_KEY, ACTION_KEY, VELOCITY_KEY) or k.startswith(CAMERA_PREFIX)}
+        dtypes_differ = [k for k, v in vectors.items() if self.features[k]["dtype"] != str(v.dtype)] \
+            if set(have) == set(first) else []
+        if have != first or dtypes_differ:
+            raise UserError(f"episode {len(self.episodes)} has features {have} but the first episode "
+                            f"had {first}; a LeRobot dataset has one schema for all episodes")
+
     def add_episode(self, state: np.ndarray, action: np.ndarray, images: dict[str, np.ndarray],
-                    task: str = "", mirrored: bool = False) -> None:
-        """state (T, S), action (T, A), images camera -> uint8 (T, H, W, 3)."""
-        state = np.asarray(state, dtype=np.float32)
-        action = np.asarray(action, dtype=np.float32)
+                    task: str = "", mirrored: bool = False, velocity: np.ndarray | None = None) -> None:
+        """state (T, S), action (T, A), images camera -> uint8 (T, H, W, 3), velocity (T, S) or None.
+
+        float64 state/action stay float64 (so HDF5 -> LeRobot -> HDF5 is exact); other
+        numbers are stored as float32, LeRobot's usual type.
+        """
+        vectors = {STATE_KEY: state, ACTION_KEY: action}
+        if velocity is not None:
+            vectors[VELOCITY_KEY] = velocity
+        vectors = {k: np.asarray(v, dtype=np.float64 if np.asarray(v).dtype == np.float64
+                                 else np.float32) for k, v in vectors.items()}
+        for k, v in vectors.items():
+            if v.ndim != 2:
+                raise UserError(f"episode {len(self.episodes)}: {k} has shape {v.shape}, expected (T, dim)")
         images = {c: np.asarray(v, dtype=np.uint8) for c, v in images.items()}
-        steps = len(state)
-        if steps == 0 or len(action) != steps or any(len(v) != steps for v in images.values()):
+        steps = len(vectors[STATE_KEY])
+        if steps == 0 or any(len(v) != steps for v in [*vectors.values(), *images.values()]):
             raise UserError(f"episode {len(self.episodes)}: state, action and every camera need the "
                             f"same, non-zero number of steps")
         if self.features is None:
-            self._init_features(state, action, images)
-        elif sorted(images) != sorted(self.cameras):
-            raise UserError(f"episode {len(self.episodes)} has cameras {sorted(images)}, the first "
-                            f"had {sorted(self.cameras)}")
+            self._init_features(vectors, images)
+        else:
+            self._check_like_first(vectors, images)
         ep = len(self.episodes)
         task_index = self.tasks.setdefault(task, len(self.tasks))
         ts = (np.arange(steps) / self.fps).astype(np.float32)
-        columns = {STATE_KEY: state, ACTION_KEY: action, "timestamp": ts,
+        columns = {**vectors, "timestamp": ts,
                    "frame_index": np.arange(steps, dtype=np.int64),
                    "episode_index": np.full(steps, ep, dtype=np.int64),
                    "index": np.arange(self.frames, self.frames + steps, dtype=np.int64),
@@ -172,7 +198,7 @@ class LeRobotWriter:
         if self.image_storage == "image":
             for cam, frames in images.items():
                 columns[CAMERA_PREFIX + cam] = [{"bytes": _png(f), "path": None} for f in frames]
-        stats = {STATE_KEY: _stats(state), ACTION_KEY: _stats(action)}
+        stats = {k: _stats(v) for k, v in vectors.items()}
         for key in ("timestamp", "frame_index", "episode_index", "index", "task_index"):
             stats[key] = _stats(np.asarray(columns[key]).reshape(-1, 1))
         for cam, frames in images.items():
@@ -190,8 +216,8 @@ class LeRobotWriter:
         pa, _ = _pa()
         arrays, names = [], []
         for name, values in columns.items():
-            if name in (STATE_KEY, ACTION_KEY):
-                flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=pa.float32())
+            if name in (STATE_KEY, ACTION_KEY, VELOCITY_KEY):
+                flat = pa.array(np.ascontiguousarray(values).reshape(-1))
                 arrays.append(pa.FixedSizeListArray.from_arrays(flat, values.shape[1]))
             elif name.startswith(CAMERA_PREFIX):
                 arrays.append(pa.array(values, type=pa.struct([("bytes", pa.binary()),

@@ -171,11 +171,14 @@ flags.DEFINE_integer("num_episodes", 50, "Successful episodes to keep.", flag_va
 flags.DEFINE_string("output_dir", None, "Where this program writes: the episodes (default: the "
                     "task's task.dataset_dir, where train.py looks for them).", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "Object poses of attempt k come from (seed, k).", flag_values=FLAGS)
+flags.DEFINE_enum("format", "hdf5", ["hdf5", "lerobot"], "hdf5: ACT-layout episode_<i>.hdf5 "
+                  "files; lerobot: a LeRobotDataset v3.0 (episodes are recorded resumably beside "
+                  "it, then converted).", flag_values=FLAGS)
 flags.DEFINE_integer("max_attempts", None, "Give up after this many attempts (default "
                      "4*num_episodes+10; insertion keeps about half).", flag_values=FLAGS)
 flags.DEFINE_bool("no_progress", False, "No progress bar.", flag_values=FLAGS)
 define_gin_flags(FLAGS)
-_GROUPS = [("Recording", ["task_name", "num_episodes", "output_dir", "seed"]),
+_GROUPS = [("Recording", ["task_name", "num_episodes", "output_dir", "seed", "format"]),
            ("Also", ["max_attempts", "no_progress"])]
 
 
@@ -188,8 +191,14 @@ def _record(rest: list[str]) -> int:
     if not out or not isinstance(out, str):
         raise UserError(f"no --output_dir and task.dataset_dir of {FLAGS.task_name} is not one "
                         f"directory: give --output_dir")
+    if FLAGS.format == "lerobot":
+        from ilstudio.data.convert import finish_recording, recording_staging
+
+        target, out = out, recording_staging(out)
     summary = record(task, sim, out, FLAGS.num_episodes, seed=FLAGS.seed,
                      max_attempts=FLAGS.max_attempts, progress=not FLAGS.no_progress)
+    if FLAGS.format == "lerobot":
+        summary["output_dir"] = finish_recording(out, target, robot_type=f"aloha_sim_{sim.task}")
     recorded = summary["kept"] - summary["already_there"]
     print(f"{summary['kept']} episodes in {summary['output_dir']} ({recorded} recorded now, "
           f"{summary['already_there']} already there; {summary['attempts']} attempts, "
