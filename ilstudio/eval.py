@@ -10,7 +10,8 @@ training data was recorded with), normalization.json and model.safetensors (a ch
 directory reads the config files of the run directory above it). Episodes use evaluation
 seeds, which never give an object pose used for recording. Results (success rate with its
 95% Wilson interval, mean return, episode length, per-episode details) are written to
-<checkpoint>/eval_results.json, and the first episode(s) as a GIF/MP4 next to it.
+<checkpoint>/eval_results.json, and one successful and one failed episode (when both
+happened; the file name says which) as a GIF/MP4 next to it.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def load_settings(operative: Path, gin_files=(), gin_bindings=(), gin_search_pat
     for i, text in enumerate(gin_bindings):
         layers.add_binding_text(text, f"--gin_bindings[{i}] ({text.strip()!r})")
     return build_settings(lambda key: layers.provenance.source_of(key) if key in layers.provenance.history
-                          else str(operative))
+                          else str(operative), with_sim=True)
 
 
 def check_frame_size(task, sim) -> str | None:
@@ -192,6 +193,19 @@ def save_video(frames, path: Path, fps: float) -> Path:
     return path
 
 
+def filmed(results: list, per_kind: int, replay) -> list:
+    """The episodes to save as video: the first ``per_kind`` successes and failures, so a
+    reader sees both when both happened. Episodes filmed during the run are used as they are;
+    a missing kind is replayed with frames (``replay(index)``: the same episode again)."""
+    if per_kind <= 0:
+        return []
+    chosen = []
+    for kind in (True, False):
+        of_kind = [r for r in results if r.success == kind][:per_kind]
+        chosen += [r if r.frames else replay(r.index) for r in of_kind]
+    return sorted(chosen, key=lambda r: r.index)
+
+
 def evaluate(args: SimpleNamespace) -> dict:
     from tqdm import tqdm
 
@@ -258,12 +272,13 @@ def evaluate(args: SimpleNamespace) -> dict:
     bar.close()
     summary = {**info, **rollout.summarize(results, time.perf_counter() - t0)}
     videos = []
-    for r in results:
-        if r.frames:
-            from gym_aloha.constants import FPS
+    for r in filmed(results, args.video_episodes, lambda i: rollout.run_episodes(
+            agent, task, sim, args.num_episodes, args.seed, video_episodes=1, episodes=[i])[0]):
+        from gym_aloha.constants import FPS
 
-            videos.append(str(save_video(r.frames, out / f"eval_episode_{r.index}.{args.video_format}",
-                                         fps=FPS / 2)))
+        label = "success" if r.success else "failure"
+        path = out / f"eval_episode_{r.index}_{label}.{args.video_format}"
+        videos.append(str(save_video(r.frames, path, fps=FPS / 2)))
     summary["videos"] = videos
     write_atomic(out / EVAL_RESULTS, json.dumps(summary, indent=1) + "\n")
     summary["results_file"] = str(out / EVAL_RESULTS)

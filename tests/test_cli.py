@@ -111,6 +111,15 @@ def test_run_directory_has_every_dump(trained):
         assert (out / name).exists(), name
     operative = (out / "operative_config.gin").read_text()
     assert "mlp.hidden_dim = 256" in operative and "lora.r = 64" in operative  # defaults included
+    assert "sim." not in operative  # a task without a simulator: no sim.* settings were used
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("operative_config.gin", "config.gin", "flags.txt", "model.safetensors",
+                 "normalization.json", "training_args.json", "checkpoint-60/model.safetensors"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name  # not mkstemp's 0600
+    assert (out / "checkpoint-60").stat().st_mode & 0o777 == 0o777 & ~umask
     assert "task.dataset_dir" in (out / "config.gin").read_text()
     args = json.loads((out / "training_args.json").read_text())
     assert args["learning_rate"] == 1e-3 and args["max_steps"] == 60 and args["seed"] == 3

@@ -163,7 +163,7 @@ def test_train_on_recorded_episodes_then_evaluate(recorded: Path, tmp_path: Path
     res = json.loads((run / "eval_results.json").read_text())
     assert res["num_episodes"] == 1 and res["render"] == [36, 48] and res["model_policy"] == "mlp"
     assert res["episodes"][0]["steps"] == 400 and res["query_every"] == 20
-    assert (run / "eval_episode_0.gif").stat().st_size > 0
+    assert (run / "eval_episode_0_failure.gif").stat().st_size > 0  # 3 training steps: no success
     # A run directory without weights is a clear error, not a traceback.
     assert main(["--checkpoint", str(tmp_path), "--num_episodes", "1"]) == 2
     assert "model.safetensors" in capsys.readouterr().err
@@ -206,3 +206,28 @@ def test_temporal_ensemble_and_wilson_interval() -> None:
     assert lo == pytest.approx(0.7225, abs=1e-4) and hi == pytest.approx(1.0)
     lo, hi = wilson_interval(25, 50)
     assert lo == pytest.approx(0.3664, abs=1e-4) and hi == pytest.approx(0.6336, abs=1e-4)
+
+
+def test_evaluation_films_a_success_and_a_failure_replaying_a_missing_one() -> None:
+    """Episodes are deterministic, so the first success can be filmed after the fact; the
+    evaluator saves one success and one failure when both happened."""
+    from ilstudio.eval import filmed
+    from ilstudio.sim import rollout
+
+    task, sim = _load_small_task()
+    scripted = rollout.ScriptedAgent(sim, task.episode_len)
+    unfilmed = rollout.run_episodes(scripted, task, sim, 2, seed=0)
+    assert all(r.success and not r.frames for r in unfilmed)
+    again = rollout.run_episodes(scripted, task, sim, 2, seed=0, video_episodes=1, episodes=[1])[0]
+    assert again.index == 1 and again.success and again.frames
+    assert again.episode_return == unfilmed[1].episode_return and again.seed == unfilmed[1].seed
+    failed = rollout.run_episodes(rollout.HoldAgent(), task, sim, 1, seed=0, video_episodes=1)[0]
+    replays = []
+
+    def replay(i):
+        replays.append(i)
+        return rollout.run_episodes(scripted, task, sim, 2, seed=0, video_episodes=1, episodes=[i])[0]
+
+    chosen = filmed([failed, unfilmed[1]], 1, replay)
+    assert [(r.index, r.success, bool(r.frames)) for r in chosen] == [(0, False, True), (1, True, True)]
+    assert replays == [1]  # only the success had to be filmed again

@@ -9,6 +9,7 @@ binding locations, then handed to gin unchanged (gin's errors keep their file an
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,23 @@ from gin import config_parser
 from ilstudio.config.hyperparams import HYPER_BY_NAME
 from ilstudio.errors import UserError, closest, read_user_text
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+
+def _package_root() -> Path:
+    """The installed ``ilstudio`` directory: it holds gin_configs/ and configs/deepspeed/ (in a
+    checkout, links to the repository's own), so a wheel installed anywhere finds them."""
+    from importlib.resources import files
+
+    return Path(str(files("ilstudio")))
+
+
+# The last entry of every search path: the configs shipped with the package.
+CONFIG_ROOT = _package_root()
+
+
+def find_shipped(name: str | os.PathLike) -> Path | None:
+    """A relative path (``configs/deepspeed/zero2.json``) among the shipped configs, if there."""
+    p = CONFIG_ROOT / name
+    return p if not Path(name).is_absolute() and p.is_file() else None
 
 
 @dataclasses.dataclass
@@ -73,10 +90,11 @@ def registered_names() -> dict[str, list[str]]:
 
 
 class SearchPath:
-    """Where gin files and their includes are looked up: user paths, cwd, then the repo."""
+    """Where gin files and their includes are looked up: the user's --gin_search_paths, the
+    working directory, then the configs shipped inside the package (CONFIG_ROOT)."""
 
     def __init__(self, extra: list[str]) -> None:
-        self.dirs = [Path(p) for p in extra] + [Path.cwd(), REPO_ROOT]
+        self.dirs = [Path(p) for p in extra] + [Path.cwd(), CONFIG_ROOT]
         gin.config.clear_config()
         # gin looks an include up under each prefix in turn, starting with '' (the working
         # directory), and asks its Python-package reader too, which crashes on a directory

@@ -19,7 +19,7 @@ from absl import flags, logging
 
 from ilstudio.config import settings as S
 from ilstudio.config.declare import validate_instance
-from ilstudio.config.gin_layers import GinLayers, SearchPath
+from ilstudio.config.gin_layers import GinLayers, SearchPath, find_shipped
 from ilstudio.config.hyperparams import HYPERPARAMS, owned_field_message
 from ilstudio.config.yaml_adapter import (
     TrainingConfig,
@@ -47,7 +47,7 @@ class Resolved:
     lora: S.LoraSettings
     quantization: S.QuantizationSettings
     policy: Any
-    sim: SimSettings
+    sim: SimSettings | None  # None: the task has no simulator
     layers: GinLayers
     yaml: TrainingConfig | None
     unused: list[tuple[str, str]]
@@ -97,6 +97,10 @@ def _resolve_hyper(fv: flags.FlagValues, yaml_cfg: TrainingConfig | None
     if values["output_dir"] is not None and not str(values["output_dir"]).strip():
         raise UserError(f"--output_dir is empty (from {sources['output_dir']}): name the run's "
                         f"directory, or leave it out for runs/<task_name>")
+    ds = values.get("deepspeed")
+    if ds and not Path(ds).expanduser().is_file() and find_shipped(ds):
+        # configs/deepspeed/zero2.json works from any directory: the package ships it.
+        values["deepspeed"], sources["deepspeed"] = str(find_shipped(ds)), f"{sources['deepspeed']} (shipped)"
     if values["output_dir"] is None:
         values["output_dir"] = str(Path("runs") / values["task_name"])
         sources["output_dir"] = "default (runs/<task_name>)"
@@ -148,23 +152,29 @@ def construct(cls):
         raise UserError(f"gin could not build `{cls.gin_name}` from its bindings: {e}") from None
 
 
-def build_settings(source_of) -> dict[str, Any]:
+def build_settings(source_of, with_sim: bool | None = None) -> dict[str, Any]:
     """Every settings object of a run from the gin bindings now in force, type-checked.
 
     The one place that decides what a run's configurables are: training resolves through it
     and the evaluator rebuilds a run from its operative_config.gin through it, so both always
     construct (and put in the operative config) the same objects. ``source_of(gin_key)``
     names where a value came from, for error messages.
+
+    The task's simulator settings (sim.*) are built when the task has a simulator (its gin
+    file binds sim.task) or ``with_sim`` asks for them: they then land in operative_config.gin,
+    from which `python -m ilstudio.eval` renders like the data. A run on recorded or synthetic
+    data without a simulator gets ``sim = None`` and no sim.* in its operative config, which
+    lists what the run used.
     """
     built = {k: construct(cls) for k, cls in (
         ("task", S.TaskSettings), ("dataset", S.DatasetSettings), ("model", S.ModelSettings),
-        ("lora", S.LoraSettings), ("quantization", S.QuantizationSettings),
-        # The task's simulator settings (sim.*, bound by the sim task files): built so they land
-        # in operative_config.gin, from which `python -m ilstudio.eval` renders like the data.
-        ("sim", SimSettings))}
+        ("lora", S.LoraSettings), ("quantization", S.QuantizationSettings))}
+    if with_sim if with_sim is not None else source_of("sim.task") != "default":
+        built["sim"] = construct(SimSettings)
     built["policy"] = construct(policy_config_class(built["model"].policy, source_of("model.policy")))
     for obj in built.values():
         validate_instance(obj, source_of)
+    built.setdefault("sim", None)
     return built
 
 

@@ -52,6 +52,7 @@ def training_args_kwargs(hyper: dict[str, Any], extra: dict[str, Any]) -> dict[s
         kwargs["warmup_steps"] = ratio
     report = str(kwargs.get("report_to", "none"))
     kwargs["report_to"] = report if report in ("none", "all") else [r.strip() for r in report.split(",") if r.strip()]
+    check_report_to(kwargs["report_to"])
     if hyper.get("eval_strategy") is None:
         kwargs["eval_strategy"] = "steps" if hyper.get("do_eval") else "no"
     if kwargs["eval_strategy"] == "steps" and hyper.get("eval_steps") is None:
@@ -72,6 +73,26 @@ def training_args_kwargs(hyper: dict[str, Any], extra: dict[str, Any]) -> dict[s
         # transformers 5 renamed it; the flag keeps the name users know.
         kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
     return kwargs
+
+
+# --report_to integrations -> (a module that must be importable, how to install it).
+_REPORTERS = {
+    "wandb": (("wandb",), "pip install 'ilstudio[wandb]' (or pip install wandb)"),
+    "tensorboard": (("tensorboard", "tensorboardX"), "pip install tensorboard"),
+}
+
+
+def check_report_to(report_to: str | list[str]) -> None:
+    """An integration whose package is missing is refused at validation, before anything is
+    written (transformers would fail only when the Trainer starts)."""
+    import importlib.util
+
+    for name in report_to if isinstance(report_to, list) else []:
+        modules, how = _REPORTERS.get(name, ((), ""))
+        if modules and not any(importlib.util.find_spec(m) for m in modules):
+            raise UserError(f"--report_to={','.join(report_to)}: `{name}` needs the {modules[0]} "
+                            f"package, which is not installed ({how}); or leave it out "
+                            f"(--report_to=none)")
 
 
 def check_deepspeed_config(path: str) -> None:

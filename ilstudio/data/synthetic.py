@@ -56,7 +56,7 @@ def _language(i: int, qpos: np.ndarray) -> dict:
 def _write_episode(path: Path, qpos: np.ndarray, action: np.ndarray,
                    images: dict[str, np.ndarray], mirrored: bool, text: dict) -> None:
     """Write one episode atomically, so readers never see half a file."""
-    with atomic_path(path, private=False) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["sim"] = True
         f.attrs["mirrored"] = mirrored
         obs = f.create_group("observations")

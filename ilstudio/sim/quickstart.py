@@ -8,7 +8,7 @@
 2. trains the small MLP policy (gin_configs/mlp.gin, a CPU-sized policy trained from
    scratch) on them with train.py for ``--max_steps`` steps into ``--output_dir``;
 3. evaluates it in the simulator for ``--eval_episodes`` episodes (0 skips), writing
-   <output_dir>/eval_results.json and a GIF of the first episode.
+   <output_dir>/eval_results.json and GIFs of a successful and a failed episode.
 
 ``--gin_file``, ``--gin_bindings`` and ``--gin_search_paths`` mean what they mean in train.py
 and reach the recorder (task and sim.* settings) and the training run alike. Any other

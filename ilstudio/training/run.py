@@ -226,5 +226,6 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
         metrics.update(trainer.evaluate())
     if trainer.is_world_process_zero():
         trainer.save_state()
-    logging.info("done: %s", metrics)
+    logging.info("done: %d steps; run directory %s; %s", trainer.state.global_step,
+                 Path(out).resolve(), metrics)
     return metrics
