@@ -82,13 +82,13 @@ def fsync_tree(path: str | os.PathLike) -> None:
     fsync_dir(path)
 
 
-@contextlib.contextmanager
 def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
 
 
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp",
                 private: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block succeeds it becomes ``path``.
