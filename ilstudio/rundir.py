@@ -88,6 +88,18 @@ def _umask() -> int:
     return umask
 
 
+def ordinary_permissions(tree: str | os.PathLike) -> None:
+    """Give private (0600) files under ``tree`` the umask's ordinary permissions.
+
+    safetensors writes its files 0600 (through a temporary file); a run directory is read by
+    colleagues and other jobs, like the episodes the recorder writes.
+    """
+    mode = 0o666 & ~_umask()
+    for p in [Path(tree), *Path(tree).rglob("*")]:
+        if p.is_file() and not p.is_symlink() and p.stat().st_mode & 0o777 == 0o600:
+            p.chmod(mode)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp",
                 private: bool = False) -> Iterator[Path]:
@@ -134,6 +146,7 @@ def publish_dir(staged: str | os.PathLike, final: str | os.PathLike, *,
     is discarded; returns False then, True when ``staged`` became ``final``.
     """
     staged, final = Path(staged), Path(final)
+    ordinary_permissions(staged)
     fsync_tree(staged)
     if final.exists():
         if not replace:
@@ -169,6 +182,7 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = True) -> Iterator[Pa
 
 def publish_files(staged: str | os.PathLike, out: str | os.PathLike) -> None:
     """Move every file of a staging directory into ``out``, each by one rename."""
+    ordinary_permissions(staged)
     for f in sorted(Path(staged).iterdir()):
         os.replace(f, Path(out) / f.name)
 

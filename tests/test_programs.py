@@ -89,3 +89,54 @@ def test_console_scripts_point_at_the_programs():
                               text=True, timeout=120, env=train_env(MUJOCO_GL="egl"))
         assert proc.returncode == 0, (name, proc.stderr[-2000:])
         assert "--gin_bindings" in proc.stdout + proc.stderr, name
+
+
+def test_report_to_without_its_package_is_refused_before_writing(tmp_path, tiny_data):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here: the refusal cannot be shown")
+    out = tmp_path / "o"
+    proc = run_train(*tiny_args(tiny_data, out), "--report_to=wandb", "--max_steps=1")
+    assert_user_error(proc, "--report_to=wandb", "wandb package", "ilstudio[wandb]")
+    assert not out.exists()
+
+
+def test_the_wheel_carries_its_configs_and_runs_from_anywhere(tmp_path):
+    """Build the wheel from a clean copy of the sources, install it alone, and run from a
+    directory that is not the checkout: the shipped gin and DeepSpeed configs are found."""
+    clone = tmp_path / "sources"  # what a clone holds (links kept as links)
+    clone.mkdir()
+    for path in ("ilstudio", "pyproject.toml", "README.md", "gin_configs", "configs", "setup.cfg"):
+        subprocess.run(["cp", "-a", str(REPO / path), str(clone / path)], check=True)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                            "--no-build-isolation", "-w", str(tmp_path / "dist"), str(clone)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("ilstudio-*.whl")
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
+                    str(site), str(wheel)], check=True, timeout=300)
+    anywhere = tmp_path / "anywhere"
+    anywhere.mkdir()
+    env = train_env(PYTHONPATH=str(site))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", *args], cwd=anywhere, capture_output=True,
+                              text=True, timeout=300, env=env)
+
+    where = run("ilstudio.main", "--helpshort")
+    assert where.returncode == 0
+    assert run("ilstudio.data.synthetic", "data/tiny_synthetic").returncode == 0
+    dry = run("ilstudio.main", "--task_name=tiny_synthetic", "--gin_file=gin_configs/mlp.gin",
+              "--explain")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert str(site / "ilstudio" / "gin_configs" / "mlp.gin") in dry.stdout  # from the wheel
+    ds = run("ilstudio.main", "--task_name=tiny_synthetic", "--gin_file=gin_configs/mlp.gin",
+             "--deepspeed=configs/deepspeed/zero2.json", "--dry_run")
+    assert str(site / "ilstudio" / "configs" / "deepspeed" / "zero2.json") in ds.stdout + ds.stderr
+    # A user's own gin_configs come first in the search path.
+    (anywhere / "gin_configs").mkdir()
+    (anywhere / "gin_configs" / "mlp.gin").write_text("model.policy = 'mlp'\nmlp.hidden_dim = 24\n")
+    mine = run("ilstudio.main", "--task_name=tiny_synthetic", "--gin_file=gin_configs/mlp.gin", "--dry_run")
+    assert mine.returncode == 0 and "mlp.hidden_dim = 24" in mine.stdout
