@@ -128,15 +128,16 @@ def check_frame_size(task, sim) -> str | None:
     Runs trained before sim.* was part of the config fall back to its defaults; the episodes
     themselves still tell the size the policy saw.
     """
-    import h5py
+    from ilstudio.data.episodes import open_episode
+    from ilstudio.data.sources import list_episodes
 
-    try:
-        first = sorted(Path(task.dataset_dir).glob("*.hdf5"))[:1]
-        if not first or not task.camera_names:
+    try:  # the first episode of task.dataset_dir, HDF5 or LeRobot
+        first = list_episodes(task.dataset_dir)[:1] if task.camera_names else []
+        if not first:
             return None
-        with h5py.File(first[0], "r") as f:
+        with open_episode(first[0]) as f:
             shape = f[f"observations/images/{task.camera_names[0]}"].shape[1:3]
-    except (OSError, KeyError):
+    except (OSError, KeyError, UserError):
         return None
     if tuple(shape) != (sim.render_height, sim.render_width):
         return (f"warning: {first[0]} frames are {shape[0]}x{shape[1]} but the run's sim.render_height/"

@@ -128,10 +128,10 @@ HYPERPARAMS: tuple[Hyper, ...] = (
           "optimizer steps and at the last one (0: never): success rate and mean return are "
           "logged, <output_dir>/best/ keeps the weights with the highest success rate, "
           "learning_curve.png is redrawn. Tasks without a simulator skip it with a message.",
-          seed_documented=False, to_training_args=False),
+          seed_documented=False, to_training_args=False, bounds="[0, inf)"),
     Hyper("eval_episodes", int, 10, "Episodes per --eval_every_steps evaluation (evaluation "
           "seed 1; `python -m ilstudio.eval` reports on seed 0's episodes).",
-          seed_documented=False, to_training_args=False),
+          seed_documented=False, to_training_args=False, bounds="[1, inf)"),
     Hyper("eval_strategy", str, None, "When to evaluate: no, steps or epoch (default: steps if "
           "--do_eval else no).", _STRATEGIES, seed_documented=False),
 )

@@ -42,7 +42,7 @@ from ilstudio.data.lerobot_format import (
     LeRobotInfo,
     load_info,
 )
-from ilstudio.data.video import VideoError, VideoReader, probe
+from ilstudio.data.video import VideoError, probe, shared_reader
 from ilstudio.errors import UserError
 
 QVEL_KEY = "observations/qvel"
@@ -311,7 +311,6 @@ class LeRobotSource:
         self.attrs: dict[str, Any] = {MIRRORED_FIELD: meta.mirrored, "fps": data.info.fps}
         if task:  # absent, not empty: language falls back on vla.instruction as for HDF5
             self.attrs[INSTRUCTION_ATTR] = task
-        self._readers: dict[str, VideoReader] = {}
 
     def __enter__(self) -> LeRobotSource:
         return self
@@ -320,9 +319,7 @@ class LeRobotSource:
         self.close()
 
     def close(self) -> None:
-        for r in self._readers.values():
-            r.close()
-        self._readers.clear()
+        """Nothing to release: video readers are shared per file and process (video.shared_reader)."""
 
     def get(self, key: str, default: Any = None) -> Any:
         try:
@@ -347,9 +344,7 @@ class LeRobotSource:
         if feature.get("dtype") == "image":
             return self._png_frames(camera, indices)
         span = meta.videos[camera]
-        reader = self._readers.get(camera)
-        if reader is None:
-            reader = self._readers[camera] = VideoReader(data.root / span.path)
+        reader = shared_reader(data.root / span.path)
         return reader.frames_at(span.from_timestamp + self.timestamps[indices])
 
     def _png_frames(self, camera: str, indices: np.ndarray) -> np.ndarray:
@@ -378,8 +373,18 @@ class LeRobotSource:
 # -- validation ------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=256)
 def _probe(path: Path) -> dict:
+    """Video header facts, read once per file version (a v3.0 file serves many episodes)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return probe(path)  # raises the named error
+    return _probe_cached(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _probe_cached(path: Path, mtime_ns: int, size: int) -> dict:
+    del mtime_ns, size  # cache keys only
     return probe(path)
 
 
