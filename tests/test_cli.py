@@ -126,6 +126,13 @@ def test_run_directory_has_every_dump(trained):
     assert not list(out.glob(".*.tmp"))
 
 
+def test_logs_name_the_step_and_done_names_the_run_directory(trained):
+    out, proc = trained
+    logs = proc.stdout + proc.stderr
+    assert "'step': 30" in logs and "'step': 60" in logs
+    assert f"done: 60 steps; run directory {out.resolve()}" in logs
+
+
 def test_final_model_loads_back(trained):
     """The run directory alone rebuilds the policy (the evaluator's loader, strict weights)."""
     import torch
