@@ -76,8 +76,8 @@ def _main(argv: list[str]) -> None:
     dataset or an output_dir in use is reported in seconds, not after ~90 s of imports."""
     del argv
     from ilstudio.config.dumps import describe
-    from ilstudio.config.resolve import resolve
     from ilstudio.config.training_args import check_training_arguments
+    from ilstudio.resolve import resolve
     from ilstudio.training.run import check_output_dir, resume_checkpoint, validate_data
 
     show = FLAGS.dry_run or FLAGS.explain

@@ -41,7 +41,7 @@ def test_train_uses_the_cpus_its_affinity_allows(tiny_data: Path, tmp_path: Path
 
 LORA_AFTER_PLAIN = r"""
 import sys
-from ilstudio.config.resolve import resolve_argv
+from ilstudio.resolve import resolve_argv
 from ilstudio.training.run import train
 
 train(resolve_argv(sys.argv[1:]))
@@ -88,8 +88,9 @@ def test_train_run_logs_threads(tiny_data: Path, tmp_path: Path) -> None:
 
 
 def test_policy_trainer_steps_match_transformers_trainer_bit_for_bit(tiny_data: Path, tmp_path: Path) -> None:
-    """PolicyTrainer's own per-step paths (gradient clipping) change no result: same weights
-    as transformers' Trainer after steps where clipping really acts."""
+    """PolicyTrainer's own per-step paths (gradient clipping, skipping a redundant
+    model.train()) change no result: same weights as transformers' Trainer, with clipping
+    acting on every step, dropout on, and a held-out evaluation (eval mode) in between."""
     import torch
     from transformers import Trainer, TrainingArguments
 
@@ -101,19 +102,24 @@ def test_policy_trainer_steps_match_transformers_trainer_bit_for_bit(tiny_data: 
 
     task = TaskSettings(dataset_dir=str(tiny_data), camera_names=("top",), episode_len=50)
     dataset = DatasetSettings(preload_data=True)
-    ds = batched(build_datasets(task, dataset, 5, False, 0)[0])
-    finals, norms = [], []
+    train_ds, eval_ds = (batched(d) for d in build_datasets(task, dataset, 5, True, 0)[:2])
+    finals, norms, evals = [], [], []
     for cls in (Trainer, PolicyTrainer):
         torch.manual_seed(0)
-        model = build_policy("mlp", policy_config=policy_config_class("mlp")(hidden_dim=32, num_layers=2),
+        config = policy_config_class("mlp")(hidden_dim=32, num_layers=2, dropout=0.5)
+        model = build_policy("mlp", policy_config=config,
                              task=task, dataset=dataset, model=ModelSettings(chunk_size=5), use_images=True)
         args = TrainingArguments(output_dir=str(tmp_path / cls.__name__), max_steps=6, max_grad_norm=0.01,
                                  per_device_train_batch_size=8, learning_rate=1e-2, logging_steps=1,
                                  save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                                 eval_strategy="steps", eval_steps=3, label_names=["action"],
                                  remove_unused_columns=False, dataloader_pin_memory=False)
-        trainer = cls(model=model, args=args, train_dataset=ds, data_collator=collate)
+        trainer = cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      data_collator=collate)
         trainer.train()
         finals.append({k: v.clone() for k, v in model.state_dict().items()})
         norms.append([r["grad_norm"] for r in trainer.state.log_history if "grad_norm" in r])
+        evals.append([r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r])
     assert norms[0] == norms[1] and min(norms[0]) > 0.01  # clipping acted at every step
+    assert len(evals[0]) == 2 and evals[0] == evals[1]
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])

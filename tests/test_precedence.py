@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import small_policy
 
-from ilstudio.config.resolve import resolve_argv
 from ilstudio.errors import UserError
+from ilstudio.resolve import resolve_argv
 
 
 @pytest.fixture

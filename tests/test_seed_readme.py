@@ -158,7 +158,7 @@ def test_documented_value_forms_load_pretrain_and_square(tmp_path, tiny_data, ba
 
 
 def test_load_pretrain_true_loads_the_backbone_weights(tiny_data, backbone):
-    from ilstudio.config.resolve import resolve_argv
+    from ilstudio.resolve import resolve_argv
 
     r = resolve_argv(["--task_name=tiny_synthetic", "--gin_file=gin_configs/vla.gin",
                       *data_bound(tiny_data, backbone), "--gin_bindings=model.load_pretrain = True"])

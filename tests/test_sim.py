@@ -189,7 +189,8 @@ def test_headline_command_trains_lora_vla_on_recorded_data(recorded: Path, tmp_p
 
 
 def test_temporal_ensemble_and_wilson_interval() -> None:
-    from ilstudio.sim.rollout import TemporalEnsemble, wilson_interval
+    from ilstudio.policies.ensemble import TemporalEnsembler as TemporalEnsemble
+    from ilstudio.sim.rollout import wilson_interval
 
     te = TemporalEnsemble(k=0.01)
     te.add(0, np.full((3, 2), 1.0))

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ilstudio.config.hyperparams import HYPER_BY_NAME, HYPERPARAMS
+from ilstudio.config.hyperparams import HYPER_BY_NAME, HYPERPARAMS, layer_hyperparams
 from ilstudio.errors import UserError, did_you_mean
 
 # What a policy trainer needs regardless of user input; a user value still wins.
@@ -251,18 +251,18 @@ def given_hyperparameters(hyper_args: Any) -> dict[str, Any]:
 def create_training_arguments(path: str | os.PathLike, hyper_args: Any = None):
     """The seed API: YAML file + HyperArguments -> TrainingArguments.
 
-    Precedence mirrors the command line: a field of ``hyper_args`` the caller set (even to
-    its default value) wins over the YAML value, which wins over the default.
+    Precedence is the command line's (``layer_hyperparams``): a field of ``hyper_args`` the
+    caller set (even to its default value) counts as given and wins over the YAML value,
+    which wins over the default.
     """
     from ilstudio.config.yaml_adapter import load_training_config
 
     cfg = load_training_config(path)
+    defaults = {**HyperArguments_defaults(), "task_name": "default"}
     given = given_hyperparameters(hyper_args)
-    hyper = {h.name: given.get(h.name, cfg.hyper.get(h.name, h.default)) for h in HYPERPARAMS}
+    hyper, _ = layer_hyperparams(given, defaults, cfg)
     for h in HYPERPARAMS:
         h.check(hyper[h.name], f"{h.name} ({'HyperArguments' if h.name in given else path})")
-    if hyper["output_dir"] is None:
-        hyper["output_dir"] = str(Path("runs") / str(cfg.hyper.get("task_name", "default")))
     return build_training_arguments(hyper, cfg.training_args)
 
 

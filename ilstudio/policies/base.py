@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from ilstudio.config.declare import params_of
-from ilstudio.config.settings import inert_values
+from ilstudio.config.settings import images_enabled, inert_values
 from ilstudio.errors import UserError
 
 # Stable parameters the shared data and training code gives meaning for every policy.
@@ -83,7 +83,7 @@ class PolicyConfig:
                             f"'{self.name}' has no pretrained backbone; to start from a previous "
                             f"ilstudio run, give its directory (model.load_pretrain = 'runs/x')")
         if model.pretrain_from:
-            from ilstudio.training.pretrain import weights_file
+            from ilstudio.models.state_io import weights_file
 
             try:
                 weights_file(model.pretrain_from)
@@ -92,5 +92,6 @@ class PolicyConfig:
         return problems
 
     def image_inputs(self, task, dataset) -> bool:
-        return self.uses_images and bool(task.camera_names) and dataset.is_multimodal
+        """Whether this policy gets camera frames: it can read them, and the data has them."""
+        return self.uses_images and images_enabled(task, dataset)
 

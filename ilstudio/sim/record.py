@@ -20,8 +20,8 @@ import numpy as np
 from absl import flags
 
 from ilstudio.cli import define_gin_flags, run_program
+from ilstudio.config.settings import SIM_INSTRUCTIONS
 from ilstudio.errors import UserError
-from ilstudio.sim.settings import SIM_INSTRUCTIONS
 
 RECORDER = "ilstudio.sim.record"
 
