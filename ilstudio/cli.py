@@ -201,9 +201,9 @@ def run_program(fv: flags.FlagValues, main: Callable[[list[str]], int | None], a
 def gin_help() -> str:
     """--help_gin: every configurable's parameters with type, default and doc, from the
     declarations (the same source as README's tables and the YAML adapter)."""
+    from ilstudio.config import settings as _settings  # noqa: F401  (registers task.* ... sim.*)
     from ilstudio.config.declare import CONFIGURABLES, params_of, type_name
     from ilstudio.policies import import_all_configurations
-    from ilstudio.sim import settings as _sim  # noqa: F401  (registers sim.*)
 
     import_all_configurations()
     parts = ["Gin parameters: bind them in a .gin file, with --gin_bindings='NAME = VALUE' or "
