@@ -37,7 +37,10 @@ POLICY_FLAGS = {
     "act": ["--gin_file=gin_configs/act.gin", "--gin_bindings=act.hidden_dim = 64",
             "--gin_bindings=act.dim_feedforward = 128", "--gin_bindings=act.enc_layers = 2",
             "--gin_bindings=act.nheads = 4"],
+    # the VLA on make_tiny's random backbone (written into the temporary directory)
+    "vla": ["--gin_file=gin_configs/vla.gin", "--gin_bindings=model.model_name_or_path = '{backbone}'"],
 }
+SLOW = ("act", "vla")  # a CPU step costs 10-100x the MLP's: smaller batch, fewer steps
 
 
 def machine() -> str:
@@ -157,7 +160,8 @@ def run_trainer(cap: Capture, data: Path, out: Path, policy: str, batch: int,
 
     gin.clear_config()
     argv = ["--task_name=tiny_synthetic", f"--gin_bindings=task.dataset_dir = '{data}'",
-            "--gin_bindings=dataset.preload_data = True", *POLICY_FLAGS[policy],
+            "--gin_bindings=dataset.preload_data = True",
+            *[f.format(backbone=data.parent / "vla_tiny") for f in POLICY_FLAGS[policy]],
             f"--output_dir={out}", f"--per_device_train_batch_size={batch}",
             f"--max_steps={cap.warmup + cap.steps + 1}", "--save_strategy=no",
             "--report_to=none", "--learning_rate=1e-4", *extra]
@@ -166,9 +170,9 @@ def run_trainer(cap: Capture, data: Path, out: Path, policy: str, batch: int,
 
 
 def measure(a, cap: Capture, data: Path, tmp: Path, policy: str, variant: str) -> tuple:
-    batch = a.act_batch if policy == "act" else a.batch
-    cap.steps = a.act_steps if policy == "act" else a.steps
-    cap.warmup = min(a.warmup, 5) if policy == "act" else a.warmup
+    batch = a.act_batch if policy in SLOW else a.batch
+    cap.steps = a.act_steps if policy in SLOW else a.steps
+    cap.warmup = min(a.warmup, 5) if policy in SLOW else a.warmup
     trainer_sps, plain_sps = [], []
     for r in range(a.repeats):
         out = tmp / f"{policy}-{variant}-{r}"
@@ -193,9 +197,9 @@ def measure(a, cap: Capture, data: Path, tmp: Path, policy: str, variant: str) -
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--policies", default="mlp,mlp_wide,act")
+    p.add_argument("--policies", default="mlp,mlp_wide,act,vla")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--act_batch", type=int, default=8, help="ACT's batch (its CPU step is slow)")
+    p.add_argument("--act_batch", type=int, default=8, help="ACT's and the VLA's batch (their CPU steps are slow)")
     p.add_argument("--act_steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--steps", type=int, default=150)
@@ -226,7 +230,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
-        write_synthetic_dataset(data, num_episodes=4, episode_len=100)
+        write_synthetic_dataset(data, num_episodes=4, episode_len=100, language=True)
+        if "vla" in a.policies.split(","):
+            from ilstudio.policies.vla.make_tiny import write_tiny_backbone
+
+            write_tiny_backbone(Path(tmp) / "vla_tiny")
         for policy in [x for x in a.policies.split(",") if x]:
             if policy == "act" and not (REPO / "ilstudio/policies/act/modeling.py").exists():
                 print("act: not available, skipped")
