@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from ilstudio.config.declare import param, params_of
-from ilstudio.config.settings import images_enabled
+from ilstudio.config.declare import CONFIGURABLES, param, params_of
+from ilstudio.config.settings import images_enabled, inert_values
 from ilstudio.errors import UserError
 
 
@@ -21,7 +21,8 @@ class PolicyConfig:
     uses_images: the policy can read camera frames. needs_images: it cannot work without.
     Which shared parameters it gives an effect is declared with each parameter
     (``param(policies=...)``): any other documented parameter set away from its default is
-    an error at validation time, never a silent no-op.
+    an error at validation time, never a silent no-op, unless its own switch is off
+    (``lora.r`` while ``lora.enable`` is False): then it is inert and warned about.
     """
 
     name: ClassVar[str] = ""
@@ -41,9 +42,11 @@ class PolicyConfig:
             problems.append(f"policy '{self.name}' needs camera images, but dataset.is_multimodal "
                             f"is False (set in {source_of('dataset.is_multimodal')})")
         problems += self._common_problems(task, dataset, model, source_of)
+        # Values their switch turns off are warned about (resolve), never refused here.
+        inert = set(inert_values(lora, quantization))
         for obj in (dataset, model, lora, quantization):
             for info in params_of(type(obj)):
-                if info.yaml_key is None or info.honoured_by(self.name):
+                if info.yaml_key is None or info.honoured_by(self.name) or info.gin_key in inert:
                     continue
                 value = getattr(obj, info.name)
                 if value != info.default:
@@ -69,14 +72,25 @@ class PolicyConfig:
             problems.append(f"dataset.lazy_preprocess = False (set in "
                             f"{source_of('dataset.lazy_preprocess')}) has no effect: policy "
                             f"'{self.name}' gets no images or text to preprocess here")
-        if model.load_pretrain:
+        if model.load_pretrain is True and not self.honours("model.is_pretrained"):
+            problems.append(f"model.load_pretrain = True (set in {source_of('model.load_pretrain')}) "
+                            f"starts the backbone from pretrained weights, but policy "
+                            f"'{self.name}' has no pretrained backbone; to start from a previous "
+                            f"ilstudio run, give its directory (model.load_pretrain = 'runs/x')")
+        if model.pretrain_from:
             from ilstudio.models.state_io import weights_file
 
             try:
-                weights_file(model.load_pretrain)
+                weights_file(model.pretrain_from)
             except UserError as e:
                 problems.append(f"{e} (set in {source_of('model.load_pretrain')})")
         return problems
+
+    def honours(self, gin_key: str) -> bool:
+        """Whether this policy gives the shared parameter ``gin_key`` an effect (as declared)."""
+        configurable, _, name = gin_key.partition(".")
+        info = next(i for i in params_of(CONFIGURABLES[configurable]) if i.name == name)
+        return info.honoured_by(self.name)
 
     def image_inputs(self, task, dataset) -> bool:
         """Whether this policy gets camera frames: it can read them, and the data has them."""
