@@ -22,7 +22,7 @@ LAYERS = (
     ("ilstudio.config",),
     ("ilstudio.data", "ilstudio.models"),
     ("ilstudio.policies",),
-    ("ilstudio.resolve", "ilstudio.tools"),
+    ("ilstudio.resolve", "ilstudio.cli", "ilstudio.tools"),
     ("ilstudio.training", "ilstudio.sim"),
     ("ilstudio.eval", "ilstudio.main"),
 )
