@@ -28,20 +28,34 @@ HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 FIRST_STEP = r"""
 import os, sys, time
 sys.argv[0] = "train.py"
-from transformers import TrainerCallback
-from ilstudio.training.trainer import PolicyTrainer
+import ilstudio.training.lazy_imports as lazy_imports
 
-class Stamp(TrainerCallback):
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == 1:
-            print(f"FIRST_STEP_AT {time.time():.6f}", flush=True)
-            os._exit(0)
+real_import = lazy_imports.import_trainer
 
-real = PolicyTrainer.__init__
-def init(self, *a, **k):
-    real(self, *a, **k)
-    self.add_callback(Stamp())
-PolicyTrainer.__init__ = init
+
+def import_trainer(need_peft):
+    # The stamp is attached once train.py has imported the Trainer its own way (importing it
+    # here first would change what train.py imports).
+    real_import(need_peft)
+    from transformers import TrainerCallback
+    from ilstudio.training.trainer import PolicyTrainer
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 1:
+                print(f"FIRST_STEP_AT {time.time():.6f}", flush=True)
+                os._exit(0)
+
+    real = PolicyTrainer.__init__
+
+    def init(self, *a, **k):
+        real(self, *a, **k)
+        self.add_callback(Stamp())
+
+    PolicyTrainer.__init__ = init
+
+
+lazy_imports.import_trainer = import_trainer
 from absl import flags
 from ilstudio.config import hyperparams
 from ilstudio.main import run_cli
@@ -125,7 +139,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         write_synthetic_dataset(data)
-        run = ["--task_name=tiny_synthetic", f"--gin_bindings=task.dataset_dir = '{data}'"]
+        run = ["--task_name=tiny_synthetic", "--gin_file=gin_configs/mlp.gin",
+               f"--gin_bindings=task.dataset_dir = '{data}'"]
         rows = []
         help_t = [wall([sys.executable, train, "--help"]) for _ in range(a.repeats)]
         rows.append(("train.py --help", summary(help_t), "< 1 s", heavy_imports([train, "--help"])))

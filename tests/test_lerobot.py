@@ -21,7 +21,7 @@ pytest.importorskip("pyarrow")
 pytest.importorskip("av")
 
 import pyarrow.parquet as pq  # noqa: E402
-from conftest import run_train, train_env  # noqa: E402
+from conftest import run_train, small_policy, train_env  # noqa: E402
 
 from ilstudio.config.settings import DatasetSettings, TaskSettings  # noqa: E402
 from ilstudio.data.dataset import EpisodeDataset, build_datasets  # noqa: E402
@@ -233,7 +233,8 @@ def test_several_datasets_of_either_format(datasets, tiny_data):
 def lerobot_args(data, out, *extra: str) -> list[str]:
     return ["--task_name=lerobot", f"--gin_bindings=task.dataset_dir = {data!r}",
             f"--output_dir={out}", "--per_device_train_batch_size=4", "--max_steps=3",
-            "--report_to=none", "--gin_bindings=dataset.image_size = (24, 32)", *extra]
+            "--report_to=none", "--gin_bindings=dataset.image_size = (24, 32)",
+            *small_policy(extra), *extra]
 
 
 @pytest.mark.parametrize("version", ["v2.1", "v3.0"])

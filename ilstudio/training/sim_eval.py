@@ -203,8 +203,13 @@ class SimEvalCallback(TrainerCallback):
         from tensorboard.compat.proto.summary_pb2 import Summary
         from torch.utils.tensorboard import SummaryWriter
 
+        # At most ~100 frames of at most 160 px wide: a few MB per evaluation in the event
+        # file rather than tens (rollouts record every 2nd step of a 400-step episode).
+        stride = max(1, len(frames) // 100)
+        shrink = max(1, frames[0].shape[1] // 160)
+        frames = [f[::shrink, ::shrink] for f in frames[::stride]]
         buf = io.BytesIO()
-        imageio.mimsave(buf, frames, format="GIF", duration=40, loop=0)
+        imageio.mimsave(buf, frames, format="GIF", duration=40 * stride, loop=0)
         h, w = frames[0].shape[:2]
         image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=buf.getvalue())
         if self._writer is None:
