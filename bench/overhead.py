@@ -32,9 +32,9 @@ sys.path.insert(0, str(REPO))
 
 # Small but not trivial: per-policy gin bindings that keep a CPU step in the ms range.
 POLICY_FLAGS = {
-    "mlp": [],
+    "mlp": ["--gin_file=gin_configs/mlp.gin"],
     # the same policy at a width where a step costs more than the Trainer's fixed per-step work
-    "mlp_wide": ["--gin_bindings=mlp.hidden_dim = 2048", "--gin_bindings=mlp.num_layers = 4"],
+    "mlp_wide": ["--gin_file=gin_configs/mlp.gin", "--gin_bindings=mlp.hidden_dim = 2048", "--gin_bindings=mlp.num_layers = 4"],
     "act": ["--gin_file=gin_configs/act.gin", "--gin_bindings=act.hidden_dim = 64",
             "--gin_bindings=act.dim_feedforward = 128", "--gin_bindings=act.enc_layers = 2",
             "--gin_bindings=act.nheads = 4"],

@@ -148,7 +148,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         write_synthetic_dataset(data)
-        run = ["--task_name=tiny_synthetic", f"--gin_bindings=task.dataset_dir = '{data}'"]
+        run = ["--task_name=tiny_synthetic", "--gin_file=gin_configs/mlp.gin",
+               f"--gin_bindings=task.dataset_dir = '{data}'"]
         rows = []
         help_t = [wall([sys.executable, train, "--help"]) for _ in range(a.repeats)]
         rows.append(("train.py --help", summary(help_t), "< 1 s", heavy_imports([train, "--help"])))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import gin
@@ -19,7 +20,7 @@ from absl import flags, logging
 
 from ilstudio.config import settings as S
 from ilstudio.config.declare import validate_instance
-from ilstudio.config.gin_layers import GinLayers, SearchPath
+from ilstudio.config.gin_layers import GinLayers, SearchPath, find_shipped
 from ilstudio.config.hyperparams import HYPERPARAMS, layer_hyperparams, owned_field_message
 from ilstudio.config.settings import SimSettings
 from ilstudio.config.yaml_adapter import (
@@ -47,7 +48,7 @@ class Resolved:
     lora: S.LoraSettings
     quantization: S.QuantizationSettings
     policy: Any
-    sim: SimSettings
+    sim: SimSettings | None  # None: the task has no simulator
     layers: GinLayers
     yaml: TrainingConfig | None
     unused: list[tuple[str, str]]
@@ -88,6 +89,10 @@ def _resolve_hyper(fv: flags.FlagValues, yaml_cfg: TrainingConfig | None
     if not str(values["output_dir"]).strip():
         raise UserError(f"--output_dir is empty (from {sources['output_dir']}): name the run's "
                         f"directory, or leave it out for runs/<task_name>")
+    ds = values.get("deepspeed")
+    if ds and not Path(ds).expanduser().is_file() and find_shipped(ds):
+        # configs/deepspeed/zero2.json works from any directory: the package ships it.
+        values["deepspeed"], sources["deepspeed"] = str(find_shipped(ds)), f"{sources['deepspeed']} (shipped)"
     for h in HYPERPARAMS:
         source = sources[h.name]
         where = f"--{h.name}" if source.startswith("flag") else f"{h.name} (from {source})"
@@ -136,23 +141,29 @@ def construct(cls):
         raise UserError(f"gin could not build `{cls.gin_name}` from its bindings: {e}") from None
 
 
-def build_settings(source_of) -> dict[str, Any]:
+def build_settings(source_of, with_sim: bool | None = None) -> dict[str, Any]:
     """Every settings object of a run from the gin bindings now in force, type-checked.
 
     The one place that decides what a run's configurables are: training resolves through it
     and the evaluator rebuilds a run from its operative_config.gin through it, so both always
     construct (and put in the operative config) the same objects. ``source_of(gin_key)``
     names where a value came from, for error messages.
+
+    The task's simulator settings (sim.*) are built when the task has a simulator (its gin
+    file binds sim.task) or ``with_sim`` asks for them: they then land in operative_config.gin,
+    from which `python -m ilstudio.eval` renders like the data. A run on recorded or synthetic
+    data without a simulator gets ``sim = None`` and no sim.* in its operative config, which
+    lists what the run used.
     """
     built = {k: construct(cls) for k, cls in (
         ("task", S.TaskSettings), ("dataset", S.DatasetSettings), ("model", S.ModelSettings),
-        ("lora", S.LoraSettings), ("quantization", S.QuantizationSettings),
-        # The task's simulator settings (sim.*, bound by the sim task files): built so they land
-        # in operative_config.gin, from which `python -m ilstudio.eval` renders like the data.
-        ("sim", SimSettings))}
+        ("lora", S.LoraSettings), ("quantization", S.QuantizationSettings))}
+    if with_sim if with_sim is not None else source_of("sim.task") != "default":
+        built["sim"] = construct(SimSettings)
     built["policy"] = construct(policy_config_class(built["model"].policy, source_of("model.policy")))
     for obj in built.values():
         validate_instance(obj, source_of)
+    built.setdefault("sim", None)
     return built
 
 
@@ -171,6 +182,8 @@ def bind_dataset_values(layers: GinLayers) -> None:
     task = construct(S.TaskSettings)
     if not task.dataset_dir or not isinstance(task.dataset_dir, (str, list, tuple)):
         return  # empty or mistyped: reported by the data layer / type checks with their context
+    if task.data_command and isinstance(task.dataset_dir, str) and not Path(task.dataset_dir).expanduser().exists():
+        return  # a local task's data not created yet: validate_data names the command that does
     bound = {n: getattr(task, n) for n in TASK_FROM_DATA if layers.provenance.history.get(f"task.{n}")}
     derived = derived_task_values(task.dataset_dir, bound, construct(S.ModelSettings).cache_dir)
     for name, value in derived.items():
@@ -227,6 +240,11 @@ def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
     built["policy"].validate(task=built["task"], dataset=built["dataset"], model=built["model"],
                              lora=built["lora"], quantization=built["quantization"],
                              source_of=layers.provenance.source_of)
+
+    inert = S.inert_values(built["lora"], built["quantization"])
+    if inert:
+        values = {k: getattr(built[k.split(".")[0]], k.split(".")[1]) for k in inert}
+        logging.warning("%s", S.inert_warning(inert, values, layers.provenance.source_of))
 
     unused = layers.unused_bindings()
     for key, source in unused:

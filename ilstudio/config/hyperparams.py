@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,24 @@ HYPERPARAMS: tuple[Hyper, ...] = (
 HYPER_BY_NAME = {h.name: h for h in HYPERPARAMS}
 
 
+def define_gin_flags(fv: flags.FlagValues, default_files: Sequence[str] = ()) -> None:
+    """--gin_file, --gin_bindings and --gin_search_paths with the one meaning they have in
+    every program (idempotent per FlagValues)."""
+    if "gin_file" in fv:
+        return
+    default_doc = (f" Default: {', '.join(default_files)}; giving one replaces it (build on it "
+                   f"with gin's `include`)." if default_files else "")
+    flags.DEFINE_multi_string("gin_file", list(default_files),
+                              "Gin files, applied in order after the task's file." + default_doc,
+                              flag_values=fv)
+    flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'lora.r = 16'; applied last, "
+                              "in order. --gin.NAME=VALUE is short for --gin_bindings='NAME = VALUE'.",
+                              flag_values=fv)
+    flags.DEFINE_multi_string("gin_search_paths", [], "Extra directories to look up gin files and "
+                              "includes in (before the working directory and the installed "
+                              "package's gin_configs).", flag_values=fv)
+
+
 def layer_hyperparams(given: Mapping[str, Any], defaults: Mapping[str, Any], yaml_cfg=None
                       ) -> tuple[dict[str, Any], dict[str, str]]:
     """The one precedence rule for hyperparameters: default < YAML < given.
@@ -208,15 +226,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("task_name", "sim_transfer_cube_scripted",
                         "Task: gin_configs/tasks/<task_name>.gin binds its data and dims.",
                         flag_values=flag_values)
-    flags.DEFINE_multi_string("gin_file", ["gin_configs/default.gin"],
-                              "Gin files, applied in order after the task's file. Giving one "
-                              "replaces the default (include it with `include` if wanted).",
-                              flag_values=flag_values)
-    flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'lora.r = 16'; applied "
-                              "last, in order.", flag_values=flag_values)
-    flags.DEFINE_multi_string("gin_search_paths", [], "Extra directories to look up gin files and "
-                              "includes in (before the working directory and the repo).",
-                              flag_values=flag_values)
+    define_gin_flags(flag_values, ["gin_configs/default.gin"])
     flags.DEFINE_string("training_config", None, "Older flat YAML training config: stable keys "
                         "become gin bindings, hyperparameter keys flag values.",
                         flag_values=flag_values)

@@ -9,7 +9,9 @@ without touching torch.
 
 from __future__ import annotations
 
-from ilstudio.config.declare import configurable, param
+from collections.abc import Callable
+
+from ilstudio.config.declare import configurable, param, params_of
 
 
 @configurable("task", group="Task")
@@ -30,7 +32,10 @@ class TaskSettings:
                                           "observation.images.<name>; unbound: all of them).",
                                           documented=False)
     episode_len: int = param(400, "Steps per episode (also the evaluation horizon).",
-                            documented=False, bounds="[1, inf)")
+                             documented=False, bounds="[1, inf)")
+    data_command: str = param("", "The command that creates this task's data, shown when "
+                              "task.dataset_dir is missing or empty ('{dataset_dir}' is filled in).",
+                              documented=False)
 
 
 @configurable("dataset", group="Data processing")
@@ -50,7 +55,9 @@ class DatasetSettings:
     is_multimodal: bool = param(True, "Samples carry camera images; false gives a state-only input "
                                 "even when the data has cameras.")
     image_aspect_ratio: str = param("pad", "How frames are fitted to the model input: 'pad' "
-                                    "(letterbox) or 'resize' (stretch).", choices=("pad", "resize"))
+                                    "(letterbox) or 'resize' (stretch; 'square' is the LLaVA / "
+                                    "IL-Studio name for the same plain resize).",
+                                    choices=("pad", "resize", "square"))
     skip_mirrored_data: bool = param(False, "Leave out episodes marked as mirrored.")
     history_images_length: int = param(1, "Frames per camera the policy sees, current included.",
                                         bounds="[1, inf)")
@@ -82,10 +89,22 @@ class ModelSettings:
     freeze_backbone: bool = param(False, "The language/visual backbone's weights do not change.")
     tune_mm_mlp_adapter: bool = param(False, "Train only the multimodal projector.")
     llm_loss_weight: float = param(0.0, "Weight of the language-modelling loss added to the action loss.",
-                                  bounds="[0, inf)")
-    load_pretrain: str | None = param(None, "Initialise the whole policy from a previous ilstudio "
-                                      "run directory before training.")
+                                   bounds="[0, inf)")
+    load_pretrain: bool | str | None = param(
+        None, "A path: initialise the whole policy from a previous ilstudio run directory, "
+        "checkpoint or model.safetensors before training. true: start the backbone from the "
+        "pretrained weights in model_name_or_path (as is_pretrained = true). false/None: neither.")
     cache_dir: str | None = param(None, "Where Hugging Face files are cached and looked up.")
+
+    @property
+    def pretrained_backbone(self) -> bool:
+        """Load the backbone's weights from model_name_or_path (is_pretrained or load_pretrain: true)."""
+        return self.is_pretrained or self.load_pretrain is True
+
+    @property
+    def pretrain_from(self) -> str | None:
+        """The run directory / weights file load_pretrain names, or None (true/false/None)."""
+        return self.load_pretrain if isinstance(self.load_pretrain, str) and self.load_pretrain else None
 
 
 @configurable("lora", group="LoRA")
@@ -126,6 +145,12 @@ class QuantizationSettings:
 # settings the policy was trained on. Declared here (not in ilstudio/sim) so resolving a run
 # needs nothing from the simulator's package.
 SIM_TASKS = ("transfer_cube", "insertion")
+# The `language_instruction` each recorded episode carries (language-conditioned policies,
+# such as the default LoRA VLA, read it as their prompt).
+SIM_INSTRUCTIONS = {
+    "transfer_cube": "pick up the red cube with the right arm and hand it to the left arm",
+    "insertion": "pick up the peg and the socket and insert the peg into the socket",
+}
 
 
 @configurable("sim", group="Simulation")
@@ -159,3 +184,38 @@ def images_enabled(task: TaskSettings, dataset: DatasetSettings) -> bool:
 
 
 STABLE_CONFIGURABLES = ("task", "dataset", "model", "lora", "quantization")
+
+
+def inert_values(lora: LoraSettings, quantization: QuantizationSettings) -> dict[str, str]:
+    """Values their own switch makes inert: gin key -> why (e.g. ``lora.r`` while lora is off).
+
+    Users keep such values in their files and toggle the switch, as in IL-Studio's YAML
+    (``lora_r: 64`` beside ``lora_enable: false``): they are kept and recorded in config.gin,
+    and reported as one warning, never refused. A value the chosen policy can never honour is
+    still an error (the policy's validate decides that, for values not listed here).
+    """
+    out = {}
+
+    def changed(obj, names, why):
+        defaults = {p.name: p.default for p in params_of(type(obj))}
+        for name in names:
+            if getattr(obj, name) != defaults[name]:
+                out[f"{obj.gin_name}.{name}"] = why
+
+    if not lora.enable:
+        changed(lora, [p.name for p in params_of(LoraSettings) if p.name != "enable"],
+                "lora.enable is False")
+    if not quantization.enable:
+        changed(quantization, ("bits", "double_quant", "quant_type"), "quantization.enable is False")
+    elif quantization.bits != 4:
+        changed(quantization, ("double_quant", "quant_type"),
+                f"they only apply to 4-bit quantization and quantization.bits = {quantization.bits}")
+    return out
+
+
+def inert_warning(inert: dict[str, str], values: dict[str, object],
+                  source_of: Callable[[str], str]) -> str:
+    """The one warning listing every inert value with its source and why."""
+    lines = [f"  {key} = {values[key]!r} (set in {source_of(key)}): {why}" for key, why in inert.items()]
+    return ("these values have no effect in this run because their switch is off (kept in "
+            "config.gin; they apply once the switch is on):\n" + "\n".join(lines))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from ilstudio.config.declare import params_of
-from ilstudio.config.settings import images_enabled
+from ilstudio.config.settings import images_enabled, inert_values
 from ilstudio.errors import UserError
 
 # Stable parameters the shared data and training code gives meaning for every policy.
@@ -28,7 +28,8 @@ class PolicyConfig:
     uses_images: the policy can read camera frames. needs_images: it cannot work without.
     supports: documented stable parameters (gin keys) that this policy gives an effect
         beyond COMMON_SUPPORT. Any other documented parameter set away from its default is
-        an error at validation time, never a silent no-op.
+        an error at validation time, never a silent no-op, unless its own switch is off
+        (``lora.r`` while ``lora.enable`` is False): then it is inert and warned about.
     """
 
     name: ClassVar[str] = ""
@@ -46,7 +47,8 @@ class PolicyConfig:
             problems.append(f"policy '{self.name}' needs camera images, but dataset.is_multimodal "
                             f"is False (set in {source_of('dataset.is_multimodal')})")
         problems += self._common_problems(task, dataset, model, source_of)
-        allowed = COMMON_SUPPORT | self.supports
+        # Values their switch turns off are warned about (resolve), never refused here.
+        allowed = COMMON_SUPPORT | self.supports | set(inert_values(lora, quantization))
         for obj in (dataset, model, lora, quantization):
             for info in params_of(type(obj)):
                 if info.yaml_key is None or info.gin_key in allowed:
@@ -75,11 +77,16 @@ class PolicyConfig:
             problems.append(f"dataset.lazy_preprocess = False (set in "
                             f"{source_of('dataset.lazy_preprocess')}) has no effect: policy "
                             f"'{self.name}' gets no images or text to preprocess here")
-        if model.load_pretrain:
+        if model.load_pretrain is True and "model.is_pretrained" not in self.supports:
+            problems.append(f"model.load_pretrain = True (set in {source_of('model.load_pretrain')}) "
+                            f"starts the backbone from pretrained weights, but policy "
+                            f"'{self.name}' has no pretrained backbone; to start from a previous "
+                            f"ilstudio run, give its directory (model.load_pretrain = 'runs/x')")
+        if model.pretrain_from:
             from ilstudio.models.state_io import weights_file
 
             try:
-                weights_file(model.load_pretrain)
+                weights_file(model.pretrain_from)
             except UserError as e:
                 problems.append(f"{e} (set in {source_of('model.load_pretrain')})")
         return problems

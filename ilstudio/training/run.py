@@ -88,7 +88,15 @@ def validate_data(resolved: Resolved) -> list[int]:
     from ilstudio.data.sources import list_episodes
 
     use_images = resolved.policy.image_inputs(resolved.task, resolved.dataset)
-    paths = list_episodes(resolved.task.dataset_dir, resolved.model.cache_dir)
+    task = resolved.task
+    if task.data_command and isinstance(task.dataset_dir, str):
+        d = Path(task.dataset_dir).expanduser()
+        if not d.is_dir() or not any(d.iterdir()):
+            command = task.data_command.replace("{dataset_dir}", task.dataset_dir)
+            raise UserError(f"dataset directory {d} {'has no *.hdf5 files' if d.is_dir() else 'does not exist'}"
+                            f" (task.dataset_dir). Create the data of task '{resolved.task_name}' "
+                            f"with:\n  {command}")
+    paths = list_episodes(task.dataset_dir, resolved.model.cache_dir)
     lengths = check_episodes(paths, resolved.task, use_images)
     if use_images:
         check_camera_sizes(paths[0], resolved.task.camera_names, resolved.dataset.image_size)
@@ -156,11 +164,11 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
     model = build_policy(resolved.model.policy, policy_config=resolved.policy, task=resolved.task,
                          dataset=resolved.dataset, model=resolved.model, lora=resolved.lora,
                          quantization=resolved.quantization, use_images=use_images)
-    if resolved.model.load_pretrain:  # before anything is written: a misfit is a UserError
+    if resolved.model.pretrain_from:  # before anything is written: a misfit is a UserError
         from ilstudio.models.state_io import load_pretrained_policy
 
         logging.info("model.load_pretrain: initialised from %s",
-                     load_pretrained_policy(model, resolved.model.load_pretrain))
+                     load_pretrained_policy(model, resolved.model.pretrain_from))
     finalize()
     if hyper["gradient_checkpointing"] and not hasattr(model, "gradient_checkpointing_enable"):
         raise UserError(f"--gradient_checkpointing: policy '{resolved.model.policy}' has no "
@@ -198,5 +206,6 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
         metrics.update(trainer.evaluate())
     if trainer.is_world_process_zero():
         trainer.save_state()
-    logging.info("done: %s", metrics)
+    logging.info("done: %d steps; run directory %s; %s", trainer.state.global_step,
+                 Path(out).resolve(), metrics)
     return metrics

@@ -71,7 +71,7 @@ class ACTConfig(PolicyConfig):
         problems = []
         path = model.model_name_or_path
         where = f"model.model_name_or_path (set in {source_of('model.model_name_or_path')})"
-        if model.is_pretrained and not path:
+        if model.pretrained_backbone and not path:
             problems.append(f"model.is_pretrained = True (set in {source_of('model.is_pretrained')}) "
                             f"needs model.model_name_or_path to name a saved "
                             f"transformers ResNet (a directory with config.json and weights); "

@@ -59,12 +59,12 @@ class VLAConfig(PolicyConfig):
         if not name:
             problems.append("policy 'vla' needs model.model_name_or_path (a backbone directory; "
                             "create a tiny one with `python -m ilstudio.policies.vla.make_tiny DIR`)")
-        elif model.is_pretrained and looks_local(name) and not is_backbone_dir(name):
+        elif model.pretrained_backbone and looks_local(name) and not is_backbone_dir(name):
             problems.append(f"model.model_name_or_path = {name!r} (set in "
                             f"{source_of('model.model_name_or_path')}) with model.is_pretrained = "
                             f"True: no VLA backbone there (expected {Path(name) / 'vision'}/ and "
                             f"{Path(name) / 'llm'}/ with config.json)")
-        elif not model.is_pretrained and not is_backbone_dir(name):
+        elif not model.pretrained_backbone and not is_backbone_dir(name):
             problems.append(missing_backbone_message(
                 name, f" (set in {source_of('model.model_name_or_path')})"))
         if model.llm_loss_weight == 0:
