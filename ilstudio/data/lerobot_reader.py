@@ -259,6 +259,11 @@ class LeRobotEpisode:
     def mirrored(self) -> bool:
         return self.meta.mirrored
 
+    def check(self, task: Any, need_images: bool, frame_shapes: dict[str, tuple]) -> int:
+        """Validate this episode against the task and its files; returns its length
+        (``episodes.check_episodes`` asks each LeRobot reference, see ``check_episode``)."""
+        return check_episode(self, task, need_images, frame_shapes)
+
     def open_source(self) -> LeRobotSource:
         return LeRobotSource(self)
 
