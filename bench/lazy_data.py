@@ -168,12 +168,7 @@ def main() -> None:
             resolved = resolve_argv(command(data, f"{tmp}/unused", preload, a.batch))
             if model is None:
                 torch.manual_seed(0)
-                model = build_policy(resolved.model.policy, policy_config=resolved.policy,
-                                     task=resolved.task, dataset=resolved.dataset,
-                                     model=resolved.model, lora=resolved.lora,
-                                     quantization=resolved.quantization,
-                                     use_images=resolved.policy.image_inputs(resolved.task,
-                                                                             resolved.dataset))
+                model = build_policy(resolved)
             sides[preload] = Side(resolved, model, a.batch)
         for i in range(a.warmup + a.steps):
             for preload in (False, True):

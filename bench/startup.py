@@ -104,13 +104,20 @@ def wall(cmd: list[str], ok=(0,)) -> float:
     return dt
 
 
-def first_step(args: list[str], script: str = FIRST_STEP) -> float:
+def first_step(args: list[str], script: str = FIRST_STEP) -> tuple[float, float]:
+    """(wall seconds to the end of optimizer step 1, CPU seconds the process used: it exits
+    right after that step). CPU time moves far less than wall time on a shared machine."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO,
                           capture_output=True, text=True, env=env())
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     for line in proc.stdout.splitlines():
         if line.startswith("FIRST_STEP_AT "):
-            return float(line.split()[1]) - t0
+            return float(line.split()[1]) - t0, cpu
     raise SystemExit(f"no first step ({proc.returncode}):\n{proc.stderr[-2000:]}")
 
 
@@ -129,6 +136,8 @@ def summary(xs: list[float]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--before", action="store_true",
+                   help="also time train.py with the Trainer imported the old way (peft, bitsandbytes)")
     a = p.parse_args()
     from overhead import machine
 
@@ -149,11 +158,16 @@ def main() -> None:
         rows.append(("train.py --dry_run", summary(dry_t), "< 3 s", heavy_imports([train, *dry])))
         # train.py and the plain script alternate (A B A B ...), so a load change hits both;
         # the ratio is taken per pair, then the median.
-        fs, plain = [], []
+        ours, theirs, before = [], [], []
         for i in range(a.repeats):
-            fs.append(first_step([*run, f"--output_dir={tmp}/run{i}", "--report_to=none"]))
-            plain.append(first_step([str(data)], PLAIN_FIRST_STEP))
+            ours.append(first_step([*run, f"--output_dir={tmp}/run{i}", "--report_to=none"]))
+            theirs.append(first_step([str(data)], PLAIN_FIRST_STEP))
+            if a.before:  # train.py as it was: the Trainer imported with peft (and bitsandbytes)
+                before.append(first_step([*run, f"--output_dir={tmp}/before{i}", "--report_to=none"],
+                                         "import transformers.trainer\n" + FIRST_STEP))
+        fs, plain = [w for w, _ in ours], [w for w, _ in theirs]
         ratios = [x / y for x, y in zip(fs, plain, strict=True)]
+        cpu_ratios = [x[1] / y[1] for x, y in zip(ours, theirs, strict=True)]
         first_heavy = heavy_imports(["-c", FIRST_STEP, *run, f"--output_dir={tmp}/imports",
                                      "--report_to=none"])
         rows.append(("launch -> first optimizer step: train.py (default MLP, tiny data)", summary(fs),
@@ -167,6 +181,14 @@ def main() -> None:
         print(f"| {name} | {t} | {goal} | {', '.join(heavy) or 'none'} |")
     print(f"\nfirst step, train.py / plain script: median ratio {statistics.median(ratios):.2f} "
           f"(pairs: {' '.join(f'{r:.2f}' for r in ratios)}; goal <= 1.2)")
+    if before:
+        print(f"before (peft and bitsandbytes imported): wall {summary([w for w, _ in before])}, "
+              f"CPU {statistics.median([c for _, c in before]):.2f} s, ratios to the plain script: "
+              f"wall {statistics.median([x[0] / y[0] for x, y in zip(before, theirs, strict=True)]):.2f}, "
+              f"CPU {statistics.median([x[1] / y[1] for x, y in zip(before, theirs, strict=True)]):.2f}")
+    print(f"CPU seconds to the first step: train.py {statistics.median([c for _, c in ours]):.2f}, "
+          f"plain {statistics.median([c for _, c in theirs]):.2f}, median ratio "
+          f"{statistics.median(cpu_ratios):.2f} (pairs: {' '.join(f'{r:.2f}' for r in cpu_ratios)})")
 
 
 if __name__ == "__main__":

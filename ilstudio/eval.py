@@ -136,17 +136,16 @@ def check_frame_size(task, sim) -> str | None:
     return None
 
 
-def load_policy(built: dict, weights: Path, device: str):
-    """Build the policy exactly as training did and load its weights (strict)."""
+def load_policy(built, weights: Path, device: str):
+    """Build the policy exactly as training did (``built``: the RunSettings ``load_settings``
+    returns) and load its weights (strict)."""
     import torch
 
     from ilstudio.models.state_io import load_strict, read_state
     from ilstudio.policies import build_policy
 
-    use_images = built["policy"].image_inputs(built["task"], built["dataset"])
-    model = build_policy(built["model"].policy, policy_config=built["policy"], task=built["task"],
-                         dataset=built["dataset"], model=built["model"], lora=built["lora"],
-                         quantization=built["quantization"], use_images=use_images)
+    use_images = built.use_images
+    model = build_policy(built)
     load_strict(model, read_state(weights),
                 f"{weights} does not fit the policy its operative_config.gin describes")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -204,16 +203,16 @@ def evaluate(args: SimpleNamespace) -> dict:
 
         stats = NormStats.load(norm)
         model, use_images, device = load_policy(built, weights, args.device)
-        task, sim, chunk = built["task"], built["sim"], built["model"].chunk_size
+        task, sim, chunk = built.task, built.sim, built.model.chunk_size
         warning = check_frame_size(task, sim)
         if warning:
             print(warning, file=sys.stderr)
-        agent = rollout.policy_agent(model, stats, task, built["dataset"], chunk, device=device,
+        agent = rollout.policy_agent(model, stats, task, built.dataset, chunk, device=device,
                                      use_images=use_images, query_every=args.query_every,
                                      temporal_ensemble=args.temporal_ensemble)
         query_every = agent.query_every
         out = Path(args.output_dir) if args.output_dir else weights.parent
-        info.update(checkpoint=str(weights.parent), model_policy=built["model"].policy,
+        info.update(checkpoint=str(weights.parent), model_policy=built.model.policy,
                     chunk_size=chunk, query_every=1 if args.temporal_ensemble else query_every,
                     device=str(device))
     else:

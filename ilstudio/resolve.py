@@ -21,8 +21,13 @@ from absl import flags, logging
 from ilstudio.config import settings as S
 from ilstudio.config.declare import validate_instance
 from ilstudio.config.gin_layers import GinLayers, SearchPath, find_shipped
-from ilstudio.config.hyperparams import HYPERPARAMS, layer_hyperparams, owned_field_message
-from ilstudio.config.settings import SimSettings
+from ilstudio.config.hyperparams import (
+    HYPERPARAMS,
+    Hyperparams,
+    layer_hyperparams,
+    owned_field_message,
+)
+from ilstudio.config.settings import RunSettings, SimSettings
 from ilstudio.config.yaml_adapter import (
     TrainingConfig,
     convert_training_arg,
@@ -35,20 +40,15 @@ from ilstudio.policies import import_all_configurations, policy_config_class
 
 
 @dataclasses.dataclass
-class Resolved:
-    """Everything a run needs, with sources; built without torch."""
+class Resolved(RunSettings):
+    """A resolved run: its settings objects (RunSettings), its hyperparameters, and where
+    every value came from; built without torch. Training, ``--dry_run``/``--explain`` and
+    the config dumps take it whole; ``build_policy(run)`` reads its settings part."""
 
     task_name: str
-    hyper: dict[str, Any]
+    hyper: Hyperparams
     hyper_source: dict[str, str]
     training_args_extra: dict[str, Any]
-    task: S.TaskSettings
-    dataset: S.DatasetSettings
-    model: S.ModelSettings
-    lora: S.LoraSettings
-    quantization: S.QuantizationSettings
-    policy: Any
-    sim: SimSettings | None  # None: the task has no simulator
     layers: GinLayers
     yaml: TrainingConfig | None
     unused: list[tuple[str, str]]
@@ -57,7 +57,7 @@ class Resolved:
 
     @property
     def output_dir(self) -> str:
-        return self.hyper["output_dir"]
+        return self.hyper.output_dir
 
 
 # A task name names a file in gin_configs/tasks/; it is never a path. A task file is gin (code):
@@ -82,7 +82,7 @@ def find_task_file(search: SearchPath, task_name: str, source: str = "flag --tas
 
 
 def _resolve_hyper(fv: flags.FlagValues, yaml_cfg: TrainingConfig | None
-                   ) -> tuple[dict[str, Any], dict[str, str]]:
+                   ) -> tuple[Hyperparams, dict[str, str]]:
     names = [*(h.name for h in HYPERPARAMS), "task_name"]
     values, sources = layer_hyperparams({n: fv[n].value for n in names if fv[n].present},
                                         {n: fv[n].value for n in names}, yaml_cfg)
@@ -97,7 +97,7 @@ def _resolve_hyper(fv: flags.FlagValues, yaml_cfg: TrainingConfig | None
         source = sources[h.name]
         where = f"--{h.name}" if source.startswith("flag") else f"{h.name} (from {source})"
         h.check(values[h.name], where)
-    return values, sources
+    return Hyperparams(**values), sources
 
 
 
@@ -141,7 +141,7 @@ def construct(cls):
         raise UserError(f"gin could not build `{cls.gin_name}` from its bindings: {e}") from None
 
 
-def build_settings(source_of, with_sim: bool | None = None) -> dict[str, Any]:
+def build_settings(source_of, with_sim: bool | None = None) -> RunSettings:
     """Every settings object of a run from the gin bindings now in force, type-checked.
 
     The one place that decides what a run's configurables are: training resolves through it
@@ -164,7 +164,7 @@ def build_settings(source_of, with_sim: bool | None = None) -> dict[str, Any]:
     for obj in built.values():
         validate_instance(obj, source_of)
     built.setdefault("sim", None)
-    return built
+    return RunSettings(**built)
 
 
 TASK_FROM_DATA = ("state_dim", "action_dim", "camera_names")
@@ -230,30 +230,31 @@ def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
     _parse_training_arg_flags(fv.training_arg, extra, extra_sources)
     hyper_source.update(extra_sources)
 
-    layers = layer_gin(task_name=hyper["task_name"], task_source=hyper_source["task_name"],
+    layers = layer_gin(task_name=hyper.task_name, task_source=hyper_source["task_name"],
                        gin_files=fv.gin_file, gin_bindings=fv.gin_bindings,
                        search_paths=fv.gin_search_paths, yaml_cfg=yaml_cfg)
     bind_dataset_values(layers)
     built = build_settings(layers.provenance.source_of)
     # Cross-parameter checks that need the whole picture: a policy that cannot read this
     # task, a switch that has no meaning for this policy.
-    built["policy"].validate(task=built["task"], dataset=built["dataset"], model=built["model"],
-                             lora=built["lora"], quantization=built["quantization"],
-                             source_of=layers.provenance.source_of)
+    built.policy.validate(task=built.task, dataset=built.dataset, model=built.model,
+                          lora=built.lora, quantization=built.quantization,
+                          source_of=layers.provenance.source_of)
 
-    inert = S.inert_values(built["lora"], built["quantization"])
+    inert = S.inert_values(built.lora, built.quantization)
     if inert:
-        values = {k: getattr(built[k.split(".")[0]], k.split(".")[1]) for k in inert}
+        values = {k: getattr(getattr(built, k.split(".")[0]), k.split(".")[1]) for k in inert}
         logging.warning("%s", S.inert_warning(inert, values, layers.provenance.source_of))
 
     unused = layers.unused_bindings()
     for key, source in unused:
         logging.warning("gin binding %s (from %s) was never used by this run: it has no effect", key, source)
 
-    return Resolved(task_name=hyper["task_name"], hyper=hyper, hyper_source=hyper_source,
-                    training_args_extra=extra, layers=layers, yaml=yaml_cfg, unused=unused,
-                    gin_files=[str(p) for p in layers.files], gin_bindings=list(fv.gin_bindings),
-                    **built)
+    return Resolved(**{f.name: getattr(built, f.name) for f in dataclasses.fields(RunSettings)},
+                    task_name=hyper.task_name, hyper=hyper,
+                    hyper_source=hyper_source, training_args_extra=extra, layers=layers,
+                    yaml=yaml_cfg, unused=unused, gin_files=[str(p) for p in layers.files],
+                    gin_bindings=list(fv.gin_bindings))
 
 
 def finalize() -> None:

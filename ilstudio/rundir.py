@@ -165,12 +165,14 @@ def publish_dir(staged: str | os.PathLike, final: str | os.PathLike, *,
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
-    """Yield a hidden sibling directory to fill; when the block succeeds it becomes ``final``
-    (see ``publish_dir``); on any error it is removed and ``final`` is untouched."""
+def atomic_dir(final: str | os.PathLike, *, replace: bool = True,
+               suffix: str = ".partial") -> Iterator[Path]:
+    """Yield a hidden sibling directory to fill (``.<name>.<random><suffix>``); when the
+    block succeeds it becomes ``final`` (see ``publish_dir``); on any error it is removed
+    and ``final`` is untouched."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    staged = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=suffix))
     os.chmod(staged, 0o777 & ~_umask())  # mkdtemp makes it 0700; a published directory is ordinary
     try:
         yield staged

@@ -400,3 +400,14 @@ def test_v30_dataset_split_over_several_files(tmp_path, monkeypatch):
         assert np.array_equal(src["action"], EPISODES[2]["action"])
         frames = src["observations/images/top"][()]
     assert [which_frame(f, 2, CAMS["top"], 27) for f in frames] == list(range(27))
+
+
+def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """'data/cube' under an existing data/ is a local path that does not exist (no hub lookup)."""
+    from ilstudio.data.lerobot_format import local_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert local_dir("data/cube") == Path("data/cube")
+    with pytest.raises(UserError, match="data/cube does not exist"):
+        list_episodes("data/cube")

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ilstudio.config.hyperparams import HYPER_BY_NAME, HYPERPARAMS, layer_hyperparams
+from ilstudio.config.hyperparams import HYPER_BY_NAME, HYPERPARAMS, Hyperparams, layer_hyperparams
 from ilstudio.errors import UserError, did_you_mean
 
 # What a policy trainer needs regardless of user input; a user value still wins.
@@ -36,9 +36,10 @@ def parse_resume(value: str | None) -> bool | str:
     return str(value)
 
 
-def training_args_kwargs(hyper: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    kwargs = {h.name: hyper[h.name] for h in HYPERPARAMS if h.to_training_args and hyper.get(h.name) is not None}
-    ratio = hyper.get("warmup_ratio") or 0.0
+def training_args_kwargs(hyper: Hyperparams, extra: dict[str, Any]) -> dict[str, Any]:
+    kwargs = {h.name: getattr(hyper, h.name) for h in HYPERPARAMS
+              if h.to_training_args and getattr(hyper, h.name) is not None}
+    ratio = hyper.warmup_ratio or 0.0
     if not 0.0 <= ratio < 1.0:
         raise UserError(f"--warmup_ratio={ratio}: expected a ratio in [0, 1)")
     steps = kwargs.get("warmup_steps", 0.0)
@@ -53,14 +54,14 @@ def training_args_kwargs(hyper: dict[str, Any], extra: dict[str, Any]) -> dict[s
     report = str(kwargs.get("report_to", "none"))
     kwargs["report_to"] = report if report in ("none", "all") else [r.strip() for r in report.split(",") if r.strip()]
     check_report_to(kwargs["report_to"])
-    if hyper.get("eval_strategy") is None:
-        kwargs["eval_strategy"] = "steps" if hyper.get("do_eval") else "no"
-    if kwargs["eval_strategy"] == "steps" and hyper.get("eval_steps") is None:
-        kwargs["eval_steps"] = hyper["logging_steps"]
+    if hyper.eval_strategy is None:
+        kwargs["eval_strategy"] = "steps" if hyper.do_eval else "no"
+    if kwargs["eval_strategy"] == "steps" and hyper.eval_steps is None:
+        kwargs["eval_steps"] = hyper.logging_steps
     if kwargs["eval_strategy"] != "no":
         kwargs["do_eval"] = True
-    if hyper.get("deepspeed"):
-        check_deepspeed_config(hyper["deepspeed"])
+    if hyper.deepspeed:
+        check_deepspeed_config(hyper.deepspeed)
     for name in ("logging_steps", "save_steps", "eval_steps"):
         v = kwargs.get(name)
         if isinstance(v, float) and v >= 1 and v.is_integer():
@@ -130,11 +131,11 @@ def _ta_field_names() -> set[str]:
     return field_names()  # a snapshot when transformers is not imported yet (dry run)
 
 
-def tensorboard_dir(hyper: dict[str, Any]) -> str:
-    return hyper.get("logging_dir") or os.path.join(hyper["output_dir"], "runs")
+def tensorboard_dir(hyper: Hyperparams) -> str:
+    return hyper.logging_dir or os.path.join(hyper.output_dir, "runs")
 
 
-def build_training_arguments(hyper: dict[str, Any], extra: dict[str, Any] | None = None):
+def build_training_arguments(hyper: Hyperparams, extra: dict[str, Any] | None = None):
     """A TrainingArguments, or a UserError that says which value transformers refused."""
     from transformers import TrainingArguments
 
@@ -180,7 +181,7 @@ def _culprit(cls, kwargs: dict[str, Any]) -> str | None:
     return None
 
 
-def check_training_arguments(hyper: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
+def check_training_arguments(hyper: Hyperparams, extra: dict[str, Any] | None = None) -> str:
     """--dry_run's check: the real TrainingArguments if transformers is loaded anyway or the
     snapshot does not match it; else our checks plus field names and enum values from
     ilstudio/config/ta_schema.py's snapshot (no 5 s transformers import). Returns how."""
@@ -263,7 +264,7 @@ def create_training_arguments(path: str | os.PathLike, hyper_args: Any = None):
     hyper, _ = layer_hyperparams(given, defaults, cfg)
     for h in HYPERPARAMS:
         h.check(hyper[h.name], f"{h.name} ({'HyperArguments' if h.name in given else path})")
-    return build_training_arguments(hyper, cfg.training_args)
+    return build_training_arguments(Hyperparams(**hyper), cfg.training_args)
 
 
 assert set(HYPER_BY_NAME) == {h.name for h in HYPERPARAMS}

@@ -87,7 +87,7 @@ class SimEvalCallback(TrainerCallback):
         self.run_dir = Path(resolved.output_dir)
         self.task, self.sim, self.dataset = resolved.task, resolved.sim, resolved.dataset
         self.chunk_size = resolved.model.chunk_size
-        self.use_images = resolved.policy.image_inputs(resolved.task, resolved.dataset)
+        self.use_images = resolved.use_images
         # A policy may say how it is meant to be run (ACT: temporal ensembling).
         self.temporal_ensemble = bool(getattr(resolved.policy, "temporal_ensemble", False))
         self.query_every = getattr(resolved.policy, "query_every", None)
