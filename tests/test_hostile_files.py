@@ -8,6 +8,7 @@ naming the file/key/flag (exit code 2 for ``train.py``), and nothing is written.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -201,3 +202,17 @@ def test_owned_training_arg_and_empty_output_dir_through_train_py(tiny_data, tmp
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert "--output_dir is empty" in r.stderr
         assert not list(cwd.iterdir()), "run files were written into the current directory"
+
+
+@pytest.mark.parametrize("entry", ["accelerator_config=true", "accelerator_config=1",
+                                   "fsdp_config=2", "lr_scheduler_kwargs=false"])
+def test_a_number_for_a_config_or_path_field_is_refused_and_stdout_survives(tiny_data, tmp_path,
+                                                                           entry):
+    """Found by bench/hostile.py: transformers opened ``True`` as a path, i.e. file
+    descriptor 1, and closed the run's stdout (every later print: EBADF)."""
+    from ilstudio.config.training_args import check_training_arguments
+
+    with pytest.raises(UserError, match="takes a mapping or a JSON file path"):
+        r = resolve_argv([*tiny_args(tiny_data, tmp_path / "o"), f"--training_arg={entry}"])
+        check_training_arguments(r.hyper, r.training_args_extra)
+    os.fstat(1)  # still open

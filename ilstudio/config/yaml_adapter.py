@@ -87,6 +87,13 @@ def convert_training_arg(name: str, value: Any, where: str) -> Any:
             except UserError:
                 if len(args) == 1:
                     raise
+    takes_number = {bool, int, float} & set(args)
+    if isinstance(value, (bool, int, float)) and not takes_number and (
+            dict in args or any(typing.get_origin(a) is dict for a in args)):
+        # A config-or-path field (accelerator_config, fsdp_config, ...): transformers would
+        # open(True), i.e. file descriptor 1, read the run's stdout and close it.
+        raise UserError(f"{where}: `{name}` takes a mapping or a JSON file path, got "
+                        f"{shown(value)}")
     return value
 
 
