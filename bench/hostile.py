@@ -60,8 +60,8 @@ def attempt(fn):
 
 
 def base_args(data: Path, out: Path) -> list[str]:
-    return ["--task_name=tiny_synthetic", f"--gin_bindings=task.dataset_dir = '{data}'",
-            f"--output_dir={out}"]
+    return ["--task_name=tiny_synthetic", "--gin_file=gin_configs/mlp.gin",
+            f"--gin_bindings=task.dataset_dir = '{data}'", f"--output_dir={out}"]
 
 
 def resolve(argv):
@@ -197,7 +197,7 @@ def family_task_paths(rng: random.Random, n: int, data: Path, work: Path) -> Non
         if rng.random() < 0.5:
             name += "/evil" if rng.random() < 0.5 else "evil"
         via_yaml = rng.random() < 0.5
-        argv = [f"--gin_search_paths={search}", *base_args(data, work / "o")[1:]]
+        argv = [f"--gin_search_paths={search}", *base_args(data, work / "o")[1:]]  # no --task_name
         if via_yaml:
             cfg = work / "t.yaml"
             cfg.write_text(json.dumps({"task_name": name}))

@@ -38,6 +38,7 @@ def env() -> dict[str, str]:
 
 def args_for(data: Path, out: Path) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), "--task_name=tiny_synthetic",
+            "--gin_file=gin_configs/mlp.gin",
             "--gin_file=gin_configs/mlp.gin", f"--gin_bindings=task.dataset_dir = '{data}'",
             f"--output_dir={out}", *STEPS]
 

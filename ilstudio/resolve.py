@@ -141,6 +141,27 @@ def construct(cls):
         raise UserError(f"gin could not build `{cls.gin_name}` from its bindings: {e}") from None
 
 
+def check_unused_values(unused: list[tuple[str, str]]) -> None:
+    """A declared parameter bound but not used by this run (sim.* on a task without a
+    simulator, another policy's parameters) still gets its type and range checked: a value
+    that is wrong here is wrong wherever the same file is used next."""
+    from ilstudio.config.declare import CONFIGURABLES, check_value, params_of
+
+    for key, source in unused:
+        configurable, _, name = key.rpartition("/")[2].partition(".")
+        cls = CONFIGURABLES.get(configurable)
+        info = next((i for i in params_of(cls) if i.name == name), None) if cls else None
+        if info is None:
+            continue
+        try:
+            value = gin.query_parameter(key)
+        except (ValueError, KeyError):  # a macro or reference: evaluated only where used
+            continue
+        if isinstance(value, gin.config.ConfigurableReference) or type(value).__name__ == "MacroValue":
+            continue
+        check_value(info, value, f"{info.gin_key} (set in {source})")
+
+
 def build_settings(source_of, with_sim: bool | None = None) -> RunSettings:
     """Every settings object of a run from the gin bindings now in force, type-checked.
 
@@ -247,6 +268,7 @@ def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
         logging.warning("%s", S.inert_warning(inert, values, layers.provenance.source_of))
 
     unused = layers.unused_bindings()
+    check_unused_values(unused)
     for key, source in unused:
         logging.warning("gin binding %s (from %s) was never used by this run: it has no effect", key, source)
 

@@ -181,3 +181,12 @@ def test_yaml_seed_beyond_range(tiny_data, tmp_path):
     with pytest.raises(UserError, match=r"c.yaml:1: lora_dropout: 1.0 is out of range; "
                                         r"allowed: \[0, 1\)"):
         resolve_argv([*tiny_args(tiny_data, tmp_path / "o"), f"--training_config={cfg}"])
+
+
+@pytest.mark.parametrize("binding", ["sim.gzip_level = 11", "act.hidden_dim = -1",
+                                     "vla.max_prompt_tokens = 0"])
+def test_out_of_range_is_refused_even_where_this_run_does_not_use_it(tiny_data, tmp_path, binding):
+    """Found by bench/hostile.py: sim.* on a task without a simulator (or another policy's
+    parameter) was only warned about as unused, out of range or not."""
+    with pytest.raises(UserError, match="is out of range; allowed"):
+        resolve_argv([*tiny_args(tiny_data, tmp_path / "o"), f"--gin_bindings={binding}"])
