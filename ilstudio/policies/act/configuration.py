@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 
 from ilstudio.config.declare import configurable, param
-from ilstudio.errors import UserError
 from ilstudio.policies.base import PolicyConfig
 
 # "org/name" as on the Hugging Face hub: only resolvable through model.cache_dir offline.
@@ -95,15 +94,7 @@ class ACTConfig(PolicyConfig):
         if self.lr_backbone < 0 or self.kl_weight < 0:
             problems.append("act.lr_backbone and act.kl_weight must be >= 0")
         # Report the shared checks (cameras, unsupported switches) and ours in one message.
-        try:
-            super().validate(task=task, dataset=dataset, model=model, lora=lora,
-                             quantization=quantization, source_of=source_of)
-        except UserError as e:
-            if not problems:
-                raise
-            raise UserError(str(e) + "\n  " + "\n  ".join(problems)) from None
-        if problems:
-            raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
-
+        self._validate_with(problems, task=task, dataset=dataset, model=model, lora=lora,
+                            quantization=quantization, source_of=source_of)
 
 CONFIG_CLASS = ACTConfig

@@ -1,0 +1,73 @@
+"""TinyACT settings (cheap: no torch): ACT's ideas sized for a CPU.
+
+Why a separate policy rather than a shrunk ACT: on the scripted transfer-cube data the joint
+state alone explains almost all of the training loss (the trajectories are smooth), so a small
+image policy that also reads the state learns to ignore the camera and reaches the mean cube
+position in every episode (see the module doc of ``modeling.py``). TinyACT keeps ACT's action
+chunks and temporal ensembling, and adds the levers that make the image matter on a CPU
+budget: coordinate channels and spatial-softmax keypoints (where things are, not what they
+look like), random-shift augmentation, and state dropout (training samples whose state input
+is hidden, so the camera has to explain the whole chunk).
+"""
+
+from __future__ import annotations
+
+from ilstudio.config.declare import configurable, param
+from ilstudio.policies.base import PolicyConfig
+
+
+@configurable("tinyact", group="TinyACT policy")
+class TinyACTConfig(PolicyConfig):
+    """Small conv encoder + spatial-softmax keypoints (+ state) -> an action chunk."""
+
+    name = "tinyact"
+    uses_images = True
+    needs_images = True
+
+    channels: tuple[int, ...] = param((16, 32, 32), "Conv widths of the image encoder, one "
+                                      "3x3 conv (5x5 for the first) per entry.", documented=False)
+    strides: tuple[int, ...] = param((2, 2, 1), "Stride of each conv in tinyact.channels.",
+                                     documented=False)
+    keypoints: int = param(32, "Spatial-softmax keypoints per image (each gives an expected "
+                           "x, y on the last feature map).", documented=False)
+    early_keypoints: int = param(16, "Extra keypoints read off the first conv layer's output "
+                                 "(fine resolution, colour-level features: a small object is one "
+                                 "linear filter away there). 0 disables.", documented=False)
+    coord_channels: bool = param(True, "Append x/y coordinate channels to the image (CoordConv), "
+                                 "so position is directly visible to the first conv.",
+                                 documented=False)
+    saturation_channel: bool = param(False, "Append a colour-saturation channel (max - min of "
+                                     "R, G, B): coloured objects stand out from a grey/white "
+                                     "robot and table before any learning.", documented=False)
+    hidden_dim: int = param(512, "Width of the MLP head.", documented=False)
+    num_layers: int = param(3, "Hidden layers of the MLP head.", documented=False)
+    dropout: float = param(0.0, "Dropout between the head's hidden layers.", documented=False)
+    state_dropout: float = param(0.5, "Training only: probability that a sample's state input is "
+                                 "hidden (zeroed), forcing the image to explain the chunk. "
+                                 "0 feeds the state always; evaluation always feeds it.",
+                                 documented=False)
+    use_state: bool = param(True, "Feed the normalized joint state to the head at all.",
+                            documented=False)
+    shift: int = param(4, "Training only: random-shift augmentation, in pixels of the fitted "
+                       "frame (replicate padding, as DrQ). 0 disables.", documented=False)
+
+    def validate(self, *, task, dataset, model, lora, quantization, source_of) -> None:
+        problems = []
+        if not self.channels or len(self.channels) != len(self.strides):
+            problems.append(f"tinyact.channels {self.channels} and tinyact.strides {self.strides} "
+                            f"must have the same, non-zero length")
+        if min(self.channels or (1,)) < 1 or min(self.strides or (1,)) < 1:
+            problems.append("tinyact.channels and tinyact.strides must be >= 1")
+        if self.keypoints < 1 or self.hidden_dim < 1 or self.num_layers < 0 or self.early_keypoints < 0:
+            problems.append("tinyact.keypoints and tinyact.hidden_dim must be >= 1, "
+                            "tinyact.num_layers and tinyact.early_keypoints >= 0")
+        if not 0.0 <= self.state_dropout <= 1.0 or not 0.0 <= self.dropout < 1.0:
+            problems.append(f"tinyact.state_dropout ({self.state_dropout}) must be in [0, 1] and "
+                            f"tinyact.dropout ({self.dropout}) in [0, 1)")
+        if self.shift < 0:
+            problems.append(f"tinyact.shift must be >= 0, got {self.shift}")
+        self._validate_with(problems, task=task, dataset=dataset, model=model, lora=lora,
+                            quantization=quantization, source_of=source_of)
+
+
+CONFIG_CLASS = TinyACTConfig
