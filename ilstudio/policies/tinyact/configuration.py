@@ -39,6 +39,10 @@ class TinyACTConfig(PolicyConfig):
     saturation_channel: bool = param(False, "Append a colour-saturation channel (max - min of "
                                      "R, G, B): coloured objects stand out from a grey/white "
                                      "robot and table before any learning.", documented=False)
+    saturation_keypoint: bool = param(False, "Add one keypoint at the spatial softmax of the "
+                                      "colour-saturation map (sharpness learned): where the most "
+                                      "colourful thing in view is, from the first step of "
+                                      "training.", documented=False)
     hidden_dim: int = param(512, "Width of the MLP head.", documented=False)
     num_layers: int = param(3, "Hidden layers of the MLP head.", documented=False)
     dropout: float = param(0.0, "Dropout between the head's hidden layers.", documented=False)

@@ -58,8 +58,10 @@ class KeypointEncoder(nn.Module):
 
     def __init__(self, channels: tuple[int, ...], strides: tuple[int, ...], keypoints: int,
                  coord_channels: bool, early_keypoints: int = 0,
-                 saturation_channel: bool = False) -> None:
+                 saturation_channel: bool = False, saturation_keypoint: bool = False) -> None:
         super().__init__()
+        # log of the softmax sharpness for the saturation keypoint (learned; starts at 20).
+        self.saturation_log_beta = nn.Parameter(torch.tensor(3.0)) if saturation_keypoint else None
         self.coord_channels, self.saturation_channel = coord_channels, saturation_channel
         self.layers = nn.ModuleList()
         cin = 3 + (2 if coord_channels else 0) + (1 if saturation_channel else 0)
@@ -73,14 +75,16 @@ class KeypointEncoder(nn.Module):
         # object such as the cube is one linear colour filter away there.
         self.to_early_keypoints = (nn.Conv2d(channels[0], early_keypoints, 1)
                                    if early_keypoints else None)
-        self.out_dim = 2 * keypoints + cin + 2 * early_keypoints
+        self.out_dim = 2 * keypoints + cin + 2 * early_keypoints + (2 if saturation_keypoint else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        extra = [x.amax(1, keepdim=True) - x.amin(1, keepdim=True)] if self.saturation_channel else []
-        x = torch.cat([(x - 0.5) / 0.25, *[(e - 0.25) / 0.25 for e in extra]], 1)
+        sat = x.amax(1, keepdim=True) - x.amin(1, keepdim=True)  # 0 on grey and white
+        out = []
+        if self.saturation_log_beta is not None:
+            out.append(spatial_softmax(sat * self.saturation_log_beta.exp()))
+        x = torch.cat([(x - 0.5) / 0.25, *([(sat - 0.25) / 0.25] if self.saturation_channel else [])], 1)
         if self.coord_channels:
             x = torch.cat([x, coord_grid(*x.shape[-2:], x.device, x.dtype).expand(len(x), -1, -1, -1)], 1)
-        out = []
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i == 0 and self.to_early_keypoints is not None:
@@ -100,7 +104,8 @@ class TinyACTPolicy(nn.Module):
         self.shift = int(config.shift)
         self.encoder = KeypointEncoder(tuple(config.channels), tuple(config.strides),
                                        config.keypoints, config.coord_channels,
-                                       config.early_keypoints, config.saturation_channel)
+                                       config.early_keypoints, config.saturation_channel,
+                                       config.saturation_keypoint)
         width = num_images * self.encoder.out_dim + ((state_dim + 1) if self.use_state else 0)
         layers: list[nn.Module] = []
         for _ in range(config.num_layers):
