@@ -22,11 +22,14 @@ import time
 from pathlib import Path
 
 from ilstudio.errors import UserError
-
-RESULTS = "eval_results.json"
-WEIGHTS = "model.safetensors"
-OPERATIVE = "operative_config.gin"
-NORM_STATS = "normalization.json"
+from ilstudio.rundir import (
+    CHECKPOINT_PREFIX,
+    EVAL_RESULTS,
+    NORM_STATS,
+    OPERATIVE,
+    WEIGHTS,
+    write_atomic,
+)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -68,7 +71,7 @@ def run_files(checkpoint: str) -> tuple[Path, Path, Path]:
                         f"written by train.py, or a checkpoint-N directory inside one)")
     weights = d / WEIGHTS
     if not weights.is_file():
-        ckpts = sorted(d.glob("checkpoint-*"), key=lambda c: c.stat().st_mtime)
+        ckpts = sorted(d.glob(f"{CHECKPOINT_PREFIX}-*"), key=lambda c: c.stat().st_mtime)
         hint = f"; try --checkpoint={ckpts[-1]}" if ckpts else ""
         raise UserError(f"--checkpoint={checkpoint}: {d} has no {WEIGHTS} (training not finished?){hint}")
 
@@ -185,7 +188,6 @@ def save_video(frames, path: Path, fps: float) -> Path:
 def evaluate(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
-    from ilstudio.config.dumps import write_atomic
     from ilstudio.sim import rollout
 
     if args.num_episodes < 1:
@@ -260,8 +262,8 @@ def evaluate(args: argparse.Namespace) -> dict:
             videos.append(str(save_video(r.frames, out / f"eval_episode_{r.index}.{args.video_format}",
                                          fps=FPS / 2)))
     summary["videos"] = videos
-    write_atomic(out / RESULTS, json.dumps(summary, indent=1) + "\n")
-    summary["results_file"] = str(out / RESULTS)
+    write_atomic(out / EVAL_RESULTS, json.dumps(summary, indent=1) + "\n")
+    summary["results_file"] = str(out / EVAL_RESULTS)
     return summary
 
 

@@ -10,7 +10,29 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+# Material that exists only on the project's machines, beside the checkout: tests that compare
+# against it carry needs_shared(...) and skip (with the reason) in a plain clone.
+SHARED = REPO.parent / "shared"
+COMPAT = SHARED / "compat" / "ilstudio-training-yaml"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def shared_marks(path: Path) -> list[pytest.MarkDecorator]:
+    """Marks for a test (or a pytest.param) that reads ``path`` under ../shared."""
+    return [pytest.mark.shared,
+            pytest.mark.skipif(not path.exists(), reason=f"{path} is absent: ../shared exists only "
+                               "beside the project's own checkouts; the repository's own fixtures "
+                               "(tests/fixtures) cover the same behaviour")]
+
+
+def needs_shared(path: Path):
+    """Decorator form of shared_marks."""
+    def wrap(fn):
+        for mark in shared_marks(path):
+            fn = mark(fn)
+        return fn
+    return wrap
 
 
 def train_env(**extra: str) -> dict[str, str]:

@@ -8,9 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_train, tiny_args
-
-COMPAT = REPO.parent / "shared" / "compat" / "ilstudio-training-yaml"
+from conftest import COMPAT, FIXTURES, needs_shared, run_train, tiny_args
 
 
 def assert_user_error(proc, *needles: str) -> None:
@@ -28,7 +26,7 @@ def assert_user_error(proc, *needles: str) -> None:
                                               "--learning_rate="]),
     (["--task_name=sim_transfer_cube_scriptd"], ["did you mean `sim_transfer_cube_scripted`"]),
     (["--gin_file=nope.gin"], ["gin file `nope.gin` not found"]),
-    ([f"--training_config={COMPAT / 'openvla_finetune.yaml'}"], ["28 unknown key(s)", "training_mode"]),
+    ([f"--training_config={FIXTURES / 'yaml' / 'foreign_keys.yaml'}"], ["9 unknown key(s)", "trainer_flavour"]),
     (["--warmup_ratio=1.5"], ["--warmup_ratio=1.5: expected a ratio in [0, 1)"]),
     (["--resume_from_checkpoint=/no/such/ckpt"], ["not a checkpoint directory"]),
     (["extra_positional"], ["unexpected positional arguments"]),
@@ -188,9 +186,9 @@ def test_resume_true_without_checkpoint_starts_fresh(tmp_path, tiny_data):
     assert (out / "model.safetensors").exists()
 
 
-def test_yaml_compat_file_runs_with_every_value_landing(tmp_path, tiny_data):
+def check_debug_yaml_landed(tmp_path, tiny_data, yaml_file: Path) -> None:
     out = tmp_path / "run"
-    proc = run_train(*tiny_args(tiny_data, out), f"--training_config={COMPAT / 'debug.yaml'}",
+    proc = run_train(*tiny_args(tiny_data, out), f"--training_config={yaml_file}",
                      "--max_steps=4", "--dataloader_num_workers=0", "--report_to=none")
     assert proc.returncode == 0, proc.stderr[-3000:]
     args = json.loads((out / "training_args.json").read_text())
@@ -198,6 +196,15 @@ def test_yaml_compat_file_runs_with_every_value_landing(tmp_path, tiny_data):
     assert args["lr_scheduler_type"] == "constant" and args["save_total_limit"] == 50
     assert args["per_device_train_batch_size"] == 8  # tiny_args' flag beats the YAML's 2
     assert args["max_steps"] == 4 and args["save_steps"] == 10 and args["seed"] == 0
+
+
+def test_yaml_file_runs_with_every_value_landing(tmp_path, tiny_data):
+    check_debug_yaml_landed(tmp_path, tiny_data, FIXTURES / "yaml" / "short_debug.yaml")
+
+
+@needs_shared(COMPAT)
+def test_il_studio_debug_yaml_runs_with_every_value_landing(tmp_path, tiny_data):
+    check_debug_yaml_landed(tmp_path, tiny_data, COMPAT / "debug.yaml")
 
 
 def test_console_script_is_installed():

@@ -4,19 +4,31 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from pathlib import Path
+
+from conftest import FIXTURES, REPO, SHARED, needs_shared
 
 from ilstudio.config import docs
 from ilstudio.config.declare import CONFIGURABLES, all_params
 from ilstudio.config.hyperparams import HYPER_BY_NAME
 from ilstudio.config.yaml_adapter import stable_keys
 
-REPO = Path(__file__).resolve().parents[1]
-SEED = next((REPO.parent / "shared" / "seed").glob("000_*.txt"))
+SEED_DIR = SHARED / "seed"
+
+
+def documented(section: str) -> set[str]:
+    """Names listed under [section] in tests/fixtures/documented_parameters.txt."""
+    names, current = {}, None
+    for line in (FIXTURES / "documented_parameters.txt").read_text().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif line and not line.startswith("#"):
+            names.setdefault(current, set()).add(line)
+    return names[section]
 
 
 def seed_keys(heading: str, next_heading: str) -> set[str]:
-    text = SEED.read_text()
+    text = next(SEED_DIR.glob("000_*.txt")).read_text()
     section = text[text.index(heading):text.index(next_heading)]
     keys = set()
     for line in section.splitlines():
@@ -25,14 +37,15 @@ def seed_keys(heading: str, next_heading: str) -> set[str]:
     return keys
 
 
-def test_seed_hyperparameters_are_flags():
-    keys = seed_keys("### Command-line Suitable Parameters", "### Stable Process Parameters")
+def test_documented_hyperparameters_are_flags():
+    keys = documented("hyperparameters")
     assert len(keys) == 28, sorted(keys)
     assert keys <= set(HYPER_BY_NAME), keys - set(HYPER_BY_NAME)
+    assert keys == {n for n, h in HYPER_BY_NAME.items() if h.seed_documented}
 
 
-def test_seed_stable_parameters_are_declared_once():
-    keys = seed_keys("### Stable Process Parameters", "## Creating Custom Configurations")
+def test_documented_stable_parameters_are_declared_once():
+    keys = documented("stable")
     assert len(keys) == 33, sorted(keys)
     declared = [p.yaml_key for p in all_params() if p.yaml_key]
     assert keys == set(declared), keys ^ set(declared)
@@ -40,6 +53,15 @@ def test_seed_stable_parameters_are_declared_once():
     assert not [k for k, n in Counter(declared).items() if n > 1]
     # And each lands on one of the four stable configurables.
     assert {stable_keys()[k].configurable for k in keys} == {"dataset", "model", "lora", "quantization"}
+
+
+@needs_shared(SEED_DIR)
+def test_our_parameter_list_matches_the_seed_readme():
+    """tests/fixtures/documented_parameters.txt lists exactly what the seed README documents."""
+    assert seed_keys("### Command-line Suitable Parameters", "### Stable Process Parameters") \
+        == documented("hyperparameters")
+    assert seed_keys("### Stable Process Parameters", "## Creating Custom Configurations") \
+        == documented("stable")
 
 
 def test_no_stable_parameter_shadows_a_flag():

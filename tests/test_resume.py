@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_train, tiny_args, train_env
 
-from ilstudio.training.run import last_complete_checkpoint
-from ilstudio.training.trainer import STAGING_DIR
+from ilstudio.rundir import STAGING_DIR, last_complete_checkpoint
 
 # 4 episodes x 50 steps / batch 8: one epoch is ~25 steps, so 40 steps cross an epoch boundary.
 STEPS = ["--max_steps=40", "--save_steps=5", "--seed=7", "--logging_steps=5",

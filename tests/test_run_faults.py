@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, finished_run, run_train, tiny_args, train_env
 
-from ilstudio.training.trainer import STAGING_DIR
+from ilstudio.rundir import STAGING_DIR
 
 
 def assert_no_partial_checkpoint(out: Path) -> None:

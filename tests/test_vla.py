@@ -180,7 +180,7 @@ def test_missing_pretrained_dir_is_a_validation_error(lang_data, tmp_path):
 
 def test_missing_dir_without_pretrained_gets_a_tiny_backbone(tmp_path):
     from ilstudio.policies.vla.layout import is_backbone_dir
-    from ilstudio.policies.vla.modeling import ensure_backbone
+    from ilstudio.policies.vla.make_tiny import ensure_backbone
 
     target = tmp_path / "auto"
     ensure_backbone(ModelSettings(policy="vla", model_name_or_path=str(target)))

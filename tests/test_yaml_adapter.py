@@ -6,6 +6,7 @@ from pathlib import Path
 
 import gin
 import pytest
+from conftest import COMPAT, FIXTURES, REPO, needs_shared, shared_marks
 
 from ilstudio.config import create_training_arguments, load_training_config
 from ilstudio.config import settings as S
@@ -14,8 +15,10 @@ from ilstudio.config.yaml_adapter import stable_keys
 from ilstudio.config.yaml_to_gin import convert as yaml_to_gin
 from ilstudio.errors import UserError
 
-COMPAT = Path(__file__).resolve().parents[2] / "shared" / "compat" / "ilstudio-training-yaml"
-ACCEPTED = ["default.yaml", "debug.yaml", "mlp.yaml", "openvla.yaml", "smolvla.yaml"]
+OURS = [REPO / "configs" / "training" / "default.yaml", FIXTURES / "yaml" / "short_debug.yaml"]
+ACCEPTED = [*OURS, *(pytest.param(COMPAT / name, marks=shared_marks(COMPAT), id=f"compat-{name}")
+                     for name in ("default.yaml", "debug.yaml", "mlp.yaml", "openvla.yaml", "smolvla.yaml"))]
+FOREIGN = FIXTURES / "yaml" / "foreign_keys.yaml"
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -24,12 +27,12 @@ def write(tmp_path: Path, text: str) -> Path:
     return p
 
 
-@pytest.mark.parametrize("name", ACCEPTED)
-def test_compat_files_load_with_every_value(name):
+@pytest.mark.parametrize("path", ACCEPTED)
+def test_documented_format_files_load_with_every_value(path):
     import yaml
 
-    raw = yaml.safe_load((COMPAT / name).read_text())
-    cfg = load_training_config(COMPAT / name)
+    raw = yaml.safe_load(path.read_text())
+    cfg = load_training_config(path)
     for key, value in raw.items():
         got = cfg[key]
         if key in ("adam_epsilon", "learning_rate"):
@@ -44,6 +47,12 @@ def test_compat_files_load_with_every_value(name):
 
 
 def test_yaml_1_1_number_strings_become_floats():
+    cfg = load_training_config(FIXTURES / "yaml" / "short_debug.yaml")
+    assert cfg.hyper["learning_rate"] == 3e-5 and cfg.hyper["adam_epsilon"] == 1e-8
+
+
+@needs_shared(COMPAT)
+def test_yaml_1_1_number_strings_become_floats_in_il_studio_files():
     cfg = load_training_config(COMPAT / "mlp.yaml")
     assert cfg.hyper["learning_rate"] == 3e-5 and cfg.hyper["adam_epsilon"] == 1e-8
 
@@ -53,15 +62,45 @@ def test_create_training_arguments_gives_real_training_arguments(tmp_path):
 
     from ilstudio.config import HyperArguments
 
-    args = create_training_arguments(COMPAT / "debug.yaml", HyperArguments(output_dir=str(tmp_path),
-                                                                            learning_rate=0.01))
+    args = create_training_arguments(FIXTURES / "yaml" / "short_debug.yaml",
+                                     HyperArguments(output_dir=str(tmp_path), learning_rate=0.01))
     assert isinstance(args, TrainingArguments)
-    assert args.learning_rate == 0.01  # hyper_args given explicitly win over YAML's 0.0001
+    assert args.learning_rate == 0.01  # hyper_args given explicitly win over YAML's 3e-5
     assert args.adam_epsilon == 1e-8 and args.adam_beta1 == 0.95 and args.save_total_limit == 50
     assert args.max_steps == 1000 and args.lr_scheduler_type.value == "constant"
     assert args.report_to == ["tensorboard"] and args.output_dir == str(tmp_path)
 
 
+def test_foreign_file_reports_every_unknown_key_at_once():
+    with pytest.raises(UserError) as e:
+        load_training_config(FOREIGN)
+    msg = str(e.value)
+    for key in ("trainer_flavour", "sequence_length", "augment_images", "wandb_group", "patience",
+                "token_bins", "fusion_blocks"):
+        assert key in msg
+    assert "9 unknown key(s)" in msg
+    assert "freeze_vision_tower" in msg  # freeze_visual_tower's suggestion
+    assert "task.camera_names" in msg  # a gin-only parameter is pointed to
+    assert "--yaml_unknown_keys=warn" in msg
+    for key in ("gradient_accumulation_steps", "max_grad_norm", "fp16", "gradient_checkpointing",
+                "eval_strategy", "dataloader_drop_last", "eval_delay"):
+        assert f": {key}\n" not in msg and not msg.endswith(f": {key}")
+
+
+def test_foreign_file_with_warn_understands_training_arguments_keys():
+    cfg = load_training_config(FOREIGN, unknown_keys="warn")
+    assert cfg.hyper["gradient_accumulation_steps"] == 4 and cfg.hyper["max_grad_norm"] == 0.5
+    assert cfg.hyper["fp16"] is True and cfg.hyper["bf16"] is False
+    assert cfg.hyper["gradient_checkpointing"] is True and cfg.hyper["eval_strategy"] == "steps"
+    assert cfg.hyper["learning_rate"] == 2e-4
+    assert cfg.training_args == {"dataloader_drop_last": True, "eval_delay": 0}
+    assert cfg.stable == {"lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.1,
+                          "quantization.enable": False}
+    assert any("evaluation_strategy" in w for w in cfg.warnings)
+    assert any("9 unknown" in w for w in cfg.warnings)
+
+
+@needs_shared(COMPAT)
 def test_openvla_finetune_reports_every_unknown_key_at_once():
     with pytest.raises(UserError) as e:
         load_training_config(COMPAT / "openvla_finetune.yaml")
@@ -79,6 +118,7 @@ def test_openvla_finetune_reports_every_unknown_key_at_once():
         assert f": {key}\n" not in msg and not msg.endswith(f": {key}")
 
 
+@needs_shared(COMPAT)
 def test_openvla_finetune_with_warn_understands_training_arguments_keys():
     cfg = load_training_config(COMPAT / "openvla_finetune.yaml", unknown_keys="warn")
     assert cfg.hyper["gradient_accumulation_steps"] == 2
@@ -206,6 +246,6 @@ def test_yaml_to_gin_cli_writes_files(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "lora.r = 8" in out.read_text()
     assert "--learning_rate=0.001" in (tmp_path / "migrated.flags").read_text()
-    bad = subprocess.run([sys.executable, "-m", "ilstudio.config.yaml_to_gin",
-                          str(COMPAT / "openvla_finetune.yaml")], capture_output=True, text=True)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "training_mode" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "ilstudio.config.yaml_to_gin", str(FOREIGN)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "trainer_flavour" in bad.stderr

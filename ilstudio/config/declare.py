@@ -112,6 +112,8 @@ def convert(value: Any, tp: Any, where: str) -> Any:
         if value is None or (isinstance(value, str) and value.strip().lower() in {"none", "null", ""}):
             if type(None) in typing.get_args(tp):
                 return None
+        if any(type(value) is a for a in args):  # already one of the declared plain types
+            return value
         errors = []
         for a in args:
             try:

@@ -24,10 +24,8 @@ from typing import Any
 from gin import config_parser
 
 from ilstudio.errors import UserError
+from ilstudio.rundir import FLAGFILE, OPERATIVE, RESUME_CHANGES
 
-OPERATIVE = "operative_config.gin"
-FLAGFILE = "flags.txt"
-RESUME_CHANGES = "resume_changes.txt"
 NOT_SET = "(not set)"
 
 # Stable parameters whose change makes a checkpoint unusable (shapes, modules, what the

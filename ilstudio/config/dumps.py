@@ -1,14 +1,13 @@
 """What a run writes about itself, and how the configuration is printed.
 
-Every file is written atomically (temporary file, then rename), so a killed run never
-leaves a config dump that looks complete and is not.
+Every file is written atomically (``rundir.write_atomic``), so a killed run never leaves a
+config dump that looks complete and is not.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,26 +15,7 @@ import gin
 
 from ilstudio.config.declare import params_of
 from ilstudio.config.hyperparams import HYPERPARAMS
-
-OPERATIVE = "operative_config.gin"
-ALL_BINDINGS = "config.gin"
-FLAGFILE = "flags.txt"
-TRAINING_ARGS = "training_args.json"
-NORM_STATS = "normalization.json"
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from ilstudio.rundir import ALL_BINDINGS, FLAGFILE, OPERATIVE, TRAINING_ARGS, write_atomic
 
 
 def _flag_value(value: Any) -> str:

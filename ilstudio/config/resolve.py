@@ -152,6 +152,27 @@ def build_settings(source_of) -> dict[str, Any]:
     return built
 
 
+TASK_FROM_DATA = ("state_dim", "action_dim", "camera_names")
+
+
+def bind_dataset_values(layers: GinLayers) -> None:
+    """Bind task dims and cameras a LeRobot task.dataset_dir gives (meta/info.json), where unbound.
+
+    Bound as gin values (source: the info.json) before the settings are built, so the
+    operative config, --explain and evaluation all see them; a bound value the data
+    contradicts is a UserError naming both.
+    """
+    from ilstudio.data.lerobot_format import derived_task_values
+
+    task = construct(S.TaskSettings)
+    if not task.dataset_dir or not isinstance(task.dataset_dir, (str, list, tuple)):
+        return  # empty or mistyped: reported by the data layer / type checks with their context
+    bound = {n: getattr(task, n) for n in TASK_FROM_DATA if layers.provenance.history.get(f"task.{n}")}
+    derived = derived_task_values(task.dataset_dir, bound, construct(S.ModelSettings).cache_dir)
+    for name, value in derived.items():
+        layers.bind_value(f"task.{name}", value, "the LeRobot dataset's meta/info.json")
+
+
 def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
     """Resolve every layer into one validated configuration (no torch, no writes)."""
     import_all_configurations()
@@ -178,6 +199,7 @@ def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
     for i, text in enumerate(fv.gin_bindings):
         layers.add_binding_text(text, f"--gin_bindings[{i}] ({text.strip()!r})")
 
+    bind_dataset_values(layers)
     built = build_settings(layers.provenance.source_of)
     # Cross-parameter checks that need the whole picture: a policy that cannot read this
     # task, a switch that has no meaning for this policy.

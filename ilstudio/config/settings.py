@@ -15,10 +15,17 @@ from ilstudio.config.declare import configurable, param
 class TaskSettings:
     """What the data is: bound by gin_configs/tasks/<task_name>.gin."""
 
-    dataset_dir: str = param("", "Directory of episode_*.hdf5 files (ACT layout).", documented=False)
-    state_dim: int = param(14, "Length of /observations/qpos per step.", documented=False)
-    action_dim: int = param(14, "Length of /action per step.", documented=False)
-    camera_names: tuple[str, ...] = param((), "Cameras under /observations/images.", documented=False)
+    dataset_dir: tuple[str, ...] | str = param(
+        "", "Directory of episode_*.hdf5 files (ACT layout), a LeRobot dataset directory (v2.1 or "
+        "v3.0: it holds meta/info.json) or hub dataset repo id; or a list of these, trained on "
+        "together.", documented=False)
+    state_dim: int = param(14, "Length of /observations/qpos (LeRobot: observation.state) per step; "
+                           "unbound, a LeRobot dataset's info.json gives it.", documented=False)
+    action_dim: int = param(14, "Length of /action per step; unbound, a LeRobot dataset's "
+                            "info.json gives it.", documented=False)
+    camera_names: tuple[str, ...] = param((), "Cameras under /observations/images (LeRobot: "
+                                          "observation.images.<name>; unbound: all of them).",
+                                          documented=False)
     episode_len: int = param(400, "Steps per episode (also the evaluation horizon).", documented=False)
 
 

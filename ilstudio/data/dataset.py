@@ -26,14 +26,16 @@ from ilstudio.data.episodes import (
     ACTION_KEY,
     IMAGES_KEY,
     QPOS_KEY,
+    check_camera_sizes,
     check_episodes,
+    episode_ref,
     is_mirrored,
-    list_episode_files,
     open_episode,
     read_errors,
 )
 from ilstudio.data.image_ops import fit_frames
 from ilstudio.data.normalization import NormStats, compute_stats
+from ilstudio.data.sources import list_episodes
 from ilstudio.errors import UserError
 
 # An episode source: an open h5py.File or a dict of preloaded arrays, indexed by the same keys.
@@ -56,7 +58,7 @@ class EpisodeDataset(Dataset):
         size = settings.image_size
         if size is not None and (len(size) != 2 or min(size) < 1):
             raise UserError(f"dataset.image_size must be (height, width) with both >= 1, got {size!r}")
-        self.paths = [Path(p) for p in paths]
+        self.paths = [episode_ref(p) for p in paths]  # HDF5 paths or LeRobot episodes
         if not self.paths:
             raise UserError("EpisodeDataset needs at least one episode")
         self.task = task
@@ -67,6 +69,8 @@ class EpisodeDataset(Dataset):
         self.history = settings.history_images_length
         if episode_lengths is None:  # built directly rather than by build_datasets
             episode_lengths = check_episodes(self.paths, task, self.use_images)
+        if self.use_images:
+            check_camera_sizes(self.paths[0], task.camera_names, size)
         self.episode_lengths = np.asarray(episode_lengths, dtype=np.int64)
         self.episode_starts = np.concatenate([[0], np.cumsum(self.episode_lengths)[:-1]])
         self.episode_index = np.repeat(np.arange(len(self.paths)), self.episode_lengths)
@@ -213,13 +217,14 @@ def split_episodes(n: int, val_fraction: float, seed: int) -> tuple[list[int], l
 
 
 def build_datasets(task: TaskSettings, settings: DatasetSettings, chunk_size: int, do_eval: bool,
-                   seed: int, language: Any = None
+                   seed: int, language: Any = None, cache_dir: str | None = None
                    ) -> tuple[EpisodeDataset, EpisodeDataset | None, NormStats, dict]:
     """List, filter, validate and split the episodes; stats come from train episodes only.
 
     language: the policy's text processor (see EpisodeDataset), or None.
+    cache_dir: where hub datasets named in task.dataset_dir are cached (model.cache_dir).
     """
-    paths = list_episode_files(task.dataset_dir)
+    paths = list_episodes(task.dataset_dir, cache_dir)
     n_found = len(paths)
     if settings.skip_mirrored_data:
         paths = [p for p in paths if not is_mirrored(p)]
@@ -246,7 +251,7 @@ def build_datasets(task: TaskSettings, settings: DatasetSettings, chunk_size: in
         eval_ds = EpisodeDataset(val_paths, task, settings, chunk_size, stats, val_lengths,
                                  language)
     summary = {
-        "dataset_dir": str(task.dataset_dir),
+        "dataset_dir": task.dataset_dir if isinstance(task.dataset_dir, str) else list(task.dataset_dir),
         "episodes_found": n_found,
         "episodes_mirrored_skipped": n_found - len(paths),
         "episodes_train": len(train_idx),

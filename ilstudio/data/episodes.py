@@ -10,6 +10,10 @@ One file per episode::
 
 Validation reads headers only (shapes, dtypes, keys), so a bad file is reported in
 seconds with its name, instead of as a shape error deep inside a DataLoader worker.
+
+An episode "path" may also be a LeRobot episode reference (``lerobot_reader.LeRobotEpisode``:
+it has ``open_source()``); ``open_episode``, ``is_mirrored`` and ``check_episodes`` accept
+both, so the dataset layer above reads either format through the same keys.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -51,22 +56,32 @@ def list_episode_files(dataset_dir: str | Path) -> list[Path]:
 
 
 @contextmanager
-def read_errors(path: Path) -> Iterator[None]:
-    """Turn HDF5 read failures (OSError) into a UserError naming the file."""
+def read_errors(path: Any) -> Iterator[None]:
+    """Turn read failures (OSError) into a UserError naming the file (or LeRobot episode)."""
     try:
         yield
     except OSError as e:
-        raise UserError(f"{path}: cannot be read as HDF5 (truncated or corrupt?): {e}") from None
+        how = "" if hasattr(path, "open_source") else " as HDF5"
+        raise UserError(f"{path}: cannot be read{how} (truncated or corrupt?): {e}") from None
 
 
-def open_episode(path: Path) -> h5py.File:
+def episode_ref(path: Any) -> Any:
+    """An episode reference as the data layer keeps it: a LeRobot reference, or a Path."""
+    return path if hasattr(path, "open_source") else Path(path)
+
+
+def open_episode(path: Any) -> Any:
     """Open read-only; an unreadable file becomes a UserError naming it."""
+    if hasattr(path, "open_source"):  # a LeRobot episode: same keys as an HDF5 episode
+        return path.open_source()
     with read_errors(path):
         return h5py.File(path, "r")
 
 
-def is_mirrored(path: str | Path) -> bool:
+def is_mirrored(path: Any) -> bool:
     """The episode's root attribute ``mirrored`` (False when absent)."""
+    if hasattr(path, "open_source"):
+        return bool(path.mirrored)
     with open_episode(Path(path)) as f:
         return bool(f.attrs.get("mirrored", False))
 
@@ -142,10 +157,31 @@ def check_one(path: Path, task: TaskSettings, need_images: bool,
     return steps
 
 
-def check_episodes(paths: Sequence[Path], task: TaskSettings, need_images: bool) -> list[int]:
+def check_camera_sizes(path: Any, cameras: Sequence[str], image_size: Sequence[int] | None) -> None:
+    """Cameras of different frame sizes are stacked into one tensor only when fitted to
+    dataset.image_size; without it, a UserError naming the sizes (not a stacking error later)."""
+    if image_size is not None or len(cameras) < 2:
+        return
+    with open_episode(path) as f, read_errors(path):
+        sizes = {cam: tuple(f[f"{IMAGES_KEY}/{cam}"].shape[1:3]) for cam in cameras}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"'{c}' {h}x{w}" for c, (h, w) in sizes.items())
+        raise UserError(f"cameras have different frame sizes ({listed}); bind dataset.image_size = "
+                        f"(H, W) so every camera is fitted to one size")
+
+
+def check_episodes(paths: Sequence[Any], task: TaskSettings, need_images: bool) -> list[int]:
     """Header-only validation of every episode; returns the episode lengths.
 
     Raises UserError naming the first bad file and what is wrong with it.
     """
     frame_shapes: dict[str, tuple] = {}
-    return [check_one(Path(p), task, need_images, frame_shapes) for p in paths]
+    lengths = []
+    for p in paths:
+        if hasattr(p, "open_source"):
+            from ilstudio.data.lerobot_reader import check_episode
+
+            lengths.append(check_episode(p, task, need_images, frame_shapes))
+        else:
+            lengths.append(check_one(Path(p), task, need_images, frame_shapes))
+    return lengths

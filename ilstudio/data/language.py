@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from absl import logging
 
-from ilstudio.data.episodes import open_episode, read_errors
+from ilstudio.data.episodes import episode_ref, open_episode, read_errors
 from ilstudio.errors import UserError
 
 INSTRUCTION_ATTR = "language_instruction"
@@ -84,8 +84,11 @@ def _strings(f: h5py.File, key: str, steps: int, path: Path) -> tuple[str, ...] 
 
 
 def read_episode_text(path: str | Path, steps: int, default_instruction: str = "") -> EpisodeText:
-    """Read an episode's instruction and per-step texts (missing per-step texts -> None)."""
-    path = Path(path)
+    """Read an episode's instruction and per-step texts (missing per-step texts -> None).
+
+    path: an HDF5 episode or a LeRobot episode (whose task string is its instruction).
+    """
+    path = episode_ref(path)
     with open_episode(path) as f, read_errors(path):
         instruction = f.attrs.get(INSTRUCTION_ATTR, default_instruction)
         if isinstance(instruction, bytes):
@@ -190,7 +193,7 @@ class LanguageProcessor:
         for key, wanted, have in (
                 ("use_reasoning", self.settings.use_reasoning, lambda x: x.reasoning is not None),
                 ("use_prev_subtask", self.settings.use_prev_subtask, lambda x: x.subtask is not None)):
-            missing = [Path(p).name for p, x in zip(paths, texts, strict=True) if not have(x)]
+            missing = [episode_ref(p).name for p, x in zip(paths, texts, strict=True) if not have(x)]
             if wanted and missing:
                 what = REASONING_KEY if key == "use_reasoning" else SUBTASK_KEY
                 raise UserError(f"dataset.{key} = True, but {len(missing)} episode(s) have no "
@@ -199,7 +202,7 @@ class LanguageProcessor:
         if self.needs_target and not any(self.target_pieces(x, 0) for x in texts):
             raise UserError(f"model.llm_loss_weight > 0, but no episode has a language target: "
                             f"none has /{SUBTASK_KEY}, and /{REASONING_KEY} counts only with "
-                            f"dataset.use_reasoning = True (first episode: {Path(paths[0]).name})")
+                            f"dataset.use_reasoning = True (first episode: {episode_ref(paths[0]).name})")
         return EpisodeLanguage(self, texts, [int(n) for n in lengths],
                                eager=not self.settings.lazy_preprocess)
 

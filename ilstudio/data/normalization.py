@@ -15,7 +15,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from ilstudio.data.episodes import ACTION_KEY, QPOS_KEY, open_episode, read_errors
+from ilstudio.data.episodes import ACTION_KEY, QPOS_KEY, episode_ref, open_episode, read_errors
 from ilstudio.errors import UserError
 
 MIN_STD = 1e-2  # as ACT: a constant dimension must not blow up after normalization
@@ -58,7 +58,7 @@ class NormStats:
 
     def save(self, path: str | Path) -> None:
         """Write as JSON atomically, so a crash never leaves half a stats file."""
-        from ilstudio.config.dumps import write_atomic
+        from ilstudio.rundir import write_atomic
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,8 +81,8 @@ def compute_stats(paths: Sequence[str | Path]) -> NormStats:
     if not paths:
         raise UserError("cannot compute normalization stats from zero episodes")
     qpos, action = [], []
-    for p in paths:
-        with open_episode(Path(p)) as f, read_errors(Path(p)):
+    for p in map(episode_ref, paths):  # HDF5 paths or LeRobot episodes
+        with open_episode(p) as f, read_errors(p):
             qpos.append(np.asarray(f[QPOS_KEY][()], dtype=np.float64))
             action.append(np.asarray(f[ACTION_KEY][()], dtype=np.float64))
     q, a = np.concatenate(qpos), np.concatenate(action)

@@ -8,12 +8,13 @@ whose phase and brightness follow the state (so it can also be learned from imag
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from ilstudio.rundir import atomic_path
 
 
 def _trajectory(rng: np.random.RandomState, steps: int, dim: int) -> np.ndarray:
@@ -54,9 +55,8 @@ def _language(i: int, qpos: np.ndarray) -> dict:
 
 def _write_episode(path: Path, qpos: np.ndarray, action: np.ndarray,
                    images: dict[str, np.ndarray], mirrored: bool, text: dict | None = None) -> None:
-    """Write one episode to path.tmp and rename, so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    """Write one episode atomically, so readers never see half a file."""
+    with atomic_path(path, private=False) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["sim"] = True
         f.attrs["mirrored"] = mirrored
         obs = f.create_group("observations")
@@ -73,7 +73,6 @@ def _write_episode(path: Path, qpos: np.ndarray, action: np.ndarray,
             for key in ("subtask", "reasoning"):
                 lang.create_dataset(key, data=np.array(text[key], dtype=object),
                                     dtype=h5py.string_dtype("utf-8"))
-    os.replace(tmp, path)
 
 
 def write_synthetic_dataset(output_dir: str | Path, num_episodes: int = 4, episode_len: int = 50,

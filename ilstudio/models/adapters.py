@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ilstudio.errors import UserError, closest
+from ilstudio.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, NON_LORA_TRAINABLES, WEIGHTS
 
 if TYPE_CHECKING:
     import torch
@@ -50,9 +51,6 @@ if TYPE_CHECKING:
     from ilstudio.config.settings import LoraSettings, QuantizationSettings
 
 PART_NAMES = ("llm", "vit", "projector", "action_head")
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-NON_LORA_TRAINABLES = "non_lora_trainables.safetensors"
 ADAPTER_NAME = "default"
 # Output layers over the vocabulary: LLaVA-style training leaves them out of "all linear
 # layers" (a vocab-sized LoRA B, and unused when there is no language loss, which breaks
@@ -623,7 +621,7 @@ def restore_quantized_weights(model: nn.Module, source: str | Path | dict) -> bo
         from safetensors.torch import load_file
 
         path = Path(source)
-        path = path / "model.safetensors" if path.is_dir() else path
+        path = path / WEIGHTS if path.is_dir() else path
         if not path.is_file():
             return False
         state = load_file(str(path))

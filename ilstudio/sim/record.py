@@ -174,6 +174,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="extra bindings, e.g. \"sim.render_height = 120\" (repeatable)")
     p.add_argument("--gin_file", action="append", default=[], help="extra gin files (repeatable)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--format", choices=("hdf5", "lerobot"), default="hdf5",
+                   help="hdf5: ACT-layout episode_<i>.hdf5 files; lerobot: a LeRobotDataset v3.0 "
+                        "(episodes are recorded resumably beside it, then converted)")
     return p.parse_args(argv)
 
 
@@ -186,8 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         out = args.output_dir or task.dataset_dir
         if not out:
             raise UserError(f"no --output_dir and task.dataset_dir is empty for {args.task_name}")
+        if args.format == "lerobot":
+            from ilstudio.data.convert import finish_recording, recording_staging
+
+            target, out = out, recording_staging(out)
         summary = record(task, sim, out, args.num_episodes, seed=args.seed,
                          max_attempts=args.max_attempts, progress=not args.no_progress)
+        if args.format == "lerobot":
+            summary["output_dir"] = finish_recording(out, target, robot_type=f"aloha_sim_{sim.task}")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,21 +1,22 @@
 """Writing one episode in the ACT HDF5 layout, atomically.
 
 The file is written under a hidden temporary name in the destination directory and
-renamed into place only when complete (``os.replace`` is atomic on one filesystem), so a
-recorder killed at any moment leaves either a whole ``episode_<i>.hdf5`` or none; the
-temporary file does not match ``*.hdf5`` and is removed on any error.
+renamed into place only when complete (``rundir.atomic_path``), so a recorder killed at
+any moment leaves either a whole ``episode_<i>.hdf5`` or none; the temporary file does not
+match ``*.hdf5`` and is removed on any error.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+
+from ilstudio.rundir import atomic_path
 
 TMP_SUFFIX = ".hdf5.partial"
 
@@ -32,31 +33,20 @@ def write_episode(path: str | os.PathLike, *, qpos: np.ndarray, qvel: np.ndarray
     steps = len(qpos)
     if not (len(qvel) == len(action) == steps and all(len(v) == steps for v in images.values())):
         raise ValueError("qpos, qvel, action and every camera need the same number of steps")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=TMP_SUFFIX)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; episodes are ordinary files
-        with h5py.File(tmp, "w") as f:
-            f.attrs["sim"] = True
-            for key, value in (attrs or {}).items():
-                f.attrs[key] = value
-            obs = f.create_group("observations")
-            obs.create_dataset("qpos", data=np.asarray(qpos, dtype=np.float64))
-            obs.create_dataset("qvel", data=np.asarray(qvel, dtype=np.float64))
-            f.create_dataset("action", data=np.asarray(action, dtype=np.float64))
-            group = obs.create_group("images")
-            for cam, frames in images.items():
-                frames = np.asarray(frames, dtype=np.uint8)
-                compression = {"compression": "gzip", "compression_opts": gzip_level} if gzip_level else {}
-                group.create_dataset(cam, data=frames, chunks=(1, *frames.shape[1:]), **compression)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Episodes are ordinary files (private=False), not the 0600 of a temporary file.
+    with atomic_path(path, suffix=TMP_SUFFIX, private=False) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["sim"] = True
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
+        obs = f.create_group("observations")
+        obs.create_dataset("qpos", data=np.asarray(qpos, dtype=np.float64))
+        obs.create_dataset("qvel", data=np.asarray(qvel, dtype=np.float64))
+        f.create_dataset("action", data=np.asarray(action, dtype=np.float64))
+        group = obs.create_group("images")
+        for cam, frames in images.items():
+            frames = np.asarray(frames, dtype=np.uint8)
+            compression = {"compression": "gzip", "compression_opts": gzip_level} if gzip_level else {}
+            group.create_dataset(cam, data=frames, chunks=(1, *frames.shape[1:]), **compression)
     return path
 
 

@@ -21,7 +21,7 @@ from absl import logging
 from torch import nn
 from transformers import TrainerCallback
 
-EMA_FILE = "ema.safetensors"
+from ilstudio.rundir import EMA_FILE
 
 
 class EMA:

@@ -15,12 +15,10 @@ from typing import TYPE_CHECKING
 from absl import logging
 
 from ilstudio.errors import UserError
+from ilstudio.rundir import WEIGHTS
 
 if TYPE_CHECKING:  # torch is imported only when loading: validation (--dry_run) stays cheap
     from torch import nn
-
-WEIGHTS = "model.safetensors"
-
 
 def _listed(keys: list[str], limit: int = 8) -> str:
     more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""

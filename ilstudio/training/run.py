@@ -7,7 +7,6 @@ mistake never leaves a half-written run directory behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from absl import logging
 
+from ilstudio import rundir
 from ilstudio.config import diff as config_diff
 from ilstudio.config import dumps
 from ilstudio.config.resolve import Resolved, finalize
@@ -22,52 +22,21 @@ from ilstudio.config.training_args import build_training_arguments, parse_resume
 from ilstudio.errors import UserError
 from ilstudio.training import distributed
 
-RUN_MARKERS = (dumps.OPERATIVE, "trainer_state.json", "model.safetensors")
-
-
-def holds_a_run(output_dir: Path) -> list[str]:
-    """What in output_dir says another run lives there (empty if none)."""
-    if not output_dir.is_dir():
-        return []
-    found = [m for m in RUN_MARKERS if (output_dir / m).exists()]
-    found += sorted(p.name for p in output_dir.glob("checkpoint-*"))
-    return found
-
-
-def last_complete_checkpoint(out: Path) -> str | None:
-    """The newest checkpoint-N in out that is complete (None if there is none).
-
-    PolicyTrainer renames a checkpoint into place only once every file is written, so any
-    checkpoint-N is complete; the trainer_state.json check also rejects partial directories
-    left by other writers (it is the last file transformers writes).
-    """
-    if not out.is_dir():
-        return None
-    found = []
-    for p in out.glob("checkpoint-*"):
-        step = p.name.partition("-")[2]
-        if step.isdigit() and p.is_dir():
-            if (p / "trainer_state.json").is_file():
-                found.append((int(step), str(p)))
-            else:
-                logging.warning("%s is incomplete (no trainer_state.json): not resuming from it", p)
-    return max(found)[1] if found else None
-
 
 def resume_checkpoint(resolved: Resolved) -> str | None:
     """The checkpoint to resume from, per --resume_from_checkpoint; None starts fresh."""
     choice = parse_resume(resolved.hyper["resume_from_checkpoint"])
     out = Path(resolved.output_dir)
     if choice is True:
-        last = last_complete_checkpoint(out)
+        last = rundir.last_complete_checkpoint(out)
         if last is None:
             logging.info("--resume_from_checkpoint=true: no checkpoint in %s, starting fresh", out)
         return last
     if choice is False:
         return None
-    if not (Path(choice) / "trainer_state.json").is_file():
+    if not rundir.is_checkpoint(choice):
         raise UserError(f"--resume_from_checkpoint={choice}: not a checkpoint directory "
-                        f"(no trainer_state.json there)")
+                        f"(no {rundir.TRAINER_STATE} there)")
     return choice
 
 
@@ -75,10 +44,10 @@ def check_output_dir(resolved: Resolved, resume_from: str | None, overwrite: boo
     out = Path(resolved.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir={out}: exists and is not a directory")
-    existing = holds_a_run(out)
+    existing = rundir.holds_a_run(out)
     if existing and resume_from is None and not overwrite and parse_resume(
             resolved.hyper["resume_from_checkpoint"]) is True:
-        if not {"model.safetensors", "trainer_state.json"} & set(existing):
+        if not rundir.is_finished(out):
             # Killed before its first complete checkpoint: the same command starts it again.
             logging.warning("--resume_from_checkpoint=true: %s holds an unfinished run with no "
                             "complete checkpoint (%s); starting it again from step 0", out,
@@ -106,27 +75,13 @@ def check_resume_config(resolved: Resolved, resume_from: str | None) -> list:
     run_dir = Path(resume_from).parent
     now = config_diff.Config("now", gin=config_diff.parse_gin_text(dumps.operative_text(), "now"),
                              flags=config_diff.parse_flag_lines(dumps.flagfile_text(
-                                 resolved, Path(resolved.output_dir) / dumps.ALL_BINDINGS)))
+                                 resolved, Path(resolved.output_dir) / rundir.ALL_BINDINGS)))
     changes = config_diff.check_resume(run_dir, now, resume_from)
     if changes:
         logging.warning("resuming from %s with %d configuration change(s) (recorded in %s):\n  %s",
-                        resume_from, len(changes), config_diff.RESUME_CHANGES,
+                        resume_from, len(changes), rundir.RESUME_CHANGES,
                         "\n  ".join(d.line() for d in changes))
     return changes
-
-
-@contextlib.contextmanager
-def output_errors(out: Path, what: str):
-    """A failed write (disk full, read-only, a path through a file) is a UserError, not a traceback."""
-    from ilstudio.training.trainer import is_write_failure
-
-    try:
-        yield
-    except Exception as e:
-        if not is_write_failure(e):
-            raise
-        raise UserError(f"--output_dir={out}: cannot write {what}: {e}. Check free space, "
-                        f"permissions, and that the path is a directory.") from None
 
 
 def save_final_model(trainer, out: Path) -> None:
@@ -135,14 +90,13 @@ def save_final_model(trainer, out: Path) -> None:
     A kill or a full disk mid-write leaves the previous files or none, never a truncated
     model.safetensors.
     """
-    staging = out / ".final-staging"
+    staging = out / rundir.FINAL_STAGING_DIR
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)
     try:
         trainer.save_model(str(staging))
         if trainer.is_world_process_zero():
-            for f in sorted(staging.iterdir()):
-                os.replace(f, out / f.name)
+            rundir.publish_files(staging, out)
     finally:
         if trainer.is_world_process_zero():
             shutil.rmtree(staging, ignore_errors=True)
@@ -150,11 +104,15 @@ def save_final_model(trainer, out: Path) -> None:
 
 def validate_data(resolved: Resolved) -> list[int]:
     """Header-level checks of the task's episodes (cheap; used by --dry_run too)."""
-    from ilstudio.data.episodes import check_episodes, list_episode_files
+    from ilstudio.data.episodes import check_camera_sizes, check_episodes
+    from ilstudio.data.sources import list_episodes
 
     use_images = resolved.policy.image_inputs(resolved.task, resolved.dataset)
-    paths = list_episode_files(resolved.task.dataset_dir)
-    return check_episodes(paths, resolved.task, use_images)
+    paths = list_episodes(resolved.task.dataset_dir, resolved.model.cache_dir)
+    lengths = check_episodes(paths, resolved.task, use_images)
+    if use_images:
+        check_camera_sizes(paths[0], resolved.task.camera_names, resolved.dataset.image_size)
+    return lengths
 
 
 def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
@@ -188,7 +146,7 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
                                 task=resolved.task, dataset=resolved.dataset, model=resolved.model)
     train_ds, eval_ds, stats, summary = build_datasets(
         resolved.task, resolved.dataset, resolved.model.chunk_size, args.do_eval, args.seed,
-        language=processor)
+        language=processor, cache_dir=resolved.model.cache_dir)
     logging.info("data: %s", summary)
     # Preloaded data: one vectorised gather per batch (bench/overhead.py), same samples.
     train_ds, eval_ds = batched(train_ds), batched(eval_ds)
@@ -209,16 +167,16 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
 
     out = Path(resolved.output_dir)
     resume_changes = check_resume_config(resolved, resume_from)
-    with output_errors(out, "the run's configuration"):
+    with rundir.output_errors(out, "the run's configuration"):
         if distributed.is_main_process():
-            if overwrite_output_dir and resume_from is None and holds_a_run(out):
+            if overwrite_output_dir and resume_from is None and rundir.holds_a_run(out):
                 logging.warning("--overwrite_output_dir: replacing %s", out)
                 shutil.rmtree(out)
             dumps.write_run_config(resolved, out, args.to_json_string())
-            stats.save(out / dumps.NORM_STATS)
+            stats.save(out / rundir.NORM_STATS)
             if resume_changes:
                 config_diff.record_resume_changes(out, resume_from, resume_changes)
-            dumps.write_atomic(out / "data_summary.json", json.dumps(summary, indent=2) + "\n")
+            rundir.write_atomic(out / rundir.DATA_SUMMARY, json.dumps(summary, indent=2) + "\n")
 
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", tensorboard_dir(hyper))
     callbacks = []
@@ -230,7 +188,7 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
                             ema_decay=resolved.model.ema_decay if resolved.model.using_ema else None,
                             episode_first=resolved.dataset.episode_first)
     result = trainer.train(resume_from_checkpoint=resume_from)
-    with output_errors(out, "the final model"):
+    with rundir.output_errors(out, "the final model"):
         save_final_model(trainer, out)
     metrics = dict(result.metrics)
     if eval_ds is not None:

@@ -10,51 +10,15 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
+from ilstudio import rundir
 from ilstudio.errors import UserError
-
-# Checkpoints are written here, then renamed to checkpoint-N in one step: a directory named
-# checkpoint-N is always complete (get_last_checkpoint's pattern never matches this name).
-STAGING_DIR = ".checkpoint-staging"
 
 
 class NonFiniteLossError(UserError):
     """Training produced a NaN/inf loss or weights: stop before it reaches a checkpoint."""
-
-
-# torch.save reports a failed write as a RuntimeError from its zip writer.
-_TORCH_WRITE_ERRORS = ("PytorchStreamWriter failed", "inline_container.cc", "file write failed")
-
-
-def is_write_failure(e: BaseException) -> bool:
-    """A failed write to disk, as torch/safetensors/the OS report it (disk full, EFBIG, EACCES)."""
-    if isinstance(e, OSError):
-        return True
-    text = f"{type(e).__name__}: {e}"
-    return ("SafetensorError" in text and "I/O error" in text) or (
-        isinstance(e, RuntimeError) and any(m in text for m in _TORCH_WRITE_ERRORS))
-
-
-def _fsync_tree(path: str) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class PolicyTrainer(Trainer):
@@ -94,8 +58,6 @@ class PolicyTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Checkpoints and the final model carry the EMA weights (plus ema.safetensors)."""
-        import os
-
         if self.ema is not None and self.ema.shadow is not None:
             state_dict = self.ema.substitute(
                 self.model, self.model.state_dict() if state_dict is None else state_dict)
@@ -136,10 +98,8 @@ class PolicyTrainer(Trainer):
         return out
 
     def _last_checkpoint_note(self) -> str:
-        from ilstudio.training.run import last_complete_checkpoint
-
         out = self.args.output_dir
-        last = last_complete_checkpoint(Path(out)) if out else None
+        last = rundir.last_complete_checkpoint(out) if out else None
         return (f"the last complete checkpoint is {last}." if last
                 else "no checkpoint had been written yet.")
 
@@ -150,7 +110,7 @@ class PolicyTrainer(Trainer):
         that get_last_checkpoint would pick. Here checkpoint-N appears only once complete.
         """
         import torch
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+        from transformers.trainer_utils import rotate_checkpoints
 
         bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
         if bad:
@@ -159,8 +119,8 @@ class PolicyTrainer(Trainer):
                 f"are not finite, so no checkpoint was written; {self._last_checkpoint_note()} "
                 f"Lower --learning_rate (now {self.args.learning_rate}) or check the data.")
         run_dir = self._get_output_dir(trial=trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = os.path.join(run_dir, STAGING_DIR)
+        name = rundir.checkpoint_name(self.state.global_step)
+        staging = os.path.join(run_dir, rundir.STAGING_DIR)
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
             try:
@@ -174,7 +134,7 @@ class PolicyTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         except Exception as e:  # disk full, read-only, quota: never leave a partial checkpoint
             shutil.rmtree(staging, ignore_errors=True)
-            if not is_write_failure(e):
+            if not rundir.is_write_failure(e):
                 raise
             raise UserError(
                 f"could not write {name} in {run_dir}: {e}. The partial checkpoint was removed; "
@@ -186,12 +146,8 @@ class PolicyTrainer(Trainer):
             self.accelerator.wait_for_everyone()
         if not self.args.should_save:
             return
-        final = os.path.join(run_dir, name)
-        _fsync_tree(os.path.join(staging, name))
-        if os.path.isdir(final):  # an older save of the same step: replace it
-            shutil.rmtree(final)
-        os.replace(os.path.join(staging, name), final)
-        _fsync_dir(run_dir)
+        # An older save of the same step is replaced.
+        rundir.publish_dir(os.path.join(staging, name), os.path.join(run_dir, name))
         shutil.rmtree(staging, ignore_errors=True)
         if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
             self.state.best_model_checkpoint = os.path.join(

@@ -8,7 +8,7 @@ from pathlib import Path
 from ilstudio.config.declare import configurable, param
 from ilstudio.errors import UserError
 from ilstudio.policies.base import PolicyConfig
-from ilstudio.policies.vla.layout import is_backbone_dir, looks_local
+from ilstudio.policies.vla.layout import is_backbone_dir, looks_local, missing_backbone_message
 
 
 @configurable("vla", group="VLA policy")
@@ -61,6 +61,9 @@ class VLAConfig(PolicyConfig):
                             f"{source_of('model.model_name_or_path')}) with model.is_pretrained = "
                             f"True: no VLA backbone there (expected {Path(name) / 'vision'}/ and "
                             f"{Path(name) / 'llm'}/ with config.json)")
+        elif not model.is_pretrained and not is_backbone_dir(name):
+            problems.append(missing_backbone_message(
+                name, f" (set in {source_of('model.model_name_or_path')})"))
         if model.llm_loss_weight == 0:
             # The language target only feeds the language loss: without it these do nothing.
             for key in ("use_reasoning", "select_seg_token_mask"):

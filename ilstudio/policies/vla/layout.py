@@ -27,6 +27,15 @@ def looks_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
 
 
+def missing_backbone_message(name: str, where: str = "") -> str:
+    """What to do when model.model_name_or_path (is_pretrained=False) holds no backbone;
+    ``where``: where it was set, e.g. " (set in vla.gin)"."""
+    return (f"model.model_name_or_path = {name!r}{where} with model.is_pretrained = False: no VLA "
+            f"backbone there (expected {Path(name) / VISION}/ and {Path(name) / LLM}/ with "
+            f"config.json). Create a tiny random one with `python -m "
+            f"ilstudio.policies.vla.make_tiny {name}`, or point it at a backbone directory")
+
+
 def is_backbone_dir(path: str | Path) -> bool:
     p = Path(path).expanduser()
     return (p / VISION / "config.json").is_file() and (p / LLM / "config.json").is_file()

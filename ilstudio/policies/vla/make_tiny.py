@@ -2,6 +2,10 @@
 
     python -m ilstudio.policies.vla.make_tiny data/vla_tiny [--hidden 64 --layers 2 ...]
 
+An explicit step: building a policy never writes a backbone (validation names this
+command when ``model.model_name_or_path`` holds none); tests call ``write_tiny_backbone``
+from a fixture.
+
 The directory has the layout of ``ilstudio.policies.vla.layout``: ``vision/`` (a small
 SigLIP or CLIP vision tower), ``llm/`` (a small Llama or Qwen2 causal LM plus a byte-level
 BPE tokenizer trained here on a few robot sentences) and ``projector.safetensors``. Weights
@@ -13,13 +17,14 @@ arguments write the same files.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from absl import logging
+
+from ilstudio.errors import UserError
 from ilstudio.policies.vla.layout import LLM, PROJECTOR, VISION, is_backbone_dir
+from ilstudio.rundir import atomic_dir
 
 # Sentences the tiny tokenizer learns its merges from; any text still tokenizes (byte-level).
 CORPUS = (
@@ -72,11 +77,12 @@ def write_tiny_backbone(output_dir: str | Path, *, hidden: int = 64, layers: int
                         vision_hidden: int = 32, vision_layers: int = 1, vision_heads: int = 2,
                         image_size: int = 32, patch_size: int = 8, llm: str = "llama",
                         vision: str = "siglip", seed: int = 0, replace: bool = True) -> Path:
-    """Write the directory atomically (build in a sibling temp dir, then rename).
+    """Write the directory atomically (``rundir.atomic_dir``: a sibling temp dir, then rename).
 
     replace: an existing backbone directory there is replaced; False keeps it (several
     processes, e.g. torchrun ranks, may race to create the same directory: first one wins,
-    and as the output is seeded, all would have written the same files).
+    and as the output is seeded, all would have written the same files). A directory
+    holding anything else is never replaced (FileExistsError).
     """
     import torch
     from safetensors.torch import save_file
@@ -85,9 +91,14 @@ def write_tiny_backbone(output_dir: str | Path, *, hidden: int = 64, layers: int
     from ilstudio.policies.vla.modeling import MultimodalProjector
 
     out = Path(output_dir).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not is_backbone_dir(out):
+        raise FileExistsError(f"{out} exists and is not a VLA backbone directory; "
+                              f"refusing to replace it")
+    if not replace and is_backbone_dir(out):
+        return out
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty directory is filled, whatever ``replace`` says
+    with atomic_dir(out, replace=replace) as tmp:
         with torch.random.fork_rng():  # seeded without disturbing the caller's random state
             torch.manual_seed(seed)
             tokenizer = make_tokenizer()
@@ -100,24 +111,30 @@ def write_tiny_backbone(output_dir: str | Path, *, hidden: int = 64, layers: int
             projector = MultimodalProjector(vision_hidden, hidden, state_dim=None)
             save_file({k: v.contiguous() for k, v in projector.state_dict().items()},
                       tmp / PROJECTOR)
-        if out.exists():
-            if any(out.iterdir()) and not is_backbone_dir(out):
-                raise FileExistsError(f"{out} exists and is not a VLA backbone directory; "
-                                      f"refusing to replace it")
-            if not replace and is_backbone_dir(out):
-                shutil.rmtree(tmp)
-                return out
-            shutil.rmtree(out)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not is_backbone_dir(out):  # not a lost race: a real failure
-                raise
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
+
+
+def ensure_backbone(model) -> str:
+    """The backbone's name; with is_pretrained=False and no backbone there, write a tiny one.
+
+    The explicit "create it if missing" step (policy builders never write files): with
+    is_pretrained=False the name is always a local directory (a missing one gets a tiny
+    random backbone, logged); with is_pretrained=True it is left alone (it may be a hub id,
+    looked up through model.cache_dir).
+    """
+    name = model.model_name_or_path
+    if not name:
+        raise UserError("policy 'vla' needs model.model_name_or_path")
+    if not model.is_pretrained and not is_backbone_dir(name):
+        path = Path(name).expanduser()
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise UserError(f"model.model_name_or_path = {name!r} exists but is not a VLA backbone "
+                            f"directory (expected vision/config.json and llm/config.json)")
+        logging.warning("model.model_name_or_path = %r does not exist and model.is_pretrained is "
+                        "False: writing a tiny random backbone there (python -m "
+                        "ilstudio.policies.vla.make_tiny %s)", name, name)
+        write_tiny_backbone(path, replace=False)
+    return name
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -43,7 +43,13 @@ from absl import logging
 from torch import nn
 
 from ilstudio.errors import UserError
-from ilstudio.policies.vla.layout import LLM, PROJECTOR, VISION, is_backbone_dir
+from ilstudio.policies.vla.layout import (
+    LLM,
+    PROJECTOR,
+    VISION,
+    is_backbone_dir,
+    missing_backbone_message,
+)
 
 IGNORE = -100
 # Pixel normalization per vision model type (their image processors' defaults).
@@ -231,27 +237,17 @@ class VLAPolicy(nn.Module):
 # -- building --------------------------------------------------------------------------
 
 
-def ensure_backbone(model) -> str:
-    """The backbone's name; with is_pretrained=False and no backbone there, write a tiny one.
+def backbone_name(model) -> str:
+    """The backbone's name (a directory, or a hub id when is_pretrained); never writes one.
 
-    With is_pretrained=False the name is always a local directory (a missing one gets a tiny
-    random backbone from make_tiny, logged); only with is_pretrained=True can it be a hub id,
-    looked up through model.cache_dir.
+    A missing local backbone is a UserError naming the explicit step that creates a tiny
+    one (``python -m ilstudio.policies.vla.make_tiny DIR``).
     """
     name = model.model_name_or_path
     if not name:
         raise UserError("policy 'vla' needs model.model_name_or_path")
     if not model.is_pretrained and not is_backbone_dir(name):
-        from ilstudio.policies.vla.make_tiny import write_tiny_backbone
-
-        path = Path(name).expanduser()
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise UserError(f"model.model_name_or_path = {name!r} exists but is not a VLA backbone "
-                            f"directory (expected vision/config.json and llm/config.json)")
-        logging.warning("model.model_name_or_path = %r does not exist and model.is_pretrained is "
-                        "False: writing a tiny random backbone there (python -m "
-                        "ilstudio.policies.vla.make_tiny %s)", name, name)
-        write_tiny_backbone(path, replace=False)
+        raise UserError(missing_backbone_message(name))
     return name
 
 
@@ -262,7 +258,7 @@ def _from_kwargs(model) -> dict:
 def load_tokenizer(model):
     from transformers import AutoTokenizer
 
-    name = ensure_backbone(model)
+    name = backbone_name(model)
     try:
         return AutoTokenizer.from_pretrained(name, subfolder=LLM, **_from_kwargs(model))
     except OSError as e:
@@ -388,7 +384,7 @@ def build(*, policy_config, task, dataset, model, lora, quantization, use_images
     if not use_images:
         raise UserError("policy 'vla' needs camera images (task.camera_names and "
                         "dataset.is_multimodal)")
-    ensure_backbone(model)
+    backbone_name(model)
     from ilstudio.models.adapters import (
         apply_lora,
         bnb_quantization_config,

@@ -1,0 +1,370 @@
+"""Writing episodes as a LeRobotDataset (v3.0 by default, or v2.1), per LeRobot's layout.
+
+What LeRobot's tools (its dataset visualizer, ``LeRobotDataset``) read: meta/info.json with
+the features, fps and path templates; per-frame parquet rows (``observation.state``, ``action``,
+``timestamp`` = i/fps, ``frame_index``, ``episode_index``, ``index``, ``task_index``); videos
+(h264, a keyframe every 2 frames as LeRobot encodes, yuv420p, or yuv444p for odd frame sizes,
+which yuv420p cannot hold); the episode table with file indices and from/to timestamps (v3.0)
+or episodes.jsonl (v2.1); tasks; stats (mean/std/min/max/count). Cameras may instead be stored
+as PNG images in the parquet (``dtype: image``, lossless; ``image_storage='image'``).
+
+An episode's ``mirrored`` mark is kept in an extra ``mirrored`` episode field (LeRobot
+ignores unknown fields) so ``dataset.skip_mirrored_data`` keeps working after conversion.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ilstudio.data.lerobot_format import (
+    ACTION_KEY,
+    CAMERA_PREFIX,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_FEATURES,
+    INFO_PATH,
+    STATE_KEY,
+    SUPPORTED_VERSIONS,
+    V21_DATA_PATH,
+    V21_VIDEO_PATH,
+    V30_DATA_PATH,
+    V30_EPISODES_PATH,
+    V30_VIDEO_PATH,
+    VELOCITY_KEY,
+)
+from ilstudio.data.lerobot_reader import MIRRORED_FIELD, _pa
+from ilstudio.data.video import CODEC, VideoWriter
+from ilstudio.errors import UserError
+
+DATA_FILE_MB = 100  # LeRobot's defaults for v3.0 file sizes
+VIDEO_FILE_MB = 200
+STATS_FRAMES = 100  # frames per episode and camera sampled for image stats
+
+
+def _stats(x: np.ndarray, axis: tuple[int, ...] = (0,)) -> dict[str, list]:
+    x = np.asarray(x, dtype=np.float64)
+    return {"min": x.min(axis).tolist(), "max": x.max(axis).tolist(), "mean": x.mean(axis).tolist(),
+            "std": x.std(axis).tolist(), "count": [int(np.prod([x.shape[a] for a in axis]))]}
+
+
+def _image_stats(frames: np.ndarray) -> dict[str, list]:
+    """Per-channel stats in [0, 1], shaped (3, 1, 1) as LeRobot stores them."""
+    step = max(1, len(frames) // STATS_FRAMES)
+    x = np.asarray(frames[::step], dtype=np.float64) / 255.0  # (n, H, W, 3)
+    s = _stats(x.transpose(3, 0, 1, 2).reshape(3, -1), axis=(1,))
+    out = {k: [[[v]] for v in vals] for k, vals in s.items() if k != "count"}
+    out["count"] = [len(x)]
+    return out
+
+
+def _merge(stats: list[dict[str, list]]) -> dict[str, list]:
+    """Combine per-episode stats (pooled mean/std weighted by count)."""
+    counts = np.array([s["count"][0] for s in stats], dtype=np.float64)
+    mean = np.array([s["mean"] for s in stats], dtype=np.float64)
+    std = np.array([s["std"] for s in stats], dtype=np.float64)
+    w = (counts / counts.sum()).reshape(-1, *([1] * (mean.ndim - 1)))
+    total_mean = (w * mean).sum(0)
+    var = (w * (std ** 2 + (mean - total_mean) ** 2)).sum(0)
+    return {"min": np.min([s["min"] for s in stats], 0).tolist(),
+            "max": np.max([s["max"] for s in stats], 0).tolist(),
+            "mean": total_mean.tolist(), "std": np.sqrt(var).tolist(), "count": [int(counts.sum())]}
+
+
+def _png(frame: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(frame)).save(buf, format="png")
+    return buf.getvalue()
+
+
+class LeRobotWriter:
+    """Add episodes one by one, then ``close()`` writes the metadata.
+
+    root must not exist or be empty. fps: the recording rate (timestamps are i/fps).
+    """
+
+    def __init__(self, root: str | Path, fps: float, version: str = "v3.0",
+                 robot_type: str | None = None, image_storage: str = "video") -> None:
+        if version not in SUPPORTED_VERSIONS:
+            raise UserError(f"LeRobot version {version!r} cannot be written; choose one of "
+                            f"{', '.join(SUPPORTED_VERSIONS)}")
+        if image_storage not in ("video", "image"):
+            raise UserError(f"image_storage must be 'video' or 'image', got {image_storage!r}")
+        self.root = Path(root)
+        if self.root.exists() and any(self.root.iterdir()):
+            raise UserError(f"{self.root} exists and is not empty; choose a new directory")
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not fps > 0:
+            raise UserError(f"fps must be positive, got {fps}")
+        # LeRobot's info.json holds fps as an int (DatasetInfo.fps: int) wherever it is one.
+        self.fps = int(fps) if float(fps).is_integer() else float(fps)
+        self.version, self.robot_type = version, robot_type
+        self.image_storage = image_storage
+        self.features: dict[str, dict] | None = None
+        self.cameras: list[str] = []
+        self.tasks: dict[str, int] = {}
+        self.episodes: list[dict] = []
+        self.episode_stats: list[dict[str, dict]] = []
+        self.frames = 0
+        # v3.0 open files: data (ParquetWriter, chunk, file, bytes), video per camera
+        self._data: list | None = None
+        self._videos: dict[str, list] = {}
+
+    def __enter__(self) -> LeRobotWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._close_files()
+
+    # -- features ------------------------------------------------------------------------
+
+    def _init_features(self, vectors: dict[str, np.ndarray], images: dict[str, np.ndarray]) -> None:
+        feats: dict[str, dict] = {}
+        for key, x in vectors.items():
+            stem = key.rsplit(".", 1)[-1]
+            feats[key] = {"dtype": str(x.dtype), "shape": [x.shape[1]],
+                          "names": [f"{stem}_{i}" for i in range(x.shape[1])]}
+        for cam, frames in images.items():
+            h, w = frames.shape[1:3]
+            feat = {"dtype": self.image_storage, "shape": [h, w, 3],
+                    "names": ["height", "width", "channels"]}
+            if self.image_storage == "video":
+                from ilstudio.data.video import pix_fmt_for
+
+                feat["info"] = {"video.height": h, "video.width": w, "video.codec": "h264",
+                                "video.pix_fmt": pix_fmt_for(h, w), "video.is_depth_map": False,
+                                "video.fps": self.fps, "video.channels": 3, "has_audio": False}
+            feats[CAMERA_PREFIX + cam] = feat
+        feats.update(json.loads(json.dumps(DEFAULT_FEATURES)))
+        if self.version == "v3.0":
+            for f in feats.values():
+                f["fps"] = self.fps
+        self.features, self.cameras = feats, list(images)
+
+    # -- episodes ------------------------------------------------------------------------
+
+    def _check_like_first(self, vectors: dict[str, np.ndarray], images: dict[str, np.ndarray]) -> None:
+        """One schema per dataset: every episode has the first one's features, dims and sizes."""
+        assert self.features is not None
+        have = {k: [v.shape[1]] for k, v in vectors.items()}
+        have.update({CAMERA_PREFIX + c: [*v.shape[1:3], 3] for c, v in images.items()})
+        first = {k: f["shape"] for k, f in self.features.items()
+                 if k in (STATE_KEY, ACTION_KEY, VELOCITY_KEY) or k.startswith(CAMERA_PREFIX)}
+        dtypes_differ = [k for k, v in vectors.items() if self.features[k]["dtype"] != str(v.dtype)] \
+            if set(have) == set(first) else []
+        if have != first or dtypes_differ:
+            raise UserError(f"episode {len(self.episodes)} has features {have} but the first episode "
+                            f"had {first}; a LeRobot dataset has one schema for all episodes")
+
+    def add_episode(self, state: np.ndarray, action: np.ndarray, images: dict[str, np.ndarray],
+                    task: str = "", mirrored: bool = False, velocity: np.ndarray | None = None) -> None:
+        """state (T, S), action (T, A), images camera -> uint8 (T, H, W, 3), velocity (T, S) or None.
+
+        float64 state/action stay float64 (so HDF5 -> LeRobot -> HDF5 is exact); other
+        numbers are stored as float32, LeRobot's usual type.
+        """
+        vectors = {STATE_KEY: state, ACTION_KEY: action}
+        if velocity is not None:
+            vectors[VELOCITY_KEY] = velocity
+        vectors = {k: np.asarray(v, dtype=np.float64 if np.asarray(v).dtype == np.float64
+                                 else np.float32) for k, v in vectors.items()}
+        for k, v in vectors.items():
+            if v.ndim != 2:
+                raise UserError(f"episode {len(self.episodes)}: {k} has shape {v.shape}, expected (T, dim)")
+        images = {c: np.asarray(v, dtype=np.uint8) for c, v in images.items()}
+        steps = len(vectors[STATE_KEY])
+        if steps == 0 or any(len(v) != steps for v in [*vectors.values(), *images.values()]):
+            raise UserError(f"episode {len(self.episodes)}: state, action and every camera need the "
+                            f"same, non-zero number of steps")
+        if self.features is None:
+            self._init_features(vectors, images)
+        else:
+            self._check_like_first(vectors, images)
+        ep = len(self.episodes)
+        task_index = self.tasks.setdefault(task, len(self.tasks))
+        ts = (np.arange(steps) / self.fps).astype(np.float32)
+        columns = {**vectors, "timestamp": ts,
+                   "frame_index": np.arange(steps, dtype=np.int64),
+                   "episode_index": np.full(steps, ep, dtype=np.int64),
+                   "index": np.arange(self.frames, self.frames + steps, dtype=np.int64),
+                   "task_index": np.full(steps, task_index, dtype=np.int64)}
+        if self.image_storage == "image":
+            for cam, frames in images.items():
+                columns[CAMERA_PREFIX + cam] = [{"bytes": _png(f), "path": None} for f in frames]
+        stats = {k: _stats(v) for k, v in vectors.items()}
+        for key in ("timestamp", "frame_index", "episode_index", "index", "task_index"):
+            stats[key] = _stats(np.asarray(columns[key]).reshape(-1, 1))
+        for cam, frames in images.items():
+            stats[CAMERA_PREFIX + cam] = _image_stats(frames)
+        record = {"episode_index": ep, "tasks": [task], "length": steps, MIRRORED_FIELD: bool(mirrored)}
+        if self.version == "v3.0":
+            record.update(self._append_v30(columns, images, steps))
+        else:
+            self._write_v21(ep, columns, images)
+        self.episodes.append(record)
+        self.episode_stats.append(stats)
+        self.frames += steps
+
+    def _table(self, columns: dict):
+        pa, _ = _pa()
+        arrays, names = [], []
+        for name, values in columns.items():
+            if name in (STATE_KEY, ACTION_KEY, VELOCITY_KEY):
+                flat = pa.array(np.ascontiguousarray(values).reshape(-1))
+                arrays.append(pa.FixedSizeListArray.from_arrays(flat, values.shape[1]))
+            elif name.startswith(CAMERA_PREFIX):
+                arrays.append(pa.array(values, type=pa.struct([("bytes", pa.binary()),
+                                                               ("path", pa.string())])))
+            else:
+                arrays.append(pa.array(values))
+            names.append(name)
+        return pa.Table.from_arrays(arrays, names=names)
+
+    def _write_v21(self, ep: int, columns: dict, images: dict[str, np.ndarray]) -> None:
+        _, pq = _pa()
+        chunk = ep // DEFAULT_CHUNK_SIZE
+        path = self.root / V21_DATA_PATH.format(episode_chunk=chunk, episode_index=ep)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(self._table(columns), path)
+        if self.image_storage == "video":
+            for cam, frames in images.items():
+                vpath = self.root / V21_VIDEO_PATH.format(episode_chunk=chunk,
+                                                          video_key=CAMERA_PREFIX + cam, episode_index=ep)
+                writer = VideoWriter(vpath, self.fps, *frames.shape[1:3])
+                try:
+                    writer.write(frames)
+                finally:
+                    writer.close()
+
+    @staticmethod
+    def _next(chunk: int, file: int) -> tuple[int, int]:
+        file += 1
+        return (chunk + 1, 0) if file >= DEFAULT_CHUNK_SIZE else (chunk, file)
+
+    def _append_v30(self, columns: dict, images: dict[str, np.ndarray], steps: int) -> dict:
+        _, pq = _pa()
+        table = self._table(columns)
+        if self._data is not None and self._data[3] + table.nbytes > DATA_FILE_MB * 2**20:
+            self._data[0].close()
+            self._data = [None, *self._next(self._data[1], self._data[2]), 0]
+        if self._data is None or self._data[0] is None:
+            chunk, file = (0, 0) if self._data is None else self._data[1:3]
+            path = self.root / V30_DATA_PATH.format(chunk_index=chunk, file_index=file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._data = [pq.ParquetWriter(path, table.schema), chunk, file, 0]
+        self._data[0].write_table(table)
+        self._data[3] += table.nbytes
+        record = {"data/chunk_index": self._data[1], "data/file_index": self._data[2],
+                  "dataset_from_index": self.frames, "dataset_to_index": self.frames + steps}
+        if self.image_storage == "video":
+            for cam, frames in images.items():
+                record.update(self._append_video(cam, frames))
+        record.update({"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
+        return record
+
+    def _append_video(self, cam: str, frames: np.ndarray) -> dict:
+        key = CAMERA_PREFIX + cam
+        state = self._videos.get(cam)
+        if state is not None and state[0].path.stat().st_size > VIDEO_FILE_MB * 2**20:
+            state[0].close()
+            state = [None, *self._next(state[1], state[2])]
+        if state is None or state[0] is None:
+            chunk, file = (0, 0) if state is None else state[1:3]
+            path = self.root / V30_VIDEO_PATH.format(video_key=key, chunk_index=chunk, file_index=file)
+            state = [VideoWriter(path, self.fps, *frames.shape[1:3]), chunk, file]
+            self._videos[cam] = state
+        writer = state[0]
+        start = writer.frames
+        writer.write(frames)
+        p = f"videos/{key}/"
+        return {p + "chunk_index": state[1], p + "file_index": state[2],
+                p + "from_timestamp": start / self.fps, p + "to_timestamp": writer.frames / self.fps}
+
+    # -- metadata ------------------------------------------------------------------------
+
+    def _close_files(self) -> None:
+        if self._data is not None and self._data[0] is not None:
+            self._data[0].close()
+            self._data[0] = None
+        for state in self._videos.values():
+            if state[0] is not None:
+                state[0].close()
+                state[0] = None
+
+    def _info(self) -> dict:
+        n = len(self.episodes)
+        has_video = self.image_storage == "video" and bool(self.cameras)
+        info = {"codebase_version": self.version, "robot_type": self.robot_type,
+                "total_episodes": n, "total_frames": self.frames, "total_tasks": len(self.tasks)}
+        if self.version == "v2.1":
+            info.update({"total_videos": n * len(self.cameras) if has_video else 0,
+                         "total_chunks": (n - 1) // DEFAULT_CHUNK_SIZE + 1 if n else 0,
+                         "chunks_size": DEFAULT_CHUNK_SIZE, "fps": self.fps,
+                         "splits": {"train": f"0:{n}"}, "data_path": V21_DATA_PATH,
+                         "video_path": V21_VIDEO_PATH if has_video else None})
+        else:
+            info.update({"chunks_size": DEFAULT_CHUNK_SIZE, "data_files_size_in_mb": DATA_FILE_MB,
+                         "video_files_size_in_mb": VIDEO_FILE_MB, "fps": self.fps,
+                         "splits": {"train": f"0:{n}"}, "data_path": V30_DATA_PATH,
+                         "video_path": V30_VIDEO_PATH if has_video else None})
+        info["features"] = self.features
+        return info
+
+    def close(self) -> None:
+        """Finish the files and write meta/ (info.json last: a dataset without it is unfinished)."""
+        self._close_files()
+        if not self.episodes:
+            raise UserError(f"{self.root}: no episodes were written")
+        meta = self.root / "meta"
+        meta.mkdir(exist_ok=True)
+        if self.version == "v2.1":
+            self._meta_v21(meta)
+        else:
+            self._meta_v30(meta)
+        (self.root / INFO_PATH).write_text(json.dumps(self._info(), indent=4) + "\n")
+
+    def _meta_v21(self, meta: Path) -> None:
+        def lines(rows: list[dict]) -> str:
+            return "".join(json.dumps(r) + "\n" for r in rows)
+
+        (meta / "episodes.jsonl").write_text(lines(self.episodes))
+        (meta / "tasks.jsonl").write_text(lines([{"task_index": i, "task": t} for t, i in self.tasks.items()]))
+        (meta / "episodes_stats.jsonl").write_text(lines(
+            [{"episode_index": i, "stats": s} for i, s in enumerate(self.episode_stats)]))
+
+    def _meta_v30(self, meta: Path) -> None:
+        pa, pq = _pa()
+        rows = []
+        for record, stats in zip(self.episodes, self.episode_stats, strict=True):
+            row = dict(record)
+            for feat, s in stats.items():
+                row.update({f"stats/{feat}/{k}": v for k, v in s.items()})
+            rows.append(row)
+        path = self.root / V30_EPISODES_PATH.format(chunk_index=0, file_index=0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        # tasks.parquet as pandas writes a DataFrame indexed by "task" (LeRobot reads it with
+        # pandas.read_parquet and looks tasks up by that index).
+        names = list(self.tasks)
+        table = pa.table({"task_index": pa.array([self.tasks[t] for t in names], pa.int64()),
+                          "task": pa.array(names, pa.string())})
+        pandas_meta = {"index_columns": ["task"], "column_indexes": [],
+                       "columns": [{"name": "task_index", "field_name": "task_index", "pandas_type": "int64",
+                                    "numpy_type": "int64", "metadata": None},
+                                   {"name": "task", "field_name": "task", "pandas_type": "unicode",
+                                    "numpy_type": "object", "metadata": None}],
+                       "creator": {"library": "pyarrow", "version": pa.__version__}, "pandas_version": "2.2.3"}
+        table = table.replace_schema_metadata({b"pandas": json.dumps(pandas_meta).encode()})
+        pq.write_table(table, meta / "tasks.parquet")
+        all_stats = {feat: _merge([s[feat] for s in self.episode_stats]) for feat in self.episode_stats[0]}
+        (meta / "stats.json").write_text(json.dumps(all_stats, indent=4) + "\n")
+
+
+__all__ = ["LeRobotWriter", "CODEC"]

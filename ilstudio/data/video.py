@@ -1,0 +1,159 @@
+"""mp4 frames by timestamp, and writing them, with PyAV (the ``lerobot`` extra).
+
+Why PyAV and not torchcodec: PyAV's wheel bundles its own FFmpeg (libx264, libdav1d for AV1,
+hevc), so ``pip install av`` is all it takes; torchcodec loads the *system* FFmpeg libraries
+(none are installed on our machines) and each release is built against one torch minor
+release, which ties the video decoder to the torch pin. Speed: see BENCHMARKS.md (data
+decoding); with LeRobot's keyframe interval (g=2) a random frame costs a seek and at most
+two decoded frames.
+
+Frame-exact rule (LeRobot's): the frame for timestamp ``ts`` is the decoded frame whose
+presentation time is within ``TOLERANCE_S`` of ``ts``; none within it is an error, never
+a neighbouring frame silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from ilstudio.errors import UserError
+
+TOLERANCE_S = 1e-4  # LeRobot's default tolerance_s
+# h264 at crf 18 with a keyframe every 2 frames (LeRobot's g=2: cheap random access).
+# yuv420p needs even sizes; odd-sized cameras are written as yuv444p.
+CODEC = "libx264"
+ENCODER_OPTIONS = {"g": "2", "crf": "18", "preset": "veryfast"}
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise UserError("reading or writing LeRobot videos needs PyAV: pip install 'ilstudio[lerobot]'") from None
+    return av
+
+
+def pix_fmt_for(height: int, width: int) -> str:
+    return "yuv420p" if height % 2 == 0 and width % 2 == 0 else "yuv444p"
+
+
+class VideoError(UserError):
+    """A video that is missing, truncated, or lacks a frame it should have."""
+
+
+def probe(path: Path) -> dict:
+    """Header facts (frames, width, height, codec, pix_fmt, fps, duration_s); VideoError if unreadable."""
+    av = _av()
+    if not path.is_file():
+        raise VideoError(f"{path}: video file is missing")
+    try:
+        with av.open(str(path)) as c:
+            if not c.streams.video:
+                raise VideoError(f"{path}: has no video stream")
+            s = c.streams.video[0]
+            duration = (float(s.duration * s.time_base) if s.duration is not None
+                        else (c.duration or 0) / 1e6)
+            return {"frames": int(s.frames), "width": s.width, "height": s.height,
+                    "codec": s.codec_context.name, "pix_fmt": s.pix_fmt,
+                    "fps": float(s.average_rate or s.base_rate or 0), "duration_s": duration}
+    except av.error.FFmpegError as e:
+        raise VideoError(f"{path}: cannot be opened as a video (truncated or corrupt?): {e}") from None
+
+
+class VideoReader:
+    """One open mp4; frames by presentation timestamp. Not fork-safe: open one per process."""
+
+    def __init__(self, path: Path) -> None:
+        av = _av()
+        self.path = path
+        if not path.is_file():
+            raise VideoError(f"{path}: video file is missing")
+        try:
+            self._container = av.open(str(path))
+            self._stream = self._container.streams.video[0]
+        except (av.error.FFmpegError, IndexError) as e:
+            raise VideoError(f"{path}: cannot be opened as a video (truncated or corrupt?): {e}") from None
+        self._stream.thread_type = "AUTO"
+        self._errors = av.error.FFmpegError
+
+    def close(self) -> None:
+        self._container.close()
+
+    def _decode_from(self, ts: float) -> Iterator[tuple[float, object]]:
+        """(time, frame) from the keyframe at or before ts onwards."""
+        s = self._stream
+        self._container.seek(max(0, int(ts / s.time_base) - 1), backward=True, any_frame=False,
+                             stream=s)
+        for frame in self._container.decode(s):
+            if frame.pts is not None:
+                yield float(frame.pts * s.time_base), frame
+
+    def frames_at(self, timestamps: Sequence[float]) -> np.ndarray:
+        """uint8 (n, H, W, 3): for each timestamp, the frame shown at that time (±1e-4 s)."""
+        ts = np.asarray(timestamps, dtype=np.float64)
+        if ts.size == 0:
+            raise ValueError("no timestamps")
+        order = np.argsort(ts, kind="stable")
+        out: list[np.ndarray | None] = [None] * len(ts)
+        k = 0  # next position in `order` to fill
+        last = float(ts[order[-1]])
+        seen: list[float] = []
+        try:
+            for t, frame in self._decode_from(float(ts[order[0]])):
+                seen.append(t)
+                while k < len(order) and t > ts[order[k]] + TOLERANCE_S:
+                    k += 1  # this query was skipped over: no frame matched it
+                if k < len(order) and abs(t - ts[order[k]]) <= TOLERANCE_S:
+                    img = frame.to_ndarray(format="rgb24")
+                    while k < len(order) and abs(t - ts[order[k]]) <= TOLERANCE_S:
+                        out[order[k]] = img
+                        k += 1
+                if t >= last - TOLERANCE_S and k >= len(order):
+                    break
+        except self._errors as e:
+            raise VideoError(f"{self.path}: decoding failed near {ts[order[0]]:.4f} s "
+                             f"(truncated or corrupt?): {e}") from None
+        missing = [float(ts[i]) for i in range(len(ts)) if out[i] is None]
+        if missing:
+            near = (f"decoded frames span {seen[0]:.4f}-{seen[-1]:.4f} s" if seen
+                    else "no frame could be decoded there")
+            raise VideoError(f"{self.path}: no frame at timestamp {missing[0]:.4f} s "
+                             f"({len(missing)} of {len(ts)} wanted are missing; {near}): the video "
+                             f"is shorter than its episode metadata says, or truncated")
+        return np.stack(out)
+
+
+class VideoWriter:
+    """Frames -> one mp4, frame n at time n/fps; several episodes may follow each other."""
+
+    def __init__(self, path: Path, fps: float, height: int, width: int) -> None:
+        av = _av()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.frames = path, 0
+        self.fps = Fraction(fps).limit_denominator(1001)
+        self._container = av.open(str(path), "w")
+        self._stream = self._container.add_stream(CODEC, rate=self.fps, options=dict(ENCODER_OPTIONS))
+        self._stream.width, self._stream.height = width, height
+        self._stream.pix_fmt = pix_fmt_for(height, width)
+        self._stream.codec_context.time_base = 1 / self.fps
+        self._frame_cls = av.VideoFrame
+
+    @property
+    def pix_fmt(self) -> str:
+        return self._stream.pix_fmt
+
+    def write(self, frames: np.ndarray) -> None:
+        for img in np.asarray(frames, dtype=np.uint8):
+            frame = self._frame_cls.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            frame.pts = self.frames
+            frame.time_base = self._stream.codec_context.time_base
+            self._container.mux(self._stream.encode(frame))
+            self.frames += 1
+
+    def close(self) -> None:
+        self._container.mux(self._stream.encode(None))
+        self._container.close()
