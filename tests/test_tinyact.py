@@ -96,6 +96,18 @@ def test_random_shift_moves_content_by_at_most_the_pad():
     assert all(4 <= v <= 8 for v in ys + xs) and len(set(zip(ys, xs))) > 1
 
 
+def test_saturation_keypoint_finds_the_coloured_object_untrained():
+    """The cube is the only coloured thing on a grey table between white arms: the saturation
+    keypoint points at it before any training (so the head can use it from step one)."""
+    model = build_tiny(**{"tinyact.saturation_keypoint": True, "tinyact.early_keypoints": 0})
+    xy = torch.tensor([[5, 5], [20, 14], [26, 4]])
+    images = dot_images(xy)[:, 0]
+    images[:, :, 10:14, :] = 0.95  # a white "arm" across the frame: no saturation
+    kp = model.encoder(images)[:, :2]
+    expected = (xy.float() + 0.5) / torch.tensor([HW[1] - 1, HW[0] - 1]) * 2 - 1
+    torch.testing.assert_close(kp, expected, atol=0.1, rtol=0)
+
+
 def test_shapes_loss_and_select_action():
     model = build_tiny()
     data = cube_task(4, 0)

@@ -43,6 +43,9 @@ class TinyACTConfig(PolicyConfig):
                                       "colour-saturation map (sharpness learned): where the most "
                                       "colourful thing in view is, from the first step of "
                                       "training.", documented=False)
+    input_norm: bool = param(False, "BatchNorm over the head's input features (keypoints, "
+                             "pooled features, state): small keypoint motions get unit scale.",
+                             documented=False)
     hidden_dim: int = param(512, "Width of the MLP head.", documented=False)
     num_layers: int = param(3, "Hidden layers of the MLP head.", documented=False)
     dropout: float = param(0.0, "Dropout between the head's hidden layers.", documented=False)

@@ -107,7 +107,9 @@ class TinyACTPolicy(nn.Module):
                                        config.early_keypoints, config.saturation_channel,
                                        config.saturation_keypoint)
         width = num_images * self.encoder.out_dim + ((state_dim + 1) if self.use_state else 0)
-        layers: list[nn.Module] = []
+        # Standardize every input feature over the batch: keypoints move over a small part of
+        # the frame (the cube's spans ~0.1 of [-1, 1]), state and pooled features have other scales.
+        layers: list[nn.Module] = [nn.BatchNorm1d(width)] if config.input_norm else []
         for _ in range(config.num_layers):
             layers += [nn.Linear(width, config.hidden_dim), nn.ReLU(), nn.Dropout(config.dropout)]
             width = config.hidden_dim
