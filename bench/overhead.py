@@ -3,9 +3,9 @@
 
 Trainer side: ``ilstudio.training.run.train`` exactly as train.py runs it (flags -> resolve ->
 datasets with ``dataset.preload_data = True`` -> policy -> PolicyTrainer). Plain side: a
-deep copy of the same initial model, batches pre-collated into tensors once (data in
-memory, no DataLoader), AdamW with the same hyperparameters, the same linear schedule and
-gradient clipping. Both run in the same process, interleaved step by step (see Capture), so
+deep copy of the same initial model, the Trainer's own training Dataset through a DataLoader
+built like train.py's (same collate, batch size, workers, random order), AdamW with the same
+hyperparameters, the same linear schedule and gradient clipping. Both run in the same process, interleaved step by step (see Capture), so
 contention on a shared machine hits both alike. Per run: median step time of each side;
 ratio = trainer steps/s / plain steps/s (goal >= 0.95); the table gives medians over runs.
 
@@ -50,19 +50,25 @@ def machine() -> str:
 
 
 class PlainLoop:
-    """The loop a user would write: batches pre-collated in memory, no DataLoader, no
-    callbacks, no logging; AdamW, linear schedule and clipping as the Trainer's."""
+    """The loop a user would write over train.py's own data: the same Dataset object, a
+    DataLoader with train.py's collate function, batch size, workers and random order; no
+    callbacks, no logging; AdamW, linear schedule and clipping as the Trainer's. The ratio
+    therefore measures the Trainer, not a different data path."""
 
     def __init__(self, model, dataset, args, total_steps: int) -> None:
         import torch
-        from transformers import default_data_collator
+        from torch.utils.data import DataLoader, RandomSampler
+
+        from ilstudio.data.batched import collate
 
         self.model = model
-        g = torch.Generator().manual_seed(0)
-        self.batches = []
-        for _ in range(8):
-            idx = torch.randint(len(dataset), (args.per_device_train_batch_size,), generator=g)
-            self.batches.append(default_data_collator([dataset[int(i)] for i in idx]))
+        self.loader = DataLoader(
+            dataset, batch_size=args.per_device_train_batch_size,
+            sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(0)),
+            collate_fn=collate, num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory, drop_last=args.dataloader_drop_last,
+            persistent_workers=args.dataloader_persistent_workers and args.dataloader_num_workers > 0)
+        self.batches = iter(self.loader)
         groups = getattr(model, "optimizer_param_groups", None)
         params = groups(args.learning_rate, args.weight_decay) if callable(groups) else None
         params = params or [p for p in model.parameters() if p.requires_grad]
@@ -77,7 +83,12 @@ class PlainLoop:
     def step(self) -> None:
         import torch
 
-        loss = self.model(**self.batches[self.n % len(self.batches)])["loss"]
+        try:
+            batch = next(self.batches)
+        except StopIteration:  # next epoch
+            self.batches = iter(self.loader)
+            batch = next(self.batches)
+        loss = self.model(**batch)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.opt.step()

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Start-up: wall time of `train.py --help`, `--dry_run`, and launch -> first optimizer step.
+"""Start-up: wall time of `train.py --help`, `--dry_run`, and launch -> first optimizer step,
+the last beside a plain PyTorch script doing the same first step.
 
 Each is a fresh process, repeated; the median is reported with min and max (the machine
 is shared, so spread is contention). The first-step time runs the real train.py entry
@@ -49,6 +50,30 @@ run_cli()
 """
 
 
+# The plain PyTorch script a user would write for the same first step: the same episodes
+# through the same Dataset, the same MLP, a DataLoader and AdamW; no flags, gin, or Trainer.
+PLAIN_FIRST_STEP = r"""
+import sys, time
+import torch
+from torch.utils.data import DataLoader
+from ilstudio.config.settings import DatasetSettings, ModelSettings, TaskSettings
+from ilstudio.data.dataset import build_datasets
+from ilstudio.policies import build_policy, policy_config_class
+
+task = TaskSettings(dataset_dir=sys.argv[1], camera_names=("top",), episode_len=50)
+dataset, model_settings = DatasetSettings(), ModelSettings()
+train_ds = build_datasets(task, dataset, model_settings.chunk_size, False, 42)[0]
+torch.manual_seed(42)
+model = build_policy("mlp", policy_config=policy_config_class("mlp")(hidden_dim=256, num_layers=3),
+                     task=task, dataset=dataset, model=model_settings, use_images=True)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+batch = next(iter(DataLoader(train_ds, batch_size=8, shuffle=True)))
+model(**batch)["loss"].backward()
+opt.step()
+print(f"FIRST_STEP_AT {time.time():.6f}", flush=True)
+"""
+
+
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e.update(OMP_NUM_THREADS=e.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1",
@@ -65,9 +90,9 @@ def wall(cmd: list[str], ok=(0,)) -> float:
     return dt
 
 
-def first_step(args: list[str]) -> float:
+def first_step(args: list[str], script: str = FIRST_STEP) -> float:
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-c", FIRST_STEP, *args], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO,
                           capture_output=True, text=True, env=env())
     for line in proc.stdout.splitlines():
         if line.startswith("FIRST_STEP_AT "):
@@ -107,15 +132,26 @@ def main() -> None:
         dry = [*run, f"--output_dir={tmp}/dry", "--dry_run"]
         dry_t = [wall([sys.executable, train, *dry]) for _ in range(a.repeats)]
         rows.append(("train.py --dry_run", summary(dry_t), "< 3 s", heavy_imports([train, *dry])))
-        n = max(1, a.repeats // 2)
-        fs = [first_step([*run, f"--output_dir={tmp}/run{i}", "--report_to=none"]) for i in range(n)]
-        rows.append(("launch -> first optimizer step (default MLP run, tiny data)", summary(fs),
-                     "-", ["torch", "transformers", "..."]))
+        # train.py and the plain script alternate (A B A B ...), so a load change hits both;
+        # the ratio is taken per pair, then the median.
+        fs, plain = [], []
+        for i in range(a.repeats):
+            fs.append(first_step([*run, f"--output_dir={tmp}/run{i}", "--report_to=none"]))
+            plain.append(first_step([str(data)], PLAIN_FIRST_STEP))
+        ratios = [x / y for x, y in zip(fs, plain, strict=True)]
+        first_heavy = heavy_imports(["-c", FIRST_STEP, *run, f"--output_dir={tmp}/imports",
+                                     "--report_to=none"])
+        rows.append(("launch -> first optimizer step: train.py (default MLP, tiny data)", summary(fs),
+                     "-", first_heavy))
+        rows.append(("launch -> first optimizer step: plain PyTorch script (same Dataset, MLP)",
+                     summary(plain), "-", heavy_imports(["-c", PLAIN_FIRST_STEP, str(data)])))
     print()
     print("| command | wall time (median) | goal | heavy libraries imported |")
     print("|---|---|---|---|")
     for name, t, goal, heavy in rows:
         print(f"| {name} | {t} | {goal} | {', '.join(heavy) or 'none'} |")
+    print(f"\nfirst step, train.py / plain script: median ratio {statistics.median(ratios):.2f} "
+          f"(pairs: {' '.join(f'{r:.2f}' for r in ratios)}; goal <= 1.2)")
 
 
 if __name__ == "__main__":

@@ -107,15 +107,16 @@ def check_frame_size(task, sim) -> str | None:
     Runs trained before sim.* was part of the config fall back to its defaults; the episodes
     themselves still tell the size the policy saw.
     """
-    import h5py
+    from ilstudio.data.episodes import open_episode
+    from ilstudio.data.sources import list_episodes
 
-    try:
-        first = sorted(Path(task.dataset_dir).glob("*.hdf5"))[:1]
-        if not first or not task.camera_names:
+    try:  # the first episode of task.dataset_dir, HDF5 or LeRobot
+        first = list_episodes(task.dataset_dir)[:1] if task.camera_names else []
+        if not first:
             return None
-        with h5py.File(first[0], "r") as f:
+        with open_episode(first[0]) as f:
             shape = f[f"observations/images/{task.camera_names[0]}"].shape[1:3]
-    except (OSError, KeyError):
+    except (OSError, KeyError, UserError):
         return None
     if tuple(shape) != (sim.render_height, sim.render_width):
         return (f"warning: {first[0]} frames are {shape[0]}x{shape[1]} but the run's sim.render_height/"
@@ -159,19 +160,6 @@ def load_policy(built: dict, weights: Path, device: str):
     return model, use_images, dev
 
 
-class _OnDevice:
-    """Moves select_action's inputs to the policy's device."""
-
-    def __init__(self, policy, device) -> None:
-        self.policy, self.device = policy, device
-
-    def select_action(self, qpos, images=None):
-        qpos = qpos.to(self.device)
-        if images is None:
-            return self.policy.select_action(qpos)
-        return self.policy.select_action(qpos, images.to(self.device))
-
-
 # -- running ------------------------------------------------------------------------------------
 
 
@@ -212,14 +200,10 @@ def evaluate(args: argparse.Namespace) -> dict:
         warning = check_frame_size(task, sim)
         if warning:
             print(warning, file=sys.stderr)
-        query_every = args.query_every or chunk
-        if not 1 <= query_every <= chunk:
-            raise UserError(f"--query_every={query_every}: must be between 1 and the chunk size {chunk}")
-        agent = rollout.PolicyAgent(
-            _OnDevice(model, device), stats, cameras=tuple(task.camera_names), use_images=use_images,
-            image_size=built["dataset"].image_size, image_aspect_ratio=built["dataset"].image_aspect_ratio,
-            history=built["dataset"].history_images_length, query_every=query_every,
-            temporal_ensemble=args.temporal_ensemble)
+        agent = rollout.policy_agent(model, stats, task, built["dataset"], chunk, device=device,
+                                     use_images=use_images, query_every=args.query_every,
+                                     temporal_ensemble=args.temporal_ensemble)
+        query_every = agent.query_every
         out = Path(args.output_dir) if args.output_dir else weights.parent
         info.update(checkpoint=str(weights.parent), model_policy=built["model"].policy,
                     chunk_size=chunk, query_every=1 if args.temporal_ensemble else query_every,

@@ -43,6 +43,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 NON_LORA_TRAINABLES = "non_lora_trainables.safetensors"
 # What ``python -m ilstudio.eval`` writes.
 EVAL_RESULTS = "eval_results.json"
+# In-training evaluation (--eval_every_steps, ilstudio/training/sim_eval.py).
+BEST_DIR = "best"  # the weights with the highest success rate so far (a checkpoint's files)
+BEST_RECORD = "best.json"  # inside best/: the step and the scores that put it there
+LEARNING_CURVE = "learning_curve.png"
 
 CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR: checkpoint-<step>
 # Checkpoints are written here, then renamed to checkpoint-N in one step: a directory named

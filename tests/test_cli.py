@@ -27,7 +27,7 @@ def assert_user_error(proc, *needles: str) -> None:
     (["--task_name=sim_transfer_cube_scriptd"], ["did you mean `sim_transfer_cube_scripted`"]),
     (["--gin_file=nope.gin"], ["gin file `nope.gin` not found"]),
     ([f"--training_config={FIXTURES / 'yaml' / 'foreign_keys.yaml'}"], ["9 unknown key(s)", "trainer_flavour"]),
-    (["--warmup_ratio=1.5"], ["--warmup_ratio=1.5: expected a ratio in [0, 1)"]),
+    (["--warmup_ratio=1.5"], ["--warmup_ratio: 1.5 is out of range; allowed: [0, 1)"]),
     (["--resume_from_checkpoint=/no/such/ckpt"], ["not a checkpoint directory"]),
     (["extra_positional"], ["unexpected positional arguments"]),
 ])

@@ -70,7 +70,48 @@ def nan_action(d: Path) -> str:
     return "episode_1.hdf5: /action has 1 non-finite value(s) (NaN or inf), first at step 7, column 3"
 
 
-FAULTS = [truncate, garbage, missing_action, missing_camera, empty_dir, short_action, nan_action]
+def _replace(path: Path, key: str, values: np.ndarray) -> None:
+    with h5py.File(path, "r+") as f:
+        del f[key]
+        f[key] = values
+
+
+def complex_qpos(d: Path) -> str:
+    """The imaginary part used to vanish silently in the float conversion."""
+    with h5py.File(d / "episode_0.hdf5", "r") as f:
+        q = f["observations/qpos"][()]
+    _replace(d / "episode_0.hdf5", "observations/qpos", q.astype(np.complex64) + 1j)
+    return "episode_0.hdf5: /observations/qpos has dtype complex64, which does not convert exactly"
+
+
+def string_action(d: Path) -> str:
+    _replace(d / "episode_1.hdf5", "action", np.full((30, 14), b"0.5", dtype="S3"))
+    return "episode_1.hdf5: /action has dtype |S3, which does not convert exactly"
+
+
+def huge_int_action(d: Path) -> str:
+    """int64 beyond 2**24 would be rounded by the float32 conversion."""
+    a = np.zeros((30, 14), dtype=np.int64)
+    a[4, 2] = 2**24 + 1
+    _replace(d / "episode_2.hdf5", "action", a)
+    return "episode_2.hdf5: /action holds integer 16777217 at step 4, column 2"
+
+
+def float64_beyond_float32(d: Path) -> str:
+    with h5py.File(d / "episode_1.hdf5", "r") as f:
+        q = f["observations/qpos"][()].astype(np.float64)
+    q[3, 0] = 1e300
+    _replace(d / "episode_1.hdf5", "observations/qpos", q)
+    return "first at step 3, column 0 (1e+300 is beyond float32's range)"
+
+
+def zero_size_frames(d: Path) -> str:
+    _replace(d / "episode_0.hdf5", "observations/images/top", np.zeros((30, 0, 0, 3), np.uint8))
+    return "episode_0.hdf5: /observations/images/top has shape (30, 0, 0, 3): frames of 0x0"
+
+
+FAULTS = [truncate, garbage, missing_action, missing_camera, empty_dir, short_action, nan_action,
+          complex_qpos, string_action, huge_int_action, float64_beyond_float32, zero_size_frames]
 
 
 def dry_run_in_process(data: Path, out: Path, *extra: str) -> str:
@@ -151,3 +192,36 @@ def test_corrupt_frame_mid_training_stops_with_the_file_name_and_no_checkpoint(t
     assert "episode_0.hdf5: cannot be read as HDF5 (truncated or corrupt?)" in r.stderr
     assert not list(out.glob("checkpoint-*")) and not (out / "model.safetensors").exists()
     shutil.rmtree(out, ignore_errors=True)
+
+
+def test_small_integer_episodes_are_exact_and_accepted(data, tmp_path):
+    """Integer data within float32's exact range is fine (the dtype rule refuses only losses)."""
+    from ilstudio.config.resolve import resolve_argv
+    from ilstudio.training.run import validate_data
+
+    _replace(data / "episode_0.hdf5", "action", np.arange(30 * 14, dtype=np.int32).reshape(30, 14))
+    assert validate_data(resolve_argv(tiny_args(data, tmp_path / "out"))) == [30, 30, 30]
+
+
+def test_skipped_entries_are_warned_and_counted_in_data_summary(data, tmp_path):
+    """Dangling and looping episode symlinks (and a directory named *.hdf5) are skipped with a
+    warning naming each, and counted in the run's data_summary.json."""
+    import json
+    import os
+
+    os.symlink(tmp_path / "nowhere.hdf5", data / "episode_7.hdf5")
+    os.symlink(data / "episode_9.hdf5", data / "episode_8.hdf5")
+    os.symlink(data / "episode_8.hdf5", data / "episode_9.hdf5")
+    (data / "episode_10.hdf5").mkdir()
+    out = tmp_path / "out"
+    dry = run_train(*tiny_args(data, out, "--dry_run"), timeout=120)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    for name, why in (("episode_7.hdf5", "dangling symlink"), ("episode_8.hdf5", "symlink loop"),
+                      ("episode_9.hdf5", "symlink loop"), ("episode_10.hdf5", "not a regular file")):
+        assert f"{name}: skipped, not an episode file: {why}" in dry.stderr, dry.stderr[-2000:]
+    r = run_train(*tiny_args(data, out, "--max_steps=1", "--save_strategy=no"), timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "data_summary.json").read_text())
+    assert summary["episodes_found"] == 3 and summary["entries_skipped"] == 4
+    assert summary["entries_skipped_why"]["episode_7.hdf5"].startswith("dangling symlink")
+    assert summary["entries_skipped_why"]["episode_8.hdf5"] == "symlink loop"

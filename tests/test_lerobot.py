@@ -345,3 +345,16 @@ def test_hub_repo_id_offline_fails_fast(tmp_path):
     assert "'nobody/not-a-cached-dataset' is not a local directory" in r.stderr
     assert "HF_HUB_OFFLINE=1" in r.stderr
     assert time.monotonic() - start < 30  # no network retries (a fresh process takes a few s)
+
+
+def test_dataloader_worker_decodes_after_the_parent_did(datasets):
+    """A forked worker opens its own video readers (the parent's are keyed by its pid)."""
+    import torch
+
+    refs = list_episodes(str(datasets["v3.0"]))
+    ds = EpisodeDataset(refs, task_for(datasets["v3.0"], ("top",)), DatasetSettings(), 2, compute_stats(refs))
+    in_parent = [ds[i]["images"] for i in (3, 40, 70)]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, [3, 40, 70]), batch_size=3,
+                                         num_workers=1, multiprocessing_context="fork")
+    (batch,) = list(loader)
+    assert torch.equal(batch["images"], torch.stack(in_parent))

@@ -17,23 +17,30 @@ from typing import Any
 
 import gin
 
-from ilstudio.errors import UserError
+from ilstudio.config.bounds import INT64, Bounds
+from ilstudio.config.bounds import check as check_bounds
+from ilstudio.config.bounds import parse as parse_bounds
+from ilstudio.errors import UserError, shown
 
 # Every configurable with declared parameters, by its gin name, in declaration order.
 CONFIGURABLES: dict[str, type] = {}
 
 
 def param(default: Any, doc: str, *, yaml: str | None = None, choices: tuple | None = None,
-          documented: bool = True) -> Any:
+          documented: bool = True, bounds: str | None = None, length: int | None = None) -> Any:
     """Declare one stable parameter.
 
     yaml: the key the older YAML files use (defaults to the field name, if ``documented``).
     documented: the seed README lists it (so the YAML adapter accepts it); False for
         parameters that only exist here and are set through gin.
+    bounds: the allowed values of a number (of every element, for a tuple) in interval
+        notation, e.g. "[0, 1)" (see ilstudio/config/bounds.py). Every numeric parameter has one.
+    length: the number of elements a tuple must have (e.g. 2 for an (H, W) size).
     """
     return dataclasses.field(
         default=default,
-        metadata={"doc": doc, "yaml": yaml, "choices": choices, "documented": documented},
+        metadata={"doc": doc, "yaml": yaml, "choices": choices, "documented": documented,
+                  "bounds": parse_bounds(bounds), "length": length},
     )
 
 
@@ -64,6 +71,8 @@ class ParamInfo:
     doc: str
     yaml_key: str | None
     choices: tuple | None
+    bounds: Bounds | None = None
+    length: int | None = None
 
     @property
     def gin_key(self) -> str:
@@ -77,7 +86,7 @@ def params_of(cls: type) -> list[ParamInfo]:
         md = f.metadata
         yaml_key = (md.get("yaml") or f.name) if md.get("documented", True) else None
         out.append(ParamInfo(cls.gin_name, f.name, hints[f.name], f.default, md.get("doc", ""),
-                             yaml_key, md.get("choices")))
+                             yaml_key, md.get("choices"), md.get("bounds"), md.get("length")))
     return out
 
 
@@ -128,7 +137,7 @@ def convert(value: Any, tp: Any, where: str) -> Any:
         elif isinstance(value, (list, tuple)):
             items = list(value)
         else:
-            raise UserError(f"{where}: expected a list of {type_name(elem)}, got {value!r}")
+            raise UserError(f"{where}: expected a list of {type_name(elem)}, got {shown(value)}")
         return tuple(convert(v, elem, where) for v in items)
     if tp is bool:
         if isinstance(value, bool):
@@ -137,23 +146,28 @@ def convert(value: Any, tp: Any, where: str) -> Any:
             return value.strip().lower() in _TRUE
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise UserError(f"{where}: expected true or false, got {value!r}")
+        raise UserError(f"{where}: expected true or false, got {shown(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise UserError(f"{where}: expected an integer, got {value!r}")
+            raise UserError(f"{where}: expected an integer, got {shown(value)}")
+        out = None
         if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
+            out = value
+        elif isinstance(value, float) and value.is_integer():
+            out = int(value)
+        elif isinstance(value, str) and len(value) <= 40:
             try:
-                return int(value.strip())
+                out = int(value.strip())
             except ValueError:
                 pass
-        raise UserError(f"{where}: expected an integer, got {value!r}")
+        if out is None:
+            raise UserError(f"{where}: expected an integer, got {shown(value)}")
+        if not -INT64 <= out < INT64:  # beyond what torch/numpy hold: an overflow deep inside
+            raise UserError(f"{where}: {shown(out)} does not fit a 64-bit integer")
+        return out
     if tp is float:
         if isinstance(value, bool):
-            raise UserError(f"{where}: expected a number, got {value!r}")
+            raise UserError(f"{where}: expected a number, got {shown(value)}")
         out = None
         if isinstance(value, (int, float)):
             try:
@@ -168,8 +182,8 @@ def convert(value: Any, tp: Any, where: str) -> Any:
         if out is not None and math.isfinite(out):
             return out
         if out is not None:  # NaN/inf would reach the optimizer as a silent NaN loss
-            raise UserError(f"{where}: expected a finite number, got {value!r}")
-        raise UserError(f"{where}: expected a number, got {value!r}")
+            raise UserError(f"{where}: expected a finite number, got {shown(value)}")
+        raise UserError(f"{where}: expected a number, got {shown(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
@@ -177,15 +191,19 @@ def convert(value: Any, tp: Any, where: str) -> Any:
             return ",".join(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise UserError(f"{where}: expected a string, got {value!r}")
+        raise UserError(f"{where}: expected a string, got {shown(value)}")
     return value
 
 
 def check_value(info: ParamInfo, value: Any, where: str) -> Any:
-    """Convert and check against declared choices."""
+    """Convert and check against the declared choices, bounds and length."""
     out = convert(value, info.type, where)
     if info.choices is not None and out is not None and out not in info.choices:
-        raise UserError(f"{where}: expected one of {', '.join(map(repr, info.choices))}, got {out!r}")
+        raise UserError(f"{where}: expected one of {', '.join(map(repr, info.choices))}, "
+                        f"got {shown(out)}")
+    check_bounds(out, info.bounds, where)
+    if info.length is not None and out is not None and len(out) != info.length:
+        raise UserError(f"{where}: expected {info.length} elements, got {shown(out)}")
     return out
 
 
@@ -203,4 +221,4 @@ def validate_instance(obj: Any, source_of) -> None:
             # a typo that would otherwise reach torch as a string.
             if not (isinstance(value, int) and not isinstance(value, bool) and info.type is float):
                 if not (isinstance(value, list) and isinstance(checked, tuple)):
-                    raise UserError(f"{where}: expected {type_name(info.type)}, got {value!r}")
+                    raise UserError(f"{where}: expected {type_name(info.type)}, got {shown(value)}")

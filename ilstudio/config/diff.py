@@ -23,7 +23,7 @@ from typing import Any
 
 from gin import config_parser
 
-from ilstudio.errors import UserError
+from ilstudio.errors import UserError, read_user_text
 from ilstudio.rundir import FLAGFILE, OPERATIVE, RESUME_CHANGES
 
 NOT_SET = "(not set)"
@@ -123,7 +123,7 @@ def parse_gin_text(text: str, label: str, search: list[Path] | None = None,
             if inc is None:
                 raise UserError(f"{label}:{st.location.line_num}: include `{st.filename}` not found")
             if inc not in _seen:
-                out.update(parse_gin_text(inc.read_text(), str(inc), search, _seen | {inc}))
+                out.update(parse_gin_text(read_user_text(inc, "gin include"), str(inc), search, _seen | {inc}))
     return out
 
 
@@ -168,16 +168,16 @@ def load(path: str | Path) -> Config:
             raise UserError(f"{p}: not a run directory (no {OPERATIVE} or {FLAGFILE})")
         cfg = Config(str(p))
         if op.is_file():
-            cfg.gin = parse_gin_text(op.read_text(), str(op), [p])
+            cfg.gin = parse_gin_text(read_user_text(op, "gin file"), str(op), [p])
         if ff.is_file():
-            cfg.flags = parse_flag_lines(ff.read_text())
+            cfg.flags = parse_flag_lines(read_user_text(ff, "flagfile"))
             if cfg.flags.get("gin_file", "").endswith("/config.gin"):
                 cfg.flags.pop("gin_file")  # the run's own config.gin: differs for every run
         return cfg
     if not p.is_file():
         raise UserError(f"{p}: no such run directory or file")
     if p.suffix == ".gin":
-        return with_defaults(Config(str(p), gin=parse_gin_text(p.read_text(), str(p), [p.parent])))
+        return with_defaults(Config(str(p), gin=parse_gin_text(read_user_text(p, "gin file"), str(p), [p.parent])))
     if p.suffix in (".yaml", ".yml"):
         from ilstudio.config.yaml_adapter import load_training_config
 

@@ -27,7 +27,9 @@ def stable_table() -> str:
         for p in params_of(CONFIGURABLES[name]):
             if p.yaml_key is None:
                 continue
-            rows.append(f"| `{p.yaml_key}` | `{p.gin_key}` | {type_name(p.type)} | `{p.default!r}` | "
+            allowed = f" in `{p.bounds.text}`" if p.bounds else ""
+            rows.append(f"| `{p.yaml_key}` | `{p.gin_key}` | {type_name(p.type)}{allowed} | "
+                        f"`{p.default!r}` | "
                         f"{_cell(p.doc)} |")
     return "\n".join(rows)
 
@@ -35,7 +37,9 @@ def stable_table() -> str:
 def hyper_table() -> str:
     rows = ["| flag (= YAML key) | type | default | meaning |", "|---|---|---|---|"]
     for h in HYPERPARAMS:
-        rows.append(f"| `--{h.name}` | {h.type.__name__} | `{h.default!r}` | {_cell(h.doc)} |")
+        allowed = f" in `{h.bounds}`" if h.bounds else ""
+        rows.append(f"| `--{h.name}` | {h.type.__name__}{allowed} | `{h.default!r}` | "
+                    f"{_cell(h.doc)} |")
     return "\n".join(rows)
 
 

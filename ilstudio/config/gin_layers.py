@@ -18,7 +18,7 @@ from absl import logging
 from gin import config_parser
 
 from ilstudio.config.hyperparams import HYPER_BY_NAME
-from ilstudio.errors import UserError, closest
+from ilstudio.errors import UserError, closest, read_user_text
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -143,7 +143,7 @@ class GinLayers:
             elif isinstance(st, config_parser.IncludeStatement):
                 inc = self.search.find(st.filename)
                 if inc is not None:
-                    out.extend(self._scan(inc.read_text(), str(inc), str(inc)))
+                    out.extend(self._scan(read_user_text(inc, "gin include"), str(inc), str(inc)))
         return out
 
     @staticmethod
@@ -174,8 +174,9 @@ class GinLayers:
         if path is None:
             raise UserError(f"{role}: gin file `{name}` not found (looked in: "
                             f"{', '.join(str(d) for d in self.search.dirs)})")
+        text = read_user_text(path, "gin file")
         self.files.append(path)
-        self._apply(lambda: gin.parse_config_file(str(path)), path.read_text(), str(path), str(path))
+        self._apply(lambda: gin.parse_config_file(str(path)), text, str(path), str(path))
         return path
 
     def add_binding_text(self, text: str, label: str) -> None:

@@ -9,9 +9,14 @@ import: ``train.py --help`` reads it without torch or transformers.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from absl import flags
+
+from ilstudio.config.bounds import INT64, Bounds
+from ilstudio.config.bounds import check as check_bounds
+from ilstudio.errors import UserError, shown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,65 +30,136 @@ class Hyper:
     seed_documented: bool = True
     # Passed straight to TrainingArguments under the same name.
     to_training_args: bool = True
+    # Allowed values of a number, in interval notation (ilstudio/config/bounds.py); every
+    # numeric hyperparameter has one. None (unset) is always allowed where the default is None.
+    bounds: str | None = None
+
+    @property
+    def allowed(self) -> Bounds | None:
+        return _parsed_bounds(self.bounds)
+
+    def check(self, value: Any, where: str) -> None:
+        """Finite, within 64 bits, within the declared bounds (flags, YAML and the seed API)."""
+        if value is None:
+            return
+        if self.type is float and not math.isfinite(value):  # absl's float flags accept nan/inf
+            raise UserError(f"{where}: {value} is not a finite number; allowed: {self.bounds}")
+        if self.type is int and not -INT64 <= value < INT64:
+            raise UserError(f"{where}: {shown(value)} does not fit a 64-bit integer; "
+                            f"allowed: {self.bounds}")
+        check_bounds(value, self.allowed, where)
 
 
 _STRATEGIES = ("no", "steps", "epoch")
+_PARSED: dict[str, Bounds] = {}
+
+
+def _parsed_bounds(text: str | None) -> Bounds | None:
+    if text is None:
+        return None
+    if text not in _PARSED:
+        _PARSED[text] = Bounds.parse(text)
+    return _PARSED[text]
+
 
 HYPERPARAMS: tuple[Hyper, ...] = (
     Hyper("output_dir", str, None, "Where checkpoints, the final model and config dumps go "
           "(default: runs/<task_name>)."),
-    Hyper("num_train_epochs", float, 3.0, "Epochs to train (ignored when --max_steps > 0)."),
-    Hyper("max_steps", int, -1, "Total optimizer steps; -1 trains for --num_train_epochs."),
-    Hyper("per_device_train_batch_size", int, 8, "Training batch size per device (per process)."),
-    Hyper("per_device_eval_batch_size", int, 8, "Evaluation batch size per device."),
-    Hyper("learning_rate", float, 1e-4, "Peak learning rate of the optimizer."),
-    Hyper("weight_decay", float, 0.0, "AdamW weight decay."),
+    Hyper("num_train_epochs", float, 3.0, "Epochs to train (ignored when --max_steps > 0).",
+          bounds="(0, 1e6]"),
+    Hyper("max_steps", int, -1, "Total optimizer steps; -1 trains for --num_train_epochs.",
+          bounds="-1 or [1, inf)"),
+    Hyper("per_device_train_batch_size", int, 8, "Training batch size per device (per process).",
+          bounds="[1, inf)"),
+    Hyper("per_device_eval_batch_size", int, 8, "Evaluation batch size per device.",
+          bounds="[1, inf)"),
+    Hyper("learning_rate", float, 1e-4, "Peak learning rate of the optimizer.", bounds="[0, inf)"),
+    Hyper("weight_decay", float, 0.0, "AdamW weight decay.", bounds="[0, inf)"),
     Hyper("warmup_steps", float, 0.0, "Linear warmup steps (an integer), or a ratio of total steps "
-          "if in [0, 1). Takes precedence over --warmup_ratio."),
+          "if in [0, 1). Takes precedence over --warmup_ratio.", bounds="[0, inf)"),
     Hyper("warmup_ratio", float, 0.0, "Warmup as a ratio of total steps. transformers 5 removed "
           "this field: it is passed as TrainingArguments.warmup_steps=<ratio>, its v5 equivalent.",
-          to_training_args=False),
+          to_training_args=False, bounds="[0, 1)"),
     Hyper("lr_scheduler_type", str, "linear", "Learning-rate schedule (linear, cosine, constant, "
           "constant_with_warmup, ...)."),
     Hyper("optim", str, "adamw_torch", "Optimizer name as TrainingArguments.optim understands it."),
-    Hyper("adam_beta1", float, 0.9, "AdamW beta1."),
-    Hyper("adam_beta2", float, 0.999, "AdamW beta2."),
-    Hyper("adam_epsilon", float, 1e-8, "AdamW epsilon."),
+    Hyper("adam_beta1", float, 0.9, "AdamW beta1.", bounds="[0, 1)"),
+    Hyper("adam_beta2", float, 0.999, "AdamW beta2.", bounds="[0, 1)"),
+    Hyper("adam_epsilon", float, 1e-8, "AdamW epsilon (0 would divide 0 by 0 for a parameter "
+          "with no gradient yet).", bounds="(0, inf)"),
     Hyper("logging_dir", str, None, "TensorBoard directory (default: <output_dir>/runs). "
           "transformers 5 removed this field: it is passed as the TENSORBOARD_LOGGING_DIR "
           "environment variable.", to_training_args=False),
     Hyper("logging_strategy", str, "steps", "When to log: no, steps or epoch.", _STRATEGIES),
-    Hyper("logging_steps", float, 50, "Log every N steps (or a ratio of total steps if < 1)."),
+    Hyper("logging_steps", float, 50, "Log every N steps (or a ratio of total steps if < 1).",
+          bounds="(0, inf)"),
     Hyper("report_to", str, "none", "Comma list of integrations to report to (tensorboard, "
           "wandb, ...), 'all' or 'none'."),
     Hyper("save_strategy", str, "steps", "When to save checkpoints: no, steps or epoch.", _STRATEGIES),
-    Hyper("save_steps", float, 500, "Save a checkpoint every N steps."),
-    Hyper("save_total_limit", int, None, "Keep at most this many checkpoints (oldest deleted)."),
+    Hyper("save_steps", float, 500, "Save a checkpoint every N steps (or a ratio of total steps "
+          "if < 1).", bounds="(0, inf)"),
+    Hyper("save_total_limit", int, None, "Keep at most this many checkpoints (oldest deleted).",
+          bounds="[1, inf)"),
     Hyper("resume_from_checkpoint", str, "false", "true: resume from the newest checkpoint-N in "
           "output_dir if there is one, else start fresh; false: start fresh; or a checkpoint path.",
           to_training_args=False),
-    Hyper("dataloader_num_workers", int, 0, "DataLoader worker processes."),
+    Hyper("dataloader_num_workers", int, 0, "DataLoader worker processes.", bounds="[0, inf)"),
     Hyper("dataloader_pin_memory", bool, True, "Pin host memory in the DataLoader."),
     Hyper("remove_unused_columns", bool, False, "Drop batch keys the model's forward does not "
           "name. Default false (TrainingArguments says true): policies take their inputs by name."),
     Hyper("do_eval", bool, False, "Hold out episodes and evaluate on them (sets --eval_strategy "
           "to steps unless given)."),
-    Hyper("eval_steps", float, None, "Evaluate every N steps (default: --logging_steps)."),
-    Hyper("seed", int, 42, "Random seed for model init, data order and dropout."),
+    Hyper("eval_steps", float, None, "Evaluate every N steps (default: --logging_steps).",
+          bounds="(0, inf)"),
+    Hyper("seed", int, 42, "Random seed for model init, data order and dropout.",
+          bounds="[0, 4294967295]"),
     # Promised by the older system's users and never delivered there.
     Hyper("gradient_accumulation_steps", int, 1, "Batches accumulated per optimizer step.",
-          seed_documented=False),
-    Hyper("max_grad_norm", float, 1.0, "Gradient clipping norm (0 disables).", seed_documented=False),
+          seed_documented=False, bounds="[1, inf)"),
+    Hyper("max_grad_norm", float, 1.0, "Gradient clipping norm (0 disables).", seed_documented=False,
+          bounds="[0, inf)"),
     Hyper("bf16", bool, False, "bfloat16 mixed precision.", seed_documented=False),
     Hyper("fp16", bool, False, "float16 mixed precision (CUDA).", seed_documented=False),
     Hyper("gradient_checkpointing", bool, False, "Trade compute for memory in the backbone.",
           seed_documented=False),
     Hyper("deepspeed", str, None, "Path to a DeepSpeed JSON config.", seed_documented=False),
+    Hyper("eval_every_steps", int, 0, "Roll the policy out in the task's simulator every N "
+          "optimizer steps and at the last one (0: never): success rate and mean return are "
+          "logged, <output_dir>/best/ keeps the weights with the highest success rate, "
+          "learning_curve.png is redrawn. Tasks without a simulator skip it with a message.",
+          seed_documented=False, to_training_args=False, bounds="[0, inf)"),
+    Hyper("eval_episodes", int, 10, "Episodes per --eval_every_steps evaluation (evaluation "
+          "seed 1; `python -m ilstudio.eval` reports on seed 0's episodes).",
+          seed_documented=False, to_training_args=False, bounds="[1, inf)"),
     Hyper("eval_strategy", str, None, "When to evaluate: no, steps or epoch (default: steps if "
           "--do_eval else no).", _STRATEGIES, seed_documented=False),
 )
 
 HYPER_BY_NAME = {h.name: h for h in HYPERPARAMS}
+
+# TrainingArguments fields the run sets itself, from a flag: passing one through
+# --training_arg (or as a pass-through YAML key) would bypass that flag's checks (the
+# output_dir guard, resume) or silently beat its value while flags.txt records the flag's.
+OWNED_BY_FLAG = {
+    **{h.name: h.name for h in HYPERPARAMS},
+    "overwrite_output_dir": "overwrite_output_dir",
+    "activation_checkpointing": "gradient_checkpointing",  # transformers 5's name for it
+    "evaluation_strategy": "eval_strategy",  # transformers' old name
+    "local_rank": None,  # set by the launcher (torchrun / accelerate), never by hand
+}
+
+
+def owned_field_message(name: str, where: str, yaml_key: bool = False) -> str | None:
+    """Why a TrainingArguments field may not be set directly (None if it may)."""
+    if name not in OWNED_BY_FLAG:
+        return None
+    flag = OWNED_BY_FLAG[name]
+    if flag is None:
+        return (f"{where}: `{name}` is set by the launcher (torchrun / accelerate launch), "
+                f"not by a setting")
+    use = f"the `{flag}` key" if yaml_key and flag in HYPER_BY_NAME else f"--{flag}"
+    return (f"{where}: `{name}` is set by the run from --{flag}, which checks and records it; "
+            f"use {use} instead")
 
 _DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float,
            bool: flags.DEFINE_bool}
@@ -94,10 +170,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     if "learning_rate" in flag_values:
         return
     for h in HYPERPARAMS:
+        doc = f"{h.doc} Allowed: {h.bounds}." if h.bounds else h.doc
         if h.choices and h.type is str:
-            flags.DEFINE_enum(h.name, h.default, list(h.choices), h.doc, flag_values=flag_values)
+            flags.DEFINE_enum(h.name, h.default, list(h.choices), doc, flag_values=flag_values)
         else:
-            _DEFINE[h.type](h.name, h.default, h.doc, flag_values=flag_values)
+            _DEFINE[h.type](h.name, h.default, doc, flag_values=flag_values)
     flags.DEFINE_string("task_name", "sim_transfer_cube_scripted",
                         "Task: gin_configs/tasks/<task_name>.gin binds its data and dims.",
                         flag_values=flag_values)

@@ -10,22 +10,21 @@ Nothing here imports torch: ``--dry_run`` and ``--explain`` stay fast.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from pathlib import Path
 from typing import Any
 
 import gin
-import yaml
 from absl import flags, logging
 
 from ilstudio.config import settings as S
 from ilstudio.config.declare import validate_instance
 from ilstudio.config.gin_layers import GinLayers, SearchPath
-from ilstudio.config.hyperparams import HYPERPARAMS
+from ilstudio.config.hyperparams import HYPERPARAMS, owned_field_message
 from ilstudio.config.yaml_adapter import (
     TrainingConfig,
     convert_training_arg,
+    load_bounded_yaml,
     load_training_config,
     training_args_fields,
 )
@@ -60,11 +59,23 @@ class Resolved:
         return self.hyper["output_dir"]
 
 
-def find_task_file(search: SearchPath, task_name: str) -> str:
+# A task name names a file in gin_configs/tasks/; it is never a path. A task file is gin (code):
+# a name that could climb out of the task folders ("../../x/evil") would let a YAML file, which
+# is data, choose a gin file to execute.
+_TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def find_task_file(search: SearchPath, task_name: str, source: str = "flag --task_name") -> str:
+    known = sorted({p.stem for d in search.dirs for p in (d / "gin_configs/tasks").glob("*.gin")})
+    task_name = str(task_name)
+    where = (f"--task_name={task_name:.100}" if source.startswith("flag") else
+             f"task_name: {task_name:.100} (from {source})")
+    if not _TASK_NAME.fullmatch(task_name) or ".." in task_name:
+        raise UserError(f"{where}: a task is a name (letters, digits, _ . -), not a path"
+                        f"{did_you_mean(task_name, known)}. Known tasks: {', '.join(known) or 'none'}")
     rel = f"gin_configs/tasks/{task_name}.gin"
     if search.find(rel) is None:
-        known = sorted({p.stem for d in search.dirs for p in (d / "gin_configs/tasks").glob("*.gin")})
-        raise UserError(f"--task_name={task_name}: no {rel}{did_you_mean(task_name, known)}. "
+        raise UserError(f"{where}: no {rel}{did_you_mean(task_name, known)}. "
                         f"Known tasks: {', '.join(known) or 'none'}")
     return rel
 
@@ -83,30 +94,35 @@ def _resolve_hyper(fv: flags.FlagValues, yaml_cfg: TrainingConfig | None
             values[name], sources[name] = yaml_cfg.hyper[name], yaml_cfg.source[name]
         else:
             values[name], sources[name] = fv[name].value, "default"
+    if values["output_dir"] is not None and not str(values["output_dir"]).strip():
+        raise UserError(f"--output_dir is empty (from {sources['output_dir']}): name the run's "
+                        f"directory, or leave it out for runs/<task_name>")
     if values["output_dir"] is None:
         values["output_dir"] = str(Path("runs") / values["task_name"])
         sources["output_dir"] = "default (runs/<task_name>)"
-    for h in HYPERPARAMS:  # absl's float flags accept nan/inf; no hyperparameter means them
-        v = values[h.name]
-        if h.type is float and v is not None and not math.isfinite(v):
-            raise UserError(f"--{h.name}={v} (from {sources[h.name]}): expected a finite number")
+    for h in HYPERPARAMS:
+        source = sources[h.name]
+        where = f"--{h.name}" if source.startswith("flag") else f"{h.name} (from {source})"
+        h.check(values[h.name], where)
     return values, sources
+
+
 
 
 def _parse_training_arg_flags(entries: list[str], extra: dict[str, Any], sources: dict[str, str]) -> None:
     for entry in entries:
         name, sep, raw = entry.partition("=")
         name = name.strip()
-        where = f"--training_arg={entry}"
+        where = f"--training_arg={entry if len(entry) <= 80 else entry[:77] + '...'}"
         if not sep:
             raise UserError(f"{where}: expected name=value")
+        owned = owned_field_message(name, where)
+        if owned:
+            raise UserError(owned)
         if name not in training_args_fields():
             raise UserError(f"{where}: `{name}` is not a TrainingArguments field"
                             f"{did_you_mean(name, training_args_fields())}")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
+        value = load_bounded_yaml(raw, where, invalid_as_text=True)[1]
         extra[name] = convert_training_arg(name, value, where)
         sources[name] = "flag --training_arg"
 
@@ -189,7 +205,7 @@ def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
 
     search = SearchPath(fv.gin_search_paths)
     layers = GinLayers(search)
-    task_file = find_task_file(search, hyper["task_name"])
+    task_file = find_task_file(search, hyper["task_name"], hyper_source["task_name"])
     layers.add_file(task_file, f"--task_name={hyper['task_name']}")
     for name in fv.gin_file:
         layers.add_file(name, "--gin_file")

@@ -20,13 +20,16 @@ class TaskSettings:
         "v3.0: it holds meta/info.json) or hub dataset repo id; or a list of these, trained on "
         "together.", documented=False)
     state_dim: int = param(14, "Length of /observations/qpos (LeRobot: observation.state) per step; "
-                           "unbound, a LeRobot dataset's info.json gives it.", documented=False)
+                           "unbound, a LeRobot dataset's info.json gives it.", documented=False,
+                           bounds="[1, inf)")
     action_dim: int = param(14, "Length of /action per step; unbound, a LeRobot dataset's "
-                            "info.json gives it.", documented=False)
+                            "info.json gives it.", documented=False,
+                            bounds="[1, inf)")
     camera_names: tuple[str, ...] = param((), "Cameras under /observations/images (LeRobot: "
                                           "observation.images.<name>; unbound: all of them).",
                                           documented=False)
-    episode_len: int = param(400, "Steps per episode (also the evaluation horizon).", documented=False)
+    episode_len: int = param(400, "Steps per episode (also the evaluation horizon).",
+                            documented=False, bounds="[1, inf)")
 
 
 @configurable("dataset", group="Data processing")
@@ -48,12 +51,14 @@ class DatasetSettings:
     image_aspect_ratio: str = param("pad", "How frames are fitted to the model input: 'pad' "
                                     "(letterbox) or 'resize' (stretch).", choices=("pad", "resize"))
     skip_mirrored_data: bool = param(False, "Leave out episodes marked as mirrored.")
-    history_images_length: int = param(1, "Frames per camera the policy sees, current included.")
+    history_images_length: int = param(1, "Frames per camera the policy sees, current included.",
+                                        bounds="[1, inf)")
     val_fraction: float = param(0.1, "Share of episodes held out for evaluation when --do_eval.",
-                                documented=False)
+                                documented=False, bounds="[0, 1)")
     image_size: tuple[int, ...] | None = param(
         None, "(H, W) the frames are fitted to (by image_aspect_ratio) before the policy sees "
-        "them; None keeps frames as recorded.", documented=False)
+        "them; None keeps frames as recorded.", documented=False, bounds="[1, inf)",
+        length=2)
 
 
 @configurable("model", group="Model architecture")
@@ -61,19 +66,22 @@ class ModelSettings:
     """Which policy to build and how."""
 
     policy: str = param("mlp", "The policy to build (see ilstudio/policies).", documented=False)
-    chunk_size: int = param(20, "Actions predicted per step (action chunk length).", documented=False)
+    chunk_size: int = param(20, "Actions predicted per step (action chunk length).", documented=False,
+                           bounds="[1, inf)")
     model_name_or_path: str = param("", "The backbone to build from: a local directory (or hub id "
                                     "where a network exists).")
     is_pretrained: bool = param(False, "True: load backbone weights from model_name_or_path; "
                                 "false: build from its config with random weights.")
     using_ema: bool = param(False, "Keep an EMA of the trainable weights; checkpoints carry the EMA weights.")
     ema_decay: float = param(0.999, "EMA decay per optimizer step (warmed up as "
-                             "min(decay, (1+n)/(10+n)) over the first steps).", documented=False)
+                             "min(decay, (1+n)/(10+n)) over the first steps).", documented=False,
+                             bounds="[0, 1)")
     flash_attn: bool = param(False, "Use FlashAttention-2 in the backbone (CUDA + flash-attn only).")
     freeze_vision_tower: bool = param(False, "The vision encoder's weights do not change.")
     freeze_backbone: bool = param(False, "The language/visual backbone's weights do not change.")
     tune_mm_mlp_adapter: bool = param(False, "Train only the multimodal projector.")
-    llm_loss_weight: float = param(0.0, "Weight of the language-modelling loss added to the action loss.")
+    llm_loss_weight: float = param(0.0, "Weight of the language-modelling loss added to the action loss.",
+                                  bounds="[0, inf)")
     load_pretrain: str | None = param(None, "Initialise the whole policy from a previous ilstudio "
                                       "run directory before training.")
     cache_dir: str | None = param(None, "Where Hugging Face files are cached and looked up.")
@@ -87,15 +95,16 @@ class LoraSettings:
     module: str = param("llm", "Parts that get adapters: comma list of llm, vit, projector, "
                         "action_head, or module-name patterns.", yaml="lora_module")
     task_type: str = param("CAUSAL_LM", "peft task type.", yaml="lora_task_type")
-    r: int = param(64, "LoRA rank (peft LoraConfig.r).", yaml="lora_r")
-    alpha: int = param(256, "peft LoraConfig.lora_alpha.", yaml="lora_alpha")
-    dropout: float = param(0.05, "peft LoraConfig.lora_dropout.", yaml="lora_dropout")
+    r: int = param(64, "LoRA rank (peft LoraConfig.r).", yaml="lora_r", bounds="[1, inf)")
+    alpha: int = param(256, "peft LoraConfig.lora_alpha.", yaml="lora_alpha", bounds="[1, inf)")
+    dropout: float = param(0.05, "peft LoraConfig.lora_dropout.", yaml="lora_dropout",
+                           bounds="[0, 1)")
     bias: str = param("none", "peft LoraConfig.bias.", yaml="lora_bias",
                       choices=("none", "all", "lora_only"))
     weight_path: str | None = param(None, "Existing adapter weights to continue from.",
                                     yaml="lora_weight_path")
     lr: float | None = param(None, "Learning rate of the LoRA parameters (own parameter group); "
-                             "None uses --learning_rate.", yaml="lora_lr")
+                             "None uses --learning_rate.", yaml="lora_lr", bounds="[0, inf)")
 
 
 @configurable("quantization", group="Quantization")

@@ -201,6 +201,7 @@ def create_training_arguments(path: str | os.PathLike, hyper_args: Any = None):
     for h in HYPERPARAMS:
         given = getattr(hyper_args, h.name, h.default) if hyper_args is not None else h.default
         hyper[h.name] = given if given != h.default else cfg.hyper.get(h.name, h.default)
+        h.check(hyper[h.name], f"{h.name} ({'HyperArguments' if given != h.default else path})")
     if hyper["output_dir"] is None:
         hyper["output_dir"] = str(Path("runs") / str(cfg.hyper.get("task_name", "default")))
     return build_training_arguments(hyper, cfg.training_args)

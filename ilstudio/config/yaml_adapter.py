@@ -17,8 +17,8 @@ import yaml
 
 from ilstudio.config import settings as _settings  # noqa: F401  (registers the configurables)
 from ilstudio.config.declare import ParamInfo, all_params, check_value, convert
-from ilstudio.config.hyperparams import HYPER_BY_NAME, Hyper
-from ilstudio.errors import UserError, closest
+from ilstudio.config.hyperparams import HYPER_BY_NAME, Hyper, owned_field_message
+from ilstudio.errors import UserError, closest, read_user_text, shown
 
 # Keys transformers renamed; real files still carry the old name.
 RENAMED_KEYS = {"evaluation_strategy": "eval_strategy"}
@@ -95,25 +95,71 @@ def convert_hyper(h: Hyper, value: Any, where: str) -> Any:
         return "true" if value else "false"
     out = convert(value, h.type, where) if value is not None else None
     if h.choices and out is not None and out not in h.choices:
-        raise UserError(f"{where}: expected one of {', '.join(h.choices)}, got {out!r}")
+        raise UserError(f"{where}: expected one of {', '.join(h.choices)}, got {shown(out)}")
+    h.check(out, where)
     return out
+
+
+# A training config is a flat mapping of small values. Anything bigger is refused before it is
+# constructed: an alias bomb ("billion laughs") composes to a few nodes but expands to
+# hundreds of millions of values, which any later repr or conversion would walk.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 10_000
+
+
+def _expanded_size(node: yaml.Node, where: str, memo: dict[int, int], active: set[int]) -> int:
+    """Values the node stands for once every alias is expanded (memoised: linear in nodes)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        raise UserError(f"{where}: a YAML alias refers to itself (line "
+                        f"{node.start_mark.line + 1}); a training config holds no recursive values")
+    active.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_expanded_size(n, where, memo, active) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(_expanded_size(k, where, memo, active) + _expanded_size(v, where, memo, active)
+                     for k, v in node.value)
+    active.discard(key)
+    memo[key] = total
+    if total > MAX_YAML_VALUES:
+        raise UserError(f"{where}: YAML value at line {node.start_mark.line + 1} expands to more "
+                        f"than {MAX_YAML_VALUES} values (aliases included); a training config "
+                        f"holds small values")
+    return total
+
+
+def load_bounded_yaml(text: str, where: str, invalid_as_text: bool = False
+                      ) -> tuple[yaml.Node | None, Any]:
+    """(composed node, value) of a YAML text with the safe loader, its expanded size bounded.
+
+    Every YAML the configuration reads goes through here (--training_config files and
+    --training_arg values): Python tags are refused by the safe loader, and size by us.
+    invalid_as_text: text that is not valid YAML is returned as the string itself (a
+    --training_arg value such as a path with a colon); too large is still an error.
+    """
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _expanded_size(node, where, {}, set())
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        if invalid_as_text:
+            return None, text
+        raise UserError(f"{where}: not valid YAML: {e}") from None
+    except (ValueError, OverflowError, RecursionError) as e:  # e.g. a 5000-digit integer
+        raise UserError(f"{where}: YAML value cannot be read: {e}") from None
+    return node, data
 
 
 def _read_mapping(path: Path) -> list[tuple[str, int, Any]]:
     """(key, line, value) for each top-level key; duplicate keys are an error, not 'last wins'."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"--training_config: {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--training_config: cannot read {path}: {e}") from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
-    except (ValueError, OverflowError, RecursionError) as e:  # e.g. a 5000-digit integer
-        raise UserError(f"{path}: YAML value cannot be read: {e}") from None
+    if not path.exists():
+        raise UserError(f"--training_config: {path} does not exist")
+    text = read_user_text(path, "training config", max_bytes=MAX_YAML_BYTES)
+    node, data = load_bounded_yaml(text, str(path))
     if data is None:
         return []
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
@@ -151,13 +197,29 @@ def load_training_config(path: str | Path, unknown_keys: str = "error") -> Train
     path = Path(path)
     cfg = TrainingConfig(path=str(path))
     unknown = []
+    targets: dict[str, tuple[str, int, Any]] = {}  # what a key sets -> (the key, line, value)
     for key, line, value in _read_mapping(path):
         key = str(key)
         where = f"{path}:{line}: {key}"
+        given = key
         if key in RENAMED_KEYS:
             new = RENAMED_KEYS[key]
             cfg.warnings.append(f"{where}: `{key}` was renamed `{new}` in transformers; read as `{new}`")
             key = new
+        target = stable_keys()[key].gin_key if key in stable_keys() else key
+        if target in targets:
+            # Two spellings of one parameter (eval_strategy / evaluation_strategy): with two
+            # values neither may silently win. Real files written across the rename carry
+            # both with one value; that is only worth a warning.
+            other, other_line, other_value = targets[target]
+            if other_value != value or type(other_value) is not type(value):
+                raise UserError(f"{path}:{line}: `{given}` sets the same parameter as `{other}` "
+                                f"(line {other_line}) to a different value ({shown(value)} vs "
+                                f"{shown(other_value)}); give it once")
+            cfg.warnings.append(f"{path}:{line}: `{given}` repeats `{other}` (line {other_line}) "
+                                f"with the same value; give it once")
+            continue
+        targets[target] = (given, line, value)
         if key in stable_keys():
             info = stable_keys()[key]
             cfg.stable[info.gin_key] = check_value(info, value, where)
@@ -167,6 +229,9 @@ def load_training_config(path: str | Path, unknown_keys: str = "error") -> Train
             cfg.hyper[key] = convert_hyper(h, value, where)
             cfg.source[key] = f"YAML {path}:{line} ({key})"
         elif key in training_args_fields():
+            owned = owned_field_message(key, where, yaml_key=True)
+            if owned:
+                raise UserError(owned)
             cfg.training_args[key] = convert_training_arg(key, value, where)
             cfg.source[key] = f"YAML {path}:{line} ({key})"
         else:

@@ -18,7 +18,10 @@ both, so the dataset layer above reads either format through the same keys.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import stat
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +29,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from absl import logging
 
 from ilstudio.config.settings import TaskSettings
 from ilstudio.errors import UserError
@@ -40,19 +44,47 @@ def _natural_key(path: Path) -> list:
     return [int(p) if p.isdigit() else p.lower() for p in re.split(r"(\d+)", path.name)]
 
 
-def list_episode_files(dataset_dir: str | Path) -> list[Path]:
-    """The episode_*.hdf5 (any *.hdf5) files of a directory, in natural order."""
+def _why_not_a_file(p: Path) -> str | None:
+    """Why a *.hdf5 entry is not an episode file (None if it is a readable regular file)."""
+    try:
+        st = os.stat(p)  # follows symlinks
+    except FileNotFoundError:
+        return f"dangling symlink (-> {os.readlink(p)})" if p.is_symlink() else "vanished"
+    except OSError as e:
+        return "symlink loop" if e.errno == errno.ELOOP else f"cannot be read ({e.strerror})"
+    return None if stat.S_ISREG(st.st_mode) else "not a regular file"
+
+
+def scan_episode_files(dataset_dir: str | Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """(episode files in natural order, [(name, why) for each *.hdf5 entry that was skipped]).
+
+    Skipped entries (a dangling or looping symlink, a directory named *.hdf5) are warned about
+    here and counted in the run's data_summary.json: never dropped without a word.
+    """
     d = Path(dataset_dir).expanduser()
     if not str(dataset_dir):
         raise UserError("task.dataset_dir is empty: set it to a directory of episode_*.hdf5 files")
     if not d.is_dir():
         raise UserError(f"dataset directory {d} does not exist (expected a directory of "
                         "episode_*.hdf5 files in the ACT layout)")
-    files = sorted((p for p in d.glob("*.hdf5") if p.is_file()), key=_natural_key)
+    files, skipped = [], []
+    for p in sorted(d.glob("*.hdf5"), key=_natural_key):
+        why = _why_not_a_file(p)
+        if why is None:
+            files.append(p)
+        else:
+            skipped.append((p.name, why))
+            logging.warning("%s: skipped, not an episode file: %s", p, why)
     if not files:
-        raise UserError(f"dataset directory {d} has no *.hdf5 files (expected episode_*.hdf5 "
-                        "files in the ACT layout)")
-    return files
+        found = f" ({len(skipped)} *.hdf5 entries skipped: see the warnings)" if skipped else ""
+        raise UserError(f"dataset directory {d} has no *.hdf5 files{found} (expected "
+                        "episode_*.hdf5 files in the ACT layout)")
+    return files, skipped
+
+
+def list_episode_files(dataset_dir: str | Path) -> list[Path]:
+    """The episode_*.hdf5 (any *.hdf5) files of a directory, in natural order."""
+    return scan_episode_files(dataset_dir)[0]
 
 
 @contextmanager
@@ -100,9 +132,45 @@ def _check_2d(ds: h5py.Dataset, key: str, dim: int, dim_name: str, name: str) ->
         raise UserError(f"{name}: /{key} has shape {ds.shape}, expected (T, {dim})")
     if ds.shape[1] != dim:
         raise UserError(f"{name}: /{key} has {ds.shape[1]} columns, task.{dim_name} is {dim}")
-    if not np.issubdtype(ds.dtype, np.number):
-        raise UserError(f"{name}: /{key} has dtype {ds.dtype}, expected a numeric type")
+    if ds.dtype.kind not in "biuf":
+        raise UserError(f"{name}: /{key} has dtype {ds.dtype}, which does not convert exactly to "
+                        f"the float32 the policy trains on (expected a real integer or float type)")
     return ds.shape[0]
+
+
+# float32 holds every integer up to 2**24 exactly; beyond, values would be silently rounded.
+_FLOAT32_EXACT_INT = 2**24
+
+
+def check_exact_values(where: str, values: np.ndarray) -> None:
+    """A (T, dim) array of state/action values converts to the float32 the policy trains on
+    exactly (integers up to 2**24) or at least finitely (floats), and is finite.
+
+    Anything else (complex numbers losing their imaginary part, strings, integers rounded,
+    float64 beyond float32's range becoming inf) would change the data silently, or surface
+    mid-training as a NaN loss. ``where`` names the file and key. Every data format's episode
+    check calls this.
+    """
+    values = np.asarray(values)
+    if values.dtype.kind not in "biuf":
+        raise UserError(f"{where} has dtype {values.dtype}, which does not convert exactly to "
+                        f"the float32 the policy trains on (expected a real integer or float type)")
+    if values.dtype.kind in "iu" and values.size:
+        big = np.abs(values.astype(np.float64)) > _FLOAT32_EXACT_INT
+        if big.any():
+            t, col = (int(x) for x in np.argwhere(big)[0])
+            raise UserError(f"{where} holds integer {values[t, col]} at step {t}, column {col}: "
+                            f"beyond 2**24 it does not convert exactly to float32; store the "
+                            f"values as floats")
+        return
+    with np.errstate(over="ignore"):
+        bad = ~np.isfinite(values.astype(np.float32))
+    if bad.any():
+        t, col = (int(x) for x in np.argwhere(bad)[0])
+        why = (f" ({values[t, col]} is beyond float32's range)" if np.isfinite(values[t, col])
+               else "")
+        raise UserError(f"{where} has {int(bad.sum())} non-finite value(s) (NaN or inf), first "
+                        f"at step {t}, column {col}{why}; fix or remove the episode")
 
 
 def _check_images(f: h5py.File, cameras: Sequence[str], steps: int, name: str,
@@ -118,6 +186,9 @@ def _check_images(f: h5py.File, cameras: Sequence[str], steps: int, name: str,
         key = f"{IMAGES_KEY}/{cam}"
         if ds.ndim != 4 or ds.shape[3] != 3:
             raise UserError(f"{name}: /{key} has shape {ds.shape}, expected (T, H, W, 3)")
+        if min(ds.shape[1:3]) < 1:
+            raise UserError(f"{name}: /{key} has shape {ds.shape}: frames of {ds.shape[1]}x"
+                            f"{ds.shape[2]} pixels hold no image (expected (T, H, W, 3), H, W >= 1)")
         if ds.dtype != np.uint8:
             raise UserError(f"{name}: /{key} has dtype {ds.dtype}, expected uint8")
         if ds.shape[0] != steps:
@@ -145,12 +216,7 @@ def check_one(path: Path, task: TaskSettings, need_images: bool,
         if steps == 0:
             raise UserError(f"{name}: episode has 0 steps")
         for key, ds in ((QPOS_KEY, qpos), (ACTION_KEY, action)):
-            # Small arrays, read in full: NaN/inf here would surface mid-training as a NaN loss.
-            bad = ~np.isfinite(np.asarray(ds[()], dtype=np.float64))
-            if bad.any():
-                t, col = (int(x) for x in np.argwhere(bad)[0])
-                raise UserError(f"{name}: /{key} has {int(bad.sum())} non-finite value(s) (NaN or "
-                                f"inf), first at step {t}, column {col}; fix or remove the episode")
+            check_exact_values(f"{name}: /{key}", ds[()])
         if need_images:
             _check_images(f, task.camera_names, steps, name,
                           {} if frame_shapes is None else frame_shapes)

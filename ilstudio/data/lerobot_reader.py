@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ilstudio.data.episodes import ACTION_KEY, IMAGES_KEY, QPOS_KEY
+from ilstudio.data.episodes import ACTION_KEY, IMAGES_KEY, QPOS_KEY, check_exact_values
 from ilstudio.data.lerobot_format import (
     ACTION_KEY as LR_ACTION,
 )
@@ -42,7 +42,7 @@ from ilstudio.data.lerobot_format import (
     LeRobotInfo,
     load_info,
 )
-from ilstudio.data.video import VideoError, VideoReader, probe
+from ilstudio.data.video import VideoError, probe, shared_reader
 from ilstudio.errors import UserError
 
 QVEL_KEY = "observations/qvel"
@@ -311,7 +311,6 @@ class LeRobotSource:
         self.attrs: dict[str, Any] = {MIRRORED_FIELD: meta.mirrored, "fps": data.info.fps}
         if task:  # absent, not empty: language falls back on vla.instruction as for HDF5
             self.attrs[INSTRUCTION_ATTR] = task
-        self._readers: dict[str, VideoReader] = {}
 
     def __enter__(self) -> LeRobotSource:
         return self
@@ -320,9 +319,7 @@ class LeRobotSource:
         self.close()
 
     def close(self) -> None:
-        for r in self._readers.values():
-            r.close()
-        self._readers.clear()
+        """Nothing to release: video readers are shared per file and process (video.shared_reader)."""
 
     def get(self, key: str, default: Any = None) -> Any:
         try:
@@ -347,9 +344,7 @@ class LeRobotSource:
         if feature.get("dtype") == "image":
             return self._png_frames(camera, indices)
         span = meta.videos[camera]
-        reader = self._readers.get(camera)
-        if reader is None:
-            reader = self._readers[camera] = VideoReader(data.root / span.path)
+        reader = shared_reader(data.root / span.path)
         return reader.frames_at(span.from_timestamp + self.timestamps[indices])
 
     def _png_frames(self, camera: str, indices: np.ndarray) -> np.ndarray:
@@ -378,8 +373,18 @@ class LeRobotSource:
 # -- validation ------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=256)
 def _probe(path: Path) -> dict:
+    """Video header facts, read once per file version (a v3.0 file serves many episodes)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return probe(path)  # raises the named error
+    return _probe_cached(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _probe_cached(path: Path, mtime_ns: int, size: int) -> dict:
+    del mtime_ns, size  # cache keys only
     return probe(path)
 
 
@@ -401,16 +406,12 @@ def check_episode(ref: LeRobotEpisode, task: Any, need_images: bool,
         if steps == 0:
             raise UserError(f"{where}: episode has 0 steps")
         for key, name in ((QPOS_KEY, STATE_KEY), (ACTION_KEY, LR_ACTION)):
-            arr = np.asarray(src[key], dtype=np.float64)
+            arr = np.asarray(src[key])
             dim = info.state_dim if key == QPOS_KEY else info.action_dim
             if arr.ndim != 2 or arr.shape[1] != dim:
                 raise UserError(f"{data.root / meta.data_file}: '{name}' of episode {meta.index} "
                                 f"has shape {arr.shape}, info.json says ({steps}, {dim})")
-            bad = ~np.isfinite(arr)
-            if bad.any():
-                t, col = (int(x) for x in np.argwhere(bad)[0])
-                raise UserError(f"{where}: '{name}' has {int(bad.sum())} non-finite value(s), "
-                                f"first at step {t}, column {col}")
+            check_exact_values(f"{where}: '{name}'", arr)
         if need_images:
             _check_cameras(ref, task.camera_names, src.timestamps, frame_shapes)
     return steps

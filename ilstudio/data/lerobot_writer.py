@@ -73,6 +73,16 @@ def _merge(stats: list[dict[str, list]]) -> dict[str, list]:
             "mean": total_mean.tolist(), "std": np.sqrt(var).tolist(), "count": [int(counts.sum())]}
 
 
+def _hf_feature(ft: dict) -> dict:
+    """A LeRobot feature as Hugging Face ``datasets`` describes it in parquet metadata."""
+    if ft["dtype"] == "image":
+        return {"_type": "Image"}
+    value = {"dtype": ft["dtype"], "_type": "Value"}
+    if list(ft["shape"]) == [1]:
+        return value
+    return {"feature": value, "length": int(ft["shape"][0]), "_type": "Sequence"}
+
+
 def _png(frame: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -225,7 +235,10 @@ class LeRobotWriter:
             else:
                 arrays.append(pa.array(values))
             names.append(name)
-        return pa.Table.from_arrays(arrays, names=names)
+        table = pa.Table.from_arrays(arrays, names=names)
+        # The schema note `datasets` writes (and reads back as features), as LeRobot's files carry.
+        return table.replace_schema_metadata({b"huggingface": json.dumps(
+            {"info": {"features": {n: _hf_feature(self.features[n]) for n in names}}}).encode()})
 
     def _write_v21(self, ep: int, columns: dict, images: dict[str, np.ndarray]) -> None:
         _, pq = _pa()

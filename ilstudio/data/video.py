@@ -14,6 +14,9 @@ a neighbouring frame silently.
 
 from __future__ import annotations
 
+import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -79,9 +82,11 @@ class VideoReader:
             raise VideoError(f"{path}: cannot be opened as a video (truncated or corrupt?): {e}") from None
         self._stream.thread_type = "AUTO"
         self._errors = av.error.FFmpegError
+        self._lock = threading.Lock()  # one decoder state: threads (preload) take turns
 
     def close(self) -> None:
-        self._container.close()
+        with self._lock:
+            self._container.close()
 
     def _decode_from(self, ts: float) -> Iterator[tuple[float, object]]:
         """(time, frame) from the keyframe at or before ts onwards."""
@@ -94,6 +99,10 @@ class VideoReader:
 
     def frames_at(self, timestamps: Sequence[float]) -> np.ndarray:
         """uint8 (n, H, W, 3): for each timestamp, the frame shown at that time (±1e-4 s)."""
+        with self._lock:
+            return self._frames_at(timestamps)
+
+    def _frames_at(self, timestamps: Sequence[float]) -> np.ndarray:
         ts = np.asarray(timestamps, dtype=np.float64)
         if ts.size == 0:
             raise ValueError("no timestamps")
@@ -125,6 +134,29 @@ class VideoReader:
                              f"({len(missing)} of {len(ts)} wanted are missing; {near}): the video "
                              f"is shorter than its episode metadata says, or truncated")
         return np.stack(out)
+
+
+MAX_OPEN_VIDEOS = 64  # per process: a v3.0 file serves many episodes; fds stay bounded
+_OPEN: OrderedDict[tuple[int, str], VideoReader] = OrderedDict()
+_OPEN_LOCK = threading.Lock()
+
+
+def shared_reader(path: Path) -> VideoReader:
+    """This process's open reader of path (least recently used ones are closed past 64).
+
+    Keyed by pid: a DataLoader worker forked from a process with open readers opens its own.
+    """
+    key = (os.getpid(), str(path))
+    with _OPEN_LOCK:
+        reader = _OPEN.get(key)
+        if reader is None:
+            reader = _OPEN[key] = VideoReader(path)
+        _OPEN.move_to_end(key)
+        while len(_OPEN) > MAX_OPEN_VIDEOS:
+            (pid, _), old = _OPEN.popitem(last=False)
+            if pid == key[0]:  # another process's (inherited) reader is only forgotten
+                old.close()
+    return reader
 
 
 class VideoWriter:

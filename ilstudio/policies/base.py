@@ -93,9 +93,6 @@ class PolicyConfig:
                 weights_file(model.load_pretrain)
             except UserError as e:
                 problems.append(f"{e} (set in {source_of('model.load_pretrain')})")
-        if model.using_ema and not 0.0 <= model.ema_decay < 1.0:
-            problems.append(f"model.ema_decay = {model.ema_decay!r} (set in "
-                            f"{source_of('model.ema_decay')}) must be in [0, 1)")
         return problems
 
     def image_inputs(self, task, dataset) -> bool:

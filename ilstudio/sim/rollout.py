@@ -153,6 +153,39 @@ class PolicyAgent(Agent):
         return self.chunk[t - self.chunk_start]
 
 
+class OnDevice:
+    """Moves select_action's inputs to the policy's device."""
+
+    def __init__(self, policy, device) -> None:
+        self.policy, self.device = policy, device
+
+    def select_action(self, qpos, images=None):
+        qpos = qpos.to(self.device)
+        if images is None:
+            return self.policy.select_action(qpos)
+        return self.policy.select_action(qpos, images.to(self.device))
+
+
+def policy_agent(policy, stats, task, dataset, chunk_size: int, *, device, use_images: bool,
+                 query_every: int | None = None, temporal_ensemble: bool = False) -> PolicyAgent:
+    """The agent that rolls a trained policy out, fed exactly like its training data.
+
+    One construction for ``python -m ilstudio.eval`` and the in-training evaluation
+    (ilstudio/training/sim_eval.py), so both measure the same thing. query_every: steps each
+    chunk runs (default: the whole chunk); ignored with temporal ensembling (every step).
+    """
+    from ilstudio.errors import UserError
+
+    query_every = query_every or chunk_size
+    if not 1 <= query_every <= chunk_size:
+        raise UserError(f"--query_every={query_every}: must be between 1 and the chunk size {chunk_size}")
+    return PolicyAgent(
+        OnDevice(policy, device), stats, cameras=tuple(task.camera_names), use_images=use_images,
+        image_size=dataset.image_size, image_aspect_ratio=dataset.image_aspect_ratio,
+        history=dataset.history_images_length, query_every=query_every,
+        temporal_ensemble=temporal_ensemble)
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     """95% Wilson score interval of a binomial proportion (sensible at 0% and 100%)."""
     if n == 0:

@@ -20,16 +20,17 @@ class SimSettings:
     task: str = param("transfer_cube", "The ALOHA scene: 'transfer_cube' or 'insertion'.",
                       choices=SIM_TASKS, documented=False)
     render_height: int = param(480, "Rendered camera frame height in pixels (ACT: 480).",
-                               documented=False)
+                               documented=False, bounds="[1, inf)")
     render_width: int = param(640, "Rendered camera frame width in pixels (ACT: 640).",
-                              documented=False)
+                              documented=False, bounds="[1, inf)")
     shadows: bool = param(False, "Render shadows (about 4x slower on a CPU renderer).",
                           documented=False)
     multisamples: int = param(0, "Offscreen anti-aliasing samples (the scene's own is 4; "
-                              "0 is fastest).", documented=False)
+                              "0 is fastest).", documented=False, bounds="[0, inf)")
     weld_torquescale: float = param(20.0, "Torque scale of the mocap welds of the end-effector "
                                     "(scripted) scene. MuJoCo 3's default lets the gripper "
                                     "rotate too softly to grasp; 20 reproduces the dynamics "
-                                    "ACT's data was recorded with.", documented=False)
+                                    "ACT's data was recorded with.", documented=False,
+                                    bounds="[0, inf)")
     gzip_level: int = param(4, "gzip level of recorded camera frames (0: uncompressed).",
-                            documented=False)
+                            documented=False, bounds="[0, 9]")

@@ -14,6 +14,7 @@ and ``ema.<name>`` tensors, ``num_updates``/``decay`` in the metadata), and
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -75,6 +76,25 @@ class EMA:
             if s is not None and s.shape == v.shape:
                 out[k] = s.to(v.dtype)
         return out
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        """Within the block the model holds the EMA weights (what checkpoints carry), so an
+        evaluation measures the weights that get saved; the training weights come back after."""
+        if self.shadow is None:
+            yield
+            return
+        params = {n: p for n, p in self.trainable(model).items() if n in self.shadow}
+        backup = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self.shadow[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(backup[n])
 
     def save(self, output_dir: str, model: nn.Module) -> None:
         from safetensors.torch import save_file

@@ -115,8 +115,26 @@ def validate_data(resolved: Resolved) -> list[int]:
     return lengths
 
 
+def add_sim_evaluation(trainer, resolved: Resolved, stats, hyper: dict, args) -> None:
+    """--eval_every_steps: rollouts, best/ and learning_curve.png (ilstudio/training/sim_eval.py)."""
+    from ilstudio.training.sim_eval import SimEvalCallback, why_no_rollouts
+
+    reason = why_no_rollouts(resolved, args)
+    if reason and distributed.is_main_process():
+        logging.warning("--eval_every_steps=%d: no evaluation in the simulator: %s. Only %s is "
+                        "drawn.", hyper["eval_every_steps"], reason, "learning_curve.png")
+    tensorboard = "tensorboard" in (args.report_to or [])
+    trainer.add_callback(SimEvalCallback(
+        trainer, resolved, stats, every=hyper["eval_every_steps"], episodes=hyper["eval_episodes"],
+        rollouts=reason is None,
+        tensorboard_dir=os.environ["TENSORBOARD_LOGGING_DIR"] if tensorboard else None))
+
+
 def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
     """Train and return the final metrics."""
+    from ilstudio.training.lazy_imports import import_trainer
+
+    import_trainer(need_peft=resolved.lora.enable or resolved.quantization.enable)
     import torch
     import transformers
 
@@ -126,6 +144,9 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
     from ilstudio.training.trainer import OperativeConfigToTensorBoard, PolicyTrainer
 
     hyper = dict(resolved.hyper)
+    from ilstudio.training import threads
+
+    logging.info("torch threads: %d (%s)", *threads.configure(hyper["dataloader_num_workers"]))
     if not torch.cuda.is_available():
         hyper["dataloader_pin_memory"] = False  # pinning needs an accelerator; avoid the warning
     extra = distributed.launch_defaults(resolved.training_args_extra)
@@ -187,6 +208,8 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
                             data_collator=collate, callbacks=callbacks,
                             ema_decay=resolved.model.ema_decay if resolved.model.using_ema else None,
                             episode_first=resolved.dataset.episode_first)
+    if hyper["eval_every_steps"] > 0:
+        add_sim_evaluation(trainer, resolved, stats, hyper, args)
     result = trainer.train(resume_from_checkpoint=resume_from)
     with rundir.output_errors(out, "the final model"):
         save_final_model(trainer, out)

@@ -21,6 +21,26 @@ class NonFiniteLossError(UserError):
     """Training produced a NaN/inf loss or weights: stop before it reaches a checkpoint."""
 
 
+def _in_training_mode(mode: bool = True):
+    """Stands in for ``model.train()`` while every module is in training mode already."""
+    if not mode:
+        raise RuntimeError("model.train(False) inside a training step")
+
+
+def cache_accelerate_lomo_check() -> None:
+    """accelerate's optimizer wrapper asks ``is_lomo_available()`` twice per step, and each
+    ask is an ``importlib.util.find_spec`` plus a metadata read (~1-2 ms a step on a busy
+    CPU, bench/overhead.py's profile). Whether lomo_optim is installed cannot change while a
+    run trains: answer it once per process."""
+    import functools
+
+    from accelerate import optimizer as accelerate_optimizer
+
+    check = accelerate_optimizer.is_lomo_available
+    if not hasattr(check, "cache_info"):
+        accelerate_optimizer.is_lomo_available = functools.cache(check)
+
+
 class PolicyTrainer(Trainer):
     """Trainer whose optimizer honours ``policy.optimizer_param_groups`` when present.
 
@@ -31,6 +51,7 @@ class PolicyTrainer(Trainer):
     def __init__(self, *args, ema_decay: float | None = None, episode_first: bool = False,
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        cache_accelerate_lomo_check()
         from ilstudio.training.ema import EMA, EMACallback
 
         self.episode_first = episode_first
@@ -47,6 +68,47 @@ class PolicyTrainer(Trainer):
                 self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
                 return self.optimizer
         return super().create_optimizer(model)
+
+    def _clip_grad_norm(self, model):
+        """``torch.nn.utils.clip_grad_norm_`` itself where nothing else can apply: one process
+        or DDP (plain tensors), no fp16 loss scaling. transformers routes every step through
+        accelerate's DTensor-aware clipping (device-mesh checks, a version test and a fresh
+        parameter list per step: bench/overhead.py measured it on small policies); the norm
+        and the clipped gradients are the same. Anything else takes transformers' path."""
+        from accelerate.utils import DistributedType
+
+        fast = getattr(self, "_plain_clip", None)
+        if fast is None:
+            acc = self.accelerator
+            fast = (acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                             DistributedType.MULTI_GPU)
+                    and not (acc.native_amp and acc.mixed_precision == "fp16")
+                    and not self._has_mixed_mesh_grads(model)
+                    and not any(type(p.grad).__name__ == "DTensor" for p in model.parameters()
+                                if p.grad is not None))
+            self._plain_clip = fast
+            self._clip_params = [p for p in model.parameters() if p.requires_grad]
+        if not fast:
+            return super()._clip_grad_norm(model)
+        import torch
+
+        return torch.nn.utils.clip_grad_norm_(self._clip_params, self.args.max_grad_norm)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        """transformers' step, minus its ``model.train()`` when every module is in training
+        mode already: that call walks the whole module tree on each step (about 1 ms on small
+        policies under load, bench/overhead.py), while reading the cached modules' flags costs
+        microseconds. After an evaluation left modules in eval mode, ``train()`` runs as usual."""
+        modules = getattr(self, "_step_modules", None)
+        if modules is None or modules[0] is not model:
+            modules = self._step_modules = (model, list(model.modules()))
+        if not all(m.training for m in modules[1]):
+            return super().training_step(model, inputs, *args, **kwargs)
+        model.train = _in_training_mode  # shadows Module.train on this instance for one step
+        try:
+            return super().training_step(model, inputs, *args, **kwargs)
+        finally:
+            del model.train
 
     def _get_train_sampler(self, train_dataset=None):
         if not self.episode_first:

@@ -36,32 +36,35 @@ class ACTConfig(PolicyConfig):
         "model.freeze_vision_tower",  # the ResNet is ACT's vision tower: same effect
     })
 
-    hidden_dim: int = param(512, "Transformer width (d_model).", documented=False)
-    nheads: int = param(8, "Attention heads.", documented=False)
+    hidden_dim: int = param(512, "Transformer width (d_model).", documented=False,
+                            bounds="[2, inf)")
+    nheads: int = param(8, "Attention heads.", documented=False, bounds="[1, inf)")
     enc_layers: int = param(4, "Transformer encoder layers (also the CVAE encoder's depth).",
-                            documented=False)
+                            documented=False, bounds="[1, inf)")
     dec_layers: int = param(1, "Transformer decoder layers. 1 reproduces the published ACT "
                             "(its code builds 7 but uses only the first; see the module doc).",
-                            documented=False)
+                            documented=False, bounds="[1, inf)")
     dim_feedforward: int = param(3200, "Feed-forward width in every transformer layer.",
-                                 documented=False)
-    latent_dim: int = param(32, "Size of the CVAE latent z.", documented=False)
+                                 documented=False, bounds="[1, inf)")
+    latent_dim: int = param(32, "Size of the CVAE latent z.", documented=False,
+                            bounds="[1, inf)")
     kl_weight: float = param(10.0, "Weight of the KL term: loss = L1 + kl_weight * KL.",
-                             documented=False)
-    dropout: float = param(0.1, "Dropout in the transformer layers.", documented=False)
+                             documented=False, bounds="[0, inf)")
+    dropout: float = param(0.1, "Dropout in the transformer layers.", documented=False,
+                           bounds="[0, 1)")
     pre_norm: bool = param(False, "LayerNorm before (True) or after (False, ACT) each sublayer.",
                            documented=False)
     lr_backbone: float = param(1e-5, "Learning rate of the ResNet backbone's own optimizer "
                                "parameter group (other parameters use --learning_rate).",
-                               documented=False)
+                               documented=False, bounds="[0, inf)")
     backbone_hidden_sizes: tuple[int, ...] = param(
         (64, 128, 256, 512), "ResNet stage widths when built from scratch (ResNet-18).",
-        documented=False)
+        documented=False, bounds="[1, inf)")
     backbone_depths: tuple[int, ...] = param(
         (2, 2, 2, 2), "ResNet blocks per stage when built from scratch (ResNet-18).",
-        documented=False)
+        documented=False, bounds="[1, inf)")
     backbone_embedding_size: int = param(64, "ResNet stem width when built from scratch.",
-                                         documented=False)
+                                         documented=False, bounds="[1, inf)")
 
     def validate(self, *, task, dataset, model, lora, quantization, source_of) -> None:
         problems = []
@@ -84,15 +87,10 @@ class ACTConfig(PolicyConfig):
                             f"= {self.nheads}")
         if self.hidden_dim % 2:
             problems.append(f"act.hidden_dim = {self.hidden_dim} must be even (2D sine positions)")
-        for key in ("enc_layers", "dec_layers", "latent_dim", "dim_feedforward"):
-            if getattr(self, key) < 1:
-                problems.append(f"act.{key} must be >= 1, got {getattr(self, key)}")
         if len(self.backbone_hidden_sizes) != len(self.backbone_depths) or not self.backbone_depths:
             problems.append(f"act.backbone_hidden_sizes {self.backbone_hidden_sizes} and "
                             f"act.backbone_depths {self.backbone_depths} must have the same, "
                             f"non-zero length")
-        if self.lr_backbone < 0 or self.kl_weight < 0:
-            problems.append("act.lr_backbone and act.kl_weight must be >= 0")
         # Report the shared checks (cameras, unsupported switches) and ours in one message.
         self._validate_with(problems, task=task, dataset=dataset, model=model, lora=lora,
                             quantization=quantization, source_of=source_of)

@@ -11,11 +11,14 @@ class MLPConfig(PolicyConfig):
     name = "mlp"
     uses_images = True
 
-    hidden_dim: int = param(256, "Width of each hidden layer.", documented=False)
-    num_layers: int = param(3, "Hidden layers.", documented=False)
+    hidden_dim: int = param(256, "Width of each hidden layer.", documented=False,
+                            bounds="[1, inf)")
+    num_layers: int = param(3, "Hidden layers (0: a linear map).", documented=False,
+                            bounds="[0, inf)")
     image_feature_dim: int = param(64, "Per-camera image feature size (small conv encoder).",
-                                   documented=False)
-    dropout: float = param(0.0, "Dropout between hidden layers.", documented=False)
+                                   documented=False, bounds="[1, inf)")
+    dropout: float = param(0.0, "Dropout between hidden layers.", documented=False,
+                           bounds="[0, 1)")
 
 
 CONFIG_CLASS = MLPConfig

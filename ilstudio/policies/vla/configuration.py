@@ -38,9 +38,11 @@ class VLAConfig(PolicyConfig):
     })
 
     max_prompt_tokens: int = param(32, "Prompt length in tokens (instruction, previous subtask); "
-                                   "left-padded, longer prompts are cut.", documented=False)
+                                   "left-padded, longer prompts are cut.", documented=False,
+                                   bounds="[1, inf)")
     max_target_tokens: int = param(48, "Language-target length in tokens (subtask, reasoning); "
-                                   "right-padded, longer targets are cut.", documented=False)
+                                   "right-padded, longer targets are cut.", documented=False,
+                                   bounds="[1, inf)")
     instruction: str = param("", "Instruction for episodes without a `language_instruction` "
                              "attribute (plain ACT data).", documented=False)
 
@@ -71,20 +73,12 @@ class VLAConfig(PolicyConfig):
                     problems.append(f"dataset.{key} = True (set in {source_of('dataset.' + key)}) "
                                     f"shapes the language target, which only the language loss "
                                     f"reads: set model.llm_loss_weight > 0 (it is 0)")
-        elif model.llm_loss_weight < 0:
-            problems.append(f"model.llm_loss_weight = {model.llm_loss_weight} (set in "
-                            f"{source_of('model.llm_loss_weight')}): must be >= 0")
         if model.flash_attn:
             why = flash_attn_unavailable()
             if why:
                 problems.append(f"model.flash_attn = True (set in {source_of('model.flash_attn')}): "
                                 f"FlashAttention-2 cannot run here: {why}. Set model.flash_attn = "
                                 f"False (the backbone then uses PyTorch SDPA attention)")
-        for key, value in (("max_prompt_tokens", self.max_prompt_tokens),
-                           ("max_target_tokens", self.max_target_tokens)):
-            if value < 1:
-                problems.append(f"vla.{key} = {value} (set in {source_of('vla.' + key)}): "
-                                f"must be >= 1")
         if problems:
             raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
 
