@@ -108,8 +108,10 @@ class TinyACTPolicy(nn.Module):
                                        config.saturation_keypoint)
         width = num_images * self.encoder.out_dim + ((state_dim + 1) if self.use_state else 0)
         # Standardize every input feature over the batch: keypoints move over a small part of
-        # the frame (the cube's spans ~0.1 of [-1, 1]), state and pooled features have other scales.
-        layers: list[nn.Module] = [nn.BatchNorm1d(width)] if config.input_norm else []
+        # the frame (the cube's spans ~0.1 of [-1, 1]), state and pooled features have other
+        # scales. eps = 1e-2 caps the gain at 10: a feature of near-zero variance (a quiet
+        # channel) amplified 300x made the running statistics unusable at evaluation.
+        layers: list[nn.Module] = [nn.BatchNorm1d(width, eps=1e-2)] if config.input_norm else []
         for _ in range(config.num_layers):
             layers += [nn.Linear(width, config.hidden_dim), nn.ReLU(), nn.Dropout(config.dropout)]
             width = config.hidden_dim
