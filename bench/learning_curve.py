@@ -88,7 +88,7 @@ def plot(points: list[dict], png: Path, title: str) -> None:
     steps = [p["step"] for p in points]
     loss = [(p["step"], p["loss"]) for p in points if p.get("loss") is not None]
     if loss:
-        axes[0].plot(*zip(*loss), "o-")
+        axes[0].plot([s for s, _ in loss], [v for _, v in loss], "o-")
         axes[0].set_yscale("log")
     axes[0].set(title="training loss (L1, normalized)", xlabel="step")
     axes[1].plot(steps, [p["sensitivity"]["ratio"] for p in points], "o-", color="tab:orange")
@@ -98,8 +98,8 @@ def plot(points: list[dict], png: Path, title: str) -> None:
     if succ:
         x = [p["step"] for p in succ]
         y = [p["success"]["success_rate"] for p in succ]
-        lo = [y_ - p["success"]["success_rate_ci95"][0] for y_, p in zip(y, succ)]
-        hi = [p["success"]["success_rate_ci95"][1] - y_ for y_, p in zip(y, succ)]
+        lo = [y_ - p["success"]["success_rate_ci95"][0] for y_, p in zip(y, succ, strict=True)]
+        hi = [p["success"]["success_rate_ci95"][1] - y_ for y_, p in zip(y, succ, strict=True)]
         axes[2].errorbar(x, y, yerr=[lo, hi], fmt="o-", color="tab:green", capsize=3)
         n = succ[-1]["success"]["num_episodes"]
         axes[2].set(title=f"success rate ({n} episodes, Wilson 95%)")

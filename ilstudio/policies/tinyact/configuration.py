@@ -25,14 +25,16 @@ class TinyACTConfig(PolicyConfig):
     needs_images = True
 
     channels: tuple[int, ...] = param((16, 32, 32), "Conv widths of the image encoder, one "
-                                      "3x3 conv (5x5 for the first) per entry.", documented=False)
+                                      "3x3 conv (5x5 for the first) per entry.", documented=False,
+                                      bounds="[1, inf)")
     strides: tuple[int, ...] = param((2, 2, 1), "Stride of each conv in tinyact.channels.",
-                                     documented=False)
-    keypoints: int = param(32, "Spatial-softmax keypoints per image (each gives an expected "
-                           "x, y on the last feature map).", documented=False)
+                                     documented=False, bounds="[1, inf)")
+    keypoints: int = param(32, "Spatial-softmax keypoints per image read off the last conv layer "
+                           "(each an expected x, y).", documented=False, bounds="[1, inf)")
     early_keypoints: int = param(16, "Extra keypoints read off the first conv layer's output "
                                  "(fine resolution, colour-level features: a small object is one "
-                                 "linear filter away there). 0 disables.", documented=False)
+                                 "linear filter away there). 0 disables.", documented=False,
+                                 bounds="[0, inf)")
     coord_channels: bool = param(True, "Append x/y coordinate channels to the image (CoordConv), "
                                  "so position is directly visible to the first conv.",
                                  documented=False)
@@ -46,35 +48,30 @@ class TinyACTConfig(PolicyConfig):
     input_norm: bool = param(False, "BatchNorm over the head's input features (keypoints, "
                              "pooled features, state): small keypoint motions get unit scale.",
                              documented=False)
-    hidden_dim: int = param(512, "Width of the MLP head.", documented=False)
-    num_layers: int = param(3, "Hidden layers of the MLP head.", documented=False)
-    dropout: float = param(0.0, "Dropout between the head's hidden layers.", documented=False)
+    hidden_dim: int = param(512, "Width of the MLP head.", documented=False, bounds="[1, inf)")
+    num_layers: int = param(3, "Hidden layers of the MLP head (0: a linear map).",
+                            documented=False, bounds="[0, inf)")
+    dropout: float = param(0.0, "Dropout between the head's hidden layers.", documented=False,
+                           bounds="[0, 1)")
     state_dropout: float = param(0.5, "Training only: probability that a sample's state input is "
-                                 "hidden (zeroed), forcing the image to explain the chunk. "
-                                 "0 feeds the state always; evaluation always feeds it.",
-                                 documented=False)
+                                 "hidden (zeroed, with a 'present' flag), so the image has to "
+                                 "explain the chunk. 0 feeds the state always; evaluation always "
+                                 "feeds it.", documented=False, bounds="[0, 1]")
     use_state: bool = param(True, "Feed the normalized joint state to the head at all.",
                             documented=False)
-    shift: int = param(4, "Training only: random-shift augmentation, in pixels of the fitted "
-                       "frame (replicate padding, as DrQ). 0 disables.", documented=False)
+    shift: int = param(0, "Training only: random-shift augmentation, in pixels of the fitted "
+                       "frame (replicate padding, as DrQ). 0 disables: with a fixed camera a "
+                       "shift moves the cube as far as its whole range of positions.",
+                       documented=False, bounds="[0, inf)")
 
     def validate(self, *, task, dataset, model, lora, quantization, source_of) -> None:
         problems = []
-        if not self.channels or len(self.channels) != len(self.strides):
-            problems.append(f"tinyact.channels {self.channels} and tinyact.strides {self.strides} "
-                            f"must have the same, non-zero length")
-        if min(self.channels or (1,)) < 1 or min(self.strides or (1,)) < 1:
-            problems.append("tinyact.channels and tinyact.strides must be >= 1")
-        if self.keypoints < 1 or self.hidden_dim < 1 or self.num_layers < 0 or self.early_keypoints < 0:
-            problems.append("tinyact.keypoints and tinyact.hidden_dim must be >= 1, "
-                            "tinyact.num_layers and tinyact.early_keypoints >= 0")
-        if not 0.0 <= self.state_dropout <= 1.0 or not 0.0 <= self.dropout < 1.0:
-            problems.append(f"tinyact.state_dropout ({self.state_dropout}) must be in [0, 1] and "
-                            f"tinyact.dropout ({self.dropout}) in [0, 1)")
-        if self.shift < 0:
-            problems.append(f"tinyact.shift must be >= 0, got {self.shift}")
+        if len(self.channels) != len(self.strides) or not self.channels:
+            problems.append(f"tinyact.channels {self.channels} (set in "
+                            f"{source_of('tinyact.channels')}) and tinyact.strides {self.strides} "
+                            f"(set in {source_of('tinyact.strides')}) must have the same, "
+                            f"non-zero length: one stride per conv layer")
         self._validate_with(problems, task=task, dataset=dataset, model=model, lora=lora,
                             quantization=quantization, source_of=source_of)
-
 
 CONFIG_CLASS = TinyACTConfig

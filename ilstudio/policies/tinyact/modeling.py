@@ -65,7 +65,7 @@ class KeypointEncoder(nn.Module):
         self.coord_channels, self.saturation_channel = coord_channels, saturation_channel
         self.layers = nn.ModuleList()
         cin = 3 + (2 if coord_channels else 0) + (1 if saturation_channel else 0)
-        for i, (c, s) in enumerate(zip(channels, strides)):
+        for i, (c, s) in enumerate(zip(channels, strides, strict=True)):
             k = 5 if i == 0 else 3
             self.layers.append(nn.Sequential(nn.Conv2d(cin, c, k, stride=s, padding=k // 2),
                                              nn.GroupNorm(max(1, min(8, c // 4)), c), nn.ReLU()))
