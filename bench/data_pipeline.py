@@ -102,10 +102,10 @@ def main() -> None:
     from absl import logging as absl_logging
     from overhead import machine
 
-    from ilstudio.config.resolve import resolve_argv
     from ilstudio.data.batched import batched
     from ilstudio.data.dataset import build_datasets
     from ilstudio.data.synthetic import write_synthetic_dataset
+    from ilstudio.resolve import resolve_argv
 
     absl_logging.set_verbosity("error")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

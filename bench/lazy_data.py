@@ -141,9 +141,9 @@ def main() -> None:
     from absl import logging as absl_logging
     from overhead import machine
 
-    from ilstudio.config.resolve import resolve_argv
     from ilstudio.data.synthetic import write_synthetic_dataset
     from ilstudio.policies import build_policy
+    from ilstudio.resolve import resolve_argv
 
     absl_logging.set_verbosity("error")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

@@ -152,7 +152,7 @@ def run_trainer(cap: Capture, data: Path, out: Path, policy: str, batch: int,
     """(trainer steps/s, plain steps/s), from per-step medians of one interleaved run."""
     import gin
 
-    from ilstudio.config.resolve import resolve_argv
+    from ilstudio.resolve import resolve_argv
     from ilstudio.training.run import train
 
     gin.clear_config()

@@ -25,9 +25,9 @@ def main() -> None:
     p.add_argument("--torquescale", default="20", help="a number, or 'stock'")
     args = p.parse_args()
 
+    from ilstudio.config.settings import SimSettings
     from ilstudio.sim import envs
     from ilstudio.sim.scripted import ScriptedPlanner
-    from ilstudio.sim.settings import SimSettings
 
     for sim_task in args.tasks.split(","):
         sim = SimSettings(task=sim_task)

@@ -87,16 +87,11 @@ def run_files(checkpoint: str) -> tuple[Path, Path, Path]:
 
 def load_settings(operative: Path) -> dict:
     """Parse a run's operative_config.gin into its settings objects (as train.py built them)."""
-    import gin
+    from ilstudio.resolve import build_settings, layer_gin
 
-    from ilstudio.config.resolve import build_settings
-    from ilstudio.policies import import_all_configurations
-
-    import_all_configurations()
-    gin.clear_config()
     try:
-        gin.parse_config_file(str(operative))
-    except Exception as e:  # noqa: BLE001 - gin raises many types for a bad file
+        layer_gin(gin_files=[str(operative)])
+    except UserError as e:
         raise UserError(f"{operative}: cannot be parsed with this ilstudio ({e})") from None
     return build_settings(lambda key: str(operative))
 
@@ -127,33 +122,16 @@ def check_frame_size(task, sim) -> str | None:
 def load_policy(built: dict, weights: Path, device: str):
     """Build the policy exactly as training did and load its weights (strict)."""
     import torch
-    from safetensors.torch import load_file
 
+    from ilstudio.models.state_io import load_strict, read_state
     from ilstudio.policies import build_policy
 
     use_images = built["policy"].image_inputs(built["task"], built["dataset"])
     model = build_policy(built["model"].policy, policy_config=built["policy"], task=built["task"],
                          dataset=built["dataset"], model=built["model"], lora=built["lora"],
                          quantization=built["quantization"], use_images=use_images)
-    try:
-        saved = load_file(str(weights))
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"{weights}: cannot be read as safetensors: {e}") from None
-    from ilstudio.models.adapters import restore_quantized_weights
-
-    restore_quantized_weights(model, saved)  # QLoRA: 4-bit weights come with their quant state
-    own = model.state_dict()
-    # Tensors tied to another (shared storage) may be saved under one name only.
-    ptrs = {own[k].data_ptr() for k in own if k in saved}
-    missing = [k for k in own if k not in saved and own[k].data_ptr() not in ptrs]
-    unexpected = [k for k in saved if k not in own]
-    shapes = [k for k in saved if k in own and saved[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise UserError(f"{weights} does not fit the policy its operative_config.gin describes: "
-                        f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {shapes[:5]}")
-    with torch.no_grad():
-        for k, v in saved.items():
-            own[k].copy_(v)
+    load_strict(model, read_state(weights),
+                f"{weights} does not fit the policy its operative_config.gin describes")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     model.to(dev).eval()

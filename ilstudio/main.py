@@ -39,7 +39,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def _main(argv: list[str]) -> None:
     del argv
     from ilstudio.config.dumps import describe
-    from ilstudio.config.resolve import resolve
+    from ilstudio.resolve import resolve
 
     try:
         resolved = resolve(FLAGS)

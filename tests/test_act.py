@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from ilstudio.config import settings as S
 from ilstudio.errors import UserError
 from ilstudio.policies.act.configuration import ACTConfig
-from ilstudio.policies.act.modeling import ACTPolicy, TemporalEnsembler, build
+from ilstudio.policies.act.modeling import ACTPolicy, build
+from ilstudio.policies.ensemble import TemporalEnsembler
 
 CHUNK, STATE, ACTION, HW = 10, 14, 14, (24, 32)
 TINY = {

@@ -19,13 +19,13 @@ from conftest import run_train, tiny_args
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ilstudio.config import settings as _sim  # noqa: F401  (registers sim.*)
 from ilstudio.config.bounds import Bounds
 from ilstudio.config.declare import all_params
 from ilstudio.config.hyperparams import HYPERPARAMS
-from ilstudio.config.resolve import resolve_argv
 from ilstudio.errors import UserError
 from ilstudio.policies import import_all_configurations
-from ilstudio.sim import settings as _sim  # noqa: F401  (registers sim.*)
+from ilstudio.resolve import resolve_argv
 
 import_all_configurations()
 REPO = Path(__file__).resolve().parents[1]

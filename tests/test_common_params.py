@@ -308,9 +308,9 @@ def test_load_pretrain_initialises_the_policy(yaml_run, mirrored_data, tmp_path)
 
 
 def test_load_pretrain_mismatch_names_keys(yaml_run, mirrored_data, tmp_path):
+    from ilstudio.models.state_io import load_pretrained_policy
     from ilstudio.policies.mlp.configuration import MLPConfig
     from ilstudio.policies.mlp.modeling import MLPPolicy
-    from ilstudio.training.pretrain import load_pretrained_policy
 
     other = MLPPolicy(MLPConfig(), 14, 14, 20, 1, 1)  # history 1: first layer narrower
     with pytest.raises(UserError, match=r"model\.load_pretrain.*\n.*mlp\.0\.weight"):
@@ -359,9 +359,9 @@ def test_load_pretrain_into_a_lora_wrapped_policy(yaml_run):
     """A run trained without LoRA initialises the same policy with LoRA adapters added."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    from ilstudio.models.state_io import load_pretrained_policy
     from ilstudio.policies.mlp.configuration import MLPConfig
     from ilstudio.policies.mlp.modeling import MLPPolicy
-    from ilstudio.training.pretrain import load_pretrained_policy
 
     torch.manual_seed(123)
     policy = MLPPolicy(MLPConfig(), 14, 14, 20, 1, 3)

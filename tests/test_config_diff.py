@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO, finished_run, run_train, train_env
 
-from ilstudio.config import diff
+from ilstudio.tools import diff
 
 
 def run_diff(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ilstudio.config.diff", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "ilstudio.tools.diff", *args], cwd=REPO,
                           capture_output=True, text=True, env=train_env(), timeout=120)
 
 

@@ -41,7 +41,7 @@ def test_train_uses_the_cpus_its_affinity_allows(tiny_data: Path, tmp_path: Path
 
 LORA_AFTER_PLAIN = r"""
 import sys
-from ilstudio.config.resolve import resolve_argv
+from ilstudio.resolve import resolve_argv
 from ilstudio.training.run import train
 
 train(resolve_argv(sys.argv[1:]))

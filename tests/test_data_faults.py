@@ -116,8 +116,8 @@ FAULTS = [truncate, garbage, missing_action, missing_camera, empty_dir, short_ac
 
 def dry_run_in_process(data: Path, out: Path, *extra: str) -> str:
     """What --dry_run runs (resolve + data checks), in-process: the UserError's message."""
-    from ilstudio.config.resolve import resolve_argv
     from ilstudio.errors import UserError
+    from ilstudio.resolve import resolve_argv
     from ilstudio.training.run import validate_data
 
     with pytest.raises(UserError) as e:
@@ -196,7 +196,7 @@ def test_corrupt_frame_mid_training_stops_with_the_file_name_and_no_checkpoint(t
 
 def test_small_integer_episodes_are_exact_and_accepted(data, tmp_path):
     """Integer data within float32's exact range is fine (the dtype rule refuses only losses)."""
-    from ilstudio.config.resolve import resolve_argv
+    from ilstudio.resolve import resolve_argv
     from ilstudio.training.run import validate_data
 
     _replace(data / "episode_0.hdf5", "action", np.arange(30 * 14, dtype=np.int32).reshape(30, 14))

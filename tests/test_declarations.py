@@ -7,10 +7,10 @@ from collections import Counter
 
 from conftest import FIXTURES, REPO, SHARED, needs_shared
 
-from ilstudio.config import docs
 from ilstudio.config.declare import CONFIGURABLES, all_params
 from ilstudio.config.hyperparams import HYPER_BY_NAME
 from ilstudio.config.yaml_adapter import stable_keys
+from ilstudio.tools import docs
 
 SEED_DIR = SHARED / "seed"
 
@@ -72,7 +72,7 @@ def test_no_stable_parameter_shadows_a_flag():
 def test_readme_tables_are_generated_from_declarations():
     readme = (REPO / "README.md").read_text()
     assert docs.generated_block() in readme, (
-        "README parameter tables are stale: run python -m ilstudio.config.docs --write README.md")
+        "README parameter tables are stale: run python -m ilstudio.tools.docs --write README.md")
 
 
 def test_every_flag_documented_with_default_in_help():

@@ -179,9 +179,9 @@ def test_a_rank_that_resolves_differently_stops_every_rank(tiny_data, tmp_path):
 def test_deepspeed_flag_reaches_training_arguments(tiny_data, tmp_path):
     import importlib.util
 
-    from ilstudio.config.resolve import resolve_argv
     from ilstudio.config.training_args import build_training_arguments, training_args_kwargs
     from ilstudio.errors import UserError
+    from ilstudio.resolve import resolve_argv
 
     zero2 = str(REPO / "configs" / "deepspeed" / "zero2.json")
     r = resolve_argv(tiny_args(tiny_data, tmp_path / "o", f"--deepspeed={zero2}"))
@@ -215,8 +215,8 @@ def test_shipped_deepspeed_configs_leave_no_model_dependent_auto():
 
 def test_fsdp_settings_reach_training_arguments(tiny_data, tmp_path):
     """transformers 5 form: fsdp=true plus fsdp_config (a dict here; a JSON path also works)."""
-    from ilstudio.config.resolve import resolve_argv
     from ilstudio.config.training_args import build_training_arguments
+    from ilstudio.resolve import resolve_argv
 
     r = resolve_argv(tiny_args(tiny_data, tmp_path / "o", "--training_arg=fsdp=true",
                                '--training_arg=fsdp_config={"reshard_after_forward": false, '

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import run_train, tiny_args
 
-from ilstudio.config.resolve import resolve_argv
 from ilstudio.errors import UserError
+from ilstudio.resolve import resolve_argv
 
 
 def refused(argv: list[str]) -> str:

@@ -26,10 +26,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ilstudio.config.hyperparams import HYPERPARAMS
-from ilstudio.config.resolve import resolve_argv
 from ilstudio.config.training_args import build_training_arguments
 from ilstudio.config.yaml_adapter import load_training_config, stable_keys
 from ilstudio.errors import UserError
+from ilstudio.resolve import resolve_argv
 
 STATS: Counter = Counter()
 MESSAGES: Counter = Counter()

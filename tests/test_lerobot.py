@@ -358,3 +358,44 @@ def test_dataloader_worker_decodes_after_the_parent_did(datasets):
                                          num_workers=1, multiprocessing_context="fork")
     (batch,) = list(loader)
     assert torch.equal(batch["images"], torch.stack(in_parent))
+
+
+def test_single_camera_key_as_pusht_has_it(tmp_path):
+    """`observation.image` (LeRobot's one-camera datasets, e.g. pusht) is camera 'image'."""
+    root = tmp_path / "pusht_like"
+    with LeRobotWriter(root, fps=FPS, version="v2.1") as w:
+        for e in EPISODES[:2]:
+            w.add_episode(e["state"], e["action"], {"top": e["images"]["top"]}, task=e["task"])
+    info = json.loads((root / "meta/info.json").read_text())
+    info["features"]["observation.image"] = info["features"].pop("observation.images.top")
+    (root / "meta/info.json").write_text(json.dumps(info))
+    (root / "videos/chunk-000/observation.images.top").rename(root / "videos/chunk-000/observation.image")
+    from ilstudio.data.lerobot_format import derived_task_values
+
+    assert derived_task_values(str(root), {})["camera_names"] == ("image",)
+    refs = list_episodes(str(root))
+    assert check_episodes(refs, task_for(root, ("image",)), need_images=True) == [20, 33]
+    with open_episode(refs[1]) as src:
+        frames = src["observations/images/image"][()]
+    assert [which_frame(f, 1, CAMS["top"], 33) for f in frames] == list(range(33))
+
+
+def test_v30_dataset_split_over_several_files(tmp_path, monkeypatch):
+    """Past LeRobot's file size limits a v3.0 dataset continues in file-001, ... (here: every
+    episode, with the limits set to 0); each file's episodes start at their own offsets."""
+    from ilstudio.data import lerobot_writer
+
+    monkeypatch.setattr(lerobot_writer, "DATA_FILE_MB", 0)
+    monkeypatch.setattr(lerobot_writer, "VIDEO_FILE_MB", 0)
+    root = write(tmp_path / "split", "v3.0")
+    eps = pq.read_table(root / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
+    assert [e["data/file_index"] for e in eps] == [0, 1, 2]
+    assert [e["videos/observation.images.top/file_index"] for e in eps] == [0, 1, 2]
+    assert all(e["videos/observation.images.top/from_timestamp"] == 0 for e in eps)
+    assert (root / "videos/observation.images.wrist/chunk-000/file-002.mp4").is_file()
+    refs = list_episodes(str(root))
+    assert check_episodes(refs, task_for(root), need_images=True) == list(LENGTHS)
+    with open_episode(refs[2]) as src:
+        assert np.array_equal(src["action"], EPISODES[2]["action"])
+        frames = src["observations/images/top"][()]
+    assert [which_frame(f, 2, CAMS["top"], 27) for f in frames] == list(range(27))

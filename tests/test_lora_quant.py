@@ -23,9 +23,6 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from ilstudio.config.settings import LoraSettings, QuantizationSettings  # noqa: E402
 from ilstudio.errors import UserError  # noqa: E402
 from ilstudio.models import (  # noqa: E402
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    NON_LORA_TRAINABLES,
     apply_lora,
     bnb_quantization_config,
     check_lora_settings,
@@ -37,6 +34,7 @@ from ilstudio.models import (  # noqa: E402
     save_adapter,
     torch_dtype_for,
 )
+from ilstudio.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, NON_LORA_TRAINABLES  # noqa: E402
 
 HIDDEN, VOCAB, ACTION = 32, 64, 4
 
@@ -376,7 +374,7 @@ def test_lora_settings_checks(tmp_path):
     assert dataclasses.replace(LoraSettings(), enable=True).task_type == "CAUSAL_LM"
     from peft import TaskType
 
-    from ilstudio.models.adapters import _peft_task_types
+    from ilstudio.models.lora import _peft_task_types
 
     assert _peft_task_types() == [t.value for t in TaskType]  # the copy kept for cheap validation
 
@@ -440,7 +438,7 @@ def test_adapter_files_carry_the_ema_weights_like_model_safetensors(llama_dir, t
 @pytest.mark.parametrize("bits", [4, 8])
 def test_full_state_dict_of_a_quantized_model_loads_into_another_base(llama_dir, other_llama_dir, bits):
     """load_state_with_quantized: what eval/load_pretrain need for a QLoRA model.safetensors."""
-    from ilstudio.models.adapters import load_state_with_quantized
+    from ilstudio.models.quantization import load_state_with_quantized
 
     quant = QuantizationSettings(enable=True, bits=bits)
     trained, other = load_llm(llama_dir, quant), load_llm(other_llama_dir, quant)
@@ -455,7 +453,7 @@ def test_full_state_dict_of_a_quantized_model_loads_into_another_base(llama_dir,
 def test_strict_copy_of_a_qlora_state_dict_works_after_restore(llama_dir, other_llama_dir):
     """What eval/load_pretrain do (strict shape check, then copy_) loads a QLoRA policy's
     model.safetensors once restore_quantized_weights rebuilt the 4-bit weights."""
-    from ilstudio.models.adapters import restore_quantized_weights
+    from ilstudio.models.quantization import restore_quantized_weights
 
     quant = QuantizationSettings(enable=True, bits=4, quant_type="fp4", double_quant=True)
     trained, _ = lora_policy(llama_dir, quant=quant)

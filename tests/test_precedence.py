@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ilstudio.config.resolve import resolve_argv
 from ilstudio.errors import UserError
+from ilstudio.resolve import resolve_argv
 
 
 @pytest.fixture

@@ -170,7 +170,8 @@ def test_train_on_recorded_episodes_then_evaluate(recorded: Path, tmp_path: Path
 
 
 def test_temporal_ensemble_and_wilson_interval() -> None:
-    from ilstudio.sim.rollout import TemporalEnsemble, wilson_interval
+    from ilstudio.policies.ensemble import TemporalEnsembler as TemporalEnsemble
+    from ilstudio.sim.rollout import wilson_interval
 
     te = TemporalEnsemble(k=0.01)
     te.add(0, np.full((3, 2), 1.0))

@@ -589,7 +589,7 @@ def test_train_py_qlora_run_learns_and_loads_back(backbone, lang_data, tmp_path)
     from safetensors.torch import load_file
 
     from ilstudio.eval import load_policy, load_settings
-    from ilstudio.models.adapters import load_adapter_run
+    from ilstudio.models.adapter_io import load_adapter_run
     from ilstudio.policies import build_policy
 
     out = tmp_path / "qlora"

@@ -12,8 +12,8 @@ from ilstudio.config import create_training_arguments, load_training_config
 from ilstudio.config import settings as S
 from ilstudio.config.declare import all_params
 from ilstudio.config.yaml_adapter import stable_keys
-from ilstudio.config.yaml_to_gin import convert as yaml_to_gin
 from ilstudio.errors import UserError
+from ilstudio.tools.yaml_to_gin import convert as yaml_to_gin
 
 OURS = [REPO / "configs" / "training" / "default.yaml", FIXTURES / "yaml" / "short_debug.yaml"]
 ACCEPTED = [*OURS, *(pytest.param(COMPAT / name, marks=shared_marks(COMPAT), id=f"compat-{name}")
@@ -241,11 +241,11 @@ def test_yaml_to_gin_cli_writes_files(tmp_path):
 
     src = write(tmp_path, "lora_r: 8\nlearning_rate: 0.001\n")
     out = tmp_path / "migrated.gin"
-    r = subprocess.run([sys.executable, "-m", "ilstudio.config.yaml_to_gin", str(src), "--output", str(out)],
+    r = subprocess.run([sys.executable, "-m", "ilstudio.tools.yaml_to_gin", str(src), "--output", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "lora.r = 8" in out.read_text()
     assert "--learning_rate=0.001" in (tmp_path / "migrated.flags").read_text()
-    bad = subprocess.run([sys.executable, "-m", "ilstudio.config.yaml_to_gin", str(FOREIGN)],
+    bad = subprocess.run([sys.executable, "-m", "ilstudio.tools.yaml_to_gin", str(FOREIGN)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "trainer_flavour" in bad.stderr

@@ -90,6 +90,13 @@ def params_of(cls: type) -> list[ParamInfo]:
     return out
 
 
+
+def defaults_of(obj: Any) -> dict[str, Any]:
+    """Parameter name -> declared default, for a settings object (or class)."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    return {info.name: info.default for info in params_of(cls)}
+
+
 def all_params() -> list[ParamInfo]:
     return [p for cls in CONFIGURABLES.values() for p in params_of(cls)]
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from absl import flags
+from absl import flags, logging
 
 from ilstudio.config.bounds import INT64, Bounds
 from ilstudio.config.bounds import check as check_bounds
@@ -136,6 +138,34 @@ HYPERPARAMS: tuple[Hyper, ...] = (
 )
 
 HYPER_BY_NAME = {h.name: h for h in HYPERPARAMS}
+
+
+def layer_hyperparams(given: Mapping[str, Any], defaults: Mapping[str, Any], yaml_cfg=None
+                      ) -> tuple[dict[str, Any], dict[str, str]]:
+    """The one precedence rule for hyperparameters: default < YAML < given.
+
+    given: the values set explicitly (a flag on the command line; for the seed's Python API,
+    a HyperArguments field away from its default). defaults: name -> default for every
+    name to resolve. yaml_cfg: a TrainingConfig (``.hyper`` values, ``.source`` per key) or
+    None. An unset output_dir becomes runs/<task_name>. Returns (values, sources).
+    """
+    values, sources = {}, {}
+    for name, default in defaults.items():
+        in_yaml = yaml_cfg is not None and name in yaml_cfg.hyper
+        if name in given:
+            values[name], sources[name] = given[name], f"flag --{name}"
+            if in_yaml:
+                logging.info("--%s=%r on the command line overrides %r from %s", name,
+                             given[name], yaml_cfg.hyper[name], yaml_cfg.source[name])
+        elif in_yaml:
+            values[name], sources[name] = yaml_cfg.hyper[name], yaml_cfg.source[name]
+        else:
+            values[name], sources[name] = default, "default"
+    if values.get("output_dir") is None:
+        values["output_dir"] = str(Path("runs") / str(values["task_name"]))
+        sources["output_dir"] = "default (runs/<task_name>)"
+    return values, sources
+
 
 # TrainingArguments fields the run sets itself, from a flag: passing one through
 # --training_arg (or as a pass-through YAML key) would bypass that flag's checks (the

@@ -1,4 +1,5 @@
-"""The stable parameters: the four configurables users bind in .gin files, plus the task.
+"""The stable parameters: the four configurables users bind in .gin files, plus the task
+and its simulator settings.
 
 Each class is a gin configurable with a short name (``dataset``, ``model``, ``lora``,
 ``quantization``, ``task``), so ``--gin_bindings='lora.r=16'`` works. Constructing one is
@@ -115,6 +116,46 @@ class QuantizationSettings:
     bits: int = param(4, "4 or 8 (bitsandbytes); 16 loads in bf16/fp16.", choices=(4, 8, 16))
     double_quant: bool = param(True, "Nested quantization of the 4-bit quantization constants.")
     quant_type: str = param("nf4", "4-bit data type.", choices=("nf4", "fp4"))
+
+
+
+# The simulator settings of a task (``sim.*``): which scene, and how it is rendered. They live
+# in the task's gin file next to ``task.*`` so recording, training and evaluation read one
+# source: the recorder renders the dataset with them, ``train.py`` copies them into the run's
+# operative_config.gin, and ``python -m ilstudio.eval`` renders the rollouts with exactly the
+# settings the policy was trained on. Declared here (not in ilstudio/sim) so resolving a run
+# needs nothing from the simulator's package.
+SIM_TASKS = ("transfer_cube", "insertion")
+
+
+@configurable("sim", group="Simulation")
+class SimSettings:
+    """ALOHA scene and rendering settings (bound in gin_configs/tasks/sim_*.gin)."""
+
+    task: str = param("transfer_cube", "The ALOHA scene: 'transfer_cube' or 'insertion'.",
+                      choices=SIM_TASKS, documented=False)
+    render_height: int = param(480, "Rendered camera frame height in pixels (ACT: 480).",
+                               documented=False, bounds="[1, inf)")
+    render_width: int = param(640, "Rendered camera frame width in pixels (ACT: 640).",
+                              documented=False, bounds="[1, inf)")
+    shadows: bool = param(False, "Render shadows (about 4x slower on a CPU renderer).",
+                          documented=False)
+    multisamples: int = param(0, "Offscreen anti-aliasing samples (the scene's own is 4; "
+                              "0 is fastest).", documented=False, bounds="[0, inf)")
+    weld_torquescale: float = param(20.0, "Torque scale of the mocap welds of the end-effector "
+                                    "(scripted) scene. MuJoCo 3's default lets the gripper "
+                                    "rotate too softly to grasp; 20 reproduces the dynamics "
+                                    "ACT's data was recorded with.", documented=False,
+                                    bounds="[0, inf)")
+    gzip_level: int = param(4, "gzip level of recorded camera frames (0: uncompressed).",
+                            documented=False, bounds="[0, 9]")
+
+
+def images_enabled(task: TaskSettings, dataset: DatasetSettings) -> bool:
+    """Whether samples carry camera frames: the one rule (dataset.is_multimodal and at least
+    one camera). The data pipeline reads frames exactly when this holds; a policy uses them
+    when it also can (``PolicyConfig.image_inputs``)."""
+    return dataset.is_multimodal and bool(task.camera_names)
 
 
 STABLE_CONFIGURABLES = ("task", "dataset", "model", "lora", "quantization")

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ilstudio.config.hyperparams import HYPER_BY_NAME, HYPERPARAMS
+from ilstudio.config.hyperparams import HYPER_BY_NAME, HYPERPARAMS, layer_hyperparams
 from ilstudio.errors import UserError, did_you_mean
 
 # What a policy trainer needs regardless of user input; a user value still wins.
@@ -191,19 +191,19 @@ HyperArguments = dataclasses.make_dataclass(
 def create_training_arguments(path: str | os.PathLike, hyper_args: Any = None):
     """The seed API: YAML file + HyperArguments -> TrainingArguments.
 
-    Precedence mirrors the command line: a field of ``hyper_args`` that differs from its
-    default wins over the YAML value, which wins over the default.
+    Precedence is the command line's (``layer_hyperparams``): a field of ``hyper_args`` that
+    differs from its default counts as given, and wins over the YAML value, which wins over
+    the default.
     """
     from ilstudio.config.yaml_adapter import load_training_config
 
     cfg = load_training_config(path)
-    hyper = {}
+    defaults = {**HyperArguments_defaults(), "task_name": "default"}
+    given = {h.name: getattr(hyper_args, h.name) for h in HYPERPARAMS
+             if hyper_args is not None and getattr(hyper_args, h.name, h.default) != h.default}
+    hyper, _ = layer_hyperparams(given, defaults, cfg)
     for h in HYPERPARAMS:
-        given = getattr(hyper_args, h.name, h.default) if hyper_args is not None else h.default
-        hyper[h.name] = given if given != h.default else cfg.hyper.get(h.name, h.default)
-        h.check(hyper[h.name], f"{h.name} ({'HyperArguments' if given != h.default else path})")
-    if hyper["output_dir"] is None:
-        hyper["output_dir"] = str(Path("runs") / str(cfg.hyper.get("task_name", "default")))
+        h.check(hyper[h.name], f"{h.name} ({'HyperArguments' if h.name in given else path})")
     return build_training_arguments(hyper, cfg.training_args)
 
 

@@ -38,9 +38,9 @@ def collate(features: Any) -> dict[str, torch.Tensor]:
 
 
 def can_batch(ds: Any) -> bool:
-    """Preloaded, no language processor, and frames that need no per-sample fitting."""
-    return (getattr(ds, "_preloaded", None) is not None and getattr(ds, "language", None) is None
-            and (not ds.use_images or ds._frame_cache is not None or ds.settings.image_size is None))
+    """Whether ``ds`` offers whole-batch gathering (``EpisodeDataset.can_gather_batches``)."""
+    gather = getattr(ds, "can_gather_batches", None)
+    return callable(gather) and gather()
 
 
 def batched(ds: Any) -> Any:
@@ -53,9 +53,11 @@ class BatchedEpisodes(Dataset):
 
     def __init__(self, ds: Any) -> None:
         self.ds = ds
-        pre = ds._preloaded
-        self._qpos = np.concatenate([np.asarray(e[QPOS_KEY], dtype=np.float32) for e in pre])
-        self._action = np.concatenate([np.asarray(e[ACTION_KEY], dtype=np.float32) for e in pre])
+        episodes = range(len(ds.episode_lengths))
+        self._qpos = np.concatenate([np.asarray(ds.episode_array(e, QPOS_KEY), dtype=np.float32)
+                                     for e in episodes])
+        self._action = np.concatenate([np.asarray(ds.episode_array(e, ACTION_KEY), dtype=np.float32)
+                                       for e in episodes])
         self._starts = ds.episode_starts.astype(np.int64)
         self._lengths = ds.episode_lengths.astype(np.int64)
 
@@ -96,17 +98,13 @@ class BatchedEpisodes(Dataset):
         h = ds.history
         frame_t = np.maximum(t[:, None] - (h - 1) + np.arange(h), 0)  # (B, h)
         out = None
-        for c, key in enumerate(ds._image_keys):
+        keys = ds.image_keys
+        for c, key in enumerate(keys):
             for e in np.unique(ep):
                 sel = np.nonzero(ep == e)[0]
-                frames = self._episode_frames(int(e), key)[frame_t[sel]]  # (n, h, H, W, 3)
+                frames = ds.episode_frames(int(e), key)[frame_t[sel]]  # (n, h, H, W, 3)
                 if out is None:
-                    out = np.empty((len(ep), len(ds._image_keys), *frames.shape[1:]), frames.dtype)
+                    out = np.empty((len(ep), len(keys), *frames.shape[1:]), frames.dtype)
                 out[sel, c] = frames
         x = torch.from_numpy(out).permute(0, 1, 2, 5, 3, 4).float().div_(255.0)
         return x[:, :, 0] if h == 1 else x
-
-    def _episode_frames(self, ep: int, key: str) -> np.ndarray:
-        """Fitted frames (cache), or the preloaded raw ones when no fitting applies."""
-        cache = self.ds._frame_cache
-        return cache[(ep, key)] if cache is not None else self.ds._preloaded[ep][key]

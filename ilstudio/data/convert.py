@@ -50,25 +50,31 @@ def read_episode(ref: Any) -> dict[str, Any]:
                 "fps": float(attrs["fps"]) if "fps" in attrs else None}
 
 
+def _progress(refs: list, show: bool):
+    from tqdm import tqdm
+
+    return tqdm(refs, desc="converting", unit="ep", disable=not show, file=sys.stderr)
+
+
 def _to_lerobot(refs: list, dst: Path, version: str, fps: float | None, image_storage: str,
-                robot_type: str | None) -> None:
+                robot_type: str | None, progress: bool) -> None:
     from ilstudio.data.lerobot_writer import LeRobotWriter
 
     first = read_episode(refs[0])
     rate = fps or first["fps"] or DEFAULT_FPS
     with LeRobotWriter(dst, fps=rate, version=version, robot_type=robot_type,
                        image_storage=image_storage) as w:
-        for i, ref in enumerate(refs):
+        for i, ref in enumerate(_progress(refs, progress)):
             ep = first if i == 0 else read_episode(ref)
             w.add_episode(ep["state"], ep["action"], ep["images"], task=ep["task"],
                           mirrored=ep["mirrored"], velocity=ep["velocity"])
 
 
-def _to_hdf5(refs: list, dst: Path, fps: float | None) -> None:
+def _to_hdf5(refs: list, dst: Path, fps: float | None, progress: bool) -> None:
     import h5py
 
     dst.mkdir(parents=True, exist_ok=True)
-    for i, ref in enumerate(refs):
+    for i, ref in enumerate(_progress(refs, progress)):
         ep = read_episode(ref)
         with h5py.File(dst / f"episode_{i}.hdf5", "w") as f:
             f.attrs["sim"] = False
@@ -89,7 +95,7 @@ def _to_hdf5(refs: list, dst: Path, fps: float | None) -> None:
 
 def convert(src: str, dst: str | Path, to: str, version: str = "3.0", fps: float | None = None,
             image_storage: str = "video", robot_type: str | None = None,
-            cache_dir: str | None = None) -> dict:
+            cache_dir: str | None = None, progress: bool = False) -> dict:
     """Convert SRC into a new dataset at DST; returns a summary. UserError on bad input."""
     if to not in ("lerobot", "hdf5"):
         raise UserError(f"--to must be 'lerobot' or 'hdf5', got {to!r}")
@@ -105,9 +111,9 @@ def convert(src: str, dst: str | Path, to: str, version: str = "3.0", fps: float
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         if to == "lerobot":
-            _to_lerobot(refs, tmp, version, fps, image_storage, robot_type)
+            _to_lerobot(refs, tmp, version, fps, image_storage, robot_type, progress)
         else:
-            _to_hdf5(refs, tmp, fps)
+            _to_hdf5(refs, tmp, fps, progress)
         if dst.exists():
             dst.rmdir()  # empty (checked above)
         os.replace(tmp, dst)
@@ -149,10 +155,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="LeRobot cameras as mp4 video (default) or lossless PNG in the parquet")
     p.add_argument("--robot_type", default=None, help="LeRobot info.json robot_type")
     p.add_argument("--cache_dir", default=None, help="Hugging Face cache for a hub repo id")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:
         summary = convert(args.src, args.dst, args.to, args.version, args.fps, args.image_storage,
-                          args.robot_type, args.cache_dir)
+                          args.robot_type, args.cache_dir, progress=not args.no_progress)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ilstudio.config.settings import DatasetSettings, TaskSettings
+from ilstudio.config.settings import DatasetSettings, TaskSettings, images_enabled
 from ilstudio.data.episodes import (
     ACTION_KEY,
     IMAGES_KEY,
@@ -77,7 +77,7 @@ class EpisodeDataset(Dataset):
         self.settings = settings
         self.chunk_size = chunk_size
         self.stats = stats
-        self.use_images = settings.is_multimodal and bool(task.camera_names)
+        self.use_images = images_enabled(task, settings)
         self.history = settings.history_images_length
         if episode_lengths is None:  # built directly rather than by build_datasets
             episode_lengths = check_episodes(self.paths, task, self.use_images)
@@ -152,6 +152,33 @@ class EpisodeDataset(Dataset):
             with open_episode(path) as f, read_errors(path):  # not kept open: fork-safe
                 cache.update({(ep, k): self.fit(f[k][()]) for k in self._image_keys})
         return cache
+
+    # -- batched access (ilstudio/data/batched.py gathers whole batches through these) ----
+
+    @property
+    def image_keys(self) -> list[str]:
+        """The HDF5 keys of the cameras a sample carries (empty without images)."""
+        return list(self._image_keys)
+
+    def can_gather_batches(self) -> bool:
+        """Whether a batch can be gathered from whole-episode arrays: preloaded, no language
+        processor, and frames that need no per-sample fitting (fitted up front, or none)."""
+        return (self._preloaded is not None and self.language is None
+                and (not self.use_images or self._frame_cache is not None
+                     or self.settings.image_size is None))
+
+    def episode_array(self, ep: int, key: str) -> np.ndarray:
+        """A whole preloaded array of episode ``ep`` (qpos, action); needs preload_data."""
+        if self._preloaded is None:
+            raise RuntimeError("episode_array needs dataset.preload_data")
+        return self._preloaded[ep][key]
+
+    def episode_frames(self, ep: int, key: str) -> np.ndarray:
+        """Every frame of camera ``key`` in episode ``ep``, as a sample would see it: fitted
+        (cached up front), or the preloaded raw frames when no fitting applies."""
+        if self._frame_cache is not None:
+            return self._frame_cache[(ep, key)]
+        return self.episode_array(ep, key)
 
     def close(self) -> None:
         """Close this process's open files (lazy mode)."""
@@ -247,7 +274,7 @@ def build_datasets(task: TaskSettings, settings: DatasetSettings, chunk_size: in
         if not paths:
             raise UserError(f"all {n_found} episodes in {task.dataset_dir} are mirrored and "
                             "dataset.skip_mirrored_data is true: nothing left to train on")
-    use_images = settings.is_multimodal and bool(task.camera_names)
+    use_images = images_enabled(task, settings)
     lengths = check_episodes(paths, task, use_images)
     if do_eval:
         train_idx, val_idx = split_episodes(len(paths), settings.val_fraction, seed)

@@ -31,10 +31,30 @@ def letterbox_geometry(src_hw: tuple[int, int], dst_hw: tuple[int, int]
 
 
 def _resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """(n, 3, h, w) float -> (n, 3, *hw); identity when the size already matches."""
+    """(n, 3, h, w) float -> (n, 3, *hw); identity when the size already matches. Antialiased,
+    so a downscaled frame does not alias (fine stripes, edges) the way plain bilinear does."""
     if tuple(x.shape[-2:]) == tuple(hw):
         return x
     return F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)
+
+
+def fit_tensor(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """The one frame fitting: float frames (n, 3, H, W) -> (n, 3, *size) by ``mode``.
+
+    Values are not rounded (a policy fits [0, 1] frames inside its forward: the VLA's
+    square vision input); ``fit_frames`` is the uint8 form the data pipeline stores.
+    """
+    if mode not in MODES:
+        raise ValueError(f"image_aspect_ratio must be one of {MODES}, got {mode!r}")
+    dh, dw = int(size[0]), int(size[1])
+    if tuple(x.shape[-2:]) == (dh, dw):
+        return x
+    if mode == "resize":
+        return _resize(x, (dh, dw))
+    (nh, nw), (top, left) = letterbox_geometry(tuple(x.shape[-2:]), (dh, dw))
+    out = x.new_zeros((*x.shape[:-2], dh, dw))
+    out[..., top:top + nh, left:left + nw] = _resize(x, (nh, nw))
+    return out
 
 
 def fit_frames(frames: np.ndarray, size: tuple[int, int] | None, mode: str) -> np.ndarray:
@@ -43,14 +63,8 @@ def fit_frames(frames: np.ndarray, size: tuple[int, int] | None, mode: str) -> n
         return frames
     if mode not in MODES:
         raise ValueError(f"image_aspect_ratio must be one of {MODES}, got {mode!r}")
-    dh, dw = int(size[0]), int(size[1])
-    if frames.shape[1:3] == (dh, dw):
+    if frames.shape[1:3] == (int(size[0]), int(size[1])):
         return frames
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    if mode == "resize":
-        out = _resize(x, (dh, dw))
-    else:
-        (nh, nw), (top, left) = letterbox_geometry(frames.shape[1:3], (dh, dw))
-        out = x.new_zeros((x.shape[0], x.shape[1], dh, dw))
-        out[:, :, top:top + nh, left:left + nw] = _resize(x, (nh, nw))
+    out = fit_tensor(x, size, mode)
     return out.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()

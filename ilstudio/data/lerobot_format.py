@@ -38,6 +38,7 @@ STATE_KEY = "observation.state"
 ACTION_KEY = "action"
 VELOCITY_KEY = "observation.velocity"  # ACT's /observations/qvel, where a dataset has it
 CAMERA_PREFIX = "observation.images."
+SINGLE_CAMERA_KEY = "observation.image"  # datasets with one camera (pusht): camera 'image'
 DEFAULT_CHUNK_SIZE = 1000
 
 V21_DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
@@ -82,19 +83,33 @@ class LeRobotInfo:
     @property
     def cameras(self) -> dict[str, dict]:
         """camera name -> its feature (dtype 'video' or 'image'), in info.json order."""
-        return {k[len(CAMERA_PREFIX):]: f for k, f in self.features.items()
-                if k.startswith(CAMERA_PREFIX) and f.get("dtype") in ("video", "image")}
+        return {camera_name(k): f for k, f in self.features.items()
+                if camera_name(k) and f.get("dtype") in ("video", "image")}
 
     def frame_shape(self, camera: str) -> tuple[int, int]:
         """(H, W) of a camera, from the feature's shape and names (LeRobot writes HWC)."""
         feat = self.cameras[camera]
         shape, names = list(feat.get("shape", ())), feat.get("names") or []
         if len(shape) != 3:
-            raise UserError(f"{self.root / INFO_PATH}: feature {CAMERA_PREFIX}{camera} has shape "
+            raise UserError(f"{self.root / INFO_PATH}: feature {camera_key(camera)} has shape "
                             f"{shape}, expected [height, width, channels]")
         if list(names)[:1] == ["channels"] or (shape[0] == 3 and shape[2] != 3):  # CHW
             return int(shape[1]), int(shape[2])
         return int(shape[0]), int(shape[1])
+
+
+def camera_name(key: str) -> str | None:
+    """'observation.images.top' -> 'top'; 'observation.image' -> 'image'; else None."""
+    if key.startswith(CAMERA_PREFIX):
+        return key[len(CAMERA_PREFIX):]
+    return "image" if key == SINGLE_CAMERA_KEY else None
+
+
+def camera_key(name: str, features: dict | None = None) -> str:
+    """The feature key of camera ``name`` (the inverse of camera_name)."""
+    if name == "image" and features is not None and SINGLE_CAMERA_KEY in features:
+        return SINGLE_CAMERA_KEY
+    return CAMERA_PREFIX + name
 
 
 def _vector_dim(info: LeRobotInfo, key: str) -> int:

@@ -40,6 +40,7 @@ from ilstudio.data.lerobot_format import (
     V30_VIDEO_PATH,
     VELOCITY_KEY,
     LeRobotInfo,
+    camera_key,
     load_info,
 )
 from ilstudio.data.video import VideoError, probe, shared_reader
@@ -113,7 +114,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _video_keys(info: LeRobotInfo) -> dict[str, str]:
     """camera -> feature key, for the cameras stored as video."""
-    return {cam: CAMERA_PREFIX + cam for cam, f in info.cameras.items() if f.get("dtype") == "video"}
+    return {cam: camera_key(cam, info.features) for cam, f in info.cameras.items()
+            if f.get("dtype") == "video"}
 
 
 def _load_v21(info: LeRobotInfo) -> tuple[list[EpisodeMeta], dict[int, str]]:
@@ -352,7 +354,8 @@ class LeRobotSource:
 
         path = self.ref.data.root / self.ref.meta.data_file
         name, mtime, pid = _file_key(path)
-        column = _image_column(name, CAMERA_PREFIX + camera, mtime, pid)
+        key = camera_key(camera, self.ref.data.info.features)
+        column = _image_column(name, key, mtime, pid)
         out = []
         for i in indices:
             cell = column[int(self._rows[i])]
@@ -360,12 +363,12 @@ class LeRobotSource:
             if raw is None and isinstance(cell, dict) and cell.get("path"):
                 raw = (self.ref.data.root / cell["path"]).read_bytes()
             if raw is None:
-                raise UserError(f"{path}: {CAMERA_PREFIX}{camera} is empty at frame {int(i)} of "
+                raise UserError(f"{path}: {key} is empty at frame {int(i)} of "
                                 f"episode {self.ref.meta.index}")
             try:
                 out.append(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")))
             except OSError as e:
-                raise UserError(f"{path}: {CAMERA_PREFIX}{camera} frame {int(i)} of episode "
+                raise UserError(f"{path}: {key} frame {int(i)} of episode "
                                 f"{self.ref.meta.index} is not a readable image: {e}") from None
         return np.stack(out)
 
@@ -437,7 +440,7 @@ def _check_cameras(ref: LeRobotEpisode, cameras: Sequence[str], timestamps: np.n
         head = _probe(video)
         if (head["height"], head["width"]) != hw:
             raise VideoError(f"{video}: frames are {head['height']}x{head['width']} but info.json "
-                             f"says {hw[0]}x{hw[1]} for {CAMERA_PREFIX}{cam}")
+                             f"says {hw[0]}x{hw[1]} for {camera_key(cam, info.features)}")
         last = span.from_timestamp + float(timestamps[-1])
         needed = int(round(last * info.fps)) + 1
         if head["frames"] and head["frames"] < needed:

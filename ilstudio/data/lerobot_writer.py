@@ -285,7 +285,7 @@ class LeRobotWriter:
     def _append_video(self, cam: str, frames: np.ndarray) -> dict:
         key = CAMERA_PREFIX + cam
         state = self._videos.get(cam)
-        if state is not None and state[0].path.stat().st_size > VIDEO_FILE_MB * 2**20:
+        if state is not None and state[0].bytes > VIDEO_FILE_MB * 2**20:
             state[0].close()
             state = [None, *self._next(state[1], state[2])]
         if state is None or state[0] is None:

@@ -80,7 +80,10 @@ class VideoReader:
             self._stream = self._container.streams.video[0]
         except (av.error.FFmpegError, IndexError) as e:
             raise VideoError(f"{path}: cannot be opened as a video (truncated or corrupt?): {e}") from None
-        self._stream.thread_type = "AUTO"
+        # Slice threads, not frame threads: frame threading holds frames back after every seek
+        # (measured, one 240x320 file, interleaved: random frames 221/s with SLICE, 161/s with
+        # AUTO; sequential decoding 392 vs 454 frames/s). Random access is the training path.
+        self._stream.thread_type = "SLICE"
         self._errors = av.error.FFmpegError
         self._lock = threading.Lock()  # one decoder state: threads (preload) take turns
 
@@ -91,8 +94,9 @@ class VideoReader:
     def _decode_from(self, ts: float) -> Iterator[tuple[float, object]]:
         """(time, frame) from the keyframe at or before ts onwards."""
         s = self._stream
-        self._container.seek(max(0, int(ts / s.time_base) - 1), backward=True, any_frame=False,
-                             stream=s)
+        # The nearest keyframe at or before ts's own pts (rounded, not floored: a frame that is
+        # itself a keyframe is decoded first, not after the previous keyframe's frames).
+        self._container.seek(max(0, round(ts / s.time_base)), backward=True, any_frame=False, stream=s)
         for frame in self._container.decode(s):
             if frame.pts is not None:
                 yield float(frame.pts * s.time_base), frame
@@ -165,7 +169,7 @@ class VideoWriter:
     def __init__(self, path: Path, fps: float, height: int, width: int) -> None:
         av = _av()
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.frames = path, 0
+        self.path, self.frames, self.bytes = path, 0, 0  # bytes: encoded so far
         self.fps = Fraction(fps).limit_denominator(1001)
         self._container = av.open(str(path), "w")
         self._stream = self._container.add_stream(CODEC, rate=self.fps, options=dict(ENCODER_OPTIONS))
@@ -183,7 +187,9 @@ class VideoWriter:
             frame = self._frame_cls.from_ndarray(np.ascontiguousarray(img), format="rgb24")
             frame.pts = self.frames
             frame.time_base = self._stream.codec_context.time_base
-            self._container.mux(self._stream.encode(frame))
+            packets = self._stream.encode(frame)
+            self.bytes += sum(p.size for p in packets)
+            self._container.mux(packets)
             self.frames += 1
 
     def close(self) -> None:

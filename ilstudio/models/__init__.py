@@ -1,35 +1,35 @@
-"""Model-building blocks shared by policies: LoRA adapters and bitsandbytes quantization.
+"""Model-building blocks shared by policies, one module per job:
+
+- ``quantization``: bitsandbytes loading configs and restoring saved 4-bit weights;
+- ``lora``: which layers get LoRA adapters, injection (QLoRA included), optimizer groups;
+- ``adapter_io``: a LoRA run's adapter files (``lora.weight_path``, rebuilding a run);
+- ``state_io``: the one strict state-dict loader (evaluation, ``model.load_pretrain``).
 
 Importing this package is cheap (torch, peft and bitsandbytes load inside the functions),
 so policy configuration modules can use the validation checks during ``--dry_run``.
 """
 
-from ilstudio.models.adapters import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    NON_LORA_TRAINABLES,
+from ilstudio.models.adapter_io import has_lora, load_adapter_run, load_adapter_weights, save_adapter
+from ilstudio.models.lora import (
     PART_NAMES,
     apply_lora,
-    bnb_quantization_config,
     check_lora_settings,
-    check_quantization_combo,
-    has_lora,
-    is_quantized_module,
-    load_adapter_run,
-    load_adapter_weights,
-    load_state_with_quantized,
     lora_config,
     lora_param_groups,
     lora_target_modules,
+)
+from ilstudio.models.quantization import (
+    bnb_quantization_config,
+    check_quantization_combo,
+    is_quantized_module,
+    load_state_with_quantized,
     restore_quantized_weights,
-    save_adapter,
     torch_dtype_for,
 )
 
 __all__ = [
-    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "NON_LORA_TRAINABLES", "PART_NAMES", "apply_lora",
-    "bnb_quantization_config", "check_lora_settings", "check_quantization_combo", "has_lora",
-    "is_quantized_module", "load_adapter_run", "load_adapter_weights", "load_state_with_quantized", "lora_config",
-    "lora_param_groups", "lora_target_modules", "restore_quantized_weights", "save_adapter",
-    "torch_dtype_for",
+    "PART_NAMES", "apply_lora", "bnb_quantization_config", "check_lora_settings",
+    "check_quantization_combo", "has_lora", "is_quantized_module", "load_adapter_run",
+    "load_adapter_weights", "load_state_with_quantized", "lora_config", "lora_param_groups",
+    "lora_target_modules", "restore_quantized_weights", "save_adapter", "torch_dtype_for",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from ilstudio.config.declare import params_of
+from ilstudio.config.settings import images_enabled
 from ilstudio.errors import UserError
 
 # Stable parameters the shared data and training code gives meaning for every policy.
@@ -87,7 +88,7 @@ class PolicyConfig:
                             f"{source_of('dataset.lazy_preprocess')}) has no effect: policy "
                             f"'{self.name}' gets no images or text to preprocess here")
         if model.load_pretrain:
-            from ilstudio.training.pretrain import weights_file
+            from ilstudio.models.state_io import weights_file
 
             try:
                 weights_file(model.load_pretrain)
@@ -96,5 +97,6 @@ class PolicyConfig:
         return problems
 
     def image_inputs(self, task, dataset) -> bool:
-        return self.uses_images and bool(task.camera_names) and dataset.is_multimodal
+        """Whether this policy gets camera frames: it can read them, and the data has them."""
+        return self.uses_images and images_enabled(task, dataset)
 

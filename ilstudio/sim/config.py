@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from ilstudio.config.declare import validate_instance
-from ilstudio.config.gin_layers import GinLayers, SearchPath
-from ilstudio.config.resolve import find_task_file
-from ilstudio.config.settings import TaskSettings
-from ilstudio.sim.settings import SimSettings
+from ilstudio.config.settings import SimSettings, TaskSettings
+from ilstudio.resolve import construct, layer_gin
 
 
 def load_task(task_name: str, gin_bindings: list[str] | tuple[str, ...] = (),
@@ -15,17 +12,10 @@ def load_task(task_name: str, gin_bindings: list[str] | tuple[str, ...] = (),
 
     Raises UserError for an unknown task or a bad binding (with the file/binding named).
     """
-    from ilstudio.policies import import_all_configurations
+    from ilstudio.config.declare import validate_instance
 
-    import_all_configurations()  # a task file may bind policy settings too
-    search = SearchPath([])
-    layers = GinLayers(search)
-    layers.add_file(find_task_file(search, task_name), f"--task_name={task_name}")
-    for name in gin_files:
-        layers.add_file(name, "--gin_file")
-    for i, text in enumerate(gin_bindings):
-        layers.add_binding_text(text, f"--gin_bindings[{i}] ({text.strip()!r})")
-    task, sim = TaskSettings(), SimSettings()
+    layers = layer_gin(task_name=task_name, gin_files=gin_files, gin_bindings=gin_bindings)
+    task, sim = construct(TaskSettings), construct(SimSettings)
     for obj in (task, sim):
         validate_instance(obj, layers.provenance.source_of)
     return task, sim

@@ -28,8 +28,8 @@ from gym_aloha.tasks import sim as joint_tasks  # noqa: E402
 from gym_aloha.tasks import sim_end_effector as ee_tasks  # noqa: E402
 from gym_aloha.utils import sample_box_pose, sample_insertion_pose  # noqa: E402
 
+from ilstudio.config.settings import SimSettings  # noqa: E402
 from ilstudio.errors import UserError  # noqa: E402
-from ilstudio.sim.settings import SimSettings  # noqa: E402
 
 # A purpose tag in every seed: recording and evaluation episodes never share an object pose,
 # whatever --seed each is given.

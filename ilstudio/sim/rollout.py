@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ilstudio.policies.ensemble import TemporalEnsembler
 from ilstudio.sim.envs import (
     EVAL,
     Renderer,
@@ -26,8 +27,6 @@ from ilstudio.sim.envs import (
     object_pose,
     reset_joint_env,
 )
-
-TE_K = 0.01  # ACT's temporal-ensembling weight decay: w_i = exp(-k * i), i = 0 the oldest
 
 
 class Agent:
@@ -71,28 +70,6 @@ class HoldAgent(Agent):
         return self.start
 
 
-class TemporalEnsemble:
-    """ACT's temporal ensembling: the action at t is the exp(-k*i)-weighted mean of every
-    chunk's prediction for t, i = 0 being the oldest chunk still covering t."""
-
-    def __init__(self, k: float = TE_K) -> None:
-        self.k = k
-        self.chunks: collections.deque[tuple[int, np.ndarray]] = collections.deque()
-
-    def reset(self) -> None:
-        self.chunks.clear()
-
-    def add(self, t: int, chunk: np.ndarray) -> None:
-        self.chunks.append((t, np.asarray(chunk)))
-
-    def action(self, t: int) -> np.ndarray:
-        while self.chunks and t - self.chunks[0][0] >= len(self.chunks[0][1]):
-            self.chunks.popleft()  # oldest first: expired chunks sit at the front
-        preds = np.stack([c[t - start] for start, c in self.chunks])
-        w = np.exp(-self.k * np.arange(len(preds)))
-        return (preds * (w / w.sum())[:, None]).sum(0)
-
-
 class PolicyAgent(Agent):
     """A trained policy: normalized qpos (+ frames fitted like the training data) -> chunk.
 
@@ -108,7 +85,7 @@ class PolicyAgent(Agent):
         self.uses_images = use_images
         self.image_size, self.aspect, self.history = image_size, image_aspect_ratio, history
         self.query_every = 1 if temporal_ensemble else query_every
-        self.te = TemporalEnsemble() if temporal_ensemble else None
+        self.te = TemporalEnsembler() if temporal_ensemble else None
         self.chunk: np.ndarray | None = None
         self.chunk_start = 0
         self.frames: dict[str, collections.deque] = {}

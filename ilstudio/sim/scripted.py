@@ -13,8 +13,8 @@ import dataclasses
 import numpy as np
 from gym_aloha.constants import normalize_puppet_gripper_position
 
+from ilstudio.config.settings import SimSettings
 from ilstudio.sim.envs import make_ee_env
-from ilstudio.sim.settings import SimSettings
 
 
 def quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:

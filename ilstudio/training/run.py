@@ -15,12 +15,12 @@ from pathlib import Path
 from absl import logging
 
 from ilstudio import rundir
-from ilstudio.config import diff as config_diff
 from ilstudio.config import dumps
-from ilstudio.config.resolve import Resolved, finalize
 from ilstudio.config.training_args import build_training_arguments, parse_resume, tensorboard_dir
 from ilstudio.errors import UserError
+from ilstudio.resolve import Resolved, finalize
 from ilstudio.training import distributed
+from ilstudio.training.resume import check_resume_config, record_resume_changes
 
 
 def resume_checkpoint(resolved: Resolved) -> str | None:
@@ -62,26 +62,6 @@ def check_output_dir(resolved: Resolved, resume_from: str | None, overwrite: boo
             f"--output_dir={out} already holds a run ({', '.join(existing[:5])}). Pass "
             f"--resume_from_checkpoint=true to continue it, --overwrite_output_dir to replace it, "
             f"or choose another --output_dir.")
-
-
-def check_resume_config(resolved: Resolved, resume_from: str | None) -> list:
-    """On resume: stop on a change the checkpoint cannot follow; print the allowed ones.
-
-    Compares with the operative config and flags saved next to the checkpoint (call after
-    the policy is built, at the point where those were written, and before rewriting them).
-    """
-    if resume_from is None:
-        return []
-    run_dir = Path(resume_from).parent
-    now = config_diff.Config("now", gin=config_diff.parse_gin_text(dumps.operative_text(), "now"),
-                             flags=config_diff.parse_flag_lines(dumps.flagfile_text(
-                                 resolved, Path(resolved.output_dir) / rundir.ALL_BINDINGS)))
-    changes = config_diff.check_resume(run_dir, now, resume_from)
-    if changes:
-        logging.warning("resuming from %s with %d configuration change(s) (recorded in %s):\n  %s",
-                        resume_from, len(changes), rundir.RESUME_CHANGES,
-                        "\n  ".join(d.line() for d in changes))
-    return changes
 
 
 def save_final_model(trainer, out: Path) -> None:
@@ -177,7 +157,7 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
                          dataset=resolved.dataset, model=resolved.model, lora=resolved.lora,
                          quantization=resolved.quantization, use_images=use_images)
     if resolved.model.load_pretrain:  # before anything is written: a misfit is a UserError
-        from ilstudio.training.pretrain import load_pretrained_policy
+        from ilstudio.models.state_io import load_pretrained_policy
 
         logging.info("model.load_pretrain: initialised from %s",
                      load_pretrained_policy(model, resolved.model.load_pretrain))
@@ -196,7 +176,7 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
             dumps.write_run_config(resolved, out, args.to_json_string())
             stats.save(out / rundir.NORM_STATS)
             if resume_changes:
-                config_diff.record_resume_changes(out, resume_from, resume_changes)
+                record_resume_changes(out, resume_from, resume_changes)
             rundir.write_atomic(out / rundir.DATA_SUMMARY, json.dumps(summary, indent=2) + "\n")
 
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", tensorboard_dir(hyper))

@@ -128,7 +128,7 @@ class PolicyTrainer(Trainer):
                 os.makedirs(out, exist_ok=True)
                 self.ema.save(out, self.model)
         super()._save(output_dir, state_dict)
-        from ilstudio.models.adapters import has_lora, save_adapter
+        from ilstudio.models.adapter_io import has_lora, save_adapter
 
         if self.args.should_save and has_lora(self.model):
             # LoRA runs also get the adapter + trainable non-LoRA weights (peft format), so
@@ -138,7 +138,7 @@ class PolicyTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from ilstudio.models.adapters import restore_quantized_weights
+        from ilstudio.models.quantization import restore_quantized_weights
         from ilstudio.training.ema import restore
 
         # load_state_dict skips bitsandbytes 4-bit quantization state: rebuild those weights.

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import deque
 
 import torch
 from torch import nn
@@ -302,42 +301,6 @@ class ACTPolicy(nn.Module):
         """A normalized action chunk (B, chunk_size, action_dim), with z = 0 as in ACT."""
         z = torch.zeros(qpos.shape[0], self.latent_dim, device=qpos.device, dtype=qpos.dtype)
         return self.decode(qpos, images, z)
-
-
-class TemporalEnsembler:
-    """ACT's temporal ensembling, one control step at a time.
-
-    Every step the policy predicts a chunk starting at that step; the action executed at
-    step t is the weighted mean of every still-valid chunk's prediction for t, with
-    weights w_i = exp(-k * i) where i = 0 is the OLDEST prediction (as in ACT; k = 0.01).
-    Call ``update(chunk)`` once per step with the chunk predicted at that step; ``reset()``
-    between episodes.
-    """
-
-    def __init__(self, chunk_size: int, k: float = 0.01) -> None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        self.chunk_size, self.k = chunk_size, k
-        self.reset()
-
-    def reset(self) -> None:
-        self.step = 0
-        self._chunks: deque[tuple[int, torch.Tensor]] = deque()
-
-    def update(self, chunk: torch.Tensor) -> torch.Tensor:
-        """chunk: (chunk_size, A) or (B, chunk_size, A) predicted now -> the action to execute."""
-        if chunk.shape[-2] != self.chunk_size:
-            raise ValueError(f"expected a chunk of {self.chunk_size} steps, got shape "
-                             f"{tuple(chunk.shape)}")
-        t = self.step
-        self._chunks.append((t, chunk))
-        while t - self._chunks[0][0] >= self.chunk_size:
-            self._chunks.popleft()
-        preds = torch.stack([c[..., t - t0, :] for t0, c in self._chunks])  # oldest first
-        w = torch.exp(-self.k * torch.arange(len(preds), dtype=preds.dtype, device=preds.device))
-        w = (w / w.sum()).view(-1, *([1] * (preds.dim() - 1)))
-        self.step += 1
-        return (w * preds).sum(0)
 
 
 # -- building ------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ class VLAConfig(PolicyConfig):
         "dataset.use_prev_subtask",
         "dataset.select_seg_token_mask",
         "dataset.lazy_preprocess",
-        # LoRA / QLoRA on the parts (llm, vit, projector, action_head): ilstudio/models/adapters.py
+        # LoRA / QLoRA on the parts (llm, vit, projector, action_head): ilstudio/models/lora.py
         "lora.enable", "lora.module", "lora.task_type", "lora.r", "lora.alpha", "lora.dropout",
         "lora.bias", "lora.weight_path", "lora.lr",
         "quantization.enable", "quantization.bits", "quantization.double_quant",
@@ -47,7 +47,8 @@ class VLAConfig(PolicyConfig):
                              "attribute (plain ACT data).", documented=False)
 
     def validate(self, *, task, dataset, model, lora, quantization, source_of) -> None:
-        from ilstudio.models.adapters import check_lora_settings, check_quantization_combo
+        from ilstudio.models.lora import check_lora_settings
+        from ilstudio.models.quantization import check_quantization_combo
 
         super().validate(task=task, dataset=dataset, model=model, lora=lora,
                          quantization=quantization, source_of=source_of)

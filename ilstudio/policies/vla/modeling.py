@@ -101,7 +101,7 @@ class VLAPolicy(nn.Module):
 
     def optimizer_param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """With LoRA: LoRA parameters at lora.lr, the rest at lr; else [] (Trainer default)."""
-        from ilstudio.models.adapters import has_lora, lora_param_groups
+        from ilstudio.models import has_lora, lora_param_groups
 
         if not has_lora(self):
             return []
@@ -128,17 +128,10 @@ class VLAPolicy(nn.Module):
 
     def fit_square(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, 3, S, S), S the tower's image_size: letterboxed (black bands)
-        for image_aspect_ratio 'pad', stretched for 'resize' (as ilstudio.data.image_ops)."""
-        size = (self.image_size, self.image_size)
-        if tuple(x.shape[-2:]) == size:
-            return x
-        if self.aspect != "pad":
-            return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        from ilstudio.data.image_ops import letterbox_geometry
+        for image_aspect_ratio 'pad', stretched for 'resize' (``image_ops.fit_tensor``)."""
+        from ilstudio.data.image_ops import fit_tensor
 
-        (nh, nw), (top, left) = letterbox_geometry(tuple(x.shape[-2:]), size)
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
-        return F.pad(x, (left, size[1] - nw - left, top, size[0] - nh - top))
+        return fit_tensor(x, (self.image_size, self.image_size), self.aspect)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, cams[, history], 3, H, W) in [0, 1] -> (B, cams*history*patches, LM hidden)."""
@@ -385,7 +378,7 @@ def build(*, policy_config, task, dataset, model, lora, quantization, use_images
         raise UserError("policy 'vla' needs camera images (task.camera_names and "
                         "dataset.is_multimodal)")
     backbone_name(model)
-    from ilstudio.models.adapters import (
+    from ilstudio.models import (
         apply_lora,
         bnb_quantization_config,
         lora_target_modules,

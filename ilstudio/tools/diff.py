@@ -1,22 +1,17 @@
 """What differs between two configurations: two runs, a run and a .gin/.yaml file, or a
 run and the configuration about to resume it.
 
-    python -m ilstudio.config.diff RUN_A RUN_B
+    python -m ilstudio.tools.diff RUN_A RUN_B
 
 Each side is a run directory (its operative_config.gin and flags.txt), a .gin file or a
 .yaml training config. Gin text is parsed with gin's own parser into key -> value without
 executing anything: `import` lines are skipped and `@references`/`%macros` stay text, so
 diffing a file never runs its code. Exit code: 0 same, 1 different, 2 error.
-
-On resume, ``check_resume`` compares the new configuration with the run's saved one: a
-change that makes the checkpoint unusable stops the run (UserError listing every such
-difference); an allowed change is returned so the caller prints and records it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,27 +19,9 @@ from typing import Any
 from gin import config_parser
 
 from ilstudio.errors import UserError, read_user_text
-from ilstudio.rundir import FLAGFILE, OPERATIVE, RESUME_CHANGES
+from ilstudio.rundir import FLAGFILE, OPERATIVE
 
 NOT_SET = "(not set)"
-
-# Stable parameters whose change makes a checkpoint unusable (shapes, modules, what the
-# optimizer state belongs to). Every parameter of a policy's own configurable counts too,
-# except the ones in RESUME_SAFE. A key of a configurable this module does not know is
-# treated as breaking: refusing is recoverable, training on a mismatched checkpoint is not.
-BREAKING_KEYS = frozenset({
-    "model.policy", "model.chunk_size", "model.model_name_or_path", "model.using_ema",
-    "model.freeze_vision_tower", "model.freeze_backbone", "model.tune_mm_mlp_adapter",
-    "task.state_dim", "task.action_dim", "task.camera_names",
-    "dataset.is_multimodal", "dataset.history_images_length", "dataset.image_size",
-})
-BREAKING_CONFIGURABLES = frozenset({"lora", "quantization"})
-RESUME_SAFE = frozenset({"lora.dropout", "lora.lr", "lora.weight_path"})
-# Flags that change what the checkpoint's optimizer/engine state means.
-BREAKING_FLAGS = frozenset({"optim", "deepspeed", "task_name"})
-# Flags that differ between a run and its own resume by design.
-RESUME_IGNORED_FLAGS = frozenset({"resume_from_checkpoint", "gin_file"})
-
 
 @dataclasses.dataclass
 class Config:
@@ -248,69 +225,11 @@ def report(a: Config, b: Config, diffs: list[Difference]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _policy_configurables() -> set[str]:
-    from ilstudio.config.declare import CONFIGURABLES
-    from ilstudio.policies import import_all_configurations
-    from ilstudio.policies.base import PolicyConfig
-
-    import_all_configurations()
-    return {name for name, cls in CONFIGURABLES.items() if issubclass(cls, PolicyConfig)}
-
-
-def breaks_checkpoint(d: Difference) -> bool:
-    from ilstudio.config.declare import CONFIGURABLES
-
-    if d.kind == "flag":
-        return d.key in BREAKING_FLAGS
-    key = d.key.rsplit("/", 1)[-1]
-    configurable = key.split(".")[0]
-    if key.startswith("%") or key in RESUME_SAFE:
-        return False
-    if key in BREAKING_KEYS or configurable in BREAKING_CONFIGURABLES:
-        return True
-    if configurable in _policy_configurables():
-        return "dropout" not in key
-    return configurable not in CONFIGURABLES
-
-
-def check_resume(run_dir: Path, new: Config, checkpoint: str) -> list[Difference]:
-    """Compare the new configuration with the run's saved one before resuming.
-
-    Raises UserError naming every change the checkpoint cannot survive; returns the
-    allowed differences (empty when nothing changed or nothing was saved).
-    """
-    if not (run_dir / OPERATIVE).is_file():
-        return []
-    saved = load(run_dir)
-    new.flags = {k: v for k, v in new.flags.items() if k not in RESUME_IGNORED_FLAGS}
-    saved.flags = {k: v for k, v in saved.flags.items() if k not in RESUME_IGNORED_FLAGS}
-    diffs = compare(saved, new)
-    breaking = [d for d in diffs if breaks_checkpoint(d)]
-    if breaking:
-        raise UserError(
-            f"cannot resume from {checkpoint}: the configuration changed in ways the checkpoint "
-            f"cannot follow (saved run in {run_dir} -> now):\n  "
-            + "\n  ".join(d.line() for d in breaking)
-            + "\nUndo these changes to resume, or start a new run (another --output_dir, or "
-              "--overwrite_output_dir without --resume_from_checkpoint).")
-    return diffs
-
-
-def record_resume_changes(run_dir: Path, checkpoint: str, diffs: list[Difference]) -> None:
-    """Append the allowed differences to resume_changes.txt (the run's own history)."""
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    lines = [f"# {stamp} resumed from {checkpoint}: "
-             f"{len(diffs)} change(s) from the saved configuration"]
-    lines += [f"{d.line()}" for d in diffs]
-    with open(run_dir / RESUME_CHANGES, "a") as f:
-        f.write("\n".join(lines) + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip().split("\n\n")[1], file=sys.stderr)
-        print("usage: python -m ilstudio.config.diff RUN_A RUN_B", file=sys.stderr)
+        print("usage: python -m ilstudio.tools.diff RUN_A RUN_B", file=sys.stderr)
         return 2
     try:
         a, b = load(argv[0]), load(argv[1])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import gin
@@ -20,7 +20,8 @@ from absl import flags, logging
 from ilstudio.config import settings as S
 from ilstudio.config.declare import validate_instance
 from ilstudio.config.gin_layers import GinLayers, SearchPath
-from ilstudio.config.hyperparams import HYPERPARAMS, owned_field_message
+from ilstudio.config.hyperparams import HYPERPARAMS, layer_hyperparams, owned_field_message
+from ilstudio.config.settings import SimSettings
 from ilstudio.config.yaml_adapter import (
     TrainingConfig,
     convert_training_arg,
@@ -30,7 +31,6 @@ from ilstudio.config.yaml_adapter import (
 )
 from ilstudio.errors import UserError, did_you_mean
 from ilstudio.policies import import_all_configurations, policy_config_class
-from ilstudio.sim.settings import SimSettings
 
 
 @dataclasses.dataclass
@@ -82,24 +82,12 @@ def find_task_file(search: SearchPath, task_name: str, source: str = "flag --tas
 
 def _resolve_hyper(fv: flags.FlagValues, yaml_cfg: TrainingConfig | None
                    ) -> tuple[dict[str, Any], dict[str, str]]:
-    values, sources = {}, {}
-    for h in [*HYPERPARAMS, "task_name"]:
-        name = h if isinstance(h, str) else h.name
-        if fv[name].present:
-            values[name], sources[name] = fv[name].value, f"flag --{name}"
-            if yaml_cfg and name in yaml_cfg.hyper:
-                logging.info("--%s=%r on the command line overrides %r from %s", name,
-                             fv[name].value, yaml_cfg.hyper[name], yaml_cfg.source[name])
-        elif yaml_cfg and name in yaml_cfg.hyper:
-            values[name], sources[name] = yaml_cfg.hyper[name], yaml_cfg.source[name]
-        else:
-            values[name], sources[name] = fv[name].value, "default"
-    if values["output_dir"] is not None and not str(values["output_dir"]).strip():
+    names = [*(h.name for h in HYPERPARAMS), "task_name"]
+    values, sources = layer_hyperparams({n: fv[n].value for n in names if fv[n].present},
+                                        {n: fv[n].value for n in names}, yaml_cfg)
+    if not str(values["output_dir"]).strip():
         raise UserError(f"--output_dir is empty (from {sources['output_dir']}): name the run's "
                         f"directory, or leave it out for runs/<task_name>")
-    if values["output_dir"] is None:
-        values["output_dir"] = str(Path("runs") / values["task_name"])
-        sources["output_dir"] = "default (runs/<task_name>)"
     for h in HYPERPARAMS:
         source = sources[h.name]
         where = f"--{h.name}" if source.startswith("flag") else f"{h.name} (from {source})"
@@ -189,9 +177,35 @@ def bind_dataset_values(layers: GinLayers) -> None:
         layers.bind_value(f"task.{name}", value, "the LeRobot dataset's meta/info.json")
 
 
+def layer_gin(*, task_name: str | None = None, task_source: str = "flag --task_name",
+              gin_files: Sequence[str] = (),
+              gin_bindings: Sequence[str] = (), search_paths: Sequence[str] = (),
+              yaml_cfg: TrainingConfig | None = None) -> GinLayers:
+    """The one gin layering: training, the simulator's task loading and evaluation parse
+    through it, in the precedence of this module's docstring (task file < --gin_file files
+    < YAML stable keys < --gin_bindings), every binding's source recorded.
+
+    Starts from a clear gin config with every policy's configurable registered (a task file
+    may bind policy settings too). A task_name of None parses no task file (evaluation
+    parses a run's operative_config.gin, which holds the task's values).
+    """
+    import_all_configurations()
+    search = SearchPath(list(search_paths))
+    layers = GinLayers(search)
+    if task_name is not None:
+        layers.add_file(find_task_file(search, task_name, task_source), f"--task_name={task_name}")
+    for name in gin_files:
+        layers.add_file(name, "--gin_file")
+    if yaml_cfg:
+        for key, value in yaml_cfg.stable.items():
+            layers.bind_value(key, value, yaml_cfg.source[key])
+    for i, text in enumerate(gin_bindings):
+        layers.add_binding_text(text, f"--gin_bindings[{i}] ({text.strip()!r})")
+    return layers
+
+
 def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
     """Resolve every layer into one validated configuration (no torch, no writes)."""
-    import_all_configurations()
     yaml_cfg = None
     if fv.training_config:
         yaml_cfg = load_training_config(fv.training_config, fv.yaml_unknown_keys)
@@ -203,18 +217,9 @@ def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
     _parse_training_arg_flags(fv.training_arg, extra, extra_sources)
     hyper_source.update(extra_sources)
 
-    search = SearchPath(fv.gin_search_paths)
-    layers = GinLayers(search)
-    task_file = find_task_file(search, hyper["task_name"], hyper_source["task_name"])
-    layers.add_file(task_file, f"--task_name={hyper['task_name']}")
-    for name in fv.gin_file:
-        layers.add_file(name, "--gin_file")
-    if yaml_cfg:
-        for key, value in yaml_cfg.stable.items():
-            layers.bind_value(key, value, yaml_cfg.source[key])
-    for i, text in enumerate(fv.gin_bindings):
-        layers.add_binding_text(text, f"--gin_bindings[{i}] ({text.strip()!r})")
-
+    layers = layer_gin(task_name=hyper["task_name"], task_source=hyper_source["task_name"],
+                       gin_files=fv.gin_file, gin_bindings=fv.gin_bindings,
+                       search_paths=fv.gin_search_paths, yaml_cfg=yaml_cfg)
     bind_dataset_values(layers)
     built = build_settings(layers.provenance.source_of)
     # Cross-parameter checks that need the whole picture: a policy that cannot read this

@@ -1,4 +1,4 @@
-"""Migrate an older YAML training file: ``python -m ilstudio.config.yaml_to_gin my.yaml``.
+"""Migrate an older YAML training file: ``python -m ilstudio.tools.yaml_to_gin my.yaml``.
 
 Writes the stable keys as a .gin file (stdout, or ``--output my.gin``) and, next to it,
 the hyperparameters as an absl flagfile (``my.flags``): hyperparameters are flags, not gin.
@@ -25,7 +25,7 @@ def gin_literal(value) -> str:
 def convert(yaml_path: str, unknown_keys: str = "error") -> tuple[str, str]:
     """(gin text, flagfile text) equivalent to the YAML file."""
     cfg = load_training_config(yaml_path, unknown_keys)
-    gin_lines = [f"# Converted from {yaml_path} by ilstudio.config.yaml_to_gin.",
+    gin_lines = [f"# Converted from {yaml_path} by ilstudio.tools.yaml_to_gin.",
                  "# Stable parameters only; hyperparameters are in the companion flagfile.", ""]
     for key, value in cfg.stable.items():
         gin_lines.append(f"{key} = {gin_literal(value)}")

@@ -1,6 +1,6 @@
 """The README's parameter tables, generated from the declarations (never hand-copied).
 
-``python -m ilstudio.config.docs`` prints them; ``--write README.md`` replaces the block
+``python -m ilstudio.tools.docs`` prints them; ``--write README.md`` replaces the block
 between the markers in place. A test fails when README and declarations disagree.
 """
 
@@ -13,7 +13,7 @@ from ilstudio.config import settings as _settings  # noqa: F401  (registers conf
 from ilstudio.config.declare import CONFIGURABLES, params_of, type_name
 from ilstudio.config.hyperparams import HYPERPARAMS
 
-BEGIN = "<!-- BEGIN GENERATED PARAMETER TABLES (python -m ilstudio.config.docs --write README.md) -->"
+BEGIN = "<!-- BEGIN GENERATED PARAMETER TABLES (python -m ilstudio.tools.docs --write README.md) -->"
 END = "<!-- END GENERATED PARAMETER TABLES -->"
 
 

@@ -1,0 +1,115 @@
+"""What a resumed run may change: the rules, checked before anything is rewritten.
+
+On resume the new configuration is compared with the run's saved one (its
+operative_config.gin and flags.txt, ilstudio/tools/diff.py does the comparing): a change
+that makes the checkpoint unusable stops the run (UserError listing every such
+difference); an allowed change is printed and recorded in the run's resume_changes.txt.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+from absl import logging
+
+from ilstudio import rundir
+from ilstudio.config import dumps
+from ilstudio.errors import UserError
+from ilstudio.resolve import Resolved
+from ilstudio.tools.diff import Config, Difference, compare, load, parse_flag_lines, parse_gin_text
+
+# Stable parameters whose change makes a checkpoint unusable (shapes, modules, what the
+# optimizer state belongs to). Every parameter of a policy's own configurable counts too,
+# except the ones in RESUME_SAFE. A key of a configurable this module does not know is
+# treated as breaking: refusing is recoverable, training on a mismatched checkpoint is not.
+BREAKING_KEYS = frozenset({
+    "model.policy", "model.chunk_size", "model.model_name_or_path", "model.using_ema",
+    "model.freeze_vision_tower", "model.freeze_backbone", "model.tune_mm_mlp_adapter",
+    "task.state_dim", "task.action_dim", "task.camera_names",
+    "dataset.is_multimodal", "dataset.history_images_length", "dataset.image_size",
+})
+BREAKING_CONFIGURABLES = frozenset({"lora", "quantization"})
+RESUME_SAFE = frozenset({"lora.dropout", "lora.lr", "lora.weight_path"})
+# Flags that change what the checkpoint's optimizer/engine state means.
+BREAKING_FLAGS = frozenset({"optim", "deepspeed", "task_name"})
+# Flags that differ between a run and its own resume by design.
+RESUME_IGNORED_FLAGS = frozenset({"resume_from_checkpoint", "gin_file"})
+
+
+def _policy_configurables() -> set[str]:
+    from ilstudio.config.declare import CONFIGURABLES
+    from ilstudio.policies import import_all_configurations
+    from ilstudio.policies.base import PolicyConfig
+
+    import_all_configurations()
+    return {name for name, cls in CONFIGURABLES.items() if issubclass(cls, PolicyConfig)}
+
+
+def breaks_checkpoint(d: Difference) -> bool:
+    from ilstudio.config.declare import CONFIGURABLES
+
+    if d.kind == "flag":
+        return d.key in BREAKING_FLAGS
+    key = d.key.rsplit("/", 1)[-1]
+    configurable = key.split(".")[0]
+    if key.startswith("%") or key in RESUME_SAFE:
+        return False
+    if key in BREAKING_KEYS or configurable in BREAKING_CONFIGURABLES:
+        return True
+    if configurable in _policy_configurables():
+        return "dropout" not in key
+    return configurable not in CONFIGURABLES
+
+
+def check_resume(run_dir: Path, new: Config, checkpoint: str) -> list[Difference]:
+    """Compare the new configuration with the run's saved one before resuming.
+
+    Raises UserError naming every change the checkpoint cannot survive; returns the
+    allowed differences (empty when nothing changed or nothing was saved).
+    """
+    if not (run_dir / rundir.OPERATIVE).is_file():
+        return []
+    saved = load(run_dir)
+    new.flags = {k: v for k, v in new.flags.items() if k not in RESUME_IGNORED_FLAGS}
+    saved.flags = {k: v for k, v in saved.flags.items() if k not in RESUME_IGNORED_FLAGS}
+    diffs = compare(saved, new)
+    breaking = [d for d in diffs if breaks_checkpoint(d)]
+    if breaking:
+        raise UserError(
+            f"cannot resume from {checkpoint}: the configuration changed in ways the checkpoint "
+            f"cannot follow (saved run in {run_dir} -> now):\n  "
+            + "\n  ".join(d.line() for d in breaking)
+            + "\nUndo these changes to resume, or start a new run (another --output_dir, or "
+              "--overwrite_output_dir without --resume_from_checkpoint).")
+    return diffs
+
+
+def record_resume_changes(run_dir: Path, checkpoint: str, diffs: list[Difference]) -> None:
+    """Append the allowed differences to resume_changes.txt (the run's own history)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    lines = [f"# {stamp} resumed from {checkpoint}: "
+             f"{len(diffs)} change(s) from the saved configuration"]
+    lines += [f"{d.line()}" for d in diffs]
+    with open(run_dir / rundir.RESUME_CHANGES, "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def check_resume_config(resolved: Resolved, resume_from: str | None) -> list:
+    """On resume: stop on a change the checkpoint cannot follow; print the allowed ones.
+
+    Compares with the operative config and flags saved next to the checkpoint (call after
+    the policy is built, at the point where those were written, and before rewriting them).
+    """
+    if resume_from is None:
+        return []
+    run_dir = Path(resume_from).parent
+    now = Config("now", gin=parse_gin_text(dumps.operative_text(), "now"),
+                 flags=parse_flag_lines(dumps.flagfile_text(
+                     resolved, Path(resolved.output_dir) / rundir.ALL_BINDINGS)))
+    changes = check_resume(run_dir, now, resume_from)
+    if changes:
+        logging.warning("resuming from %s with %d configuration change(s) (recorded in %s):\n  %s",
+                        resume_from, len(changes), rundir.RESUME_CHANGES,
+                        "\n  ".join(d.line() for d in changes))
+    return changes
