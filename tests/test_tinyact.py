@@ -22,7 +22,13 @@ from ilstudio.config import settings as S
 from ilstudio.errors import UserError
 from ilstudio.policies.sensitivity import image_sensitivity
 from ilstudio.policies.tinyact.configuration import TinyACTConfig
-from ilstudio.policies.tinyact.modeling import TinyACTPolicy, build, random_shift, spatial_softmax
+from ilstudio.policies.tinyact.modeling import (
+    ActNorm,
+    TinyACTPolicy,
+    build,
+    random_shift,
+    spatial_softmax,
+)
 
 CHUNK, STATE, ACTION, HW = 8, 14, 14, (24, 32)
 TINY = {"tinyact.channels": (8, 16), "tinyact.strides": (2, 1), "tinyact.keypoints": 8,
@@ -106,6 +112,23 @@ def test_saturation_keypoint_finds_the_coloured_object_untrained():
     kp = model.encoder(images)[:, :2]
     expected = (xy.float() + 0.5) / torch.tensor([HW[1] - 1, HW[0] - 1]) * 2 - 1
     torch.testing.assert_close(kp, expected, atol=0.1, rtol=0)
+
+
+def test_actnorm_standardizes_the_first_batch_then_is_a_fixed_map():
+    norm = ActNorm(3)
+    x = torch.randn(64, 3) * torch.tensor([0.05, 1.0, 0.0]) + torch.tensor([0.3, -2.0, 7.0])
+    y = norm(x).detach()  # training mode: initialized from this batch
+    torch.testing.assert_close(y[:, :2].mean(0), torch.zeros(2), atol=1e-5, rtol=0)
+    assert abs(float(y[:, 0].std()) - 0.05 / (0.05**2 + 1e-2) ** 0.5) < 0.05  # gain capped by eps
+    assert torch.allclose(y[:, 2], torch.zeros(64), atol=1e-4)
+    z = torch.randn(8, 3)
+    norm.eval()
+    out_eval = norm(z)
+    norm.train()
+    assert torch.equal(norm(z), out_eval)  # no train/eval gap, no re-initialization
+    fresh = ActNorm(3)
+    fresh.load_state_dict(norm.state_dict())
+    assert torch.equal(fresh(z), out_eval)  # the loaded map is kept, not re-fitted to z
 
 
 def test_shapes_loss_and_select_action():

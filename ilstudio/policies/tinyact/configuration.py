@@ -45,8 +45,9 @@ class TinyACTConfig(PolicyConfig):
                                       "colour-saturation map (sharpness learned): where the most "
                                       "colourful thing in view is, from the first step of "
                                       "training.", documented=False)
-    input_norm: bool = param(False, "BatchNorm over the head's input features (keypoints, "
-                             "pooled features, state): small keypoint motions get unit scale.",
+    input_norm: bool = param(False, "Standardize the head's input features (keypoints, pooled "
+                             "features, state) with an affine map initialized from the first "
+                             "training batch (ActNorm): small keypoint motions get unit scale.",
                              documented=False)
     hidden_dim: int = param(512, "Width of the MLP head.", documented=False, bounds="[1, inf)")
     num_layers: int = param(3, "Hidden layers of the MLP head (0: a linear map).",

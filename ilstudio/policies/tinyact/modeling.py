@@ -53,6 +53,41 @@ def random_shift(images: torch.Tensor, pad: int) -> torch.Tensor:
     return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(off)])
 
 
+class ActNorm(nn.Module):
+    """Per-feature affine standardization initialized from the first training batch (Glow's
+    ActNorm), then learned like any weight.
+
+    Why not BatchNorm: its running statistics, averaged over noisy batches of 32 while the
+    features still move, made the evaluation-time policy much worse than the training-time one
+    (first-chunk error 0.26 vs 0.11 after 2000 steps). A fixed affine map has no train/eval gap.
+    ``eps`` caps the gain at 1/sqrt(eps) so a nearly constant feature is not blown up.
+    """
+
+    def __init__(self, width: int, eps: float = 1e-2) -> None:
+        super().__init__()
+        self.eps = eps
+        self.bias = nn.Parameter(torch.zeros(width))
+        self.log_scale = nn.Parameter(torch.zeros(width))
+        self.register_buffer("initialized", torch.tensor(False))  # saved: no re-init on load
+
+    @torch.no_grad()
+    def _init(self, x: torch.Tensor) -> None:
+        mean, sq = x.mean(0), x.pow(2).mean(0)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            stats = torch.stack([mean, sq])  # every rank starts from the same map
+            torch.distributed.all_reduce(stats)
+            mean, sq = stats / torch.distributed.get_world_size()
+        var = (sq - mean.pow(2)).clamp(min=0)
+        self.bias.copy_(-mean)
+        self.log_scale.copy_(-0.5 * torch.log(var + self.eps))
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not bool(self.initialized):
+            self._init(x)
+        return (x + self.bias) * self.log_scale.exp()
+
+
 class KeypointEncoder(nn.Module):
     """Image (N, 3, H, W) in [0, 1] -> (N, 2K + C) keypoints and mean-pooled features."""
 
@@ -107,11 +142,9 @@ class TinyACTPolicy(nn.Module):
                                        config.early_keypoints, config.saturation_channel,
                                        config.saturation_keypoint)
         width = num_images * self.encoder.out_dim + ((state_dim + 1) if self.use_state else 0)
-        # Standardize every input feature over the batch: keypoints move over a small part of
-        # the frame (the cube's spans ~0.1 of [-1, 1]), state and pooled features have other
-        # scales. eps = 1e-2 caps the gain at 10: a feature of near-zero variance (a quiet
-        # channel) amplified 300x made the running statistics unusable at evaluation.
-        layers: list[nn.Module] = [nn.BatchNorm1d(width, eps=1e-2)] if config.input_norm else []
+        # Standardize every input feature: keypoints move over a small part of the frame (the
+        # cube's over ~0.1 of [-1, 1]); state and pooled features have other scales.
+        layers: list[nn.Module] = [ActNorm(width)] if config.input_norm else []
         for _ in range(config.num_layers):
             layers += [nn.Linear(width, config.hidden_dim), nn.ReLU(), nn.Dropout(config.dropout)]
             width = config.hidden_dim
