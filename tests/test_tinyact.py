@@ -208,18 +208,23 @@ def test_train_py_tinyact_run_learns_uses_the_image_and_loads_back(tmp_path, tin
     out = tmp_path / "run"
     proc = run_train(*tiny_args(tiny_data, out, "--gin_file=gin_configs/tinyact.gin", *TINY_FLAGS,
                                 "--gin_bindings=dataset.image_size = (24, 32)",
-                                "--max_steps=40", "--learning_rate=3e-3", "--logging_steps=5"))
+                                "--max_steps=60", "--learning_rate=3e-3", "--logging_steps=5"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((out / "trainer_state.json").read_text())
     losses = [e["loss"] for e in state["log_history"] if "loss" in e]
-    assert len(losses) >= 6 and np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2]), losses
+    assert len(losses) >= 10 and np.mean(losses[-3:]) < 0.8 * np.mean(losses[:2]), losses
     operative = (out / "operative_config.gin").read_text()
     assert re.search(r"model\.policy = 'tinyact'", operative)
     assert "tinyact.keypoints = 8" in operative and "dataset.lazy_preprocess = False" in operative
 
-    fresh = build_tiny(seed=99)
-    fresh.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
-    fresh.eval()
+    # Rebuilt from the run directory alone, as `python -m ilstudio.eval` does (strict load).
+    from ilstudio.eval import load_policy, load_settings
+
+    fresh, uses_images, _ = load_policy(load_settings(out / "operative_config.gin"),
+                                        out / "model.safetensors", "cpu")
+    assert uses_images and not fresh.training
+    saved = load_file(str(out / "model.safetensors"))
+    assert bool(saved["head.0.initialized"])  # ActNorm was fitted during training, and saved
     qpos, images = torch.zeros(2, STATE), torch.rand(2, 1, 3, *HW)
     before = fresh.select_action(qpos, images)
     assert before.shape == (2, CHUNK, ACTION)
