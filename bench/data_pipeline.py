@@ -67,9 +67,7 @@ def consumption(resolved, ds, batch: int, steps: int) -> tuple[float, int]:
     from ilstudio.policies import build_policy
 
     torch.manual_seed(0)
-    model = build_policy(resolved.model.policy, policy_config=resolved.policy, task=resolved.task,
-                         dataset=resolved.dataset, model=resolved.model, lora=resolved.lora,
-                         quantization=resolved.quantization, use_images=True)
+    model = build_policy(resolved)  # an image task: the ACT reads its cameras
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     b = collate(ds.__getitems__(list(range(batch))) if hasattr(ds, "__getitems__")

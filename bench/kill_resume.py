@@ -33,7 +33,8 @@ def env() -> dict[str, str]:
 
 def args_for(data: Path, out: Path) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), "--task_name=tiny_synthetic",
-            f"--gin_bindings=task.dataset_dir = '{data}'", f"--output_dir={out}", *STEPS]
+            "--gin_file=gin_configs/mlp.gin", f"--gin_bindings=task.dataset_dir = '{data}'",
+            f"--output_dir={out}", *STEPS]
 
 
 def kill_points(out: Path) -> dict[str, callable]:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The default command's data path: lazy HDF5 reads vs preloaded, per training step.
 
-The default command (``python train.py --task_name=sim_transfer_cube_scripted``: default.gin's
-MLP, ``dataset.preload_data = False``) reads each sample's slices from the episode files. Here
+The MLP command (``python train.py --task_name=sim_transfer_cube_scripted
+--gin_file=gin_configs/mlp.gin``, ``dataset.preload_data = False``) reads each sample's slices from the episode files. Here
 its training dataset is built exactly as train.py builds it (the command's flags -> resolve ->
 build_datasets -> batched), once lazy and once preloaded, and full training steps (DataLoader
 batch with train.py's collate, forward, backward, AdamW on two copies of the same initial
@@ -44,7 +44,8 @@ TASK = "sim_transfer_cube_scripted"
 
 def command(data: Path, out: str, preload: bool, batch: int) -> list[str]:
     """The default command, pointed at ``data``; only the read mode differs between A and B."""
-    return [f"--task_name={TASK}", f"--gin_bindings=task.dataset_dir = '{data}'",
+    return [f"--task_name={TASK}", "--gin_file=gin_configs/mlp.gin",
+            f"--gin_bindings=task.dataset_dir = '{data}'",
             f"--gin_bindings=dataset.preload_data = {preload}", f"--output_dir={out}",
             f"--per_device_train_batch_size={batch}", "--report_to=none"]
 
@@ -167,12 +168,7 @@ def main() -> None:
             resolved = resolve_argv(command(data, f"{tmp}/unused", preload, a.batch))
             if model is None:
                 torch.manual_seed(0)
-                model = build_policy(resolved.model.policy, policy_config=resolved.policy,
-                                     task=resolved.task, dataset=resolved.dataset,
-                                     model=resolved.model, lora=resolved.lora,
-                                     quantization=resolved.quantization,
-                                     use_images=resolved.policy.image_inputs(resolved.task,
-                                                                             resolved.dataset))
+                model = build_policy(resolved)
             sides[preload] = Side(resolved, model, a.batch)
         for i in range(a.warmup + a.steps):
             for preload in (False, True):

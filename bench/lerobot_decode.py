@@ -8,7 +8,8 @@ the parquet. Each is read through ``EpisodeDataset`` exactly as train.py reads i
 
 * random access (lazy, no preload): per sample the frame at its timestamp is decoded (video:
   seek to the keyframe before it, decode forward; HDF5: one gzip chunk). After a warm-up,
-  timed interleaved, one sample of each format in turn at the same index, so load on this
+  timed interleaved, one sample of each format in turn at the same index (the order rotating),
+  so load on this
   shared machine hits all formats alike (STACK-FACTS: sequential timings can be off by 3x);
   the median of 3 rounds is reported.
 * preload: ``dataset.preload_data`` reads/decodes every frame once into memory.
@@ -98,8 +99,10 @@ def main() -> None:
         rates: dict[str, list[float]] = {k: [] for k in lazy}
         for _ in range(ROUNDS):  # the median round per format: load on this machine comes in bursts
             spent = dict.fromkeys(lazy, 0.0)
-            for i in rng.integers(0, n, size=args.samples):
-                for k, ds in lazy.items():
+            names = list(lazy)
+            for j, i in enumerate(rng.integers(0, n, size=args.samples)):
+                for k in names[j % len(names):] + names[:j % len(names)]:  # rotate who goes first
+                    ds = lazy[k]
                     t0 = time.perf_counter()
                     ds[int(i)]
                     spent[k] += time.perf_counter() - t0

@@ -16,6 +16,7 @@ ratio = trainer steps/s / plain steps/s (goal >= 0.95); the table gives medians 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import platform
@@ -31,13 +32,16 @@ sys.path.insert(0, str(REPO))
 
 # Small but not trivial: per-policy gin bindings that keep a CPU step in the ms range.
 POLICY_FLAGS = {
-    "mlp": [],
+    "mlp": ["--gin_file=gin_configs/mlp.gin"],
     # the same policy at a width where a step costs more than the Trainer's fixed per-step work
-    "mlp_wide": ["--gin_bindings=mlp.hidden_dim = 2048", "--gin_bindings=mlp.num_layers = 4"],
+    "mlp_wide": ["--gin_file=gin_configs/mlp.gin", "--gin_bindings=mlp.hidden_dim = 2048", "--gin_bindings=mlp.num_layers = 4"],
     "act": ["--gin_file=gin_configs/act.gin", "--gin_bindings=act.hidden_dim = 64",
             "--gin_bindings=act.dim_feedforward = 128", "--gin_bindings=act.enc_layers = 2",
             "--gin_bindings=act.nheads = 4"],
+    # the VLA on make_tiny's random backbone (written into the temporary directory)
+    "vla": ["--gin_file=gin_configs/vla.gin", "--gin_bindings=model.model_name_or_path = '{backbone}'"],
 }
+SLOW = ("act", "vla")  # a CPU step costs 10-100x the MLP's: smaller batch, fewer steps
 
 
 def machine() -> str:
@@ -157,7 +161,8 @@ def run_trainer(cap: Capture, data: Path, out: Path, policy: str, batch: int,
 
     gin.clear_config()
     argv = ["--task_name=tiny_synthetic", f"--gin_bindings=task.dataset_dir = '{data}'",
-            "--gin_bindings=dataset.preload_data = True", *POLICY_FLAGS[policy],
+            "--gin_bindings=dataset.preload_data = True",
+            *[f.format(backbone=data.parent / "vla_tiny") for f in POLICY_FLAGS[policy]],
             f"--output_dir={out}", f"--per_device_train_batch_size={batch}",
             f"--max_steps={cap.warmup + cap.steps + 1}", "--save_strategy=no",
             "--report_to=none", "--learning_rate=1e-4", *extra]
@@ -165,45 +170,74 @@ def run_trainer(cap: Capture, data: Path, out: Path, policy: str, batch: int,
     return 1 / statistics.median(cap.trainer_times), 1 / statistics.median(cap.plain_times)
 
 
-def measure(a, cap: Capture, data: Path, tmp: Path, policy: str, variant: str) -> tuple:
-    batch = a.act_batch if policy == "act" else a.batch
-    cap.steps = a.act_steps if policy == "act" else a.steps
-    cap.warmup = min(a.warmup, 5) if policy == "act" else a.warmup
-    trainer_sps, plain_sps = [], []
-    for r in range(a.repeats):
-        out = tmp / f"{policy}-{variant}-{r}"
-        if a.profile and r == 0:
-            import cProfile
-            import pstats
+def measure(a, cap: Capture, data: Path, tmp: Path, policy: str, variant: str,
+            r: int) -> tuple[float, float, int]:
+    """One interleaved run: (trainer steps/s, plain steps/s, batch)."""
+    batch = a.act_batch if policy in SLOW else a.batch
+    cap.steps = a.act_steps if policy in SLOW else a.steps
+    cap.warmup = min(a.warmup, 5) if policy in SLOW else a.warmup
+    out = tmp / f"{policy}-{variant}-{r}"
+    if a.profile and r == 0:
+        import cProfile
+        import pstats
 
-            prof = cProfile.Profile()
-            prof.enable()
-            t, pl = run_trainer(cap, data, out, policy, batch, a.trainer_flag)
-            prof.disable()
-            print(f"--- cProfile of the {policy} ({variant}) run, plain steps included (top 30) ---")
-            pstats.Stats(prof).sort_stats(os.environ.get("BENCH_PROFILE_SORT", "cumulative")).print_stats(30)
-        else:
-            t, pl = run_trainer(cap, data, out, policy, batch, a.trainer_flag)
-        trainer_sps.append(t)
-        plain_sps.append(pl)
-    t, pl = statistics.median(trainer_sps), statistics.median(plain_sps)
-    ratios = [x / y for x, y in zip(trainer_sps, plain_sps, strict=True)]
-    return (policy, variant, t, pl, statistics.median(ratios), trainer_sps, plain_sps, batch)
+        prof = cProfile.Profile()
+        prof.enable()
+        t, pl = run_trainer(cap, data, out, policy, batch, a.trainer_flag)
+        prof.disable()
+        print(f"--- cProfile of the {policy} ({variant}) run, plain steps included (top 30) ---")
+        pstats.Stats(prof).sort_stats(os.environ.get("BENCH_PROFILE_SORT", "cumulative")).print_stats(30)
+    else:
+        t, pl = run_trainer(cap, data, out, policy, batch, a.trainer_flag)
+    return t, pl, batch
+
+
+@contextlib.contextmanager
+def variant_patches(variant: str):
+    """per_sample: the data path before ilstudio/data/batched.py. stock_steps: PolicyTrainer's
+    per-step shortcuts undone (transformers' training_step and gradient clipping, accelerate's
+    uncached is_lomo_available), i.e. the Trainer before those fixes, same data path."""
+    import accelerate.optimizer as acc_opt
+
+    import ilstudio.data.batched as batched_mod
+    from ilstudio.training import trainer as trainer_mod
+
+    saved = (batched_mod.can_batch, trainer_mod.cache_accelerate_lomo_check,
+             trainer_mod.PolicyTrainer.__dict__.get("training_step"),
+             trainer_mod.PolicyTrainer.__dict__.get("_clip_grad_norm"), acc_opt.is_lomo_available)
+    if variant == "per_sample":
+        batched_mod.can_batch = lambda ds: False
+    elif variant == "stock_steps":
+        trainer_mod.cache_accelerate_lomo_check = lambda: None
+        del trainer_mod.PolicyTrainer.training_step, trainer_mod.PolicyTrainer._clip_grad_norm
+        acc_opt.is_lomo_available = getattr(acc_opt.is_lomo_available, "__wrapped__",
+                                            acc_opt.is_lomo_available)
+    elif variant != "batched":
+        raise SystemExit(f"unknown variant {variant}")
+    try:
+        yield
+    finally:
+        batched_mod.can_batch, trainer_mod.cache_accelerate_lomo_check = saved[:2]
+        if saved[2] is not None:
+            trainer_mod.PolicyTrainer.training_step = saved[2]
+            trainer_mod.PolicyTrainer._clip_grad_norm = saved[3]
+        acc_opt.is_lomo_available = saved[4]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--policies", default="mlp,mlp_wide,act")
+    p.add_argument("--policies", default="mlp,mlp_wide,act,vla")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--act_batch", type=int, default=8, help="ACT's batch (its CPU step is slow)")
+    p.add_argument("--act_batch", type=int, default=8, help="ACT's and the VLA's batch (their CPU steps are slow)")
     p.add_argument("--act_steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="cProfile one Trainer run per policy")
-    p.add_argument("--variants", default="per_sample,batched",
-                   help="data paths to time the Trainer with: per_sample (__getitem__ + "
-                        "default_data_collator, as before ilstudio/data/batched.py), batched")
+    p.add_argument("--variants", default="batched,stock_steps",
+                   help="what to time the Trainer with: batched (train.py as it is), per_sample "
+                        "(__getitem__ + default_data_collator, as before ilstudio/data/batched.py), "
+                        "stock_steps (PolicyTrainer's per-step shortcuts undone)")
     p.add_argument("--trainer_flag", action="append", default=[],
                    help="extra train.py flag for the Trainer side (repeatable)")
     a = p.parse_args()
@@ -226,25 +260,32 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
-        write_synthetic_dataset(data, num_episodes=4, episode_len=100)
+        write_synthetic_dataset(data, num_episodes=4, episode_len=100, language=True)
+        if "vla" in a.policies.split(","):
+            from ilstudio.policies.vla.make_tiny import write_tiny_backbone
+
+            write_tiny_backbone(Path(tmp) / "vla_tiny")
         for policy in [x for x in a.policies.split(",") if x]:
             if policy == "act" and not (REPO / "ilstudio/policies/act/modeling.py").exists():
                 print("act: not available, skipped")
                 continue
-            for variant in [v for v in a.variants.split(",") if v]:
-                import ilstudio.data.batched as batched_mod
-
-                real_can_batch = batched_mod.can_batch
-                if variant == "per_sample":
-                    batched_mod.can_batch = lambda ds: False
-                try:
-                    rows.append(measure(a, cap, data, Path(tmp), policy, variant))
-                    print(f"# {policy} {variant}: trainer {rows[-1][5]} plain {rows[-1][6]} "
-                          f"ratio {rows[-1][4]:.3f}", flush=True)
-                finally:
-                    batched_mod.can_batch = real_can_batch
+            # Variants alternate run by run (A B A B ...), so slow minutes hit all of them.
+            variants = [v for v in a.variants.split(",") if v]
+            runs: dict[str, list] = {v: [] for v in variants}
+            for r in range(a.repeats):
+                for variant in variants:
+                    with variant_patches(variant):
+                        runs[variant].append(measure(a, cap, data, Path(tmp), policy, variant, r))
+            for variant in variants:
+                t_sps = [x[0] for x in runs[variant]]
+                p_sps = [x[1] for x in runs[variant]]
+                ratio = statistics.median([x / y for x, y in zip(t_sps, p_sps, strict=True)])
+                rows.append((policy, variant, statistics.median(t_sps), statistics.median(p_sps),
+                             ratio, t_sps, p_sps, runs[variant][0][2]))
+                print(f"# {policy} {variant}: trainer {t_sps} plain {p_sps} ratio {ratio:.3f}",
+                      flush=True)
     print()
-    print("| policy | data path | batch | train.py steps/s | plain loop steps/s | ratio | "
+    print("| policy | variant | batch | train.py steps/s | plain loop steps/s | ratio | "
           "runs (trainer / plain) |")
     print("|---|---|---|---|---|---|---|")
     for policy, variant, t, pl, ratio, ts, ps, batch in rows:

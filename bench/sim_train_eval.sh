@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The sim figure: record 50 scripted transfer-cube episodes, train the default (MLP) policy on
+# The sim figure: record 50 scripted transfer-cube episodes, train the MLP policy (gin_configs/mlp.gin) on
 # them, evaluate it in the simulator, and print the figures (recording time and size per
 # episode, training time, success rate with its 95% interval).
 #
@@ -21,7 +21,7 @@ python -m ilstudio.sim.record --task_name sim_transfer_cube_scripted --num_episo
 du -sh "$WORK/data"
 
 start=$(date +%s)
-python train.py --task_name=sim_transfer_cube_scripted \
+python train.py --task_name=sim_transfer_cube_scripted --gin_file=gin_configs/mlp.gin \
   --gin_bindings="task.dataset_dir = '$WORK/data'" \
   --gin_bindings="sim.render_height = 120" --gin_bindings="sim.render_width = 160" \
   --gin_bindings="dataset.preload_data = True" \

@@ -28,20 +28,34 @@ HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 FIRST_STEP = r"""
 import os, sys, time
 sys.argv[0] = "train.py"
-from transformers import TrainerCallback
-from ilstudio.training.trainer import PolicyTrainer
+import ilstudio.training.lazy_imports as lazy_imports
 
-class Stamp(TrainerCallback):
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == 1:
-            print(f"FIRST_STEP_AT {time.time():.6f}", flush=True)
-            os._exit(0)
+real_import = lazy_imports.import_trainer
 
-real = PolicyTrainer.__init__
-def init(self, *a, **k):
-    real(self, *a, **k)
-    self.add_callback(Stamp())
-PolicyTrainer.__init__ = init
+
+def import_trainer(need_peft):
+    # The stamp is attached once train.py has imported the Trainer its own way (importing it
+    # here first would change what train.py imports).
+    real_import(need_peft)
+    from transformers import TrainerCallback
+    from ilstudio.training.trainer import PolicyTrainer
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 1:
+                print(f"FIRST_STEP_AT {time.time():.6f}", flush=True)
+                os._exit(0)
+
+    real = PolicyTrainer.__init__
+
+    def init(self, *a, **k):
+        real(self, *a, **k)
+        self.add_callback(Stamp())
+
+    PolicyTrainer.__init__ = init
+
+
+lazy_imports.import_trainer = import_trainer
 from absl import flags
 from ilstudio.config import hyperparams
 from ilstudio.main import run_cli
@@ -90,13 +104,20 @@ def wall(cmd: list[str], ok=(0,)) -> float:
     return dt
 
 
-def first_step(args: list[str], script: str = FIRST_STEP) -> float:
+def first_step(args: list[str], script: str = FIRST_STEP) -> tuple[float, float]:
+    """(wall seconds to the end of optimizer step 1, CPU seconds the process used: it exits
+    right after that step). CPU time moves far less than wall time on a shared machine."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO,
                           capture_output=True, text=True, env=env())
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     for line in proc.stdout.splitlines():
         if line.startswith("FIRST_STEP_AT "):
-            return float(line.split()[1]) - t0
+            return float(line.split()[1]) - t0, cpu
     raise SystemExit(f"no first step ({proc.returncode}):\n{proc.stderr[-2000:]}")
 
 
@@ -115,6 +136,8 @@ def summary(xs: list[float]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--before", action="store_true",
+                   help="also time train.py with the Trainer imported the old way (peft, bitsandbytes)")
     a = p.parse_args()
     from overhead import machine
 
@@ -125,7 +148,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         write_synthetic_dataset(data)
-        run = ["--task_name=tiny_synthetic", f"--gin_bindings=task.dataset_dir = '{data}'"]
+        run = ["--task_name=tiny_synthetic", "--gin_file=gin_configs/mlp.gin",
+               f"--gin_bindings=task.dataset_dir = '{data}'"]
         rows = []
         help_t = [wall([sys.executable, train, "--help"]) for _ in range(a.repeats)]
         rows.append(("train.py --help", summary(help_t), "< 1 s", heavy_imports([train, "--help"])))
@@ -134,11 +158,16 @@ def main() -> None:
         rows.append(("train.py --dry_run", summary(dry_t), "< 3 s", heavy_imports([train, *dry])))
         # train.py and the plain script alternate (A B A B ...), so a load change hits both;
         # the ratio is taken per pair, then the median.
-        fs, plain = [], []
+        ours, theirs, before = [], [], []
         for i in range(a.repeats):
-            fs.append(first_step([*run, f"--output_dir={tmp}/run{i}", "--report_to=none"]))
-            plain.append(first_step([str(data)], PLAIN_FIRST_STEP))
+            ours.append(first_step([*run, f"--output_dir={tmp}/run{i}", "--report_to=none"]))
+            theirs.append(first_step([str(data)], PLAIN_FIRST_STEP))
+            if a.before:  # train.py as it was: the Trainer imported with peft (and bitsandbytes)
+                before.append(first_step([*run, f"--output_dir={tmp}/before{i}", "--report_to=none"],
+                                         "import transformers.trainer\n" + FIRST_STEP))
+        fs, plain = [w for w, _ in ours], [w for w, _ in theirs]
         ratios = [x / y for x, y in zip(fs, plain, strict=True)]
+        cpu_ratios = [x[1] / y[1] for x, y in zip(ours, theirs, strict=True)]
         first_heavy = heavy_imports(["-c", FIRST_STEP, *run, f"--output_dir={tmp}/imports",
                                      "--report_to=none"])
         rows.append(("launch -> first optimizer step: train.py (default MLP, tiny data)", summary(fs),
@@ -152,6 +181,14 @@ def main() -> None:
         print(f"| {name} | {t} | {goal} | {', '.join(heavy) or 'none'} |")
     print(f"\nfirst step, train.py / plain script: median ratio {statistics.median(ratios):.2f} "
           f"(pairs: {' '.join(f'{r:.2f}' for r in ratios)}; goal <= 1.2)")
+    if before:
+        print(f"before (peft and bitsandbytes imported): wall {summary([w for w, _ in before])}, "
+              f"CPU {statistics.median([c for _, c in before]):.2f} s, ratios to the plain script: "
+              f"wall {statistics.median([x[0] / y[0] for x, y in zip(before, theirs, strict=True)]):.2f}, "
+              f"CPU {statistics.median([x[1] / y[1] for x, y in zip(before, theirs, strict=True)]):.2f}")
+    print(f"CPU seconds to the first step: train.py {statistics.median([c for _, c in ours]):.2f}, "
+          f"plain {statistics.median([c for _, c in theirs]):.2f}, median ratio "
+          f"{statistics.median(cpu_ratios):.2f} (pairs: {' '.join(f'{r:.2f}' for r in cpu_ratios)})")
 
 
 if __name__ == "__main__":

@@ -10,51 +10,89 @@ import sys
 
 from absl import app, flags, logging
 
+from ilstudio.cli import fail, parse_command_line
 from ilstudio.config.hyperparams import define_flags
 from ilstudio.errors import UserError
 
 FLAGS = flags.FLAGS
 define_flags(FLAGS)
+flags.DEFINE_bool("help_gin", False, "Print every gin parameter (each configurable's parameters, "
+                  "types, defaults and docs) and exit.")
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+# --helpfull's groups, in the order a reader needs them; --helpshort shows COMMON only.
+HELP_GROUPS = [
+    ("Run and configuration", ["task_name", "gin_file", "gin_bindings", "gin_search_paths",
+                               "flagfile", "training_config", "yaml_unknown_keys", "output_dir",
+                               "overwrite_output_dir", "resume_from_checkpoint", "dry_run",
+                               "explain", "training_arg", "help_gin"]),
+    ("Optimisation", ["learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
+                      "gradient_accumulation_steps", "weight_decay", "warmup_steps", "warmup_ratio",
+                      "lr_scheduler_type", "optim", "adam_beta1", "adam_beta2", "adam_epsilon",
+                      "max_grad_norm", "seed"]),
+    ("Logging and saving", ["logging_steps", "logging_strategy", "logging_dir", "report_to",
+                            "save_steps", "save_strategy", "save_total_limit"]),
+    ("Evaluation during training", ["do_eval", "eval_steps", "eval_strategy",
+                                    "per_device_eval_batch_size"]),
+    ("Hardware and data loading", ["bf16", "fp16", "gradient_checkpointing", "deepspeed",
+                                   "dataloader_num_workers", "dataloader_pin_memory",
+                                   "remove_unused_columns"]),
+]
+COMMON = ["task_name", "gin_file", "gin_bindings", "gin_search_paths", "flagfile", "training_config", "output_dir", "dry_run",
+          "explain", "resume_from_checkpoint", "learning_rate", "max_steps",
+          "per_device_train_batch_size", "seed", "logging_steps", "report_to", "save_steps",
+          "help_gin"]
+HELP_DOC = """Train a policy.
+
+  python train.py --gin_file=gin_configs/default.gin --gin_bindings='lora.r=16' --learning_rate=1e-3
+
+Stable parameters (data, model, LoRA, quantization) are gin: --gin_file, --gin_bindings (or
+--gin.NAME=VALUE); --help_gin lists every one with its default. Hyperparameters are the flags
+below; --training_config reads an older flat YAML file."""
+
+
+def _help(argv: list[str]) -> None:
+    """--help/--helpshort (common flags by topic), --helpfull (all), --help_gin: print, exit 0."""
+    from ilstudio.cli import gin_help, program_help
+
+    asked = next((a for a in argv[1:] if a in ("--help", "--helpshort", "--helpfull", "--help_gin",
+                                               "-h", "-?")), None)
+    if asked is None:
+        return
+    if asked == "--help_gin":
+        print(gin_help())
+    else:
+        print(program_help(FLAGS, HELP_DOC, HELP_GROUPS, asked == "--helpfull", COMMON), end="")
+    sys.exit(0)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    try:
-        rest = FLAGS(argv)
-    except SystemExit as e:
-        # absl exits 1 after printing --help; asking for help is not a failure.
-        sys.exit(0 if e.code == 1 and any(a.startswith("--help") for a in argv) else e.code)
-    except flags.Error as e:
-        _fail(f"{e}\nRun with --helpfull to list every flag.")
-    if len(rest) > 1:
-        _fail(f"unexpected positional arguments {rest[1:]}: every setting is a --flag "
-              f"(for example --gin_bindings='lora.r = 16')")
-    return rest
+    _help(argv)
+    return parse_command_line(FLAGS, argv)
 
 
 def _main(argv: list[str]) -> None:
+    """Every check --dry_run makes runs before torch is imported, in a real run too: a missing
+    dataset or an output_dir in use is reported in seconds, not after ~90 s of imports."""
     del argv
     from ilstudio.config.dumps import describe
+    from ilstudio.config.training_args import check_training_arguments
     from ilstudio.resolve import resolve
+    from ilstudio.training.run import check_output_dir, resume_checkpoint, validate_data
 
+    show = FLAGS.dry_run or FLAGS.explain
     try:
         resolved = resolve(FLAGS)
-        if FLAGS.dry_run or FLAGS.explain:
-            from ilstudio.config.training_args import check_training_arguments
-            from ilstudio.training.run import check_output_dir, resume_checkpoint, validate_data
-
-            how = check_training_arguments(resolved.hyper, resolved.training_args_extra)
-            resume = resume_checkpoint(resolved)
-            if FLAGS.dry_run:  # would the run start? (--explain may inspect an existing run)
-                check_output_dir(resolved, resume, FLAGS.overwrite_output_dir)
-            lengths = validate_data(resolved)
-            print(describe(resolved, explain=FLAGS.explain), end="")
+        how = check_training_arguments(resolved.hyper, resolved.training_args_extra)
+        resume = resume_checkpoint(resolved)
+        if not FLAGS.explain:  # would the run start? (--explain may inspect an existing run)
+            check_output_dir(resolved, resume, FLAGS.overwrite_output_dir)
+        if show:  # the resolved configuration, even when the data turns out to be missing
+            print(describe(resolved, explain=FLAGS.explain), end="", flush=True)
+            print(f"# hyperparameters: {how}", flush=True)
+        lengths = validate_data(resolved)
+        if show:
             print(f"# data: {len(lengths)} episodes, {sum(lengths)} steps in {resolved.task.dataset_dir}")
-            print(f"# hyperparameters: {how}")
             print("# dry run: configuration valid; nothing written, nothing trained")
             return
         from ilstudio.training.run import train
@@ -62,17 +100,11 @@ def _main(argv: list[str]) -> None:
         train(resolved, overwrite_output_dir=FLAGS.overwrite_output_dir)
     except UserError as e:
         logging.flush()
-        _fail(str(e))
+        fail(str(e))
 
 
 def run_cli() -> None:
     """Console-script entrypoint (also what train.py calls)."""
-    # --helpshort lists the key flags of the program's main module: make ours key flags of
-    # whichever script runs (train.py or the ilstudio-train console script).
-    from ilstudio.config import hyperparams
-
-    for flag in FLAGS.get_flags_for_module(hyperparams.__name__):
-        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(_main, flags_parser=_parse_flags)
 
 

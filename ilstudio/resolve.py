@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import gin
@@ -19,9 +20,14 @@ from absl import flags, logging
 
 from ilstudio.config import settings as S
 from ilstudio.config.declare import validate_instance
-from ilstudio.config.gin_layers import GinLayers, SearchPath
-from ilstudio.config.hyperparams import HYPERPARAMS, layer_hyperparams, owned_field_message
-from ilstudio.config.settings import SimSettings
+from ilstudio.config.gin_layers import GinLayers, SearchPath, find_shipped
+from ilstudio.config.hyperparams import (
+    HYPERPARAMS,
+    Hyperparams,
+    layer_hyperparams,
+    owned_field_message,
+)
+from ilstudio.config.settings import RunSettings, SimSettings
 from ilstudio.config.yaml_adapter import (
     TrainingConfig,
     convert_training_arg,
@@ -34,20 +40,15 @@ from ilstudio.policies import import_all_configurations, policy_config_class
 
 
 @dataclasses.dataclass
-class Resolved:
-    """Everything a run needs, with sources; built without torch."""
+class Resolved(RunSettings):
+    """A resolved run: its settings objects (RunSettings), its hyperparameters, and where
+    every value came from; built without torch. Training, ``--dry_run``/``--explain`` and
+    the config dumps take it whole; ``build_policy(run)`` reads its settings part."""
 
     task_name: str
-    hyper: dict[str, Any]
+    hyper: Hyperparams
     hyper_source: dict[str, str]
     training_args_extra: dict[str, Any]
-    task: S.TaskSettings
-    dataset: S.DatasetSettings
-    model: S.ModelSettings
-    lora: S.LoraSettings
-    quantization: S.QuantizationSettings
-    policy: Any
-    sim: SimSettings
     layers: GinLayers
     yaml: TrainingConfig | None
     unused: list[tuple[str, str]]
@@ -56,7 +57,7 @@ class Resolved:
 
     @property
     def output_dir(self) -> str:
-        return self.hyper["output_dir"]
+        return self.hyper.output_dir
 
 
 # A task name names a file in gin_configs/tasks/; it is never a path. A task file is gin (code):
@@ -81,18 +82,22 @@ def find_task_file(search: SearchPath, task_name: str, source: str = "flag --tas
 
 
 def _resolve_hyper(fv: flags.FlagValues, yaml_cfg: TrainingConfig | None
-                   ) -> tuple[dict[str, Any], dict[str, str]]:
+                   ) -> tuple[Hyperparams, dict[str, str]]:
     names = [*(h.name for h in HYPERPARAMS), "task_name"]
     values, sources = layer_hyperparams({n: fv[n].value for n in names if fv[n].present},
                                         {n: fv[n].value for n in names}, yaml_cfg)
     if not str(values["output_dir"]).strip():
         raise UserError(f"--output_dir is empty (from {sources['output_dir']}): name the run's "
                         f"directory, or leave it out for runs/<task_name>")
+    ds = values.get("deepspeed")
+    if ds and not Path(ds).expanduser().is_file() and find_shipped(ds):
+        # configs/deepspeed/zero2.json works from any directory: the package ships it.
+        values["deepspeed"], sources["deepspeed"] = str(find_shipped(ds)), f"{sources['deepspeed']} (shipped)"
     for h in HYPERPARAMS:
         source = sources[h.name]
         where = f"--{h.name}" if source.startswith("flag") else f"{h.name} (from {source})"
         h.check(values[h.name], where)
-    return values, sources
+    return Hyperparams(**values), sources
 
 
 
@@ -136,24 +141,30 @@ def construct(cls):
         raise UserError(f"gin could not build `{cls.gin_name}` from its bindings: {e}") from None
 
 
-def build_settings(source_of) -> dict[str, Any]:
+def build_settings(source_of, with_sim: bool | None = None) -> RunSettings:
     """Every settings object of a run from the gin bindings now in force, type-checked.
 
     The one place that decides what a run's configurables are: training resolves through it
     and the evaluator rebuilds a run from its operative_config.gin through it, so both always
     construct (and put in the operative config) the same objects. ``source_of(gin_key)``
     names where a value came from, for error messages.
+
+    The task's simulator settings (sim.*) are built when the task has a simulator (its gin
+    file binds sim.task) or ``with_sim`` asks for them: they then land in operative_config.gin,
+    from which `python -m ilstudio.eval` renders like the data. A run on recorded or synthetic
+    data without a simulator gets ``sim = None`` and no sim.* in its operative config, which
+    lists what the run used.
     """
     built = {k: construct(cls) for k, cls in (
         ("task", S.TaskSettings), ("dataset", S.DatasetSettings), ("model", S.ModelSettings),
-        ("lora", S.LoraSettings), ("quantization", S.QuantizationSettings),
-        # The task's simulator settings (sim.*, bound by the sim task files): built so they land
-        # in operative_config.gin, from which `python -m ilstudio.eval` renders like the data.
-        ("sim", SimSettings))}
+        ("lora", S.LoraSettings), ("quantization", S.QuantizationSettings))}
+    if with_sim if with_sim is not None else source_of("sim.task") != "default":
+        built["sim"] = construct(SimSettings)
     built["policy"] = construct(policy_config_class(built["model"].policy, source_of("model.policy")))
     for obj in built.values():
         validate_instance(obj, source_of)
-    return built
+    built.setdefault("sim", None)
+    return RunSettings(**built)
 
 
 TASK_FROM_DATA = ("state_dim", "action_dim", "camera_names")
@@ -171,6 +182,8 @@ def bind_dataset_values(layers: GinLayers) -> None:
     task = construct(S.TaskSettings)
     if not task.dataset_dir or not isinstance(task.dataset_dir, (str, list, tuple)):
         return  # empty or mistyped: reported by the data layer / type checks with their context
+    if task.data_command and isinstance(task.dataset_dir, str) and not Path(task.dataset_dir).expanduser().exists():
+        return  # a local task's data not created yet: validate_data names the command that does
     bound = {n: getattr(task, n) for n in TASK_FROM_DATA if layers.provenance.history.get(f"task.{n}")}
     derived = derived_task_values(task.dataset_dir, bound, construct(S.ModelSettings).cache_dir)
     for name, value in derived.items():
@@ -217,25 +230,31 @@ def resolve(fv: flags.FlagValues = flags.FLAGS) -> Resolved:
     _parse_training_arg_flags(fv.training_arg, extra, extra_sources)
     hyper_source.update(extra_sources)
 
-    layers = layer_gin(task_name=hyper["task_name"], task_source=hyper_source["task_name"],
+    layers = layer_gin(task_name=hyper.task_name, task_source=hyper_source["task_name"],
                        gin_files=fv.gin_file, gin_bindings=fv.gin_bindings,
                        search_paths=fv.gin_search_paths, yaml_cfg=yaml_cfg)
     bind_dataset_values(layers)
     built = build_settings(layers.provenance.source_of)
     # Cross-parameter checks that need the whole picture: a policy that cannot read this
     # task, a switch that has no meaning for this policy.
-    built["policy"].validate(task=built["task"], dataset=built["dataset"], model=built["model"],
-                             lora=built["lora"], quantization=built["quantization"],
-                             source_of=layers.provenance.source_of)
+    built.policy.validate(task=built.task, dataset=built.dataset, model=built.model,
+                          lora=built.lora, quantization=built.quantization,
+                          source_of=layers.provenance.source_of)
+
+    inert = S.inert_values(built.lora, built.quantization)
+    if inert:
+        values = {k: getattr(getattr(built, k.split(".")[0]), k.split(".")[1]) for k in inert}
+        logging.warning("%s", S.inert_warning(inert, values, layers.provenance.source_of))
 
     unused = layers.unused_bindings()
     for key, source in unused:
         logging.warning("gin binding %s (from %s) was never used by this run: it has no effect", key, source)
 
-    return Resolved(task_name=hyper["task_name"], hyper=hyper, hyper_source=hyper_source,
-                    training_args_extra=extra, layers=layers, yaml=yaml_cfg, unused=unused,
-                    gin_files=[str(p) for p in layers.files], gin_bindings=list(fv.gin_bindings),
-                    **built)
+    return Resolved(**{f.name: getattr(built, f.name) for f in dataclasses.fields(RunSettings)},
+                    task_name=hyper.task_name, hyper=hyper,
+                    hyper_source=hyper_source, training_args_extra=extra, layers=layers,
+                    yaml=yaml_cfg, unused=unused, gin_files=[str(p) for p in layers.files],
+                    gin_bindings=list(fv.gin_bindings))
 
 
 def finalize() -> None:

@@ -82,15 +82,35 @@ def fsync_tree(path: str | os.PathLike) -> None:
     fsync_dir(path)
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def ordinary_permissions(tree: str | os.PathLike) -> None:
+    """Give private (0600) files under ``tree`` the umask's ordinary permissions.
+
+    safetensors writes its files 0600 (through a temporary file); a run directory is read by
+    colleagues and other jobs, like the episodes the recorder writes.
+    """
+    mode = 0o666 & ~_umask()
+    for p in [Path(tree), *Path(tree).rglob("*")]:
+        if p.is_file() and not p.is_symlink() and p.stat().st_mode & 0o777 == 0o600:
+            p.chmod(mode)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp",
-                private: bool = True) -> Iterator[Path]:
+                private: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block succeeds it becomes ``path``.
 
     For writers that need a file name (h5py, safetensors). The temporary file is hidden
     (``.<name>.<random><suffix>``), fsynced and renamed onto ``path``; on any error, or a
     KeyboardInterrupt, it is removed and ``path`` is untouched.
-    private=False: give the file the umask's ordinary permissions (mkstemp makes it 0600).
+    The file gets the umask's ordinary permissions (0644 with the usual umask), like any file
+    the user's tools write: run directories are read by colleagues and by other jobs.
+    private=True keeps mkstemp's 0600.
     """
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
@@ -98,9 +118,7 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp",
     tmp = Path(tmp_name)
     try:
         if not private:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+            os.chmod(tmp, 0o666 & ~_umask())
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
@@ -128,6 +146,7 @@ def publish_dir(staged: str | os.PathLike, final: str | os.PathLike, *,
     is discarded; returns False then, True when ``staged`` became ``final``.
     """
     staged, final = Path(staged), Path(final)
+    ordinary_permissions(staged)
     fsync_tree(staged)
     if final.exists():
         if not replace:
@@ -146,12 +165,15 @@ def publish_dir(staged: str | os.PathLike, final: str | os.PathLike, *,
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
-    """Yield a hidden sibling directory to fill; when the block succeeds it becomes ``final``
-    (see ``publish_dir``); on any error it is removed and ``final`` is untouched."""
+def atomic_dir(final: str | os.PathLike, *, replace: bool = True,
+               suffix: str = ".partial") -> Iterator[Path]:
+    """Yield a hidden sibling directory to fill (``.<name>.<random><suffix>``); when the
+    block succeeds it becomes ``final`` (see ``publish_dir``); on any error it is removed
+    and ``final`` is untouched."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    staged = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=suffix))
+    os.chmod(staged, 0o777 & ~_umask())  # mkdtemp makes it 0700; a published directory is ordinary
     try:
         yield staged
         publish_dir(staged, final, replace=replace)
@@ -162,6 +184,7 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = True) -> Iterator[Pa
 
 def publish_files(staged: str | os.PathLike, out: str | os.PathLike) -> None:
     """Move every file of a staging directory into ``out``, each by one rename."""
+    ordinary_permissions(staged)
     for f in sorted(Path(staged).iterdir()):
         os.replace(f, Path(out) / f.name)
 

@@ -71,11 +71,20 @@ def tiny_data(tmp_path_factory) -> Path:
     return d
 
 
+def small_policy(extra) -> list[str]:
+    """``--gin_file=gin_configs/mlp.gin`` unless ``extra`` chooses gin files itself.
+
+    gin_configs/default.gin is the LoRA VLA; most tests exercise the machinery around the
+    policy and use the small MLP to stay fast.
+    """
+    return [] if any(a.startswith("--gin_file") for a in extra) else ["--gin_file=gin_configs/mlp.gin"]
+
+
 def tiny_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
-    """Flags for a small, fast run on tiny_data."""
+    """Flags for a small, fast run on tiny_data (the MLP unless extra names a --gin_file)."""
     return ["--task_name=tiny_synthetic", f"--gin_bindings=task.dataset_dir = '{data_dir}'",
             f"--output_dir={output_dir}", "--per_device_train_batch_size=8", "--logging_steps=5",
-            "--report_to=none", *extra]
+            "--report_to=none", *small_policy(extra), *extra]
 
 
 def finished_run(tmp_path_factory, name: str, data_dir: Path, *extra: str) -> tuple[Path, list[str]]:

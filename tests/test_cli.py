@@ -70,7 +70,7 @@ def test_explain_names_every_source(tmp_path, tiny_data):
     assert lines["dataset.preload_data"].endswith(f"# YAML {y}:1 (preload_data)")
     binding = f"task.dataset_dir = '{tiny_data}'"
     assert lines["task.dataset_dir"].endswith(f'# --gin_bindings[0] ("{binding}")')
-    assert "default.gin:9" in lines["model.policy"]
+    assert "mlp.gin:10" in lines["model.policy"]
     assert lines["mlp.dropout"].endswith("# default")
     assert "task.dataset_dir: 'data/tiny_synthetic' (" in proc.stdout  # overridden chain shown
 
@@ -111,10 +111,26 @@ def test_run_directory_has_every_dump(trained):
         assert (out / name).exists(), name
     operative = (out / "operative_config.gin").read_text()
     assert "mlp.hidden_dim = 256" in operative and "lora.r = 64" in operative  # defaults included
+    assert "sim." not in operative  # a task without a simulator: no sim.* settings were used
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("operative_config.gin", "config.gin", "flags.txt", "model.safetensors",
+                 "normalization.json", "training_args.json", "checkpoint-60/model.safetensors"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name  # not mkstemp's 0600
+    assert (out / "checkpoint-60").stat().st_mode & 0o777 == 0o777 & ~umask
     assert "task.dataset_dir" in (out / "config.gin").read_text()
     args = json.loads((out / "training_args.json").read_text())
     assert args["learning_rate"] == 1e-3 and args["max_steps"] == 60 and args["seed"] == 3
     assert not list(out.glob(".*.tmp"))
+
+
+def test_logs_name_the_step_and_done_names_the_run_directory(trained):
+    out, proc = trained
+    logs = proc.stdout + proc.stderr
+    assert "'step': 30" in logs and "'step': 60" in logs
+    assert f"done: 60 steps; run directory {out.resolve()}" in logs
 
 
 def test_final_model_loads_back(trained):
@@ -214,3 +230,43 @@ def test_console_script_is_installed():
     assert exe.exists()
     proc = subprocess.run([str(exe), "--helpshort"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--learning_rate" in proc.stdout + proc.stderr
+
+
+def test_headline_command_trains_lora_on_readme_synthetic_data(tmp_path):
+    """README's headline command, exactly as printed plus README's synthetic task, from a
+    directory that is not the checkout: LoRA is really on with r = 16."""
+    import subprocess
+
+    from conftest import train_env
+
+    for module, target in (("ilstudio.policies.vla.make_tiny", "data/vla_tiny"),
+                           ("ilstudio.data.synthetic", "data/tiny_synthetic")):
+        made = subprocess.run([sys.executable, "-m", module, target], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120, env=train_env())
+        assert made.returncode == 0, made.stderr[-2000:]
+    proc = run_train("--gin_file=gin_configs/default.gin", "--gin_bindings=lora.r=16",
+                     "--learning_rate=1e-3", "--task_name=tiny_synthetic", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny_synthetic"
+    adapter = json.loads((run / "adapter_config.json").read_text())
+    assert adapter["r"] == 16 and adapter["peft_type"] == "LORA"
+    assert (run / "adapter_model.safetensors").stat().st_size > 0
+    operative = (run / "operative_config.gin").read_text()
+    assert "lora.enable = True" in operative and "model.policy = 'vla'" in operative
+    assert json.loads((run / "training_args.json").read_text())["learning_rate"] == 1e-3
+
+
+def test_values_switched_off_warn_and_are_kept_in_config_gin(tmp_path, tiny_data):
+    y = tmp_path / "c.yaml"
+    y.write_text("lora_enable: false\nlora_r: 16\nuse_quantization: false\nbits: 8\n")
+    out = tmp_path / "run"
+    proc = run_train(*tiny_args(tiny_data, out), f"--training_config={y}", "--max_steps=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("their switch is off") == 1
+    assert "lora.r = 16" in proc.stderr and "quantization.bits = 8" in proc.stderr
+    config = (out / "config.gin").read_text()
+    assert "lora.r = 16" in config and "quantization.bits = 8" in config
+    # A value the policy can never honour stays an error: the MLP has no LoRA.
+    refused = run_train(*tiny_args(tiny_data, tmp_path / "r2"), "--gin_bindings=lora.enable = True",
+                        "--gin_bindings=lora.r = 16", "--dry_run")
+    assert_user_error(refused, "lora.enable = True", "no effect on policy 'mlp'")

@@ -100,7 +100,7 @@ flag_values = st.one_of(scalars.map(lambda v: "" if v is None else str(v)), st.t
 
 def base_args(data: Path, out: Path) -> list[str]:
     return ["--task_name=tiny_synthetic", f"--gin_bindings=task.dataset_dir = '{data}'",
-            f"--output_dir={out}"]
+            f"--output_dir={out}", "--gin_file=gin_configs/mlp.gin"]
 
 
 def offending_names(yaml_doc=None, bindings=(), flags=()) -> list[str]:
@@ -231,7 +231,7 @@ def test_yaml_python_tags_are_refused(tmp_path):
 
 def test_the_injection_reaches_the_run_only_as_a_literal(tmp_path, tiny_data):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"lora_module": "'\nimport os\nlora.r = 7"}))
+    path.write_text(yaml.safe_dump({"lora_enable": True, "lora_module": "'\nimport os\nlora.r = 7"}))
     with pytest.raises(UserError) as e:
         resolve_argv([*base_args(tiny_data, tmp_path / "out"), f"--training_config={path}"])
     # The MLP has no LoRA: the value is refused, quoted as the literal string it is.

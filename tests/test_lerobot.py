@@ -21,7 +21,7 @@ pytest.importorskip("pyarrow")
 pytest.importorskip("av")
 
 import pyarrow.parquet as pq  # noqa: E402
-from conftest import run_train, train_env  # noqa: E402
+from conftest import run_train, small_policy, train_env  # noqa: E402
 
 from ilstudio.config.settings import DatasetSettings, TaskSettings  # noqa: E402
 from ilstudio.data.dataset import EpisodeDataset, build_datasets  # noqa: E402
@@ -233,7 +233,8 @@ def test_several_datasets_of_either_format(datasets, tiny_data):
 def lerobot_args(data, out, *extra: str) -> list[str]:
     return ["--task_name=lerobot", f"--gin_bindings=task.dataset_dir = {data!r}",
             f"--output_dir={out}", "--per_device_train_batch_size=4", "--max_steps=3",
-            "--report_to=none", "--gin_bindings=dataset.image_size = (24, 32)", *extra]
+            "--report_to=none", "--gin_bindings=dataset.image_size = (24, 32)",
+            *small_policy(extra), *extra]
 
 
 @pytest.mark.parametrize("version", ["v2.1", "v3.0"])
@@ -399,3 +400,14 @@ def test_v30_dataset_split_over_several_files(tmp_path, monkeypatch):
         assert np.array_equal(src["action"], EPISODES[2]["action"])
         frames = src["observations/images/top"][()]
     assert [which_frame(f, 2, CAMS["top"], 27) for f in frames] == list(range(27))
+
+
+def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """'data/cube' under an existing data/ is a local path that does not exist (no hub lookup)."""
+    from ilstudio.data.lerobot_format import local_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert local_dir("data/cube") == Path("data/cube")
+    with pytest.raises(UserError, match="data/cube does not exist"):
+        list_episodes("data/cube")

@@ -346,11 +346,22 @@ def test_quantization_without_lora_is_refused_at_validation():
     assert "test.gin:quantization.enable" in str(err.value)
     check_quantization_combo(LoraSettings(enable=True), quant, where)  # QLoRA: fine
     check_quantization_combo(LoraSettings(enable=False), QuantizationSettings(enable=True, bits=16), where)
-    with pytest.raises(UserError, match="quantization.quant_type.*only applies to 4-bit"):
-        check_quantization_combo(LoraSettings(enable=True),
-                                 QuantizationSettings(enable=True, bits=8, quant_type="fp4"), where)
-    with pytest.raises(UserError, match="quantization.bits.*no effect"):
-        check_quantization_combo(LoraSettings(), QuantizationSettings(enable=False, bits=8), where)
+
+
+def test_values_switched_off_are_inert_not_refused():
+    """Settings whose own switch is off are kept and warned about (resolve), never refused."""
+    from ilstudio.config.settings import inert_values
+
+    q8 = QuantizationSettings(enable=True, bits=8, quant_type="fp4")
+    check_quantization_combo(LoraSettings(enable=True), q8, where)
+    assert inert_values(LoraSettings(enable=True), q8) == {
+        "quantization.quant_type": "they only apply to 4-bit quantization and quantization.bits = 8"}
+    off = QuantizationSettings(enable=False, bits=8)
+    check_quantization_combo(LoraSettings(), off, where)
+    check_lora_settings(LoraSettings(enable=False, r=16), where)
+    assert inert_values(LoraSettings(enable=False, r=16), off) == {
+        "lora.r": "lora.enable is False", "quantization.bits": "quantization.enable is False"}
+    assert inert_values(LoraSettings(enable=True, r=16), QuantizationSettings()) == {}
 
 
 def test_transformers_refuses_training_a_quantized_model_without_adapters(llama_dir, tmp_path):
@@ -365,8 +376,6 @@ def test_transformers_refuses_training_a_quantized_model_without_adapters(llama_
 def test_lora_settings_checks(tmp_path):
     with pytest.raises(UserError, match="lora.task_type.*did you mean `CAUSAL_LM`"):
         check_lora_settings(LoraSettings(enable=True, task_type="CASUAL_LM"), where)
-    with pytest.raises(UserError, match="lora.r = 16.*no effect while lora.enable is False"):
-        check_lora_settings(LoraSettings(enable=False, r=16), where)
     with pytest.raises(UserError, match="lora.weight_path.*no such file"):
         check_lora_settings(LoraSettings(enable=True, weight_path=str(tmp_path / "x")), where)
     check_lora_settings(LoraSettings(enable=True), where)

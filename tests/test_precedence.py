@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
+from conftest import small_policy
 
 from ilstudio.errors import UserError
 from ilstudio.resolve import resolve_argv
@@ -22,7 +23,8 @@ def cfg_files(tmp_path, tiny_data):
 
 
 def base(tiny_data, *extra: str) -> list[str]:
-    return ["--task_name=tiny_synthetic", f"--gin_bindings=task.dataset_dir = '{tiny_data}'", *extra]
+    return ["--task_name=tiny_synthetic", f"--gin_bindings=task.dataset_dir = '{tiny_data}'",
+            *small_policy(extra), *extra]
 
 
 # ---- hyperparameters: default < YAML < command-line flag -------------------------------
@@ -75,7 +77,7 @@ def test_gin_file_beats_task_gin(tiny_data, cfg_files):
 
 
 def test_gin_files_apply_in_order(tiny_data, cfg_files, caplog):
-    a = cfg_files("a.gin", "include 'gin_configs/default.gin'\nmlp.hidden_dim = 32\n")
+    a = cfg_files("a.gin", "include 'gin_configs/mlp.gin'\nmlp.hidden_dim = 32\n")
     b = cfg_files("b.gin", "mlp.hidden_dim = 64\n")
     with caplog.at_level(logging.INFO):
         r = resolve_argv(base(tiny_data, f"--gin_file={a}", f"--gin_file={b}"))
@@ -133,7 +135,7 @@ def test_gin_type_errors_name_the_binding_and_its_source(tiny_data):
 
 
 def test_unused_bindings_are_reported_with_their_source(tiny_data, cfg_files, caplog):
-    g = cfg_files("u.gin", "include 'gin_configs/default.gin'\neval/mlp.hidden_dim = 8\nUNUSED = 3\n")
+    g = cfg_files("u.gin", "include 'gin_configs/mlp.gin'\neval/mlp.hidden_dim = 8\nUNUSED = 3\n")
     with caplog.at_level(logging.WARNING):
         r = resolve_argv(base(tiny_data, f"--gin_file={g}"))
     unused = dict(r.unused)
@@ -145,6 +147,18 @@ def test_parameter_without_effect_on_policy_is_refused(tiny_data):
     with pytest.raises(UserError) as e:
         resolve_argv(base(tiny_data, "--gin_bindings=lora.enable = True"))
     assert "lora.enable = True" in str(e.value) and "no effect on policy 'mlp'" in str(e.value)
+
+
+def test_values_switched_off_warn_once_and_are_kept(tiny_data, cfg_files, caplog):
+    """IL-Studio files keep lora_r/bits beside lora_enable: false: one warning, no error."""
+    y = cfg_files("s.yaml", "lora_enable: false\nlora_r: 16\nuse_quantization: false\nbits: 8\n")
+    with caplog.at_level(logging.WARNING):
+        r = resolve_argv(base(tiny_data, f"--training_config={y}"))
+    assert r.lora.r == 16 and r.quantization.bits == 8
+    warnings = [m for m in caplog.messages if "their switch is off" in m]
+    assert len(warnings) == 1, caplog.messages
+    assert f"lora.r = 16 (set in YAML {y}:2 (lora_r)): lora.enable is False" in warnings[0]
+    assert f"quantization.bits = 8 (set in YAML {y}:4 (bits)): quantization.enable is False" in warnings[0]
 
 
 def test_unknown_task_suggests_the_closest(tiny_data):

@@ -152,7 +152,7 @@ def test_train_on_recorded_episodes_then_evaluate(recorded: Path, tmp_path: Path
     run = tmp_path / "run"
     proc = run_train(f"--task_name={TASK}", f"--gin_bindings=task.dataset_dir = '{recorded}'",
                      *[f"--gin_bindings={b}" for b in SMALL], f"--output_dir={run}",
-                     "--max_steps=3", "--per_device_train_batch_size=4", "--report_to=none",
+                     "--gin_file=gin_configs/mlp.gin", "--max_steps=3", "--per_device_train_batch_size=4", "--report_to=none",
                      "--save_strategy=no", env=_sim_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     operative = (run / "operative_config.gin").read_text()
@@ -163,10 +163,29 @@ def test_train_on_recorded_episodes_then_evaluate(recorded: Path, tmp_path: Path
     res = json.loads((run / "eval_results.json").read_text())
     assert res["num_episodes"] == 1 and res["render"] == [36, 48] and res["model_policy"] == "mlp"
     assert res["episodes"][0]["steps"] == 400 and res["query_every"] == 20
-    assert (run / "eval_episode_0.gif").stat().st_size > 0
+    assert (run / "eval_episode_0_failure.gif").stat().st_size > 0  # 3 training steps: no success
     # A run directory without weights is a clear error, not a traceback.
     assert main(["--checkpoint", str(tmp_path), "--num_episodes", "1"]) == 2
     assert "model.safetensors" in capsys.readouterr().err
+
+
+def test_headline_command_trains_lora_vla_on_recorded_data(recorded: Path, tmp_path: Path) -> None:
+    """README's headline command on recorded sim data: the default policy is the LoRA VLA,
+    lora.r = 16 reaches peft, and the recorder wrote the instruction the VLA reads."""
+    with h5py.File(recorded / "episode_0.hdf5", "r") as f:
+        assert "hand it to the left arm" in f.attrs["language_instruction"]
+    made = subprocess.run([sys.executable, "-m", "ilstudio.policies.vla.make_tiny", "data/vla_tiny"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=_sim_env())
+    assert made.returncode == 0, made.stderr[-2000:]
+    run = tmp_path / "run"
+    proc = run_train("--gin_file=gin_configs/default.gin", "--gin_bindings=lora.r=16",
+                     "--learning_rate=1e-3", f"--gin_bindings=task.dataset_dir = '{recorded}'",
+                     *[f"--gin_bindings={b}" for b in SMALL], f"--output_dir={run}", "--max_steps=2",
+                     "--per_device_train_batch_size=2", "--save_strategy=no", "--report_to=none",
+                     cwd=tmp_path, env=_sim_env())  # default.gin's backbone: tmp_path/data/vla_tiny
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    adapter = json.loads((run / "adapter_config.json").read_text())
+    assert adapter["r"] == 16 and adapter["peft_type"] == "LORA"
 
 
 def test_temporal_ensemble_and_wilson_interval() -> None:
@@ -188,3 +207,28 @@ def test_temporal_ensemble_and_wilson_interval() -> None:
     assert lo == pytest.approx(0.7225, abs=1e-4) and hi == pytest.approx(1.0)
     lo, hi = wilson_interval(25, 50)
     assert lo == pytest.approx(0.3664, abs=1e-4) and hi == pytest.approx(0.6336, abs=1e-4)
+
+
+def test_evaluation_films_a_success_and_a_failure_replaying_a_missing_one() -> None:
+    """Episodes are deterministic, so the first success can be filmed after the fact; the
+    evaluator saves one success and one failure when both happened."""
+    from ilstudio.eval import filmed
+    from ilstudio.sim import rollout
+
+    task, sim = _load_small_task()
+    scripted = rollout.ScriptedAgent(sim, task.episode_len)
+    unfilmed = rollout.run_episodes(scripted, task, sim, 2, seed=0)
+    assert all(r.success and not r.frames for r in unfilmed)
+    again = rollout.run_episodes(scripted, task, sim, 2, seed=0, video_episodes=1, episodes=[1])[0]
+    assert again.index == 1 and again.success and again.frames
+    assert again.episode_return == unfilmed[1].episode_return and again.seed == unfilmed[1].seed
+    failed = rollout.run_episodes(rollout.HoldAgent(), task, sim, 1, seed=0, video_episodes=1)[0]
+    replays = []
+
+    def replay(i):
+        replays.append(i)
+        return rollout.run_episodes(scripted, task, sim, 2, seed=0, video_episodes=1, episodes=[i])[0]
+
+    chosen = filmed([failed, unfilmed[1]], 1, replay)
+    assert [(r.index, r.success, bool(r.frames)) for r in chosen] == [(0, False, True), (1, True, True)]
+    assert replays == [1]  # only the success had to be filmed again

@@ -19,7 +19,7 @@ pytest.importorskip("mujoco")
 pytest.importorskip("dm_control")
 pytest.importorskip("gym_aloha")
 
-from conftest import run_train, tiny_args, train_env  # noqa: E402
+from conftest import run_train, small_policy, tiny_args, train_env  # noqa: E402
 
 TASK = "sim_transfer_cube_scripted"
 SMALL = ["sim.render_height = 36", "sim.render_width = 48"]
@@ -43,7 +43,7 @@ def sim_args(data: Path, out: Path, *extra: str) -> list[str]:
             "--gin_bindings=dataset.preload_data = True",
             "--gin_bindings=dataset.is_multimodal = False",  # state only: rollouts need no frames
             f"--output_dir={out}", "--max_steps=300", "--per_device_train_batch_size=32",
-            "--learning_rate=1e-3", "--logging_steps=100", *extra]
+            "--learning_rate=1e-3", "--logging_steps=100", *small_policy(extra), *extra]
 
 
 def weights(path: Path) -> dict:

@@ -80,3 +80,33 @@ def test_snapshot_check_agrees_with_training_arguments(tmp_path, name, value, ok
     except (ValueError, TypeError):
         full_ok = False
     assert light_ok == full_ok == ok
+
+
+@pytest.mark.parametrize("fault", ["missing_data", "output_dir_in_use"])
+def test_a_real_run_reports_dry_run_faults_before_importing_torch(tiny_data, tmp_path, fault):
+    """No --dry_run: the same checks still run before the ~90 s of imports under load."""
+    out = tmp_path / "o"
+    data = tmp_path / "missing" if fault == "missing_data" else tiny_data
+    if fault == "output_dir_in_use":
+        out.mkdir()
+        (out / "operative_config.gin").write_text("# another run\n")
+    proc, names = _imported_top_level(*tiny_args(data, out), "--max_steps=1")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert not names & set(HEAVY), names & set(HEAVY)
+    needle = "python -m ilstudio.data.synthetic" if fault == "missing_data" else "--overwrite_output_dir"
+    assert needle in proc.stderr
+
+
+def test_help_is_grouped_and_helpshort_is_short():
+    proc, names = _imported_top_level("--helpshort")
+    full, _ = _imported_top_level("--helpfull")
+    short_text, full_text = proc.stdout, full.stdout
+    headings = ["Run and configuration:", "Optimisation:", "Logging and saving:"]
+    assert [short_text.index(h) for h in headings] == sorted(short_text.index(h) for h in headings)
+    assert "--adam_beta2" not in short_text and "--adam_beta2" in full_text
+    assert "Hardware and data loading:" in full_text
+    assert "see --helpshort" not in short_text.lower() and not names & set(HEAVY)
+    gin, names = _imported_top_level("--help_gin")
+    assert gin.returncode == 0 and not names & set(HEAVY)
+    assert "lora.r = 64  (int; YAML lora_r" in gin.stdout and "LoRA rank" in gin.stdout
+    assert "sim.render_height = 480" in gin.stdout and "mlp.hidden_dim = 256" in gin.stdout

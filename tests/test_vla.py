@@ -48,6 +48,16 @@ def lang_data(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def plain_data(tmp_path_factory) -> Path:
+    """ACT-layout episodes without any text (no language_instruction attribute)."""
+    from ilstudio.data.synthetic import write_synthetic_dataset
+
+    d = tmp_path_factory.mktemp("plain_data")
+    write_synthetic_dataset(d, num_episodes=4, episode_len=50, instruction=False)
+    return d
+
+
 def settings(data: Path, backbone: Path, *, dataset: dict | None = None, model: dict | None = None,
              cameras: tuple[str, ...] = ("top",)):
     task = TaskSettings(dataset_dir=str(data), camera_names=cameras, episode_len=STEPS)
@@ -339,12 +349,12 @@ def test_select_seg_token_mask_keeps_only_segment_tokens(backbone, lang_data):
     assert (seg["labels"][:seg_proc.prompt_len] == IGNORE).all()
 
 
-def test_text_switches_need_the_text_in_the_data(backbone, tiny_data):
+def test_text_switches_need_the_text_in_the_data(backbone, plain_data):
     from ilstudio.data.dataset import EpisodeDataset
     from ilstudio.data.normalization import compute_stats
 
-    paths = sorted(tiny_data.glob("*.hdf5"))[:1]
-    task = TaskSettings(dataset_dir=str(tiny_data), camera_names=("top",))
+    paths = sorted(plain_data.glob("*.hdf5"))[:1]
+    task = TaskSettings(dataset_dir=str(plain_data), camera_names=("top",))
     stats = compute_stats(paths)
     with pytest.raises(UserError, match="language_instruction"):
         EpisodeDataset(paths, task, DatasetSettings(), 5, stats, language=_processor(backbone))
@@ -476,21 +486,21 @@ def test_language_target_switches_need_a_language_loss(key, backbone, lang_data)
     validate(*settings(lang_data, backbone, dataset={key: True}, model={"llm_loss_weight": 0.1}))
 
 
-def test_a_language_loss_needs_a_language_target_in_the_data(backbone, tiny_data):
+def test_a_language_loss_needs_a_language_target_in_the_data(backbone, plain_data):
     from ilstudio.data.dataset import build_datasets
     from ilstudio.policies.vla.modeling import build_processor
 
-    task, ds, m = settings(tiny_data, backbone, model={"llm_loss_weight": 0.5})
+    task, ds, m = settings(plain_data, backbone, model={"llm_loss_weight": 0.5})
     proc = build_processor(policy_config=VLAConfig(instruction="follow the wave"), dataset=ds,
                            model=m)
     with pytest.raises(UserError, match="no episode has a language target"):
         build_datasets(task, ds, 5, False, 0, language=proc)
 
 
-def test_vla_instruction_sets_the_evaluation_prompt(backbone, tiny_data):
+def test_vla_instruction_sets_the_evaluation_prompt(backbone, plain_data):
     """Plain ACT data (no text) trains with vla.instruction, and select_action(qpos, images)
     (what the evaluator calls) uses it."""
-    policy, ds = make(tiny_data, backbone, policy_config=VLAConfig(instruction="follow the wave"),
+    policy, ds = make(plain_data, backbone, policy_config=VLAConfig(instruction="follow the wave"),
                       dataset={"use_prev_subtask": False})
     sample = ds[0]
     proc = _processor(backbone)

@@ -2,9 +2,10 @@
 
 A stable parameter is a field of a frozen dataclass registered with gin under a short
 name. The field carries everything the rest of the system needs: its type (the
-annotation), default, doc, and the key the older YAML files use for it. The YAML adapter,
-type validation, ``--explain``, and the README table all read these fields; nothing else
-keeps a copy.
+annotation), default, doc, the key the older YAML files use for it, whether changing it
+breaks resuming from a checkpoint, and which policies give it an effect. The YAML adapter,
+type validation, ``--explain``, the README table, the resume rules and the policies'
+"no silent no-op" check all read these fields; nothing else keeps a copy.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ CONFIGURABLES: dict[str, type] = {}
 
 
 def param(default: Any, doc: str, *, yaml: str | None = None, choices: tuple | None = None,
-          documented: bool = True, bounds: str | None = None, length: int | None = None) -> Any:
+          documented: bool = True, bounds: str | None = None, length: int | None = None,
+          breaks_resume: bool | None = None, policies: tuple[str, ...] | None = None) -> Any:
     """Declare one stable parameter.
 
     yaml: the key the older YAML files use (defaults to the field name, if ``documented``).
@@ -36,24 +38,37 @@ def param(default: Any, doc: str, *, yaml: str | None = None, choices: tuple | N
     bounds: the allowed values of a number (of every element, for a tuple) in interval
         notation, e.g. "[0, 1)" (see ilstudio/config/bounds.py). Every numeric parameter has one.
     length: the number of elements a tuple must have (e.g. 2 for an (H, W) size).
+    breaks_resume: a checkpoint cannot continue under another value (shapes, modules, what
+        the optimizer state belongs to), so resuming with a changed value is refused. None:
+        the configurable's default (``configurable(..., breaks_resume=...)``).
+    policies: the policies (``model.policy`` names) that give this parameter an effect;
+        None: every policy. A documented parameter set away from its default under any
+        other policy is a validation error, never a silent no-op.
     """
     return dataclasses.field(
         default=default,
         metadata={"doc": doc, "yaml": yaml, "choices": choices, "documented": documented,
-                  "bounds": parse_bounds(bounds), "length": length},
+                  "bounds": parse_bounds(bounds), "length": length,
+                  "breaks_resume": breaks_resume, "policies": policies},
     )
 
 
-def configurable(name: str, *, group: str):
+def configurable(name: str, *, group: str, breaks_resume: bool | None = None):
     """Register a settings dataclass with gin under ``name``, and in CONFIGURABLES.
 
     group: the heading it appears under in docs (e.g. "LoRA").
+    breaks_resume: the default of its parameters' ``breaks_resume`` (True where nearly every
+        parameter shapes the model: LoRA, quantization). None: the class's own
+        ``breaks_resume`` attribute if it has one (every policy's settings inherit True from
+        PolicyConfig), else False.
     """
 
     def wrap(cls):
         cls = dataclasses.dataclass(frozen=True)(cls)
         cls.gin_name = name
         cls.doc_group = group
+        cls.breaks_resume = getattr(cls, "breaks_resume", False) if breaks_resume is None \
+            else breaks_resume
         CONFIGURABLES[name] = cls
         return gin.configurable(name, module="ilstudio")(cls)
 
@@ -73,6 +88,11 @@ class ParamInfo:
     choices: tuple | None
     bounds: Bounds | None = None
     length: int | None = None
+    breaks_resume: bool = False
+    policies: tuple[str, ...] | None = None  # None: every policy gives it an effect
+
+    def honoured_by(self, policy: str) -> bool:
+        return self.policies is None or policy in self.policies
 
     @property
     def gin_key(self) -> str:
@@ -85,10 +105,11 @@ def params_of(cls: type) -> list[ParamInfo]:
     for f in dataclasses.fields(cls):
         md = f.metadata
         yaml_key = (md.get("yaml") or f.name) if md.get("documented", True) else None
+        breaks = md.get("breaks_resume")
         out.append(ParamInfo(cls.gin_name, f.name, hints[f.name], f.default, md.get("doc", ""),
-                             yaml_key, md.get("choices"), md.get("bounds"), md.get("length")))
+                             yaml_key, md.get("choices"), md.get("bounds"), md.get("length"),
+                             cls.breaks_resume if breaks is None else breaks, md.get("policies")))
     return out
-
 
 
 def defaults_of(obj: Any) -> dict[str, Any]:

@@ -40,7 +40,7 @@ def flagfile_text(resolved, config_gin: Path) -> str:
         f"--gin_file={config_gin.resolve()}",
     ]
     for h in HYPERPARAMS:
-        value = resolved.hyper.get(h.name)
+        value = getattr(resolved.hyper, h.name)
         if value is not None:
             lines.append(f"--{h.name}={_flag_value(value)}")
     for name, value in resolved.training_args_extra.items():
@@ -77,7 +77,7 @@ def describe(resolved, explain: bool) -> str:
     lines = [f"# ilstudio resolved configuration (task: {resolved.task_name})", "",
              "# Hyperparameters (absl flags)"]
     for h in HYPERPARAMS:
-        lines.append(row(f"--{h.name}", resolved.hyper[h.name], resolved.hyper_source[h.name]))
+        lines.append(row(f"--{h.name}", getattr(resolved.hyper, h.name), resolved.hyper_source[h.name]))
     lines.append(row("--task_name", resolved.task_name, resolved.hyper_source["task_name"]))
     for name, value in resolved.training_args_extra.items():
         lines.append(row(f"--training_arg {name}", value, resolved.hyper_source.get(name, "?")))

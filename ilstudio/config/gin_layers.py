@@ -9,6 +9,7 @@ binding locations, then handed to gin unchanged (gin's errors keep their file an
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,23 @@ from gin import config_parser
 from ilstudio.config.hyperparams import HYPER_BY_NAME
 from ilstudio.errors import UserError, closest, read_user_text
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+
+def _package_root() -> Path:
+    """The installed ``ilstudio`` directory: it holds gin_configs/ and configs/deepspeed/ (in a
+    checkout, links to the repository's own), so a wheel installed anywhere finds them."""
+    from importlib.resources import files
+
+    return Path(str(files("ilstudio")))
+
+
+# The last entry of every search path: the configs shipped with the package.
+CONFIG_ROOT = _package_root()
+
+
+def find_shipped(name: str | os.PathLike) -> Path | None:
+    """A relative path (``configs/deepspeed/zero2.json``) among the shipped configs, if there."""
+    p = CONFIG_ROOT / name
+    return p if not Path(name).is_absolute() and p.is_file() else None
 
 
 @dataclasses.dataclass
@@ -73,13 +90,22 @@ def registered_names() -> dict[str, list[str]]:
 
 
 class SearchPath:
-    """Where gin files and their includes are looked up: user paths, cwd, then the repo."""
+    """Where gin files and their includes are looked up: the user's --gin_search_paths, the
+    working directory, then the configs shipped inside the package (CONFIG_ROOT)."""
 
     def __init__(self, extra: list[str]) -> None:
-        self.dirs = [Path(p) for p in extra] + [Path.cwd(), REPO_ROOT]
+        self.dirs = [Path(p) for p in extra] + [Path.cwd(), CONFIG_ROOT]
         gin.config.clear_config()
-        for d in reversed(self.dirs):
-            gin.add_config_file_search_path(str(d))
+        # gin looks an include up under each prefix in turn, starting with '' (the working
+        # directory), and asks its Python-package reader too, which crashes on a directory
+        # that imports as a namespace package (gin_configs/ on sys.path). Our directories
+        # (the working directory among them) are the whole search path, in our order.
+        gin.config._LOCATION_PREFIXES[:] = [str(d) for d in self.dirs]  # noqa: SLF001
+        # Files are found on the filesystem only (the installed package's gin_configs is a
+        # directory in the search path); gin's Python-package reader would log an error for
+        # every directory an include is not in.
+        gin.config._FILE_READERS[:] = [r for r in gin.config._FILE_READERS  # noqa: SLF001
+                                       if "resource_reader" not in getattr(r[0], "__module__", "")]
 
     def find(self, name: str) -> Path | None:
         p = Path(name)
@@ -161,6 +187,9 @@ class GinLayers:
             raise
         except Exception as e:  # noqa: BLE001 - anything gin raises here is the user's input
             msg = str(e)
+            bad = _not_a_literal(msg, text, label, filename)
+            if bad:
+                raise UserError(bad) from None
             if filename and filename not in msg:
                 msg = f"{label}: {msg}"
             elif not filename:
@@ -211,6 +240,31 @@ class GinLayers:
                 if key not in used:
                     out.append((key, self.provenance.source_of(key)))
         return out
+
+
+_BAD_TOKEN = re.compile(r"Failed to parse token '(.*?)' \((?:[^()]*, )?line (\d+)\)")
+
+
+def _not_a_literal(message: str, text: str, label: str, filename: str | None) -> str | None:
+    """A readable message for a value gin cannot read (``lora.r = sixteen``), instead of
+    Python's ``malformed node or string ... <ast.Name object at 0x...>``."""
+    m = _BAD_TOKEN.search(message)
+    if not m or "malformed node" not in message:
+        return None
+    token, line_no = m.group(1), int(m.group(2))
+    lines = text.splitlines()
+    line = lines[line_no - 1].strip() if 0 < line_no <= len(lines) else token
+    key = line.split("=", 1)[0].strip() if "=" in line else ""
+    from ilstudio.config.declare import all_params, type_name
+
+    declared = {p.gin_key: p for p in all_params()}
+    short = key.split("/")[-1]
+    expected = f"expected {type_name(declared[short].type)}; " if short in declared else ""
+    where = f"{label}:{line_no}" if filename else label
+    return (f"{where}: `{line}`: {expected}`{token}` is not a value gin can read. Gin values are "
+            f"Python literals: numbers (16, 1e-3), True/False, None, lists/tuples, and strings in "
+            f"quotes ({key or 'name'} = '{token}' is the string). On a command line, quote the "
+            f"whole binding: --gin_bindings=\"{key or 'name'} = '{token}'\"")
 
 
 def _macro_names_in_operative() -> set[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,9 @@ class Hyper:
     # Allowed values of a number, in interval notation (ilstudio/config/bounds.py); every
     # numeric hyperparameter has one. None (unset) is always allowed where the default is None.
     bounds: str | None = None
+    # A checkpoint's optimizer/engine state means something else under another value: resuming
+    # with a changed value is refused (ilstudio/training/resume.py).
+    breaks_resume: bool = False
 
     @property
     def allowed(self) -> Bounds | None:
@@ -84,7 +87,8 @@ HYPERPARAMS: tuple[Hyper, ...] = (
           to_training_args=False, bounds="[0, 1)"),
     Hyper("lr_scheduler_type", str, "linear", "Learning-rate schedule (linear, cosine, constant, "
           "constant_with_warmup, ...)."),
-    Hyper("optim", str, "adamw_torch", "Optimizer name as TrainingArguments.optim understands it."),
+    Hyper("optim", str, "adamw_torch", "Optimizer name as TrainingArguments.optim understands it.",
+          breaks_resume=True),
     Hyper("adam_beta1", float, 0.9, "AdamW beta1.", bounds="[0, 1)"),
     Hyper("adam_beta2", float, 0.999, "AdamW beta2.", bounds="[0, 1)"),
     Hyper("adam_epsilon", float, 1e-8, "AdamW epsilon (0 would divide 0 by 0 for a parameter "
@@ -124,7 +128,8 @@ HYPERPARAMS: tuple[Hyper, ...] = (
     Hyper("fp16", bool, False, "float16 mixed precision (CUDA).", seed_documented=False),
     Hyper("gradient_checkpointing", bool, False, "Trade compute for memory in the backbone.",
           seed_documented=False),
-    Hyper("deepspeed", str, None, "Path to a DeepSpeed JSON config.", seed_documented=False),
+    Hyper("deepspeed", str, None, "Path to a DeepSpeed JSON config.", seed_documented=False,
+          breaks_resume=True),
     Hyper("eval_every_steps", int, 0, "Roll the policy out in the task's simulator every N "
           "optimizer steps and at the last one (0: never): success rate and mean return are "
           "logged, <output_dir>/best/ keeps the weights with the highest success rate, "
@@ -138,6 +143,52 @@ HYPERPARAMS: tuple[Hyper, ...] = (
 )
 
 HYPER_BY_NAME = {h.name: h for h in HYPERPARAMS}
+DEFAULT_TASK = "sim_transfer_cube_scripted"
+
+
+class _ReadByName:
+    """Reads by name as well (``hyper["learning_rate"]``, ``hyper.get(name)``), for code and
+    tests written against the older dict form."""
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in HYPER_BY_NAME and name != "task_name":
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self, name, default)
+
+
+# The resolved hyperparameters of a run, one typed field per declaration (plus the task),
+# built from the declarations above so nothing is listed twice. (The seed API's input class,
+# ``ilstudio.config.HyperArguments``, also remembers which fields its caller set.)
+Hyperparams = dataclasses.make_dataclass(
+    "Hyperparams",
+    [("task_name", str, dataclasses.field(default=DEFAULT_TASK))]
+    + [(h.name, h.type if h.default is not None else h.type | None,
+        dataclasses.field(default=h.default)) for h in HYPERPARAMS],
+    bases=(_ReadByName,),
+    namespace={"__doc__": "A run's hyperparameters (see HYPERPARAMS), typed, one field each."},
+)
+Hyperparams.__module__ = __name__
+
+
+def define_gin_flags(fv: flags.FlagValues, default_files: Sequence[str] = ()) -> None:
+    """--gin_file, --gin_bindings and --gin_search_paths with the one meaning they have in
+    every program (idempotent per FlagValues)."""
+    if "gin_file" in fv:
+        return
+    default_doc = (f" Default: {', '.join(default_files)}; giving one replaces it (build on it "
+                   f"with gin's `include`)." if default_files else "")
+    flags.DEFINE_multi_string("gin_file", list(default_files),
+                              "Gin files, applied in order after the task's file." + default_doc,
+                              flag_values=fv)
+    flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'lora.r = 16'; applied last, "
+                              "in order. --gin.NAME=VALUE is short for --gin_bindings='NAME = VALUE'.",
+                              flag_values=fv)
+    flags.DEFINE_multi_string("gin_search_paths", [], "Extra directories to look up gin files and "
+                              "includes in (before the working directory and the installed "
+                              "package's gin_configs).", flag_values=fv)
 
 
 def layer_hyperparams(given: Mapping[str, Any], defaults: Mapping[str, Any], yaml_cfg=None
@@ -205,18 +256,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
             flags.DEFINE_enum(h.name, h.default, list(h.choices), doc, flag_values=flag_values)
         else:
             _DEFINE[h.type](h.name, h.default, doc, flag_values=flag_values)
-    flags.DEFINE_string("task_name", "sim_transfer_cube_scripted",
+    flags.DEFINE_string("task_name", DEFAULT_TASK,
                         "Task: gin_configs/tasks/<task_name>.gin binds its data and dims.",
                         flag_values=flag_values)
-    flags.DEFINE_multi_string("gin_file", ["gin_configs/default.gin"],
-                              "Gin files, applied in order after the task's file. Giving one "
-                              "replaces the default (include it with `include` if wanted).",
-                              flag_values=flag_values)
-    flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'lora.r = 16'; applied "
-                              "last, in order.", flag_values=flag_values)
-    flags.DEFINE_multi_string("gin_search_paths", [], "Extra directories to look up gin files and "
-                              "includes in (before the working directory and the repo).",
-                              flag_values=flag_values)
+    define_gin_flags(flag_values, ["gin_configs/default.gin"])
     flags.DEFINE_string("training_config", None, "Older flat YAML training config: stable keys "
                         "become gin bindings, hyperparameter keys flag values.",
                         flag_values=flag_values)

@@ -9,7 +9,15 @@ without touching torch.
 
 from __future__ import annotations
 
-from ilstudio.config.declare import configurable, param
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from ilstudio.config.declare import configurable, param, params_of
+
+# Which policies give a parameter an effect (``param(policies=...)``; unset: every policy).
+HF_BACKBONE = ("act", "vla")  # built from a Hugging Face backbone directory
+VLA_ONLY = ("vla",)  # language targets, LoRA/QLoRA, the multimodal projector
 
 
 @configurable("task", group="Task")
@@ -22,15 +30,18 @@ class TaskSettings:
         "together.", documented=False)
     state_dim: int = param(14, "Length of /observations/qpos (LeRobot: observation.state) per step; "
                            "unbound, a LeRobot dataset's info.json gives it.", documented=False,
-                           bounds="[1, inf)")
+                           bounds="[1, inf)", breaks_resume=True)
     action_dim: int = param(14, "Length of /action per step; unbound, a LeRobot dataset's "
                             "info.json gives it.", documented=False,
-                            bounds="[1, inf)")
+                            bounds="[1, inf)", breaks_resume=True)
     camera_names: tuple[str, ...] = param((), "Cameras under /observations/images (LeRobot: "
                                           "observation.images.<name>; unbound: all of them).",
-                                          documented=False)
+                                          documented=False, breaks_resume=True)
     episode_len: int = param(400, "Steps per episode (also the evaluation horizon).",
-                            documented=False, bounds="[1, inf)")
+                             documented=False, bounds="[1, inf)")
+    data_command: str = param("", "The command that creates this task's data, shown when "
+                              "task.dataset_dir is missing or empty ('{dataset_dir}' is filled in).",
+                              documented=False)
 
 
 @configurable("dataset", group="Data processing")
@@ -43,79 +54,113 @@ class DatasetSettings:
                                   "false: it runs once up front and is cached.")
     episode_first: bool = param(False, "True: draw an episode uniformly, then a timestep in it; "
                                 "false: draw uniformly over all timesteps.")
-    use_reasoning: bool = param(False, "Add the episode's per-step reasoning text to the language target.")
-    use_prev_subtask: bool = param(False, "Add the previous subtask's text to the prompt.")
+    use_reasoning: bool = param(False, "Add the episode's per-step reasoning text to the language target.",
+                                policies=VLA_ONLY)
+    use_prev_subtask: bool = param(False, "Add the previous subtask's text to the prompt.",
+                                   policies=VLA_ONLY)
     select_seg_token_mask: bool = param(False, "The language loss covers only the selected segments "
-                                        "(reasoning/subtask tokens); prompt tokens are masked out.")
+                                        "(reasoning/subtask tokens); prompt tokens are masked out.",
+                                        policies=VLA_ONLY)
     is_multimodal: bool = param(True, "Samples carry camera images; false gives a state-only input "
-                                "even when the data has cameras.")
+                                "even when the data has cameras.", breaks_resume=True)
     image_aspect_ratio: str = param("pad", "How frames are fitted to the model input: 'pad' "
-                                    "(letterbox) or 'resize' (stretch).", choices=("pad", "resize"))
+                                    "(letterbox) or 'resize' (stretch; 'square' is the LLaVA / "
+                                    "IL-Studio name for the same plain resize).",
+                                    choices=("pad", "resize", "square"))
     skip_mirrored_data: bool = param(False, "Leave out episodes marked as mirrored.")
     history_images_length: int = param(1, "Frames per camera the policy sees, current included.",
-                                        bounds="[1, inf)")
+                                        bounds="[1, inf)", breaks_resume=True)
     val_fraction: float = param(0.1, "Share of episodes held out for evaluation when --do_eval.",
                                 documented=False, bounds="[0, 1)")
     image_size: tuple[int, ...] | None = param(
         None, "(H, W) the frames are fitted to (by image_aspect_ratio) before the policy sees "
         "them; None keeps frames as recorded.", documented=False, bounds="[1, inf)",
-        length=2)
+        length=2, breaks_resume=True)
 
 
 @configurable("model", group="Model architecture")
 class ModelSettings:
     """Which policy to build and how."""
 
-    policy: str = param("mlp", "The policy to build (see ilstudio/policies).", documented=False)
+    policy: str = param("mlp", "The policy to build (see ilstudio/policies).", documented=False,
+                        breaks_resume=True)
     chunk_size: int = param(20, "Actions predicted per step (action chunk length).", documented=False,
-                           bounds="[1, inf)")
+                           bounds="[1, inf)", breaks_resume=True)
     model_name_or_path: str = param("", "The backbone to build from: a local directory (or hub id "
-                                    "where a network exists).")
+                                    "where a network exists).",
+                                    breaks_resume=True, policies=HF_BACKBONE)
     is_pretrained: bool = param(False, "True: load backbone weights from model_name_or_path; "
-                                "false: build from its config with random weights.")
-    using_ema: bool = param(False, "Keep an EMA of the trainable weights; checkpoints carry the EMA weights.")
+                                "false: build from its config with random weights.",
+                                policies=HF_BACKBONE)
+    using_ema: bool = param(False, "Keep an EMA of the trainable weights; checkpoints carry the EMA weights.",
+                            breaks_resume=True)
     ema_decay: float = param(0.999, "EMA decay per optimizer step (warmed up as "
                              "min(decay, (1+n)/(10+n)) over the first steps).", documented=False,
                              bounds="[0, 1)")
-    flash_attn: bool = param(False, "Use FlashAttention-2 in the backbone (CUDA + flash-attn only).")
-    freeze_vision_tower: bool = param(False, "The vision encoder's weights do not change.")
-    freeze_backbone: bool = param(False, "The language/visual backbone's weights do not change.")
-    tune_mm_mlp_adapter: bool = param(False, "Train only the multimodal projector.")
+    flash_attn: bool = param(False, "Use FlashAttention-2 in the backbone (CUDA + flash-attn only).",
+                             policies=VLA_ONLY)
+    freeze_vision_tower: bool = param(False, "The vision encoder's weights do not change.",
+                                      breaks_resume=True, policies=HF_BACKBONE)
+    freeze_backbone: bool = param(False, "The language/visual backbone's weights do not change.",
+                                  breaks_resume=True, policies=HF_BACKBONE)
+    tune_mm_mlp_adapter: bool = param(False, "Train only the multimodal projector.",
+                                      breaks_resume=True, policies=VLA_ONLY)
     llm_loss_weight: float = param(0.0, "Weight of the language-modelling loss added to the action loss.",
-                                  bounds="[0, inf)")
-    load_pretrain: str | None = param(None, "Initialise the whole policy from a previous ilstudio "
-                                      "run directory before training.")
-    cache_dir: str | None = param(None, "Where Hugging Face files are cached and looked up.")
+                                  bounds="[0, inf)", policies=VLA_ONLY)
+    load_pretrain: bool | str | None = param(
+        None, "A path: initialise the whole policy from a previous ilstudio run directory, "
+        "checkpoint or model.safetensors before training. true: start the backbone from the "
+        "pretrained weights in model_name_or_path (as is_pretrained = true). false/None: neither.")
+    cache_dir: str | None = param(None, "Where Hugging Face files are cached and looked up.",
+                                  policies=HF_BACKBONE)
+
+    @property
+    def pretrained_backbone(self) -> bool:
+        """Load the backbone's weights from model_name_or_path (is_pretrained or load_pretrain: true)."""
+        return self.is_pretrained or self.load_pretrain is True
+
+    @property
+    def pretrain_from(self) -> str | None:
+        """The run directory / weights file load_pretrain names, or None (true/false/None)."""
+        return self.load_pretrain if isinstance(self.load_pretrain, str) and self.load_pretrain else None
 
 
-@configurable("lora", group="LoRA")
+@configurable("lora", group="LoRA", breaks_resume=True)
 class LoraSettings:
     """peft LoRA adapters around the backbone."""
 
-    enable: bool = param(False, "Wrap the model with peft LoRA adapters.", yaml="lora_enable")
+    enable: bool = param(False, "Wrap the model with peft LoRA adapters.", yaml="lora_enable",
+                         policies=VLA_ONLY)
     module: str = param("llm", "Parts that get adapters: comma list of llm, vit, projector, "
-                        "action_head, or module-name patterns.", yaml="lora_module")
-    task_type: str = param("CAUSAL_LM", "peft task type.", yaml="lora_task_type")
-    r: int = param(64, "LoRA rank (peft LoraConfig.r).", yaml="lora_r", bounds="[1, inf)")
-    alpha: int = param(256, "peft LoraConfig.lora_alpha.", yaml="lora_alpha", bounds="[1, inf)")
+                        "action_head, or module-name patterns.", yaml="lora_module",
+                        policies=VLA_ONLY)
+    task_type: str = param("CAUSAL_LM", "peft task type.", yaml="lora_task_type", policies=VLA_ONLY)
+    r: int = param(64, "LoRA rank (peft LoraConfig.r).", yaml="lora_r", bounds="[1, inf)",
+                   policies=VLA_ONLY)
+    alpha: int = param(256, "peft LoraConfig.lora_alpha.", yaml="lora_alpha", bounds="[1, inf)",
+                       policies=VLA_ONLY)
     dropout: float = param(0.05, "peft LoraConfig.lora_dropout.", yaml="lora_dropout",
-                           bounds="[0, 1)")
+                           bounds="[0, 1)", breaks_resume=False, policies=VLA_ONLY)
     bias: str = param("none", "peft LoraConfig.bias.", yaml="lora_bias",
-                      choices=("none", "all", "lora_only"))
+                      choices=("none", "all", "lora_only"), policies=VLA_ONLY)
     weight_path: str | None = param(None, "Existing adapter weights to continue from.",
-                                    yaml="lora_weight_path")
+                                    yaml="lora_weight_path", breaks_resume=False, policies=VLA_ONLY)
     lr: float | None = param(None, "Learning rate of the LoRA parameters (own parameter group); "
-                             "None uses --learning_rate.", yaml="lora_lr", bounds="[0, inf)")
+                             "None uses --learning_rate.", yaml="lora_lr", bounds="[0, inf)",
+                             breaks_resume=False, policies=VLA_ONLY)
 
 
-@configurable("quantization", group="Quantization")
+@configurable("quantization", group="Quantization", breaks_resume=True)
 class QuantizationSettings:
     """bitsandbytes loading of the backbone."""
 
-    enable: bool = param(False, "Load the backbone quantized with bitsandbytes.", yaml="use_quantization")
-    bits: int = param(4, "4 or 8 (bitsandbytes); 16 loads in bf16/fp16.", choices=(4, 8, 16))
-    double_quant: bool = param(True, "Nested quantization of the 4-bit quantization constants.")
-    quant_type: str = param("nf4", "4-bit data type.", choices=("nf4", "fp4"))
+    enable: bool = param(False, "Load the backbone quantized with bitsandbytes.", yaml="use_quantization",
+                         policies=VLA_ONLY)
+    bits: int = param(4, "4 or 8 (bitsandbytes); 16 loads in bf16/fp16.", choices=(4, 8, 16),
+                      policies=VLA_ONLY)
+    double_quant: bool = param(True, "Nested quantization of the 4-bit quantization constants.",
+                               policies=VLA_ONLY)
+    quant_type: str = param("nf4", "4-bit data type.", choices=("nf4", "fp4"), policies=VLA_ONLY)
 
 
 
@@ -126,6 +171,12 @@ class QuantizationSettings:
 # settings the policy was trained on. Declared here (not in ilstudio/sim) so resolving a run
 # needs nothing from the simulator's package.
 SIM_TASKS = ("transfer_cube", "insertion")
+# The `language_instruction` each recorded episode carries (language-conditioned policies,
+# such as the default LoRA VLA, read it as their prompt).
+SIM_INSTRUCTIONS = {
+    "transfer_cube": "pick up the red cube with the right arm and hand it to the left arm",
+    "insertion": "pick up the peg and the socket and insert the peg into the socket",
+}
 
 
 @configurable("sim", group="Simulation")
@@ -158,4 +209,69 @@ def images_enabled(task: TaskSettings, dataset: DatasetSettings) -> bool:
     return dataset.is_multimodal and bool(task.camera_names)
 
 
+
+@dataclasses.dataclass
+class RunSettings:
+    """Every settings object of one run, as gin built them (``resolve.build_settings``).
+
+    What a policy is built from (``build_policy(run)``): training gets it as part of the
+    resolved run, evaluation rebuilds it from a run's operative_config.gin. ``policy`` is the
+    policy's own settings (its configurable named by model.policy).
+    """
+
+    task: TaskSettings
+    dataset: DatasetSettings
+    model: ModelSettings
+    lora: LoraSettings
+    quantization: QuantizationSettings
+    policy: Any
+    sim: SimSettings | None  # None: the task has no simulator
+
+    @property
+    def use_images(self) -> bool:
+        """Whether the policy gets camera frames (``PolicyConfig.image_inputs``)."""
+        return self.policy.image_inputs(self.task, self.dataset)
+
+    def __getitem__(self, name: str) -> Any:
+        """``run["task"]``: reads by name, as code written against the older dict form does."""
+        if name not in {f.name for f in dataclasses.fields(RunSettings)}:
+            raise KeyError(name)
+        return getattr(self, name)
+
+
 STABLE_CONFIGURABLES = ("task", "dataset", "model", "lora", "quantization")
+
+
+def inert_values(lora: LoraSettings, quantization: QuantizationSettings) -> dict[str, str]:
+    """Values their own switch makes inert: gin key -> why (e.g. ``lora.r`` while lora is off).
+
+    Users keep such values in their files and toggle the switch, as in IL-Studio's YAML
+    (``lora_r: 64`` beside ``lora_enable: false``): they are kept and recorded in config.gin,
+    and reported as one warning, never refused. A value the chosen policy can never honour is
+    still an error (the policy's validate decides that, for values not listed here).
+    """
+    out = {}
+
+    def changed(obj, names, why):
+        defaults = {p.name: p.default for p in params_of(type(obj))}
+        for name in names:
+            if getattr(obj, name) != defaults[name]:
+                out[f"{obj.gin_name}.{name}"] = why
+
+    if not lora.enable:
+        changed(lora, [p.name for p in params_of(LoraSettings) if p.name != "enable"],
+                "lora.enable is False")
+    if not quantization.enable:
+        changed(quantization, ("bits", "double_quant", "quant_type"), "quantization.enable is False")
+    elif quantization.bits != 4:
+        changed(quantization, ("double_quant", "quant_type"),
+                f"they only apply to 4-bit quantization and quantization.bits = {quantization.bits}")
+    return out
+
+
+def inert_warning(inert: dict[str, str], values: dict[str, object],
+                  source_of: Callable[[str], str]) -> str:
+    """The one warning listing every inert value with its source and why."""
+    lines = [f"  {key} = {values[key]!r} (set in {source_of(key)}): {why}" for key, why in inert.items()]
+    return ("these values have no effect in this run because their switch is off (kept in "
+            "config.gin; they apply once the switch is on):\n" + "\n".join(lines))

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ilstudio.config.hyperparams import HYPER_BY_NAME, HYPERPARAMS, layer_hyperparams
+from ilstudio.config.hyperparams import HYPER_BY_NAME, HYPERPARAMS, Hyperparams, layer_hyperparams
 from ilstudio.errors import UserError, did_you_mean
 
 # What a policy trainer needs regardless of user input; a user value still wins.
@@ -36,9 +36,10 @@ def parse_resume(value: str | None) -> bool | str:
     return str(value)
 
 
-def training_args_kwargs(hyper: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    kwargs = {h.name: hyper[h.name] for h in HYPERPARAMS if h.to_training_args and hyper.get(h.name) is not None}
-    ratio = hyper.get("warmup_ratio") or 0.0
+def training_args_kwargs(hyper: Hyperparams, extra: dict[str, Any]) -> dict[str, Any]:
+    kwargs = {h.name: getattr(hyper, h.name) for h in HYPERPARAMS
+              if h.to_training_args and getattr(hyper, h.name) is not None}
+    ratio = hyper.warmup_ratio or 0.0
     if not 0.0 <= ratio < 1.0:
         raise UserError(f"--warmup_ratio={ratio}: expected a ratio in [0, 1)")
     steps = kwargs.get("warmup_steps", 0.0)
@@ -52,14 +53,15 @@ def training_args_kwargs(hyper: dict[str, Any], extra: dict[str, Any]) -> dict[s
         kwargs["warmup_steps"] = ratio
     report = str(kwargs.get("report_to", "none"))
     kwargs["report_to"] = report if report in ("none", "all") else [r.strip() for r in report.split(",") if r.strip()]
-    if hyper.get("eval_strategy") is None:
-        kwargs["eval_strategy"] = "steps" if hyper.get("do_eval") else "no"
-    if kwargs["eval_strategy"] == "steps" and hyper.get("eval_steps") is None:
-        kwargs["eval_steps"] = hyper["logging_steps"]
+    check_report_to(kwargs["report_to"])
+    if hyper.eval_strategy is None:
+        kwargs["eval_strategy"] = "steps" if hyper.do_eval else "no"
+    if kwargs["eval_strategy"] == "steps" and hyper.eval_steps is None:
+        kwargs["eval_steps"] = hyper.logging_steps
     if kwargs["eval_strategy"] != "no":
         kwargs["do_eval"] = True
-    if hyper.get("deepspeed"):
-        check_deepspeed_config(hyper["deepspeed"])
+    if hyper.deepspeed:
+        check_deepspeed_config(hyper.deepspeed)
     for name in ("logging_steps", "save_steps", "eval_steps"):
         v = kwargs.get(name)
         if isinstance(v, float) and v >= 1 and v.is_integer():
@@ -72,6 +74,26 @@ def training_args_kwargs(hyper: dict[str, Any], extra: dict[str, Any]) -> dict[s
         # transformers 5 renamed it; the flag keeps the name users know.
         kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
     return kwargs
+
+
+# --report_to integrations -> (a module that must be importable, how to install it).
+_REPORTERS = {
+    "wandb": (("wandb",), "pip install 'ilstudio[wandb]' (or pip install wandb)"),
+    "tensorboard": (("tensorboard", "tensorboardX"), "pip install tensorboard"),
+}
+
+
+def check_report_to(report_to: str | list[str]) -> None:
+    """An integration whose package is missing is refused at validation, before anything is
+    written (transformers would fail only when the Trainer starts)."""
+    import importlib.util
+
+    for name in report_to if isinstance(report_to, list) else []:
+        modules, how = _REPORTERS.get(name, ((), ""))
+        if modules and not any(importlib.util.find_spec(m) for m in modules):
+            raise UserError(f"--report_to={','.join(report_to)}: `{name}` needs the {modules[0]} "
+                            f"package, which is not installed ({how}); or leave it out "
+                            f"(--report_to=none)")
 
 
 def check_deepspeed_config(path: str) -> None:
@@ -109,11 +131,11 @@ def _ta_field_names() -> set[str]:
     return field_names()  # a snapshot when transformers is not imported yet (dry run)
 
 
-def tensorboard_dir(hyper: dict[str, Any]) -> str:
-    return hyper.get("logging_dir") or os.path.join(hyper["output_dir"], "runs")
+def tensorboard_dir(hyper: Hyperparams) -> str:
+    return hyper.logging_dir or os.path.join(hyper.output_dir, "runs")
 
 
-def build_training_arguments(hyper: dict[str, Any], extra: dict[str, Any] | None = None):
+def build_training_arguments(hyper: Hyperparams, extra: dict[str, Any] | None = None):
     """A TrainingArguments, or a UserError that says which value transformers refused."""
     from transformers import TrainingArguments
 
@@ -159,7 +181,7 @@ def _culprit(cls, kwargs: dict[str, Any]) -> str | None:
     return None
 
 
-def check_training_arguments(hyper: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
+def check_training_arguments(hyper: Hyperparams, extra: dict[str, Any] | None = None) -> str:
     """--dry_run's check: the real TrainingArguments if transformers is loaded anyway or the
     snapshot does not match it; else our checks plus field names and enum values from
     ilstudio/config/ta_schema.py's snapshot (no 5 s transformers import). Returns how."""
@@ -181,30 +203,68 @@ def HyperArguments_defaults() -> dict[str, Any]:  # noqa: N802
     return {h.name: h.default for h in HYPERPARAMS}
 
 
-HyperArguments = dataclasses.make_dataclass(
-    "HyperArguments",
-    [(h.name, Any, dataclasses.field(default=h.default)) for h in HYPERPARAMS],
-    namespace={"__doc__": "The command-line hyperparameters of the seed's API, with our defaults."},
-)
+def _hyper_arguments_class():
+    """The seed's ``HyperArguments`` dataclass, remembering which fields the caller set.
+
+    The command line's rule is "a flag you give beats the YAML, even when it equals the
+    built-in default"; the Python API keeps the same rule, so a field passed to the
+    constructor (or assigned afterwards) counts as given whatever its value.
+    """
+    cls = dataclasses.make_dataclass(
+        "HyperArguments",
+        [(h.name, Any, dataclasses.field(default=h.default)) for h in HYPERPARAMS],
+        namespace={"__doc__": "The command-line hyperparameters of the seed's API, with our "
+                              "defaults; fields you set beat --training_config's YAML."},
+    )
+    names = [h.name for h in HYPERPARAMS]
+    init = cls.__init__
+
+    def __init__(self, *args, **kwargs):  # noqa: N807
+        init(self, *args, **kwargs)
+        object.__setattr__(self, "_given", set(names[:len(args)]) | set(kwargs))
+
+    def __setattr__(self, name, value):  # noqa: N807
+        object.__setattr__(self, name, value)
+        if name in HYPER_BY_NAME and "_given" in self.__dict__:
+            self._given.add(name)
+
+    cls.__init__, cls.__setattr__ = __init__, __setattr__
+    cls.__module__ = __name__
+    return cls
+
+
+HyperArguments = _hyper_arguments_class()
+
+
+def given_hyperparameters(hyper_args: Any) -> dict[str, Any]:
+    """The values a caller set on ``hyper_args``: every field it was given for our
+    HyperArguments; for any other object (an older HyperArguments of the user's own), the
+    fields that differ from our defaults, the only sign of intent it carries."""
+    if hyper_args is None:
+        return {}
+    given = getattr(hyper_args, "_given", None)
+    if given is not None:
+        return {name: getattr(hyper_args, name) for name in given}
+    return {h.name: getattr(hyper_args, h.name) for h in HYPERPARAMS
+            if hasattr(hyper_args, h.name) and getattr(hyper_args, h.name) != h.default}
 
 
 def create_training_arguments(path: str | os.PathLike, hyper_args: Any = None):
     """The seed API: YAML file + HyperArguments -> TrainingArguments.
 
-    Precedence is the command line's (``layer_hyperparams``): a field of ``hyper_args`` that
-    differs from its default counts as given, and wins over the YAML value, which wins over
-    the default.
+    Precedence is the command line's (``layer_hyperparams``): a field of ``hyper_args`` the
+    caller set (even to its default value) counts as given and wins over the YAML value,
+    which wins over the default.
     """
     from ilstudio.config.yaml_adapter import load_training_config
 
     cfg = load_training_config(path)
     defaults = {**HyperArguments_defaults(), "task_name": "default"}
-    given = {h.name: getattr(hyper_args, h.name) for h in HYPERPARAMS
-             if hyper_args is not None and getattr(hyper_args, h.name, h.default) != h.default}
+    given = given_hyperparameters(hyper_args)
     hyper, _ = layer_hyperparams(given, defaults, cfg)
     for h in HYPERPARAMS:
         h.check(hyper[h.name], f"{h.name} ({'HyperArguments' if h.name in given else path})")
-    return build_training_arguments(hyper, cfg.training_args)
+    return build_training_arguments(Hyperparams(**hyper), cfg.training_args)
 
 
 assert set(HYPER_BY_NAME) == {h.name for h in HYPERPARAMS}

@@ -17,7 +17,6 @@ PNG), the language instruction <-> the episode's task, the ``mirrored`` mark, an
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from ilstudio.data.episodes import ACTION_KEY, IMAGES_KEY, QPOS_KEY, open_episod
 from ilstudio.data.lerobot_format import INFO_PATH
 from ilstudio.data.sources import list_episodes
 from ilstudio.errors import UserError
+from ilstudio.rundir import atomic_dir
 
 QVEL_KEY = "observations/qvel"
 DEFAULT_FPS = 50.0  # ALOHA/ACT's control rate (DT = 0.02 s), for HDF5 without an fps attribute
@@ -106,19 +106,11 @@ def convert(src: str, dst: str | Path, to: str, version: str = "3.0", fps: float
     if fps is not None and not fps > 0:
         raise UserError(f"--fps must be positive, got {fps}")
     refs = list_episodes(src, cache_dir)
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(dst) as tmp:  # an existing dst is empty (checked above): replaced
         if to == "lerobot":
             _to_lerobot(refs, tmp, version, fps, image_storage, robot_type, progress)
         else:
             _to_hdf5(refs, tmp, fps, progress)
-        if dst.exists():
-            dst.rmdir()  # empty (checked above)
-        os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"episodes": len(refs), "to": to, "destination": str(dst)}
 
 

@@ -244,10 +244,8 @@ def check_episodes(paths: Sequence[Any], task: TaskSettings, need_images: bool) 
     frame_shapes: dict[str, tuple] = {}
     lengths = []
     for p in paths:
-        if hasattr(p, "open_source"):
-            from ilstudio.data.lerobot_reader import check_episode
-
-            lengths.append(check_episode(p, task, need_images, frame_shapes))
+        if hasattr(p, "open_source"):  # a LeRobot episode reference checks itself
+            lengths.append(p.check(task, need_images, frame_shapes))
         else:
             lengths.append(check_one(Path(p), task, need_images, frame_shapes))
     return lengths

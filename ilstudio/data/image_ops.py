@@ -6,6 +6,7 @@ Two ways, as the older system documented them:
   keeping its aspect ratio, then pad the remaining rows/columns with zeros, centered.
   Geometry stays truthful (a round object stays round), at the cost of black bands.
 * ``resize``: stretch the frame to exactly (H, W). No bands, but the aspect changes.
+  ``square`` (LLaVA's and IL-Studio's name for their plain resize) is the same.
 
 Frames go in and come out as uint8 (n, H, W, 3) arrays: the result is rounded back to
 uint8 so the lazy (per sample) and eager (cached up front) paths of ``lazy_preprocess``
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-MODES = ("pad", "resize")
+MODES = ("pad", "resize", "square")
 
 
 def letterbox_geometry(src_hw: tuple[int, int], dst_hw: tuple[int, int]
@@ -49,7 +50,7 @@ def fit_tensor(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tenso
     dh, dw = int(size[0]), int(size[1])
     if tuple(x.shape[-2:]) == (dh, dw):
         return x
-    if mode == "resize":
+    if mode in ("resize", "square"):
         return _resize(x, (dh, dw))
     (nh, nw), (top, left) = letterbox_geometry(tuple(x.shape[-2:]), (dh, dw))
     out = x.new_zeros((*x.shape[:-2], dh, dw))

@@ -169,8 +169,8 @@ def local_dir(value: str, cache_dir: str | None = None) -> Path:
     With HF_HUB_OFFLINE=1 a repo id that is not cached fails at once (no network retries).
     """
     path = Path(value).expanduser()
-    if path.exists() or not _REPO_ID.match(value):
-        return path
+    if path.exists() or not _REPO_ID.match(value) or Path(value.split("/")[0]).is_dir():
+        return path  # a local path (e.g. data/new_recording under an existing data/): local errors
     key = (value, cache_dir)
     if key not in _SNAPSHOTS:
         _SNAPSHOTS[key] = _snapshot(value, cache_dir)

@@ -193,7 +193,7 @@ def _load_v30(info: LeRobotInfo) -> tuple[list[EpisodeMeta], dict[int, str]]:
 # -- parquet columns, read once per file and process ----------------------------------------
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=4)
 def _numeric_columns(path: str, mtime: float, pid: int) -> dict[str, np.ndarray]:
     """episode_index, frame_index, timestamp, task_index, state and action of a data file."""
     del mtime, pid  # cache keys only: a rewritten file, a forked process
@@ -217,14 +217,19 @@ def _numeric_columns(path: str, mtime: float, pid: int) -> dict[str, np.ndarray]
     return out
 
 
-@functools.lru_cache(maxsize=4)
-def _image_column(path: str, column: str, mtime: float, pid: int) -> list:
+@functools.lru_cache(maxsize=32)  # episodes, per process: bounded memory for large datasets
+def _episode_images(path: str, column: str, episode: int, mtime: float, pid: int) -> list:
+    """One episode's cells of an image column, in frame order (only its row groups are read)."""
     del mtime, pid
     _, pq = _pa()
     try:
-        return pq.read_table(path, columns=[column]).column(column).to_pylist()
+        table = pq.read_table(path, columns=[column, "frame_index"],
+                              filters=[("episode_index", "=", episode)])
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{path}: no readable image column '{column}': {e}") from None
+    order = np.argsort(table.column("frame_index").to_numpy(), kind="stable")
+    cells = table.column(column).to_pylist()
+    return [cells[k] for k in order]
 
 
 def _file_key(path: Path) -> tuple[str, float, int]:
@@ -253,6 +258,11 @@ class LeRobotEpisode:
     @property
     def mirrored(self) -> bool:
         return self.meta.mirrored
+
+    def check(self, task: Any, need_images: bool, frame_shapes: dict[str, tuple]) -> int:
+        """Validate this episode against the task and its files; returns its length
+        (``episodes.check_episodes`` asks each LeRobot reference, see ``check_episode``)."""
+        return check_episode(self, task, need_images, frame_shapes)
 
     def open_source(self) -> LeRobotSource:
         return LeRobotSource(self)
@@ -355,10 +365,13 @@ class LeRobotSource:
         path = self.ref.data.root / self.ref.meta.data_file
         name, mtime, pid = _file_key(path)
         key = camera_key(camera, self.ref.data.info.features)
-        column = _image_column(name, key, mtime, pid)
+        cells = _episode_images(name, key, self.ref.meta.index, mtime, pid)
+        if len(cells) != len(self.timestamps):
+            raise UserError(f"{path}: {key} has {len(cells)} frames for episode "
+                            f"{self.ref.meta.index}, the parquet has {len(self.timestamps)} steps")
         out = []
         for i in indices:
-            cell = column[int(self._rows[i])]
+            cell = cells[int(i)]
             raw = cell.get("bytes") if isinstance(cell, dict) else cell
             if raw is None and isinstance(cell, dict) and cell.get("path"):
                 raw = (self.ref.data.root / cell["path"]).read_bytes()

@@ -54,9 +54,9 @@ def _language(i: int, qpos: np.ndarray) -> dict:
 
 
 def _write_episode(path: Path, qpos: np.ndarray, action: np.ndarray,
-                   images: dict[str, np.ndarray], mirrored: bool, text: dict | None = None) -> None:
+                   images: dict[str, np.ndarray], mirrored: bool, text: dict) -> None:
     """Write one episode atomically, so readers never see half a file."""
-    with atomic_path(path, private=False) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["sim"] = True
         f.attrs["mirrored"] = mirrored
         obs = f.create_group("observations")
@@ -67,8 +67,9 @@ def _write_episode(path: Path, qpos: np.ndarray, action: np.ndarray,
         for cam, frames in images.items():
             imgs.create_dataset(cam, data=frames, compression="gzip", chunks=(1, *frames.shape[1:]))
         f.create_dataset("action", data=action, compression="gzip")
-        if text is not None:
+        if text.get("instruction"):
             f.attrs["language_instruction"] = text["instruction"]
+        if "subtask" in text:
             lang = f.create_group("language")
             for key in ("subtask", "reasoning"):
                 lang.create_dataset(key, data=np.array(text[key], dtype=object),
@@ -79,11 +80,14 @@ def write_synthetic_dataset(output_dir: str | Path, num_episodes: int = 4, episo
                             state_dim: int = 14, action_dim: int = 14,
                             camera_names: Sequence[str] = ("top",),
                             image_hw: tuple[int, int] = (24, 32), seed: int = 0,
-                            mirrored_every: int = 0, language: bool = False) -> list[Path]:
+                            mirrored_every: int = 0, language: bool = False,
+                            instruction: bool = True) -> list[Path]:
     """Write episode_0.hdf5 ... episode_{N-1}.hdf5; returns their paths.
 
     mirrored_every=k > 0 marks every k-th episode (k-1, 2k-1, ...) with ``mirrored=True``.
-    language=True also writes an instruction, /language/subtask and /language/reasoning.
+    instruction=True (the default) writes the ``language_instruction`` attribute, which the
+    default policy (the LoRA VLA of gin_configs/default.gin) reads; language=True also writes
+    /language/subtask and /language/reasoning.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,8 +101,10 @@ def write_synthetic_dataset(output_dir: str | Path, num_episodes: int = 4, episo
         images = {cam: _images(qpos, c, image_hw) for c, cam in enumerate(camera_names)}
         mirrored = mirrored_every > 0 and (i + 1) % mirrored_every == 0
         path = out / f"episode_{i}.hdf5"
-        _write_episode(path, qpos, action, images, mirrored,
-                       _language(i, qpos) if language else None)
+        text = _language(i, qpos) if language else {}
+        if not language and instruction:
+            text = {"instruction": _language(i, qpos)["instruction"]}
+        _write_episode(path, qpos, action, images, mirrored, text)
         written.append(path)
     return written
 
@@ -116,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mirrored_every", type=int, default=0)
     p.add_argument("--language", action="store_true",
-                   help="also write instruction, subtask and reasoning text")
+                   help="also write per-step subtask and reasoning text (the instruction is "
+                   "always written)")
     a = p.parse_args(argv)
     for name, v in [("num_episodes", a.num_episodes), ("episode_len", a.episode_len),
                     ("state_dim", a.state_dim), ("action_dim", a.action_dim),

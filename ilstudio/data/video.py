@@ -141,23 +141,24 @@ class VideoReader:
 
 
 MAX_OPEN_VIDEOS = 64  # per process: a v3.0 file serves many episodes; fds stay bounded
-_OPEN: OrderedDict[tuple[int, str], VideoReader] = OrderedDict()
+_OPEN: OrderedDict[tuple[int, int, str], VideoReader] = OrderedDict()
 _OPEN_LOCK = threading.Lock()
 
 
 def shared_reader(path: Path) -> VideoReader:
-    """This process's open reader of path (least recently used ones are closed past 64).
+    """This thread's open reader of path (least recently used ones are closed past 64).
 
-    Keyed by pid: a DataLoader worker forked from a process with open readers opens its own.
+    Keyed by pid: a DataLoader worker forked from a process with open readers opens its own;
+    and by thread: preload's threads decode the episodes of one v3.0 file in parallel.
     """
-    key = (os.getpid(), str(path))
+    key = (os.getpid(), threading.get_ident(), str(path))
     with _OPEN_LOCK:
         reader = _OPEN.get(key)
         if reader is None:
             reader = _OPEN[key] = VideoReader(path)
         _OPEN.move_to_end(key)
         while len(_OPEN) > MAX_OPEN_VIDEOS:
-            (pid, _), old = _OPEN.popitem(last=False)
+            (pid, _, _), old = _OPEN.popitem(last=False)
             if pid == key[0]:  # another process's (inherited) reader is only forgotten
                 old.close()
     return reader

@@ -35,7 +35,6 @@ import re
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from ilstudio.config.declare import defaults_of
 from ilstudio.errors import UserError, closest
 from ilstudio.models.adapter_io import ADAPTER_NAME, adapter_weights_file, load_adapter_weights
 from ilstudio.models.quantization import is_quantized_module
@@ -53,15 +52,9 @@ _SKIPPED_BY_PART = ("lm_head",)
 
 
 def check_lora_settings(lora: LoraSettings, source_of: Callable[[str], str]) -> None:
-    """Refuse LoRA settings peft would reject late, or that do nothing with LoRA disabled."""
+    """Refuse LoRA settings peft would reject late (only while LoRA is enabled)."""
     problems = []
-    if not lora.enable:
-        for name, default in defaults_of(lora).items():
-            if name != "enable" and getattr(lora, name) != default:
-                problems.append(f"lora.{name} = {getattr(lora, name)!r} (set in "
-                                f"{source_of('lora.' + name)}) has no effect while lora.enable "
-                                f"is False")
-    else:
+    if lora.enable:  # with LoRA off these values are inert (config.settings.inert_values)
         task_types = _peft_task_types()
         if lora.task_type not in task_types:
             hint = closest(lora.task_type, task_types)

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ilstudio.config.declare import defaults_of
 from ilstudio.errors import UserError
 from ilstudio.rundir import WEIGHTS
 
@@ -33,30 +32,17 @@ def check_quantization_combo(lora: LoraSettings, quantization: QuantizationSetti
 
     A 4/8-bit bitsandbytes backbone cannot be fine-tuned directly (transformers refuses it
     at Trainer construction); it trains through LoRA adapters (QLoRA). Settings that only
-    matter for another bit width, or with quantization disabled, are errors rather than
-    silently ignored.
+    matter for another bit width, or with quantization disabled, are inert, not errors: see
+    config.settings.inert_values (resolve warns about them once).
     """
     problems = []
     q = quantization
-    defaults = defaults_of(q)
     if q.enable and q.bits in (4, 8) and not lora.enable:
         problems.append(
             f"quantization.enable = True with quantization.bits = {q.bits} (set in "
             f"{source_of('quantization.enable')}) loads the backbone as frozen {q.bits}-bit "
             f"bitsandbytes weights, which cannot be trained directly: enable LoRA "
             f"(lora.enable = True, i.e. QLoRA) or set quantization.enable = False")
-    if not q.enable:
-        for name in ("bits", "double_quant", "quant_type"):
-            if getattr(q, name) != defaults[name]:
-                problems.append(f"quantization.{name} = {getattr(q, name)!r} (set in "
-                                f"{source_of('quantization.' + name)}) has no effect while "
-                                f"quantization.enable is False")
-    elif q.bits != 4:
-        for name in ("double_quant", "quant_type"):
-            if getattr(q, name) != defaults[name]:
-                problems.append(f"quantization.{name} = {getattr(q, name)!r} (set in "
-                                f"{source_of('quantization.' + name)}) only applies to 4-bit "
-                                f"quantization, but quantization.bits = {q.bits}")
     if problems:
         raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
 

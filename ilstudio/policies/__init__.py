@@ -36,16 +36,35 @@ def import_all_configurations() -> None:
         importlib.import_module(pkg + ".configuration")
 
 
-def build_policy(name: str, **context):
-    """Build the torch module for policy ``name`` (imports its modeling code)."""
-    return importlib.import_module(_package(name, "model.policy") + ".modeling").build(**context)
+def _modeling(name: str):
+    return importlib.import_module(_package(name, "model.policy") + ".modeling")
 
 
-def build_processor(name: str, **context):
+def _context(run) -> dict:
+    """What a policy's ``build``/``build_processor`` take, from a run's settings."""
+    return {"policy_config": run.policy, "task": run.task, "dataset": run.dataset,
+            "model": run.model, "lora": run.lora, "quantization": run.quantization,
+            "use_images": run.use_images}
+
+
+def build_policy(run, **context):
+    """Build the torch module of a run (imports its policy's modeling code).
+
+    run: the run's settings (``RunSettings``, or the resolved run): model.policy names the
+    policy, the rest is what it is built from. The keyword form ``build_policy(name,
+    policy_config=..., task=..., ...)`` builds from loose settings objects (tests).
+    """
+    if isinstance(run, str):
+        return _modeling(run).build(**context)
+    return _modeling(run.model.policy).build(**_context(run))
+
+
+def build_processor(run, **context):
     """The policy's data-side processor (e.g. the VLA's tokenizer), or None if it has none.
 
-    Built before the datasets: ``build_datasets(..., language=processor)``.
+    Built before the datasets: ``build_datasets(..., language=processor)``. ``run`` as in
+    ``build_policy``.
     """
-    modeling = importlib.import_module(_package(name, "model.policy") + ".modeling")
-    fn = getattr(modeling, "build_processor", None)
+    name, context = (run, context) if isinstance(run, str) else (run.model.policy, _context(run))
+    fn = getattr(_modeling(name), "build_processor", None)
     return fn(**context) if fn is not None else None

@@ -5,70 +5,80 @@
 1. records ``--num_episodes`` scripted transfer-cube demonstrations into the task's
    dataset directory (data/sim_transfer_cube_scripted) unless they are already there
    (an interrupted recording continues where it stopped);
-2. trains the CPU image policy (gin_configs/tinyact.gin: TinyACT, action chunks of 100)
-   on them with train.py for ``--max_steps`` steps into ``--output_dir``;
+2. trains the CPU image policy (gin_configs/tinyact.gin: TinyACT, chunks of 100, trained
+   from scratch) on them with train.py for ``--max_steps`` steps into ``--output_dir``;
 3. evaluates it in the simulator with temporal ensembling for ``--eval_episodes`` episodes
-   (0 skips): success rate with its Wilson 95% interval, <output_dir>/eval_results.json and
-   a GIF of the first episode.
+   (0 skips): the success rate with its Wilson 95% interval, <output_dir>/eval_results.json
+   and GIFs of a successful and a failed episode; then prints the total wall time.
 
-Any further ``--flag`` is passed to train.py unchanged (e.g. ``--learning_rate=3e-4``); a
-``--gin_file`` replaces the recipe's (e.g. ``--gin_file=gin_configs/act.gin``).
+``--gin_file``, ``--gin_bindings`` and ``--gin_search_paths`` mean what they mean in train.py
+and reach the recorder (task and sim.* settings) and the training run alike. Any other
+``--flag`` is passed to train.py unchanged (e.g. ``--learning_rate=3e-4``).
 """
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
 
-from ilstudio.errors import UserError
+from absl import flags
+
+from ilstudio.cli import define_gin_flags, run_program
+
+# The policy the quickstart trains (a CPU-sized one trained from scratch; gin_configs/default.gin
+# is the LoRA VLA, which needs a backbone). --gin_file replaces it, as in train.py.
+QUICKSTART_GIN_FILES = ["gin_configs/tinyact.gin"]
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="python -m ilstudio.sim.quickstart", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task_name", default="sim_transfer_cube_scripted")
-    p.add_argument("--num_episodes", type=int, default=50, help="demonstrations to record")
-    p.add_argument("--max_steps", type=int, default=3000, help="training steps")
-    p.add_argument("--output_dir", default="runs/quickstart")
-    p.add_argument("--eval_episodes", type=int, default=20, help="simulated evaluation episodes (0: skip)")
-    return p.parse_known_args(argv)
+FLAGS = flags.FlagValues()  # this program's own: importable beside train.py's flags
+flags.DEFINE_string("task_name", "sim_transfer_cube_scripted", "The simulated task "
+                    "(gin_configs/tasks/<task_name>.gin).", flag_values=FLAGS)
+flags.DEFINE_integer("num_episodes", 50, "Demonstrations to record.", flag_values=FLAGS)
+flags.DEFINE_integer("max_steps", 3000, "Training steps.", flag_values=FLAGS)
+flags.DEFINE_string("output_dir", "runs/quickstart", "Where this program writes: the run "
+                    "directory (training output and evaluation results).", flag_values=FLAGS)
+flags.DEFINE_integer("eval_episodes", 20, "Simulated evaluation episodes (0: skip).", flag_values=FLAGS)
+define_gin_flags(FLAGS, QUICKSTART_GIN_FILES)
+_GROUPS = [("Quickstart", ["task_name", "num_episodes", "max_steps", "output_dir"]),
+           ("Also", ["eval_episodes"])]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, train_flags = parse_args(sys.argv[1:] if argv is None else argv)
+def _quickstart(train_flags: list[str]) -> int:
+    from ilstudio.sim.config import load_task
+    from ilstudio.sim.record import record
+
     start = time.monotonic()
-    try:
-        from ilstudio.sim.config import load_task
-        from ilstudio.sim.record import record
-
-        task, sim = load_task(args.task_name)
-        print(f"[1/3] demonstrations: {args.num_episodes} episodes in {task.dataset_dir}", flush=True)
-        summary = record(task, sim, task.dataset_dir, args.num_episodes)
-        if summary["already_there"]:
-            print(f"      {summary['already_there']} were already there", flush=True)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    recipe = ([] if any(f.startswith("--gin_file") for f in train_flags)
-              else ["--gin_file=gin_configs/tinyact.gin", "--lr_scheduler_type=cosine"])
-    print(f"[2/3] training the policy for {args.max_steps} steps into {args.output_dir}",
-          flush=True)
-    cmd = [sys.executable, "-m", "ilstudio.main", f"--task_name={args.task_name}",
-           f"--output_dir={args.output_dir}", f"--max_steps={args.max_steps}",
-           "--per_device_train_batch_size=32", "--learning_rate=1e-3", "--logging_steps=100",
-           "--save_steps=1000", "--gin_bindings=dataset.preload_data = True", *recipe,
-           *train_flags]
+    gin = [*(f"--gin_file={f}" for f in FLAGS.gin_file),
+           *(f"--gin_bindings={b}" for b in FLAGS.gin_bindings),
+           *(f"--gin_search_paths={d}" for d in FLAGS.gin_search_paths)]
+    task, sim = load_task(FLAGS.task_name, FLAGS.gin_bindings, FLAGS.gin_file, FLAGS.gin_search_paths)
+    print(f"[1/3] demonstrations: {FLAGS.num_episodes} episodes in {task.dataset_dir}", flush=True)
+    summary = record(task, sim, task.dataset_dir, FLAGS.num_episodes)
+    if summary["already_there"]:
+        print(f"      {summary['already_there']} were already there", flush=True)
+    print(f"[2/3] training ({', '.join(FLAGS.gin_file)}) for {FLAGS.max_steps} steps into "
+          f"{FLAGS.output_dir}", flush=True)
+    cmd = [sys.executable, "-m", "ilstudio.main", f"--task_name={FLAGS.task_name}",
+           f"--output_dir={FLAGS.output_dir}", f"--max_steps={FLAGS.max_steps}",
+           "--per_device_train_batch_size=32", "--learning_rate=1e-3", "--lr_scheduler_type=cosine",
+           "--logging_steps=100",
+           "--save_steps=1000", "--gin_bindings=dataset.preload_data = True", *gin, *train_flags]
     rc = subprocess.call(cmd)
     if rc != 0:
         return rc
-    if args.eval_episodes > 0:
-        print(f"[3/3] evaluating in the simulator ({args.eval_episodes} episodes)", flush=True)
-        rc = subprocess.call([sys.executable, "-m", "ilstudio.eval", "--checkpoint", args.output_dir,
-                              "--num_episodes", str(args.eval_episodes), "--temporal_ensemble"])
+    if FLAGS.eval_episodes > 0:
+        print(f"[3/3] evaluating in the simulator ({FLAGS.eval_episodes} episodes)", flush=True)
+        rc = subprocess.call([sys.executable, "-m", "ilstudio.eval", f"--checkpoint={FLAGS.output_dir}",
+                              f"--num_episodes={FLAGS.eval_episodes}", "--temporal_ensemble"])
     print(f"quickstart: {(time.monotonic() - start) / 60:.1f} min in all", flush=True)
     return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ilstudio.sim.quickstart`` / ``ilstudio-quickstart``; flags it does not define
+    go to train.py unchanged."""
+    return run_program(FLAGS, _quickstart, argv, __doc__, _GROUPS, known_only=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ recording (episode k of a seed is always the same episode).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -18,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from absl import flags
 
+from ilstudio.cli import define_gin_flags, run_program
+from ilstudio.config.settings import SIM_INSTRUCTIONS
 from ilstudio.errors import UserError
 
 RECORDER = "ilstudio.sim.record"
@@ -144,7 +146,8 @@ def record(task, sim, output_dir: str | os.PathLike, num_episodes: int, seed: in
             write_episode(path, qpos=rec.qpos, qvel=rec.qvel, action=rec.action, images=rec.images,
                           gzip_level=sim.gzip_level,
                           attrs={**attrs, "attempt": attempt, "episode_seed": ep_seed,
-                                 "object_pose": pose})
+                                 "object_pose": pose,
+                                 "language_instruction": SIM_INSTRUCTIONS[sim.task]})
             stats["bytes"] += path.stat().st_size
             stats["kept"] += 1
             bar.update(1)
@@ -160,46 +163,42 @@ def record(task, sim, output_dir: str | os.PathLike, num_episodes: int, seed: in
     return {**stats, "output_dir": str(out)}
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ilstudio.sim.record", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task_name", default="sim_transfer_cube_scripted",
-                   help="gin_configs/tasks/<task_name>.gin: dims, cameras, episode length, sim.*")
-    p.add_argument("--num_episodes", type=int, default=50, help="successful episodes to keep")
-    p.add_argument("--output_dir", default=None, help="default: the task's task.dataset_dir")
-    p.add_argument("--seed", type=int, default=0, help="object poses of attempt k come from (seed, k)")
-    p.add_argument("--max_attempts", type=int, default=None,
-                   help="give up after this many attempts (default 4*num_episodes+10; insertion keeps ~half)")
-    p.add_argument("--gin_bindings", action="append", default=[],
-                   help="extra bindings, e.g. \"sim.render_height = 120\" (repeatable)")
-    p.add_argument("--gin_file", action="append", default=[], help="extra gin files (repeatable)")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    p.add_argument("--format", choices=("hdf5", "lerobot"), default="hdf5",
-                   help="hdf5: ACT-layout episode_<i>.hdf5 files; lerobot: a LeRobotDataset v3.0 "
-                        "(episodes are recorded resumably beside it, then converted)")
-    return p.parse_args(argv)
+FLAGS = flags.FlagValues()  # this program's own: importable beside train.py's flags
+flags.DEFINE_string("task_name", "sim_transfer_cube_scripted",
+                    "gin_configs/tasks/<task_name>.gin: dims, cameras, episode length, sim.*",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("num_episodes", 50, "Successful episodes to keep.", flag_values=FLAGS)
+flags.DEFINE_string("output_dir", None, "Where this program writes: the episodes (default: the "
+                    "task's task.dataset_dir, where train.py looks for them).", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Object poses of attempt k come from (seed, k).", flag_values=FLAGS)
+flags.DEFINE_enum("format", "hdf5", ["hdf5", "lerobot"], "hdf5: ACT-layout episode_<i>.hdf5 "
+                  "files; lerobot: a LeRobotDataset v3.0 (episodes are recorded resumably beside "
+                  "it, then converted).", flag_values=FLAGS)
+flags.DEFINE_integer("max_attempts", None, "Give up after this many attempts (default "
+                     "4*num_episodes+10; insertion keeps about half).", flag_values=FLAGS)
+flags.DEFINE_bool("no_progress", False, "No progress bar.", flag_values=FLAGS)
+define_gin_flags(FLAGS)
+_GROUPS = [("Recording", ["task_name", "num_episodes", "output_dir", "seed", "format"]),
+           ("Also", ["max_attempts", "no_progress"])]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        from ilstudio.sim.config import load_task
+def _record(rest: list[str]) -> int:
+    del rest
+    from ilstudio.sim.config import load_task
 
-        task, sim = load_task(args.task_name, args.gin_bindings, args.gin_file)
-        out = args.output_dir or task.dataset_dir
-        if not out:
-            raise UserError(f"no --output_dir and task.dataset_dir is empty for {args.task_name}")
-        if args.format == "lerobot":
-            from ilstudio.data.convert import finish_recording, recording_staging
+    task, sim = load_task(FLAGS.task_name, FLAGS.gin_bindings, FLAGS.gin_file, FLAGS.gin_search_paths)
+    out = FLAGS.output_dir or task.dataset_dir
+    if not out or not isinstance(out, str):
+        raise UserError(f"no --output_dir and task.dataset_dir of {FLAGS.task_name} is not one "
+                        f"directory: give --output_dir")
+    if FLAGS.format == "lerobot":
+        from ilstudio.data.convert import finish_recording, recording_staging
 
-            target, out = out, recording_staging(out)
-        summary = record(task, sim, out, args.num_episodes, seed=args.seed,
-                         max_attempts=args.max_attempts, progress=not args.no_progress)
-        if args.format == "lerobot":
-            summary["output_dir"] = finish_recording(out, target, robot_type=f"aloha_sim_{sim.task}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        target, out = out, recording_staging(out)
+    summary = record(task, sim, out, FLAGS.num_episodes, seed=FLAGS.seed,
+                     max_attempts=FLAGS.max_attempts, progress=not FLAGS.no_progress)
+    if FLAGS.format == "lerobot":
+        summary["output_dir"] = finish_recording(out, target, robot_type=f"aloha_sim_{sim.task}")
     recorded = summary["kept"] - summary["already_there"]
     print(f"{summary['kept']} episodes in {summary['output_dir']} ({recorded} recorded now, "
           f"{summary['already_there']} already there; {summary['attempts']} attempts, "
@@ -208,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recording: {summary['seconds']:.1f} s total, {summary['seconds_per_attempt']:.2f} s per "
               f"attempt; {summary['mib_per_episode']:.2f} MiB per episode")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ilstudio.sim.record`` / ``ilstudio-record`` (argv: the flags; default sys.argv)."""
+    return run_program(FLAGS, _record, argv, __doc__, _GROUPS)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -194,14 +194,21 @@ class EpisodeResult:
 
 def run_episodes(agent: Agent, task, sim, num_episodes: int, seed: int, *,
                  video_episodes: int = 0, video_every: int = 2,
-                 on_episode: Callable[[EpisodeResult], None] | None = None) -> list[EpisodeResult]:
-    """Roll ``agent`` out for episodes 0..num_episodes-1 of evaluation seed ``seed``."""
+                 on_episode: Callable[[EpisodeResult], None] | None = None,
+                 episodes: Sequence[int] | None = None) -> list[EpisodeResult]:
+    """Roll ``agent`` out for episodes 0..num_episodes-1 of evaluation seed ``seed``.
+
+    episodes: run these episode indices instead (each is the same episode whenever it runs:
+    the pose comes from (seed, index) and physics and policy are deterministic), e.g. to film
+    one again. The first ``video_episodes`` of those run keep their frames.
+    """
     env = make_joint_env(sim)
     renderer = Renderer(env.physics, task.camera_names, sim)
     top = task.camera_names[0]
     goal = max_reward(env)
     results = []
-    for i in range(num_episodes):
+    indices = list(range(num_episodes)) if episodes is None else list(episodes)
+    for n, i in enumerate(indices):
         ep_seed = episode_seed(EVAL, seed, i)
         pose = object_pose(sim.task, ep_seed)
         agent.reset(pose)
@@ -209,7 +216,7 @@ def run_episodes(agent: Agent, task, sim, num_episodes: int, seed: int, *,
         rewards: list[float] = []
         video: list[np.ndarray] = []
         for t in range(task.episode_len):
-            want_video = i < video_episodes and t % video_every == 0
+            want_video = n < video_episodes and t % video_every == 0
             frames = renderer.render() if agent.uses_images or want_video else None
             if want_video:
                 video.append(frames[top])

@@ -33,8 +33,7 @@ def write_episode(path: str | os.PathLike, *, qpos: np.ndarray, qvel: np.ndarray
     steps = len(qpos)
     if not (len(qvel) == len(action) == steps and all(len(v) == steps for v in images.values())):
         raise ValueError("qpos, qvel, action and every camera need the same number of steps")
-    # Episodes are ordinary files (private=False), not the 0600 of a temporary file.
-    with atomic_path(path, suffix=TMP_SUFFIX, private=False) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_path(path, suffix=TMP_SUFFIX) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["sim"] = True
         for key, value in (attrs or {}).items():
             f.attrs[key] = value

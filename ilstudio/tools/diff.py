@@ -105,12 +105,12 @@ def parse_gin_text(text: str, label: str, search: list[Path] | None = None,
 
 
 def _find_include(name: str, search: list[Path]) -> Path | None:
-    from ilstudio.config.gin_layers import REPO_ROOT
+    from ilstudio.config.gin_layers import CONFIG_ROOT
 
     p = Path(name)
     if p.is_absolute():
         return p if p.is_file() else None
-    for d in [*search, Path.cwd(), REPO_ROOT]:
+    for d in [*search, Path.cwd(), CONFIG_ROOT]:
         if (d / p).is_file():
             return (d / p).resolve()
     return None

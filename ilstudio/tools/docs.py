@@ -22,15 +22,17 @@ def _cell(text: object) -> str:
 
 
 def stable_table() -> str:
-    rows = ["| YAML key | gin binding | type | default | effect |", "|---|---|---|---|---|"]
+    rows = ["| YAML key | gin binding | type | default | effect | policies | on resume |",
+            "|---|---|---|---|---|---|---|"]
     for name in ("dataset", "model", "lora", "quantization"):
         for p in params_of(CONFIGURABLES[name]):
             if p.yaml_key is None:
                 continue
             allowed = f" in `{p.bounds.text}`" if p.bounds else ""
+            policies = ", ".join(p.policies) if p.policies is not None else "all"
+            resume = "fixed" if p.breaks_resume else "may change"
             rows.append(f"| `{p.yaml_key}` | `{p.gin_key}` | {type_name(p.type)}{allowed} | "
-                        f"`{p.default!r}` | "
-                        f"{_cell(p.doc)} |")
+                        f"`{p.default!r}` | {_cell(p.doc)} | {policies} | {resume} |")
     return "\n".join(rows)
 
 

@@ -21,11 +21,13 @@ is per rank) and saves checkpoints on rank 0 only. Three things it does not do, 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
 from typing import Any
 
+from ilstudio.config.hyperparams import Hyperparams
 from ilstudio.errors import UserError
 
 
@@ -62,12 +64,12 @@ def launch_defaults(extra: dict[str, Any]) -> dict[str, Any]:
     return extra
 
 
-def config_text(resolved, hyper: dict[str, Any], extra: dict[str, Any]) -> str:
+def config_text(resolved, hyper: Hyperparams, extra: dict[str, Any]) -> str:
     """The rank-independent resolved configuration, as comparable text."""
     from ilstudio.config.dumps import config_gin_text
 
     lines = [f"task_name = {resolved.task_name!r}"]
-    lines += [f"--{k} = {json.dumps(v, default=str)}" for k, v in sorted(hyper.items())]
+    lines += [f"--{k} = {json.dumps(v, default=str)}" for k, v in sorted(dataclasses.asdict(hyper).items())]
     lines += [f"--training_arg {k} = {json.dumps(v, default=str)}" for k, v in sorted(extra.items())]
     return "\n".join(lines) + "\n" + config_gin_text(resolved)
 

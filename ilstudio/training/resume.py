@@ -15,51 +15,37 @@ from absl import logging
 
 from ilstudio import rundir
 from ilstudio.config import dumps
+from ilstudio.config.declare import CONFIGURABLES, params_of
+from ilstudio.config.hyperparams import HYPERPARAMS
 from ilstudio.errors import UserError
+from ilstudio.policies import import_all_configurations
 from ilstudio.resolve import Resolved
 from ilstudio.tools.diff import Config, Difference, compare, load, parse_flag_lines, parse_gin_text
 
-# Stable parameters whose change makes a checkpoint unusable (shapes, modules, what the
-# optimizer state belongs to). Every parameter of a policy's own configurable counts too,
-# except the ones in RESUME_SAFE. A key of a configurable this module does not know is
-# treated as breaking: refusing is recoverable, training on a mismatched checkpoint is not.
-BREAKING_KEYS = frozenset({
-    "model.policy", "model.chunk_size", "model.model_name_or_path", "model.using_ema",
-    "model.freeze_vision_tower", "model.freeze_backbone", "model.tune_mm_mlp_adapter",
-    "task.state_dim", "task.action_dim", "task.camera_names",
-    "dataset.is_multimodal", "dataset.history_images_length", "dataset.image_size",
-})
-BREAKING_CONFIGURABLES = frozenset({"lora", "quantization"})
-RESUME_SAFE = frozenset({"lora.dropout", "lora.lr", "lora.weight_path"})
-# Flags that change what the checkpoint's optimizer/engine state means.
-BREAKING_FLAGS = frozenset({"optim", "deepspeed", "task_name"})
+# Flags that change what a checkpoint means: the declared hyperparameters (Hyper.breaks_resume),
+# and the task (other data, other dims).
+BREAKING_FLAGS = frozenset({h.name for h in HYPERPARAMS if h.breaks_resume} | {"task_name"})
 # Flags that differ between a run and its own resume by design.
 RESUME_IGNORED_FLAGS = frozenset({"resume_from_checkpoint", "gin_file"})
 
 
-def _policy_configurables() -> set[str]:
-    from ilstudio.config.declare import CONFIGURABLES
-    from ilstudio.policies import import_all_configurations
-    from ilstudio.policies.base import PolicyConfig
-
-    import_all_configurations()
-    return {name for name, cls in CONFIGURABLES.items() if issubclass(cls, PolicyConfig)}
-
-
 def breaks_checkpoint(d: Difference) -> bool:
-    from ilstudio.config.declare import CONFIGURABLES
-
+    """Whether the checkpoint cannot follow this change, as the parameter declares
+    (``param(breaks_resume=...)``, its configurable's default where the key is not declared).
+    A key of a configurable nothing declares counts as breaking: refusing is recoverable,
+    training on a mismatched checkpoint is not."""
     if d.kind == "flag":
         return d.key in BREAKING_FLAGS
     key = d.key.rsplit("/", 1)[-1]
-    configurable = key.split(".")[0]
-    if key.startswith("%") or key in RESUME_SAFE:
+    if key.startswith("%"):
         return False
-    if key in BREAKING_KEYS or configurable in BREAKING_CONFIGURABLES:
+    import_all_configurations()
+    configurable, _, name = key.partition(".")
+    cls = CONFIGURABLES.get(configurable)
+    if cls is None:
         return True
-    if configurable in _policy_configurables():
-        return "dropout" not in key
-    return configurable not in CONFIGURABLES
+    info = next((i for i in params_of(cls) if i.name == name), None)
+    return info.breaks_resume if info is not None else cls.breaks_resume
 
 
 def check_resume(run_dir: Path, new: Config, checkpoint: str) -> list[Difference]:

@@ -7,6 +7,7 @@ mistake never leaves a half-written run directory behind.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from absl import logging
 
 from ilstudio import rundir
 from ilstudio.config import dumps
+from ilstudio.config.hyperparams import Hyperparams
 from ilstudio.config.training_args import build_training_arguments, parse_resume, tensorboard_dir
 from ilstudio.errors import UserError
 from ilstudio.resolve import Resolved, finalize
@@ -25,7 +27,7 @@ from ilstudio.training.resume import check_resume_config, record_resume_changes
 
 def resume_checkpoint(resolved: Resolved) -> str | None:
     """The checkpoint to resume from, per --resume_from_checkpoint; None starts fresh."""
-    choice = parse_resume(resolved.hyper["resume_from_checkpoint"])
+    choice = parse_resume(resolved.hyper.resume_from_checkpoint)
     out = Path(resolved.output_dir)
     if choice is True:
         last = rundir.last_complete_checkpoint(out)
@@ -46,7 +48,7 @@ def check_output_dir(resolved: Resolved, resume_from: str | None, overwrite: boo
         raise UserError(f"--output_dir={out}: exists and is not a directory")
     existing = rundir.holds_a_run(out)
     if existing and resume_from is None and not overwrite and parse_resume(
-            resolved.hyper["resume_from_checkpoint"]) is True:
+            resolved.hyper.resume_from_checkpoint) is True:
         if not rundir.is_finished(out):
             # Killed before its first complete checkpoint: the same command starts it again.
             logging.warning("--resume_from_checkpoint=true: %s holds an unfinished run with no "
@@ -87,25 +89,33 @@ def validate_data(resolved: Resolved) -> list[int]:
     from ilstudio.data.episodes import check_camera_sizes, check_episodes
     from ilstudio.data.sources import list_episodes
 
-    use_images = resolved.policy.image_inputs(resolved.task, resolved.dataset)
-    paths = list_episodes(resolved.task.dataset_dir, resolved.model.cache_dir)
+    use_images = resolved.use_images
+    task = resolved.task
+    if task.data_command and isinstance(task.dataset_dir, str):
+        d = Path(task.dataset_dir).expanduser()
+        if not d.is_dir() or not any(d.iterdir()):
+            command = task.data_command.replace("{dataset_dir}", task.dataset_dir)
+            raise UserError(f"dataset directory {d} {'has no *.hdf5 files' if d.is_dir() else 'does not exist'}"
+                            f" (task.dataset_dir). Create the data of task '{resolved.task_name}' "
+                            f"with:\n  {command}")
+    paths = list_episodes(task.dataset_dir, resolved.model.cache_dir)
     lengths = check_episodes(paths, resolved.task, use_images)
     if use_images:
         check_camera_sizes(paths[0], resolved.task.camera_names, resolved.dataset.image_size)
     return lengths
 
 
-def add_sim_evaluation(trainer, resolved: Resolved, stats, hyper: dict, args) -> None:
+def add_sim_evaluation(trainer, resolved: Resolved, stats, hyper: Hyperparams, args) -> None:
     """--eval_every_steps: rollouts, best/ and learning_curve.png (ilstudio/training/sim_eval.py)."""
     from ilstudio.training.sim_eval import SimEvalCallback, why_no_rollouts
 
     reason = why_no_rollouts(resolved, args)
     if reason and distributed.is_main_process():
         logging.warning("--eval_every_steps=%d: no evaluation in the simulator: %s. Only %s is "
-                        "drawn.", hyper["eval_every_steps"], reason, "learning_curve.png")
+                        "drawn.", hyper.eval_every_steps, reason, "learning_curve.png")
     tensorboard = "tensorboard" in (args.report_to or [])
     trainer.add_callback(SimEvalCallback(
-        trainer, resolved, stats, every=hyper["eval_every_steps"], episodes=hyper["eval_episodes"],
+        trainer, resolved, stats, every=hyper.eval_every_steps, episodes=hyper.eval_episodes,
         rollouts=reason is None,
         tensorboard_dir=os.environ["TENSORBOARD_LOGGING_DIR"] if tensorboard else None))
 
@@ -123,12 +133,12 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
     from ilstudio.policies import build_policy, build_processor
     from ilstudio.training.trainer import OperativeConfigToTensorBoard, PolicyTrainer
 
-    hyper = dict(resolved.hyper)
+    hyper = resolved.hyper
     from ilstudio.training import threads
 
-    logging.info("torch threads: %d (%s)", *threads.configure(hyper["dataloader_num_workers"]))
-    if not torch.cuda.is_available():
-        hyper["dataloader_pin_memory"] = False  # pinning needs an accelerator; avoid the warning
+    logging.info("torch threads: %d (%s)", *threads.configure(hyper.dataloader_num_workers))
+    if not torch.cuda.is_available():  # pinning needs an accelerator; avoid the warning
+        hyper = dataclasses.replace(hyper, dataloader_pin_memory=False)
     extra = distributed.launch_defaults(resolved.training_args_extra)
     args = build_training_arguments(hyper, extra)  # under torchrun: joins the process group
     resume_from = resume_checkpoint(resolved)
@@ -141,10 +151,8 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
     # rank 0 writes anything; any rank's error stops all ranks with the same message.
     distributed.agree(distributed.config_text(resolved, hyper, extra), verdict)
 
-    use_images = resolved.policy.image_inputs(resolved.task, resolved.dataset)
     # A policy's data-side processor (the VLA's tokenizer), None for most policies.
-    processor = build_processor(resolved.model.policy, policy_config=resolved.policy,
-                                task=resolved.task, dataset=resolved.dataset, model=resolved.model)
+    processor = build_processor(resolved)
     train_ds, eval_ds, stats, summary = build_datasets(
         resolved.task, resolved.dataset, resolved.model.chunk_size, args.do_eval, args.seed,
         language=processor, cache_dir=resolved.model.cache_dir)
@@ -153,16 +161,14 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
     train_ds, eval_ds = batched(train_ds), batched(eval_ds)
 
     transformers.set_seed(args.seed)
-    model = build_policy(resolved.model.policy, policy_config=resolved.policy, task=resolved.task,
-                         dataset=resolved.dataset, model=resolved.model, lora=resolved.lora,
-                         quantization=resolved.quantization, use_images=use_images)
-    if resolved.model.load_pretrain:  # before anything is written: a misfit is a UserError
+    model = build_policy(resolved)
+    if resolved.model.pretrain_from:  # before anything is written: a misfit is a UserError
         from ilstudio.models.state_io import load_pretrained_policy
 
         logging.info("model.load_pretrain: initialised from %s",
-                     load_pretrained_policy(model, resolved.model.load_pretrain))
+                     load_pretrained_policy(model, resolved.model.pretrain_from))
     finalize()
-    if hyper["gradient_checkpointing"] and not hasattr(model, "gradient_checkpointing_enable"):
+    if hyper.gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
         raise UserError(f"--gradient_checkpointing: policy '{resolved.model.policy}' has no "
                         f"checkpointable backbone")
 
@@ -188,7 +194,7 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
                             data_collator=collate, callbacks=callbacks,
                             ema_decay=resolved.model.ema_decay if resolved.model.using_ema else None,
                             episode_first=resolved.dataset.episode_first)
-    if hyper["eval_every_steps"] > 0:
+    if hyper.eval_every_steps > 0:
         add_sim_evaluation(trainer, resolved, stats, hyper, args)
     result = trainer.train(resume_from_checkpoint=resume_from)
     with rundir.output_errors(out, "the final model"):
@@ -198,5 +204,6 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
         metrics.update(trainer.evaluate())
     if trainer.is_world_process_zero():
         trainer.save_state()
-    logging.info("done: %s", metrics)
+    logging.info("done: %d steps; run directory %s; %s", trainer.state.global_step,
+                 Path(out).resolve(), metrics)
     return metrics

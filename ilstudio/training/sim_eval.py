@@ -87,7 +87,7 @@ class SimEvalCallback(TrainerCallback):
         self.run_dir = Path(resolved.output_dir)
         self.task, self.sim, self.dataset = resolved.task, resolved.sim, resolved.dataset
         self.chunk_size = resolved.model.chunk_size
-        self.use_images = resolved.policy.image_inputs(resolved.task, resolved.dataset)
+        self.use_images = resolved.use_images
         # A policy may say how it is meant to be run (ACT: temporal ensembling).
         self.temporal_ensemble = bool(getattr(resolved.policy, "temporal_ensemble", False))
         self.query_every = getattr(resolved.policy, "query_every", None)
@@ -203,8 +203,13 @@ class SimEvalCallback(TrainerCallback):
         from tensorboard.compat.proto.summary_pb2 import Summary
         from torch.utils.tensorboard import SummaryWriter
 
+        # At most ~100 frames of at most 160 px wide: a few MB per evaluation in the event
+        # file rather than tens (rollouts record every 2nd step of a 400-step episode).
+        stride = max(1, len(frames) // 100)
+        shrink = max(1, frames[0].shape[1] // 160)
+        frames = [f[::shrink, ::shrink] for f in frames[::stride]]
         buf = io.BytesIO()
-        imageio.mimsave(buf, frames, format="GIF", duration=40, loop=0)
+        imageio.mimsave(buf, frames, format="GIF", duration=40 * stride, loop=0)
         h, w = frames[0].shape[:2]
         image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=buf.getvalue())
         if self._writer is None:

@@ -59,6 +59,10 @@ class PolicyTrainer(Trainer):
         if self.ema is not None:
             self.add_callback(EMACallback(self.ema))
 
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Every printed log line names its optimizer step, not only the epoch."""
+        super().log({"step": self.state.global_step, **logs}, *args, **kwargs)
+
     def create_optimizer(self, model=None):
         groups_fn = getattr(self.model, "optimizer_param_groups", None)
         if self.optimizer is None and callable(groups_fn):

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from ilstudio.config.declare import configurable, param
-from ilstudio.policies.base import PolicyConfig
+from ilstudio.policies.base import PolicyConfig, dropout_param
 
 # "org/name" as on the Hugging Face hub: only resolvable through model.cache_dir offline.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -28,13 +28,6 @@ class ACTConfig(PolicyConfig):
     name = "act"
     uses_images = True
     needs_images = True
-    supports = frozenset({
-        "model.model_name_or_path",  # a saved transformers ResNet (its config, and weights)
-        "model.is_pretrained",       # load the ResNet's weights rather than random init
-        "model.cache_dir",           # passed to from_pretrained (hub ids resolve from it)
-        "model.freeze_backbone",     # the ResNet's weights do not change
-        "model.freeze_vision_tower",  # the ResNet is ACT's vision tower: same effect
-    })
 
     hidden_dim: int = param(512, "Transformer width (d_model).", documented=False,
                             bounds="[2, inf)")
@@ -50,8 +43,7 @@ class ACTConfig(PolicyConfig):
                             bounds="[1, inf)")
     kl_weight: float = param(10.0, "Weight of the KL term: loss = L1 + kl_weight * KL.",
                              documented=False, bounds="[0, inf)")
-    dropout: float = param(0.1, "Dropout in the transformer layers.", documented=False,
-                           bounds="[0, 1)")
+    dropout: float = dropout_param(0.1, "Dropout in the transformer layers.")
     pre_norm: bool = param(False, "LayerNorm before (True) or after (False, ACT) each sublayer.",
                            documented=False)
     lr_backbone: float = param(1e-5, "Learning rate of the ResNet backbone's own optimizer "
@@ -70,7 +62,7 @@ class ACTConfig(PolicyConfig):
         problems = []
         path = model.model_name_or_path
         where = f"model.model_name_or_path (set in {source_of('model.model_name_or_path')})"
-        if model.is_pretrained and not path:
+        if model.pretrained_backbone and not path:
             problems.append(f"model.is_pretrained = True (set in {source_of('model.is_pretrained')}) "
                             f"needs model.model_name_or_path to name a saved "
                             f"transformers ResNet (a directory with config.json and weights); "

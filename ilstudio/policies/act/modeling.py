@@ -313,7 +313,7 @@ def build_backbone(policy_config, model) -> nn.Module:
 
     path = model.model_name_or_path
     try:
-        if path and model.is_pretrained:
+        if path and model.pretrained_backbone:
             backbone = ResNetModel.from_pretrained(path, cache_dir=model.cache_dir)
         elif path:
             config = ResNetConfig.from_pretrained(path, cache_dir=model.cache_dir)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ilstudio.config.declare import configurable, param
-from ilstudio.policies.base import PolicyConfig
+from ilstudio.policies.base import PolicyConfig, dropout_param
 
 
 @configurable("mlp", group="MLP policy")
@@ -17,8 +17,7 @@ class MLPConfig(PolicyConfig):
                             bounds="[0, inf)")
     image_feature_dim: int = param(64, "Per-camera image feature size (small conv encoder).",
                                    documented=False, bounds="[1, inf)")
-    dropout: float = param(0.0, "Dropout between hidden layers.", documented=False,
-                           bounds="[0, 1)")
+    dropout: float = dropout_param(0.0, "Dropout between hidden layers.")
 
 
 CONFIG_CLASS = MLPConfig

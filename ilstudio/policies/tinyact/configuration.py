@@ -13,7 +13,7 @@ is hidden, so the camera has to explain the whole chunk).
 from __future__ import annotations
 
 from ilstudio.config.declare import configurable, param
-from ilstudio.policies.base import PolicyConfig
+from ilstudio.policies.base import PolicyConfig, dropout_param
 
 
 @configurable("tinyact", group="TinyACT policy")
@@ -52,8 +52,7 @@ class TinyACTConfig(PolicyConfig):
     hidden_dim: int = param(512, "Width of the MLP head.", documented=False, bounds="[1, inf)")
     num_layers: int = param(3, "Hidden layers of the MLP head (0: a linear map).",
                             documented=False, bounds="[0, inf)")
-    dropout: float = param(0.0, "Dropout between the head's hidden layers.", documented=False,
-                           bounds="[0, 1)")
+    dropout: float = dropout_param(0.0, "Dropout between the head's hidden layers.")
     state_dropout: float = param(0.5, "Training only: probability that a sample's state input is "
                                  "hidden (zeroed, with a 'present' flag), so the image has to "
                                  "explain the chunk. 0 feeds the state always; evaluation always "

@@ -17,25 +17,6 @@ class VLAConfig(PolicyConfig):
     uses_images = True
     needs_images = True
     needs_language = True
-    supports = frozenset({
-        "model.model_name_or_path",
-        "model.is_pretrained",
-        "model.cache_dir",
-        "model.flash_attn",
-        "model.freeze_vision_tower",
-        "model.freeze_backbone",
-        "model.tune_mm_mlp_adapter",
-        "model.llm_loss_weight",
-        "dataset.use_reasoning",
-        "dataset.use_prev_subtask",
-        "dataset.select_seg_token_mask",
-        "dataset.lazy_preprocess",
-        # LoRA / QLoRA on the parts (llm, vit, projector, action_head): ilstudio/models/lora.py
-        "lora.enable", "lora.module", "lora.task_type", "lora.r", "lora.alpha", "lora.dropout",
-        "lora.bias", "lora.weight_path", "lora.lr",
-        "quantization.enable", "quantization.bits", "quantization.double_quant",
-        "quantization.quant_type",
-    })
 
     max_prompt_tokens: int = param(32, "Prompt length in tokens (instruction, previous subtask); "
                                    "left-padded, longer prompts are cut.", documented=False,
@@ -59,12 +40,12 @@ class VLAConfig(PolicyConfig):
         if not name:
             problems.append("policy 'vla' needs model.model_name_or_path (a backbone directory; "
                             "create a tiny one with `python -m ilstudio.policies.vla.make_tiny DIR`)")
-        elif model.is_pretrained and looks_local(name) and not is_backbone_dir(name):
+        elif model.pretrained_backbone and looks_local(name) and not is_backbone_dir(name):
             problems.append(f"model.model_name_or_path = {name!r} (set in "
                             f"{source_of('model.model_name_or_path')}) with model.is_pretrained = "
                             f"True: no VLA backbone there (expected {Path(name) / 'vision'}/ and "
                             f"{Path(name) / 'llm'}/ with config.json)")
-        elif not model.is_pretrained and not is_backbone_dir(name):
+        elif not model.pretrained_backbone and not is_backbone_dir(name):
             problems.append(missing_backbone_message(
                 name, f" (set in {source_of('model.model_name_or_path')})"))
         if model.llm_loss_weight == 0:

@@ -125,7 +125,7 @@ def ensure_backbone(model) -> str:
     name = model.model_name_or_path
     if not name:
         raise UserError("policy 'vla' needs model.model_name_or_path")
-    if not model.is_pretrained and not is_backbone_dir(name):
+    if not model.pretrained_backbone and not is_backbone_dir(name):
         path = Path(name).expanduser()
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise UserError(f"model.model_name_or_path = {name!r} exists but is not a VLA backbone "

@@ -239,7 +239,7 @@ def backbone_name(model) -> str:
     name = model.model_name_or_path
     if not name:
         raise UserError("policy 'vla' needs model.model_name_or_path")
-    if not model.is_pretrained and not is_backbone_dir(name):
+    if not model.pretrained_backbone and not is_backbone_dir(name):
         raise UserError(missing_backbone_message(name))
     return name
 
@@ -277,7 +277,7 @@ def load_vision(model) -> nn.Module:
 
     name, kw = model.model_name_or_path, _from_kwargs(model)
     try:
-        if model.is_pretrained:
+        if model.pretrained_backbone:
             return AutoModel.from_pretrained(name, subfolder=VISION, **kw, **_attn_kwargs(model))
         cfg = AutoConfig.from_pretrained(name, subfolder=VISION, **kw)
         return AutoModel.from_config(cfg, **_attn_kwargs(model))
@@ -297,7 +297,7 @@ def load_llm(model, quantization_config=None, dtype=None) -> nn.Module:
     if dtype is not None:
         kw["dtype"] = dtype
     try:
-        if model.is_pretrained:
+        if model.pretrained_backbone:
             return AutoModelForCausalLM.from_pretrained(name, subfolder=LLM, **kw, **_attn_kwargs(model),
                                                         quantization_config=quantization_config)
         cfg = AutoConfig.from_pretrained(name, subfolder=LLM, **_from_kwargs(model))
@@ -326,7 +326,7 @@ def _untie(llm: nn.Module) -> None:
 def _load_projector(projector: MultimodalProjector, model) -> None:
     """Initial image-MLP weights from projector.safetensors when loading pretrained parts."""
     path = Path(model.model_name_or_path).expanduser() / PROJECTOR
-    if not (model.is_pretrained and path.is_file()):
+    if not (model.pretrained_backbone and path.is_file()):
         return
     from safetensors.torch import load_file
 
