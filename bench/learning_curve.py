@@ -30,8 +30,8 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
             out.append((int(m.group(1)), d))
     state = _trainer_state(run)
     final = int(state.get("global_step", 0)) if state else 0
-    if (run / "model.safetensors").is_file() and final not in {s for s, _ in out}:
-        out.append((final, run))
+    if (run / "model.safetensors").is_file():  # the final weights (and their evaluation)
+        out = [(s, d) for s, d in out if s != final] + [(final, run)]
     return sorted(out)
 
 
@@ -67,7 +67,17 @@ def sensitivity_of(ckpt: Path, max_episodes: int) -> dict:
 
 
 def success_of(ckpt: Path, episodes: int, temporal_ensemble: bool, seed: int) -> dict:
+    """Reuses an evaluation already in the checkpoint (e.g. the quickstart's) when it used the
+    same seed and ensembling and at least as many episodes."""
     from ilstudio.eval import evaluate, parse_args
+
+    keys = ("successes", "num_episodes", "success_rate", "success_rate_ci95")
+    done = ckpt / "eval_results.json"
+    if done.is_file():
+        r = json.loads(done.read_text())
+        if (r.get("seed") == seed and r.get("temporal_ensemble") == temporal_ensemble
+                and r.get("num_episodes", 0) >= episodes):
+            return {k: r[k] for k in keys}
 
     argv = ["--checkpoint", str(ckpt), "--num_episodes", str(episodes), "--seed", str(seed),
             "--video_episodes", "0", "--no_progress",
@@ -75,7 +85,7 @@ def success_of(ckpt: Path, episodes: int, temporal_ensemble: bool, seed: int) ->
     if temporal_ensemble:
         argv.append("--temporal_ensemble")
     s = evaluate(parse_args(argv))
-    return {k: s[k] for k in ("successes", "num_episodes", "success_rate", "success_rate_ci95")}
+    return {k: s[k] for k in keys}
 
 
 def plot(points: list[dict], png: Path, title: str) -> None:
@@ -101,8 +111,8 @@ def plot(points: list[dict], png: Path, title: str) -> None:
         lo = [y_ - p["success"]["success_rate_ci95"][0] for y_, p in zip(y, succ, strict=True)]
         hi = [p["success"]["success_rate_ci95"][1] - y_ for y_, p in zip(y, succ, strict=True)]
         axes[2].errorbar(x, y, yerr=[lo, hi], fmt="o-", color="tab:green", capsize=3)
-        n = succ[-1]["success"]["num_episodes"]
-        axes[2].set(title=f"success rate ({n} episodes, Wilson 95%)")
+        ns = sorted({p["success"]["num_episodes"] for p in succ})
+        axes[2].set(title=f"success ({'/'.join(map(str, ns))} episodes, Wilson 95%)")
     axes[2].set(xlabel="step", ylim=(0, 1.02))
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
