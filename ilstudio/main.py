@@ -83,15 +83,16 @@ def _main(argv: list[str]) -> None:
     show = FLAGS.dry_run or FLAGS.explain
     try:
         resolved = resolve(FLAGS)
-        how = check_training_arguments(resolved.hyper, resolved.training_args_extra)
         resume = resume_checkpoint(resolved)
         if not FLAGS.explain:  # would the run start? (--explain may inspect an existing run)
             check_output_dir(resolved, resume, FLAGS.overwrite_output_dir)
         if show:  # the resolved configuration, even when the data turns out to be missing
             print(describe(resolved, explain=FLAGS.explain), end="", flush=True)
-            print(f"# hyperparameters: {how}", flush=True)
         lengths = validate_data(resolved)
+        # Last: on a transformers release the snapshot does not describe, this imports it.
+        how = check_training_arguments(resolved.hyper, resolved.training_args_extra)
         if show:
+            print(f"# hyperparameters: {how}")
             print(f"# data: {len(lengths)} episodes, {sum(lengths)} steps in {resolved.task.dataset_dir}")
             print("# dry run: configuration valid; nothing written, nothing trained")
             return

@@ -14,9 +14,15 @@ start with '.' so no reader's glob (``*.hdf5``, ``checkpoint-*``) matches them.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
+import re
 import shutil
+import socket
+import struct
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -240,26 +246,282 @@ def is_finished(output_dir: str | os.PathLike) -> bool:
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a complete checkpoint directory (trainer_state.json is written last)."""
-    return (Path(path) / TRAINER_STATE).is_file()
+    """Whether ``path`` is a complete, intact checkpoint directory (see checkpoint_problem)."""
+    return checkpoint_problem(path) is None
 
 
-def last_complete_checkpoint(out: str | os.PathLike) -> str | None:
-    """The newest checkpoint-N in out that is complete (None if there is none).
-
-    PolicyTrainer renames a checkpoint into place only once every file is written, so any
-    checkpoint-N is complete; the trainer_state.json check also rejects partial directories
-    left by other writers (it is the last file transformers writes).
-    """
+def checkpoint_dirs(out: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Every checkpoint-N directory in out as (N, path), newest first (complete or not)."""
     out = Path(out)
     if not out.is_dir():
-        return None
+        return []
     found = []
     for p in out.glob(f"{CHECKPOINT_PREFIX}-*"):
         step = p.name.partition("-")[2]
         if step.isdigit() and p.is_dir():
-            if is_checkpoint(p):
-                found.append((int(step), str(p)))
-            else:
-                logging.warning("%s is incomplete (no %s): not resuming from it", p, TRAINER_STATE)
-    return max(found)[1] if found else None
+            found.append((int(step), p))
+    return sorted(found, reverse=True)
+
+
+def last_complete_checkpoint(out: str | os.PathLike) -> str | None:
+    """The newest checkpoint-N in out that is complete and intact (None if there is none).
+
+    PolicyTrainer renames a checkpoint into place only once every file is written, so any
+    checkpoint-N it wrote is complete; a checkpoint damaged since (a truncated
+    model.safetensors or trainer_state.json), or a partial directory left by another writer,
+    is skipped with a warning naming what is wrong and the checkpoint used instead.
+    """
+    skipped = []
+    for _, p in checkpoint_dirs(out):
+        problem = checkpoint_problem(p)
+        if problem is None:
+            for name, why in skipped:
+                logging.warning("%s is damaged (%s): not resuming from it; falling back to %s",
+                                name, why, p)
+            return str(p)
+        skipped.append((p, problem))
+    for name, why in skipped:
+        logging.warning("%s is damaged (%s): not resuming from it", name, why)
+    return None
+
+
+def finished_step(output_dir: str | os.PathLike) -> int | None:
+    """The step a finished run ended at, None if the run in output_dir is not finished.
+
+    A run is finished once its final trainer_state.json is beside it: the last file a run
+    writes, after the final model. A run killed before that (even after its last
+    checkpoint) is not finished: resume finishes it from that checkpoint.
+    """
+    out = Path(output_dir)
+    if not (out / TRAINER_STATE).is_file() or not (out / WEIGHTS).is_file():
+        return None
+    try:
+        return int(json.loads((out / TRAINER_STATE).read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        logging.warning("%s is damaged (%s): treating the run as unfinished", out / TRAINER_STATE, e)
+        return None
+
+
+# -- is a checkpoint intact ------------------------------------------------------------------
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is not intact (None if its header and size agree)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path.name} is truncated ({size} bytes)"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"{path.name} is truncated (header says {n} bytes, the file has {size})"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        return f"{path.name} cannot be read ({e})"
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    if 8 + n + max(ends, default=0) != size:
+        return f"{path.name} is truncated ({size} bytes, its header describes {8 + n + max(ends, default=0)})"
+    return None
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """Why a torch.save file (a zip archive) is not intact: its directory sits at the end."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            size = path.stat().st_size
+            if any(i.header_offset + i.compress_size > size for i in z.infolist()):
+                return f"{path.name} is truncated"
+    except (OSError, zipfile.BadZipFile, ValueError) as e:
+        return f"{path.name} is truncated or corrupt ({e})"
+    return None
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a complete, intact checkpoint (None if it is).
+
+    Our writer makes a checkpoint-N appear only when complete, but a disk, a copy or a user
+    can still damage one afterwards: resume must not crash on it with a traceback.
+    trainer_state.json must parse with its global_step; the weights, and every other
+    safetensors/torch file present, must be whole.
+    """
+    path = Path(path)
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+        int(state["global_step"])
+    except FileNotFoundError:
+        return f"no {TRAINER_STATE}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{TRAINER_STATE} is truncated or corrupt ({type(e).__name__}: {e})"
+    if not (path / WEIGHTS).is_file():
+        return f"no {WEIGHTS}"
+    for f in sorted(path.iterdir()):
+        if f.suffix == ".safetensors":
+            problem = _safetensors_problem(f)
+        elif f.suffix in (".pt", ".pth", ".bin"):
+            problem = _torch_file_problem(f)
+        else:
+            continue
+        if problem:
+            return problem
+    return None
+
+
+# -- one run at a time ----------------------------------------------------------------------
+
+LOCK_FILE = ".ilstudio.lock"  # flock()ed by the run that owns the directory, for its whole life
+# How long an acquirer retries before calling the directory busy: a probe (lock_holder) holds a
+# shared lock for microseconds; a running run holds it for hours.
+_LOCK_PATIENCE_S = 2.0
+
+
+def _holder_text(fd: int) -> str:
+    try:
+        text = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    return text or "a process that has not written its PID yet"
+
+
+def _busy(out: Path, holder: str) -> UserError:
+    return UserError(f"--output_dir={out} is in use by another run ({holder}). Two runs on one "
+                     f"directory would overwrite each other's checkpoints: wait for it to end, "
+                     f"stop it, or choose another --output_dir. (A killed run's lock is released "
+                     f"by the kernel when its processes exit.)")
+
+
+def lock_holder(output_dir: str | os.PathLike) -> str | None:
+    """Who holds ``output_dir``'s run lock ("PID 123 on host, since ..."), None if nobody.
+
+    Writes nothing (--dry_run uses it): the lock file is opened read-only and probed with a
+    shared lock, which conflicts only with a run's exclusive one.
+    """
+    path = Path(output_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None  # absent, or not a plain file: RunLock reports the latter
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder_text(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+class RunLock:
+    """The exclusive ``fcntl.flock`` on ``<output_dir>/.ilstudio.lock`` a run holds from before
+    its first write until it ends.
+
+    A second run on the same directory (a resume included) gets a UserError naming the
+    holder's PID. The kernel releases a flock when the last process holding it exits, so the
+    lock of a killed run never blocks; the file itself stays (unlinking a lock file others may
+    be waiting on would let two runs in), and a stale PID in it means nothing.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        out = Path(output_dir)
+        self.path = out / LOCK_FILE
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise UserError(f"--output_dir={out}: cannot open the run lock {self.path} "
+                            f"({e.strerror}); it must be a plain file this user can write: "
+                            f"remove it if no run is using {out}") from None
+        deadline = time.monotonic() + _LOCK_PATIENCE_S
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    holder = _holder_text(self.fd)
+                    os.close(self.fd)
+                    raise _busy(out, holder) from None
+                time.sleep(0.05)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"PID {os.getpid()} on {socket.gethostname()}, since {stamp}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def check_not_in_use(output_dir: str | os.PathLike) -> None:
+    holder = lock_holder(output_dir)
+    if holder is not None:
+        raise _busy(Path(output_dir), holder)
+
+
+# -- what a run writes (and --overwrite_output_dir may remove) -------------------------------
+
+TRAINER_ARGS_BIN = "training_args.bin"  # the Trainer's pickle beside every save
+TENSORBOARD_DIR = "runs"  # TensorBoard's default directory (--logging_dir unset)
+RUN_FILES = frozenset({
+    OPERATIVE, ALL_BINDINGS, FLAGFILE, TRAINING_ARGS, NORM_STATS, DATA_SUMMARY, RESUME_CHANGES,
+    WEIGHTS, TRAINER_STATE, EMA_FILE, ADAPTER_WEIGHTS, ADAPTER_CONFIG, NON_LORA_TRAINABLES,
+    TRAINER_ARGS_BIN, EVAL_RESULTS, BEST_DIR, LEARNING_CURVE, LOCK_FILE, STAGING_DIR,
+    FINAL_STAGING_DIR, TENSORBOARD_DIR,
+})
+_RUN_PATTERNS = (
+    re.compile(rf"{CHECKPOINT_PREFIX}-\d+"),  # checkpoint-N directories
+    re.compile(r"eval_episode_\d+\.(gif|mp4)"),  # the evaluator's videos
+    # write_atomic's temporaries (.<name>.<random>.tmp) of the files above, left by a kill
+    re.compile(r"\.(" + "|".join(re.escape(n) for n in sorted(RUN_FILES)) + r")\..+"),
+)
+
+
+def written_by_a_run(name: str) -> bool:
+    return name in RUN_FILES or any(p.fullmatch(name) for p in _RUN_PATTERNS)
+
+
+def foreign_entries(output_dir: str | os.PathLike) -> list[str]:
+    """Entries of output_dir that no run writes (a user's files: never removed by us)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    return sorted(p.name + ("/" if p.is_dir() and not p.is_symlink() else "")
+                  for p in out.iterdir() if not written_by_a_run(p.name)
+                  or (p.name.startswith(f"{CHECKPOINT_PREFIX}-") and not p.is_dir()))
+
+
+def remove_run(output_dir: str | os.PathLike) -> list[str]:
+    """Remove what a run wrote in output_dir (never the lock, held by the caller); returns the
+    names removed. Refuses (UserError, nothing removed) when anything else is there."""
+    out = Path(output_dir)
+    foreign = foreign_entries(out)
+    if foreign:
+        raise overwrite_refusal(out, foreign)
+    removed = []
+    for p in sorted(out.iterdir()):
+        if p.name == LOCK_FILE:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        removed.append(p.name)
+    return removed
+
+
+def overwrite_refusal(out: Path, foreign: list[str]) -> UserError:
+    shown_names = ", ".join(foreign[:12]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 12 else "")
+    return UserError(f"--overwrite_output_dir: {out} holds a run and also files no run writes "
+                     f"({shown_names}). --overwrite_output_dir removes only what a run writes; "
+                     f"move these away or choose another --output_dir. Nothing was removed.")

@@ -184,7 +184,8 @@ def test_resume_true_continues_from_newest_checkpoint(trained, tmp_path):
     out, _ = trained
     run = tmp_path / "resumed"
     shutil.copytree(out, run)
-    shutil.rmtree(run / "checkpoint-60")
+    shutil.rmtree(run / "checkpoint-60")  # as a run killed after checkpoint-30 leaves it:
+    (run / "trainer_state.json").unlink()  # no last checkpoint, no final state
     proc = run_train(f"--flagfile={out / 'flags.txt'}", f"--output_dir={run}",
                      "--resume_from_checkpoint=true", "--max_steps=60")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -69,7 +69,9 @@ def billion_laughs(levels: int = 9) -> str:
     ("lora_module: &x [*x]\n", "alias refers to itself"),
     ("lr_scheduler_kwargs: &x {a: *x}\n", "alias refers to itself"),
     ("report_to: " + "x" * (2 << 20) + "\n", "more than the 1048576 allowed"),
-    ("lora_r: [" + ", ".join(["1"] * 20000) + "]\n", "expands to more than 10000 values"),
+    ("lora_r: [" + ", ".join(["1"] * 20000) + "]\n", "holds more than 10000 values"),
+    ("".join(f"key{i}: {i}\n" for i in range(20000)), "holds more than 10000 values"),
+    ("lr_scheduler_kwargs: " + "[" * 3000 + "]" * 3000 + "\n", "nests deeper than 32 levels"),
 ])
 def test_yaml_size_is_bounded_and_refused_fast(tiny_data, tmp_path, text, named):
     cfg = tmp_path / "c.yaml"

@@ -28,6 +28,7 @@ from ilstudio.models import (  # noqa: E402
     check_lora_settings,
     check_quantization_combo,
     has_lora,
+    keep_portable_4bit_layout,
     load_adapter_run,
     lora_param_groups,
     lora_target_modules,
@@ -70,7 +71,10 @@ def load_llm(path, quant: QuantizationSettings | None = None):
         kwargs["quantization_config"] = bnb_quantization_config(quant)
     if torch_dtype_for(quant) is not None:
         kwargs["dtype"] = torch_dtype_for(quant)
-    return LlamaForCausalLM.from_pretrained(path, **kwargs)
+    llm = LlamaForCausalLM.from_pretrained(path, **kwargs)
+    if "quantization_config" in kwargs:
+        keep_portable_4bit_layout(llm)  # as the VLA builder does
+    return llm
 
 
 class TinyPolicy(nn.Module):

@@ -124,9 +124,13 @@ def test_sigkill_at_several_points_then_resume_gives_identical_weights(tiny_data
 
 
 def test_partial_checkpoint_and_staging_leftovers_are_never_resumed_from(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
     out = tmp_path
-    (out / "checkpoint-5").mkdir()
-    (out / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    (out / "checkpoint-5").mkdir()  # complete: a state with its step, whole weights
+    (out / "checkpoint-5" / "trainer_state.json").write_text('{"global_step": 5}')
+    save_file({"w": torch.zeros(3)}, str(out / "checkpoint-5" / "model.safetensors"))
     (out / "checkpoint-10").mkdir()  # written by an older, non-atomic writer and cut short
     (out / "checkpoint-10" / "model.safetensors").write_bytes(b"\0" * 10)
     (out / STAGING_DIR / "checkpoint-15").mkdir(parents=True)

@@ -96,9 +96,18 @@ def test_output_dir_holding_a_run_is_never_silently_reused(existing_run):
 
 
 def test_overwrite_output_dir_replaces_deliberately(existing_run):
+    """It removes what a run wrote (a stale checkpoint, a kill's temporary file) and nothing
+    else: a file no run writes stops it, listed, with nothing removed."""
     out, args = existing_run
-    (out / "stale.txt").write_text("from the old run")
+    (out / "notes.txt").write_text("the user's, not the run's")
+    r = run_train(*args, "--overwrite_output_dir", "--max_steps=1")
+    assert r.returncode == 2 and "notes.txt" in r.stderr and "Nothing was removed" in r.stderr
+    assert (out / "notes.txt").is_file()
+    (out / "notes.txt").unlink()
+    (out / "checkpoint-99").mkdir()
+    (out / ".flags.txt.x1y2.tmp").write_text("left by a kill mid-write")
     r = run_train(*args, "--overwrite_output_dir", "--max_steps=1")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert not (out / "checkpoint-99").exists() and not (out / ".flags.txt.x1y2.tmp").exists()
+    assert (out / "model.safetensors").is_file()
     assert "--max_steps=1" in (out / "flags.txt").read_text()

@@ -117,8 +117,9 @@ HYPERPARAMS: tuple[Hyper, ...] = (
           "to steps unless given)."),
     Hyper("eval_steps", float, None, "Evaluate every N steps (default: --logging_steps).",
           bounds="(0, inf)"),
-    Hyper("seed", int, 42, "Random seed for model init, data order and dropout.",
-          bounds="[0, 4294967295]"),
+    Hyper("seed", int, 42, "Random seed for model init, data order and dropout. Fixed on "
+          "resume: the checkpoint's RNG state decides the rest of the run.",
+          bounds="[0, 4294967295]", breaks_resume=True),
     # Promised by the older system's users and never delivered there.
     Hyper("gradient_accumulation_steps", int, 1, "Batches accumulated per optimizer step.",
           seed_documented=False, bounds="[1, inf)"),

@@ -131,27 +131,60 @@ def _expanded_size(node: yaml.Node, where: str, memo: dict[int, int], active: se
     return total
 
 
+MAX_YAML_DEPTH = 32
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """The safe loader, stopping as soon as the document is deeper or larger than a training
+    config can be (before the rest is even composed: a 20,000-key file is refused at the
+    10,001st node, a 3,000-deep nesting at level 33, not by a RecursionError)."""
+
+    def __init__(self, stream: str, where: str) -> None:
+        super().__init__(stream)
+        self.where, self.nodes, self.depth = where, 0, 0
+
+    def compose_node(self, parent, index):
+        self.nodes += 1
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH or self.nodes > MAX_YAML_VALUES:
+                what = (f"nests deeper than {MAX_YAML_DEPTH} levels" if self.depth > MAX_YAML_DEPTH
+                        else f"holds more than {MAX_YAML_VALUES} values")
+                raise UserError(f"{self.where}: the YAML {what} (line "
+                                f"{self.peek_event().start_mark.line + 1}); a training config "
+                                f"holds small values")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
 def load_bounded_yaml(text: str, where: str, invalid_as_text: bool = False
                       ) -> tuple[yaml.Node | None, Any]:
-    """(composed node, value) of a YAML text with the safe loader, its expanded size bounded.
+    """(composed node, value) of a YAML text with the safe loader, its size bounded.
 
     Every YAML the configuration reads goes through here (--training_config files and
-    --training_arg values): Python tags are refused by the safe loader, and size by us.
+    --training_arg values): Python tags are refused by the safe loader; depth and node count
+    while composing, and the alias-expanded size before anything is constructed.
     invalid_as_text: text that is not valid YAML is returned as the string itself (a
     --training_arg value such as a path with a colon); too large is still an error.
     """
+    loader = None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        if node is not None:
-            _expanded_size(node, where, {}, set())
-        data = yaml.safe_load(text)
+        loader = _BoundedLoader(text, where)  # refuses unprintable characters already
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        _expanded_size(node, where, {}, set())
+        return node, loader.construct_document(node)
     except yaml.YAMLError as e:
         if invalid_as_text:
             return None, text
         raise UserError(f"{where}: not valid YAML: {e}") from None
     except (ValueError, OverflowError, RecursionError) as e:  # e.g. a 5000-digit integer
         raise UserError(f"{where}: YAML value cannot be read: {e}") from None
-    return node, data
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 def _read_mapping(path: Path) -> list[tuple[str, int, Any]]:

@@ -79,6 +79,22 @@ def torch_dtype_for(quant: QuantizationSettings) -> torch.dtype | None:
     return None
 
 
+def keep_portable_4bit_layout(model: nn.Module) -> None:
+    """Keep every bitsandbytes 4-bit layer in its standard packed layout.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight in place (into a
+    CPU-only layout with bf16 scales) the first time it runs in eval mode without grad. That
+    breaks on layers narrower than the 64-value quantization block and would let a checkpoint
+    saved after an evaluation depend on the CPU that wrote it. Training, evaluation and saving
+    all use the standard layout instead.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def is_quantized_module(module: nn.Module) -> bool:
     """True for a Hugging Face model loaded in 4/8-bit bitsandbytes form."""
     return bool(getattr(module, "is_loaded_in_4bit", False) or getattr(module, "is_loaded_in_8bit", False))

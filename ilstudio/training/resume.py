@@ -20,11 +20,22 @@ from ilstudio.config.hyperparams import HYPERPARAMS
 from ilstudio.errors import UserError
 from ilstudio.policies import import_all_configurations
 from ilstudio.resolve import Resolved
-from ilstudio.tools.diff import Config, Difference, compare, load, parse_flag_lines, parse_gin_text
+from ilstudio.tools.diff import (
+    NOT_SET,
+    Config,
+    Difference,
+    compare,
+    load,
+    parse_flag_lines,
+    parse_gin_text,
+)
 
 # Flags that change what a checkpoint means: the declared hyperparameters (Hyper.breaks_resume),
 # and the task (other data, other dims).
 BREAKING_FLAGS = frozenset({h.name for h in HYPERPARAMS if h.breaks_resume} | {"task_name"})
+# Declared resume-safe, except between unset and set: lora.lr set gives the LoRA parameters
+# their own optimizer group, so the saved optimizer state no longer fits.
+GROUPING_KEYS = frozenset({"lora.lr"})
 # Flags that differ between a run and its own resume by design.
 RESUME_IGNORED_FLAGS = frozenset({"resume_from_checkpoint", "gin_file"})
 
@@ -37,6 +48,8 @@ def breaks_checkpoint(d: Difference) -> bool:
     if d.kind == "flag":
         return d.key in BREAKING_FLAGS
     key = d.key.rsplit("/", 1)[-1]
+    if key in GROUPING_KEYS and {d.a, d.b} & {"None", NOT_SET}:
+        return True
     if key.startswith("%"):
         return False
     import_all_configurations()

@@ -31,22 +31,38 @@ def resume_checkpoint(resolved: Resolved) -> str | None:
     out = Path(resolved.output_dir)
     if choice is True:
         last = rundir.last_complete_checkpoint(out)
+        if last is None and rundir.checkpoint_dirs(out):
+            found = "; ".join(f"{p.name}: {rundir.checkpoint_problem(p)}"
+                              for _, p in rundir.checkpoint_dirs(out)[:5])
+            raise UserError(f"--resume_from_checkpoint=true: no checkpoint in {out} is complete "
+                            f"({found}). Remove the damaged checkpoints to start over, or pass "
+                            f"--overwrite_output_dir without --resume_from_checkpoint.")
         if last is None:
             logging.info("--resume_from_checkpoint=true: no checkpoint in %s, starting fresh", out)
         return last
     if choice is False:
         return None
-    if not rundir.is_checkpoint(choice):
-        raise UserError(f"--resume_from_checkpoint={choice}: not a checkpoint directory "
-                        f"(no {rundir.TRAINER_STATE} there)")
+    problem = rundir.checkpoint_problem(choice)
+    if problem:
+        what = "not a checkpoint directory" if problem.startswith("no ") else "a damaged checkpoint"
+        raise UserError(f"--resume_from_checkpoint={choice}: {what} ({problem})")
     return choice
 
 
-def check_output_dir(resolved: Resolved, resume_from: str | None, overwrite: bool) -> None:
+def check_output_dir(resolved: Resolved, resume_from: str | None, overwrite: bool,
+                     locked: bool = False) -> None:
+    """May this run write into output_dir? Checked before anything is written (and by
+    --dry_run), and again once the run holds the directory's lock (``locked``)."""
     out = Path(resolved.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir={out}: exists and is not a directory")
+    if not locked:
+        rundir.check_not_in_use(out)
     existing = rundir.holds_a_run(out)
+    if existing and overwrite and resume_from is None:
+        foreign = rundir.foreign_entries(out)
+        if foreign:
+            raise rundir.overwrite_refusal(out, foreign)
     if existing and resume_from is None and not overwrite and parse_resume(
             resolved.hyper.resume_from_checkpoint) is True:
         if not rundir.is_finished(out):
@@ -128,10 +144,9 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
     import torch
     import transformers
 
-    from ilstudio.data.batched import batched, collate
+    from ilstudio.data.batched import batched
     from ilstudio.data.dataset import build_datasets
     from ilstudio.policies import build_policy, build_processor
-    from ilstudio.training.trainer import OperativeConfigToTensorBoard, PolicyTrainer
 
     hyper = resolved.hyper
     from ilstudio.training import threads
@@ -174,17 +189,34 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
 
     out = Path(resolved.output_dir)
     resume_changes = check_resume_config(resolved, resume_from)
-    with rundir.output_errors(out, "the run's configuration"):
-        if distributed.is_main_process():
-            if overwrite_output_dir and resume_from is None and rundir.holds_a_run(out):
-                logging.warning("--overwrite_output_dir: replacing %s", out)
-                shutil.rmtree(out)
-            dumps.write_run_config(resolved, out, args.to_json_string())
-            stats.save(out / rundir.NORM_STATS)
-            if resume_changes:
-                record_resume_changes(out, resume_from, resume_changes)
-            rundir.write_atomic(out / rundir.DATA_SUMMARY, json.dumps(summary, indent=2) + "\n")
+    # Validation passed: take the directory. The lock is the run's first write and is held
+    # until it ends; output_dir is checked again under it (another run may have written
+    # there since the first check).
+    lock, verdict = None, None
+    if distributed.is_main_process():
+        try:
+            with rundir.output_errors(out, "the run's configuration"):  # the lock file first
+                lock = rundir.RunLock(out)
+            check_output_dir(resolved, resume_from, overwrite_output_dir, locked=True)
+        except UserError as e:
+            verdict = str(e)
+    try:
+        distributed.agree(distributed.config_text(resolved, hyper, extra), verdict)
+        return _train_locked(resolved, hyper, args, model, train_ds, eval_ds, stats, summary,
+                             resume_from, resume_changes, overwrite_output_dir)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _train_locked(resolved: Resolved, hyper, args, model, train_ds, eval_ds, stats,
+                  summary: dict, resume_from: str | None, resume_changes: list,
+                  overwrite_output_dir: bool) -> dict:
+    """The part of a run that writes: called holding output_dir's lock."""
+    from ilstudio.data.batched import collate
+    from ilstudio.training.trainer import OperativeConfigToTensorBoard, PolicyTrainer
+
+    out = Path(resolved.output_dir)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", tensorboard_dir(hyper))
     callbacks = []
     if "tensorboard" in (args.report_to or []):
@@ -194,9 +226,44 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
                             data_collator=collate, callbacks=callbacks,
                             ema_decay=resolved.model.ema_decay if resolved.model.using_ema else None,
                             episode_first=resolved.dataset.episode_first)
-    if hyper.eval_every_steps > 0:
+    target = trainer.planned_max_steps()
+    finish_only = False
+    if parse_resume(resolved.hyper.resume_from_checkpoint) is not False:
+        done = rundir.finished_step(out)
+        if done is not None and target <= done:
+            logging.warning("%s: this run is already finished at step %d (the configuration asks "
+                            "for %d steps): nothing to do, nothing changed. Pass a larger "
+                            "--max_steps to continue it.", out, done, target)
+            return {"already_finished_at_step": done}
+        if resume_from is not None:
+            at = trainer.checkpoint_step(resume_from)
+            if at > target:
+                raise UserError(f"--resume_from_checkpoint: {Path(resume_from).name} is at step "
+                                f"{at}, beyond --max_steps={target} (steps cannot be undone). "
+                                f"Pass --max_steps >= {at}, or start a new run.")
+            # Killed after its last checkpoint but before its final save: finish from the
+            # checkpoint without training (a training call would run one step past max_steps).
+            finish_only = at == target
+
+    with rundir.output_errors(out, "the run's configuration"):
+        if distributed.is_main_process():
+            if overwrite_output_dir and resume_from is None and rundir.holds_a_run(out):
+                logging.warning("--overwrite_output_dir: replacing the run in %s", out)
+                rundir.remove_run(out)
+            dumps.write_run_config(resolved, out, args.to_json_string())
+            stats.save(out / rundir.NORM_STATS)
+            if resume_changes:
+                record_resume_changes(out, resume_from, resume_changes)
+            rundir.write_atomic(out / rundir.DATA_SUMMARY, json.dumps(summary, indent=2) + "\n")
+
+    if hyper.eval_every_steps > 0 and not finish_only:
         add_sim_evaluation(trainer, resolved, stats, hyper, args)
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    if finish_only:
+        logging.info("%s is at --max_steps=%d: finishing the run from it (final model and "
+                     "state), no training step", resume_from, target)
+        result = trainer.finish_from_checkpoint(resume_from)
+    else:
+        result = trainer.train(resume_from_checkpoint=resume_from)
     with rundir.output_errors(out, "the final model"):
         save_final_model(trainer, out)
     metrics = dict(result.metrics)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
@@ -55,6 +56,7 @@ class PolicyTrainer(Trainer):
         from ilstudio.training.ema import EMA, EMACallback
 
         self.episode_first = episode_first
+        self.add_callback(ApplyIntervalsOnResume())
         self.ema = EMA(ema_decay) if ema_decay is not None else None
         if self.ema is not None:
             self.add_callback(EMACallback(self.ema))
@@ -70,8 +72,72 @@ class PolicyTrainer(Trainer):
             if groups:
                 optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
                 self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-                return self.optimizer
-        return super().create_optimizer(model)
+        if self.optimizer is None:
+            super().create_optimizer(model)
+        # What this run's configuration asks of every parameter group (lr, weight decay,
+        # betas, eps, ...): a resume restores the checkpoint's values over these, and
+        # _load_optimizer_and_scheduler puts these back.
+        self._configured_groups = [{k: v for k, v in g.items() if k != "params"}
+                                   for g in self.optimizer.param_groups]
+        return self.optimizer
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Restore the optimizer's state (moments) and the scheduler's position, then apply
+        this run's hyperparameters: a learning rate, weight decay, Adam betas/eps or
+        schedule changed on resume takes effect from the resumed step (restored as saved,
+        they would silently keep the old values)."""
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except ValueError as e:  # torch: the parameter groups differ from the saved ones
+            raise UserError(
+                f"cannot resume from {checkpoint}: the optimizer's parameter groups differ from "
+                f"the saved ones ({e}). A change of which parameters train, or of lora.lr between "
+                f"unset and set, cannot be applied to a saved optimizer state; undo it, or start "
+                f"a new run.") from None
+        if checkpoint is None or self.is_deepspeed_enabled:
+            return
+        configured = getattr(self, "_configured_groups", None)
+        groups = self.optimizer.param_groups
+        if configured is None or len(configured) != len(groups):
+            return
+        for group, conf in zip(groups, configured, strict=True):
+            for key, value in conf.items():
+                if key not in ("lr", "initial_lr"):
+                    group[key] = value
+            group["initial_lr"] = conf.get("initial_lr", conf["lr"])
+        sched = self.lr_scheduler
+        base = [g["initial_lr"] for g in groups]
+        if hasattr(sched, "lr_lambdas"):  # LambdaLR: every schedule transformers makes but plateau
+            sched.base_lrs = base
+            for group, lr0, fn in zip(groups, base, sched.lr_lambdas, strict=True):
+                group["lr"] = lr0 * fn(sched.last_epoch)
+            sched._last_lr = [g["lr"] for g in groups]  # noqa: SLF001 (what get_last_lr reports)
+        elif base != getattr(sched, "base_lrs", base):
+            raise UserError(f"cannot resume from {checkpoint}: a learning rate changed and the "
+                            f"{type(sched).__name__} schedule cannot take a new one mid-run; "
+                            f"undo the change or start a new run.")
+
+    def planned_max_steps(self) -> int:
+        """The optimizer steps this run's configuration asks for (--max_steps, or the
+        epochs' worth), computed as training will."""
+        return int(self.set_initial_training_values(self.args, self.get_train_dataloader())[-1])
+
+    @staticmethod
+    def checkpoint_step(checkpoint: str) -> int:
+        import json
+
+        return int(json.loads((Path(checkpoint) / rundir.TRAINER_STATE).read_text())["global_step"])
+
+    def finish_from_checkpoint(self, checkpoint: str):
+        """The end of a run killed after its last checkpoint (at max_steps) but before its
+        final save: the checkpoint's weights (EMA included) and state become the run's, with
+        no training step, so the run ends as an uninterrupted one."""
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        self._load_from_checkpoint(checkpoint)
+        self.state = TrainerState.load_from_json(str(Path(checkpoint) / rundir.TRAINER_STATE))
+        return TrainOutput(self.state.global_step, 0.0, {})
 
     def _clip_grad_norm(self, model):
         """``torch.nn.utils.clip_grad_norm_`` itself where nothing else can apply: one process
@@ -220,6 +286,17 @@ class PolicyTrainer(Trainer):
                 run_dir, os.path.basename(self.state.best_model_checkpoint))
         rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+
+class ApplyIntervalsOnResume(TrainerCallback):
+    """The logging/evaluation/saving intervals of this run's arguments, also on resume.
+
+    transformers restores them with the TrainerState from the checkpoint, so a
+    --logging_steps or --save_steps changed on resume would be recorded and ignored.
+    """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.compute_steps(args, state.max_steps)
 
 
 class OperativeConfigToTensorBoard(TrainerCallback):

@@ -381,6 +381,7 @@ def build(*, policy_config, task, dataset, model, lora, quantization, use_images
     from ilstudio.models import (
         apply_lora,
         bnb_quantization_config,
+        keep_portable_4bit_layout,
         lora_target_modules,
         torch_dtype_for,
     )
@@ -388,6 +389,8 @@ def build(*, policy_config, task, dataset, model, lora, quantization, use_images
     quant_config = bnb_quantization_config(quantization)  # None unless 4/8-bit
     vit = load_vision(model)
     llm = load_llm(model, quant_config, torch_dtype_for(quantization))
+    if quant_config is not None:
+        keep_portable_4bit_layout(llm)
     _untie(llm)
     tokenizer_vocab = len(load_tokenizer(model))
     if tokenizer_vocab > llm.get_input_embeddings().num_embeddings:

@@ -1,0 +1,473 @@
+"""Generated hostile input, per family: how many cases were tried and how many kept the promise.
+
+    OMP_NUM_THREADS=1 python bench/hostile.py [--cases 40] [--seed 0] [--workdir DIR]
+
+Every case is generated here from a seeded random generator (new cases for each --seed), run
+through the code ``train.py`` runs (in-process: resolve + TrainingArguments check + data
+checks, as ``--dry_run`` does; the run-directory family also through real ``train.py``
+subprocesses), and judged against README's promise for its family. "held" means the promise
+was kept; anything else is printed with the case. A non-UserError exception is always a
+break (a traceback is a bug).
+
+Families: value ranges (values at, beside and far from every declared bound), YAML size
+(alias bombs, recursive aliases, huge strings, deep nesting), task_name paths (traversals
+from YAML and flag toward a gin file that imports a module), two keys for one parameter,
+non-UTF-8 gin/include/YAML, --training_arg fields a flag or the run owns, data (lossy
+dtypes, 0-size frames, dangling/looping symlinks), the run directory (foreign files under
+--overwrite_output_dir, damaged checkpoints, stale locks, a second run while one holds the
+lock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from ilstudio.errors import UserError  # noqa: E402
+
+RESULTS: dict[str, list] = defaultdict(lambda: [0, 0, []])  # family -> [tried, held, breaks]
+
+
+def record(family: str, case: str, held: bool, why: str = "") -> None:
+    r = RESULTS[family]
+    r[0] += 1
+    r[1] += held
+    if not held:
+        r[2].append(f"{case[:160]!r}: {why[:300]}")
+
+
+def attempt(fn):
+    """(None, result) or (UserError message, None); other exceptions propagate."""
+    try:
+        return None, fn()
+    except UserError as e:
+        return str(e), None
+
+
+def base_args(data: Path, out: Path) -> list[str]:
+    return ["--task_name=tiny_synthetic", f"--gin_bindings=task.dataset_dir = '{data}'",
+            f"--output_dir={out}"]
+
+
+def resolve(argv):
+    import gin
+
+    from ilstudio.resolve import resolve_argv
+
+    gin.clear_config()
+    return resolve_argv(argv)
+
+
+def dry(argv):
+    """What --dry_run checks, in-process."""
+    from ilstudio.config.training_args import check_training_arguments
+    from ilstudio.training.run import validate_data
+
+    r = resolve(argv)
+    check_training_arguments(r.hyper, r.training_args_extra)
+    validate_data(r)
+    return r
+
+
+# -- families -----------------------------------------------------------------------------
+
+
+def family_ranges(rng: random.Random, n: int, data: Path, work: Path) -> None:
+    from ilstudio.config import settings as _sim  # noqa: F401
+    from ilstudio.config.declare import all_params
+    from ilstudio.config.hyperparams import HYPERPARAMS
+    from ilstudio.policies import import_all_configurations
+
+    import_all_configurations()
+    decls = [("hyper", h.name, h.type, h.allowed, None) for h in HYPERPARAMS
+             if h.type in (int, float) and h.allowed]
+    for p in all_params():
+        tp = next((t for t in (int, float) if t is p.type or t in getattr(p.type, "__args__", ())
+                   or f"tuple[{t.__name__}" in str(p.type)), None)
+        if tp and p.bounds:
+            decls.append(("gin", p.gin_key, tp, p.bounds, p))
+    for _ in range(n):
+        kind, key, tp, bounds, decl = rng.choice(decls)
+        edge = rng.choice(bounds.edges() or [0])
+        pick = rng.random()
+        if tp is int:
+            value = (int(edge) + rng.randint(-3, 3) if pick < 0.6 else
+                     rng.choice([-(10 ** rng.randint(1, 40)), 10 ** rng.randint(1, 40), 2**63, -(2**63) - 1]))
+        else:
+            value = (edge + rng.choice([-1, 1]) * 10 ** rng.uniform(-12, 0) if pick < 0.5 else
+                     math.nextafter(edge, rng.choice([-math.inf, math.inf])) if pick < 0.7 else
+                     rng.choice([-1, 1]) * 10 ** rng.uniform(-30, 30))
+        literal = repr(float(value)) if tp is float else str(value)
+        argv = base_args(data, work / "o")
+        if kind == "hyper":
+            argv.append(f"--{key}={literal}")
+        else:
+            if decl.length:
+                literal = "(" + ", ".join([literal] * decl.length) + ")"
+            elif "tuple" in str(decl.type):
+                literal = f"({literal},)"
+            if key.startswith("act."):
+                argv.append("--gin_file=gin_configs/act.gin")
+            if key.startswith("vla."):
+                argv += ["--gin_file=gin_configs/vla.gin", "--gin_bindings=model.model_name_or_path = 'x'"]
+            argv.append(f"--gin_bindings={key} = {literal}")
+        inside = value in bounds and (tp is float or -(2**63) <= value < 2**63)
+        err, _ = attempt(lambda argv=argv: resolve(argv))
+        if inside:
+            held = err is None or ("out of range" not in err and "64-bit" not in err)
+        else:
+            held = err is not None and key in err and (bounds.text in err or "64-bit" in err)
+        record("value ranges", f"{key}={literal}", held, err or "accepted")
+
+
+def _bomb(rng: random.Random) -> tuple[str, int]:
+    width, depth = rng.randint(2, 12), rng.randint(2, 10)
+    lines = ["a0: &a0 [" + ", ".join(['"x"'] * width) + "]"]
+    for i in range(1, depth):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]")
+    key = rng.choice(["lora_module", "report_to", "lr_scheduler_kwargs", "seed", "junk_key"])
+    lines.append(f"{key}: *a{depth - 1}")
+    return "\n".join(lines) + "\n", width ** depth
+
+
+def family_yaml_size(rng: random.Random, n: int, data: Path, work: Path) -> None:
+    for i in range(n):
+        kind = rng.choice(["bomb", "recursive", "huge string", "deep nesting", "many keys"])
+        expanded = 0
+        if kind == "bomb":
+            text, expanded = _bomb(rng)
+        elif kind == "recursive":
+            text = rng.choice(["x: &r [*r]\n", "lora_module: &r {a: [1, *r]}\n",
+                               "lr_scheduler_kwargs: &r {a: {b: *r}}\n"])
+        elif kind == "huge string":
+            text = "report_to: " + "y" * rng.randint(900_000, 3_000_000) + "\n"
+        elif kind == "deep nesting":
+            d = rng.randint(50, 3000)
+            text = "lr_scheduler_kwargs: " + "[" * d + "]" * d + "\n"
+        else:
+            text = "".join(f"k{j}: {j}\n" for j in range(rng.randint(5_000, 20_000)))
+        path = work / f"size{i}.yaml"
+        path.write_text(text)
+        start = time.monotonic()
+        try:
+            err, _ = attempt(lambda path=path: resolve([*base_args(data, work / "o"),
+                                                        f"--training_config={path}"]))
+        except Exception as e:  # noqa: BLE001 - a traceback is a break
+            record("YAML size", f"{kind} ({len(text)} bytes)", False, f"{type(e).__name__}: {e}")
+            continue
+        took = time.monotonic() - start
+        held = took < 5 and (err is None or (str(path) in err and len(err) < 2000))
+        if kind == "bomb" and expanded > 10_000:
+            held = held and err is not None and "expands to more than" in err
+        record("YAML size", f"{kind} ({len(text)} bytes, {expanded} expanded)", held,
+               f"{took:.1f}s: {err or 'accepted'}")
+
+
+def family_task_paths(rng: random.Random, n: int, data: Path, work: Path) -> None:
+    search = work / "search"
+    (search / "gin_configs" / "tasks").mkdir(parents=True, exist_ok=True)
+    marker = work / "evil_imported"
+    (work / "evilmod_bench.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    sys.path.insert(0, str(work))
+    for where in (search / "x", search, search / "gin_configs", work):
+        where.mkdir(parents=True, exist_ok=True)
+        (where / "evil.gin").write_text("import evilmod_bench\n")
+    pieces = ["..", ".", "x", "evil", "tasks", "gin_configs", "", "\\", "%2e%2e", "\u2025", "~",
+              "tiny_synthetic", str(search), "..."]
+    for _ in range(n):
+        name = "/".join(rng.choice(pieces) for _ in range(rng.randint(1, 6)))
+        if rng.random() < 0.5:
+            name += "/evil" if rng.random() < 0.5 else "evil"
+        via_yaml = rng.random() < 0.5
+        argv = [f"--gin_search_paths={search}", *base_args(data, work / "o")[1:]]
+        if via_yaml:
+            cfg = work / "t.yaml"
+            cfg.write_text(json.dumps({"task_name": name}))
+            argv.append(f"--training_config={cfg}")
+        else:
+            argv.append(f"--task_name={name}")
+        try:
+            err, _ = attempt(lambda argv=argv: resolve(argv))
+        except Exception as e:  # noqa: BLE001
+            record("task_name paths", name, False, f"{type(e).__name__}: {e}")
+            continue
+        held = not marker.exists() and (err is not None or name == "tiny_synthetic")
+        record("task_name paths", f"{'yaml' if via_yaml else 'flag'}: {name}", held,
+               err or "accepted")
+        marker.unlink(missing_ok=True)
+
+
+def family_two_keys(rng: random.Random, n: int, data: Path, work: Path) -> None:
+    values = ["steps", "epoch", "no"]
+    for i in range(n):
+        a, b = rng.choice(values), rng.choice(values)
+        keys = ["eval_strategy", "evaluation_strategy"]
+        rng.shuffle(keys)
+        filler = [f"seed: {rng.randint(0, 99)}", "learning_rate: 1.0e-4", "lora_r: 8"]
+        lines = rng.sample(filler, rng.randint(0, 3)) + [f"{keys[0]}: '{a}'", f"{keys[1]}: '{b}'"]
+        rng.shuffle(lines)
+        path = work / f"keys{i}.yaml"
+        path.write_text("\n".join(lines) + "\n")
+        from ilstudio.config.yaml_adapter import load_training_config
+
+        try:
+            err, cfg = attempt(lambda path=path: load_training_config(path))
+        except Exception as e:  # noqa: BLE001
+            record("two keys, one parameter", path.read_text(), False, f"{type(e).__name__}: {e}")
+            continue
+        if a != b:
+            held = err is not None and "sets the same parameter" in err
+        else:
+            held = err is None and any("with the same value" in w for w in cfg.warnings)
+        record("two keys, one parameter", f"{a} / {b}", held, err or "accepted")
+
+
+def family_encoding(rng: random.Random, n: int, data: Path, work: Path) -> None:
+    bad_bytes = [b"\xff", b"\xfe", b"\xc3\x28", b"\xe2\x82", b"\x80", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80"]
+    for i in range(n):
+        kind = rng.choice(["gin file", "gin include", "yaml"])
+        body = (b"mlp.hidden_dim = 16\n# comment\n" if kind != "yaml" else b"seed: 3\nlora_r: 8\n")
+        pos = rng.randint(0, len(body))
+        raw = body[:pos] + rng.choice(bad_bytes) + body[pos:]
+        bad = work / f"enc{i}.{'yaml' if kind == 'yaml' else 'gin'}"
+        bad.write_bytes(raw)
+        argv = base_args(data, work / "o")
+        if kind == "gin file":
+            argv.append(f"--gin_file={bad}")
+        elif kind == "gin include":
+            outer = work / f"outer{i}.gin"
+            outer.write_text(f"include '{bad}'\n")
+            argv.append(f"--gin_file={outer}")
+        else:
+            argv.append(f"--training_config={bad}")
+        try:
+            err, _ = attempt(lambda argv=argv: resolve(argv))
+        except Exception as e:  # noqa: BLE001
+            record("non-UTF-8 files", f"{kind}: {raw!r}", False, f"{type(e).__name__}: {e}")
+            continue
+        record("non-UTF-8 files", f"{kind}: {raw!r}", err is not None and str(bad) in err
+               and "not UTF-8" in err, err or "accepted")
+
+
+def family_training_arg(rng: random.Random, n: int, data: Path, work: Path) -> None:
+    from ilstudio.config.hyperparams import OWNED_BY_FLAG
+    from ilstudio.config.yaml_adapter import training_args_fields
+
+    owned = sorted(OWNED_BY_FLAG)
+    others = sorted(set(training_args_fields()) - set(owned))
+    junk = ["1", "-1", "true", "''", "[1, 2]", "{a: 1}", "nan", "/tmp/x", "&a [*a]", "x" * 300]
+    for _ in range(n):
+        name = rng.choice(owned) if rng.random() < 0.6 else rng.choice(others)
+        entry = f"{name}={rng.choice(junk)}"
+        try:
+            err, _ = attempt(lambda entry=entry: dry([*base_args(data, work / "o"),
+                                                      f"--training_arg={entry}"]))
+        except Exception as e:  # noqa: BLE001
+            record("--training_arg", entry, False, f"{type(e).__name__}: {e}")
+            continue
+        if name in OWNED_BY_FLAG:
+            held = err is not None and ("use --" in err or "set by the launcher" in err)
+        else:
+            held = err is None or "--training_arg" in err
+        record("--training_arg", entry, held, err or "accepted")
+
+
+def _lossy(kind: str, v, rng: random.Random):
+    """The state/action array v rewritten in the dtype a 'data files' case names."""
+    import numpy as np
+
+    if kind == "complex":
+        return v.astype(np.complex64) + 1j * rng.random()
+    if kind == "bytes":
+        return v.astype("S8")
+    if kind == "big int":
+        return (v * 0).astype(np.int64) + rng.choice([2**24 + 1, 2**40, -(2**50)])
+    if kind == "small int":
+        return np.round(v * 100).astype(np.int32)
+    if kind == "float16":
+        return v.astype(np.float16)
+    if kind == "float64 overflow":
+        out = v.astype(np.float64)
+        out.flat[5] = rng.choice([1e39, -1e300])
+        return out
+    return v > 0  # bool
+
+
+def family_data(rng: random.Random, n: int, data: Path, work: Path) -> None:
+    import h5py
+    import numpy as np
+
+    from ilstudio.data.synthetic import write_synthetic_dataset
+
+    for i in range(n):
+        d = work / f"data{i}"
+        write_synthetic_dataset(d, num_episodes=2, episode_len=12)
+        kind = rng.choice(["complex", "bytes", "big int", "small int", "float16", "float64 overflow",
+                           "bool", "zero frames", "dangling link", "looping link", "dir named hdf5"])
+        key = rng.choice(["observations/qpos", "action"])
+        ep = d / f"episode_{rng.randint(0, 1)}.hdf5"
+        expect_error, expect_skip = True, 0
+        if kind in ("dangling link", "looping link", "dir named hdf5"):
+            expect_error, expect_skip = False, 1 if kind != "looping link" else 2
+            if kind == "dangling link":
+                os.symlink(work / "nowhere", d / "episode_7.hdf5")
+            elif kind == "looping link":
+                os.symlink(d / "episode_9.hdf5", d / "episode_8.hdf5")
+                os.symlink(d / "episode_8.hdf5", d / "episode_9.hdf5")
+            else:
+                (d / "episode_7.hdf5").mkdir()
+        else:
+            with h5py.File(ep, "r+") as f:
+                if kind == "zero frames":
+                    k = "observations/images/top"
+                    shape = (12, *rng.choice([(0, 0), (0, 32), (24, 0)]), 3)
+                    del f[k]
+                    f[k] = np.zeros(shape, np.uint8)
+                else:
+                    new = _lossy(kind, f[key][()], rng)
+                    expect_error = kind in ("complex", "bytes", "big int", "float64 overflow")
+                    del f[key]
+                    f[key] = new
+        try:
+            err, r = attempt(lambda d=d: dry(base_args(d, work / "o")))
+        except Exception as e:  # noqa: BLE001
+            record("data files", f"{kind} in {key}", False, f"{type(e).__name__}: {e}")
+            continue
+        if expect_error:
+            held = err is not None and "episode_" in err
+        else:
+            held = err is None
+            if held and expect_skip:
+                from ilstudio.data.sources import scan_episodes
+
+                held = len(scan_episodes(str(d))[1]) == expect_skip
+        record("data files", f"{kind} in {key}", held, err or "accepted")
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _train(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def family_run_dir(rng: random.Random, n: int, data: Path, work: Path) -> None:
+    from ilstudio import rundir
+
+    run_args = ["--max_steps=6", "--save_steps=3", "--logging_steps=3", "--report_to=none"]
+    finished = work / "finished"
+    r = _train([*base_args(data, finished), *run_args])
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = ["paper.tex", "src/", "checkpoint-old/", "checkpoint-/", "model.safetensors.bak",
+             ".hidden", "runs2/", "notes", "checkpoint-3x/", ".git/", "best.json", "flags.txt~"]
+    # foreign files under --overwrite_output_dir (in-process, and a few real train.py runs)
+    for i in range(n):
+        out = work / f"mixed{i}"
+        shutil.copytree(finished, out)
+        planted = sorted(set(rng.sample(names, rng.randint(1, 4))))
+        for name in planted:
+            (out / name.rstrip("/")).mkdir() if name.endswith("/") else (out / name).write_text("x")
+        found = rundir.foreign_entries(out)
+        held = found == sorted(planted)
+        if held and i < 3:
+            r = _train([*base_args(data, out), *run_args, "--overwrite_output_dir"])
+            held = r.returncode == 2 and all(p in r.stderr for p in planted) and all(
+                (out / p.rstrip("/")).exists() for p in planted) and (out / "model.safetensors").is_file()
+        record("run dir: overwrite", " ".join(planted), held, f"found {found}")
+        shutil.rmtree(out, ignore_errors=True)
+    # damaged checkpoints: truncate one file of the newest checkpoint at a random length
+    for i in range(n):
+        out = work / f"damaged{i}"
+        shutil.copytree(finished, out)
+        victim = rng.choice(sorted((out / "checkpoint-6").iterdir()))
+        size = victim.stat().st_size
+        victim.write_bytes(victim.read_bytes()[: rng.randint(0, max(size - 1, 0))])
+        err, last = attempt(lambda out=out: rundir.last_complete_checkpoint(out))
+        record("run dir: damaged checkpoint", f"{victim.name} cut to {victim.stat().st_size}/{size}",
+               last == str(out / "checkpoint-3"), f"chose {last}")
+        shutil.rmtree(out, ignore_errors=True)
+    # stale lock files: any content, left by anyone, never blocks
+    for i in range(n):
+        out = work / f"stale{i}"
+        out.mkdir()
+        (out / rundir.LOCK_FILE).write_bytes(bytes(rng.randrange(256) for _ in range(rng.randint(0, 64))))
+        err, _ = attempt(lambda out=out: rundir.RunLock(out).release())
+        record("run dir: stale lock", f"{(out / rundir.LOCK_FILE).read_bytes()[:20]!r}", err is None,
+               err or "")
+        shutil.rmtree(out, ignore_errors=True)
+    # a second run (fresh, resume, overwrite, dry run) while one holds the lock
+    out = work / "busy"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    first = subprocess.Popen([sys.executable, str(REPO / "train.py"), *base_args(data, out),
+                              "--max_steps=1000000", "--save_steps=2", "--report_to=none"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint-2").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for extra in rng.sample([[], ["--resume_from_checkpoint=true"], ["--overwrite_output_dir"],
+                                 ["--dry_run"], ["--resume_from_checkpoint=true", "--max_steps=5"]],
+                                k=min(n, 5)):
+            r = _train([*base_args(data, out), "--max_steps=3", *extra])
+            record("run dir: second run", " ".join(extra) or "(fresh)",
+                   r.returncode == 2 and f"PID {first.pid} " in r.stderr and first.poll() is None,
+                   r.stderr[-300:])
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    record("run dir: second run", "after the holder was SIGKILLed: lock free",
+           rundir.lock_holder(out) is None, "still held")
+
+
+FAMILIES = [family_ranges, family_yaml_size, family_task_paths, family_two_keys, family_encoding,
+            family_training_arg, family_data, family_run_dir]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", type=int, default=40, help="cases per family (run dir: per kind)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--only", default=None, help="run only families whose name contains this")
+    a = ap.parse_args()
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="hostile_"))
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    from ilstudio.data.synthetic import write_synthetic_dataset
+
+    data = work / "tiny"
+    write_synthetic_dataset(data, num_episodes=2, episode_len=20)
+    for fam in FAMILIES:
+        if a.only and a.only not in fam.__name__:
+            continue
+        rng = random.Random(f"{a.seed}:{fam.__name__}")
+        start = time.monotonic()
+        fam(rng, a.cases if fam is not family_run_dir else max(1, a.cases // 4), data, work)
+        print(f"# {fam.__name__}: {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+    lines = ["", "| family | cases tried | held | broke |", "|---|---|---|---|"]
+    lines += [f"| {family} | {tried} | {held} | {tried - held} |"
+              for family, (tried, held, _breaks) in RESULTS.items()]
+    lines += [f"BROKE {family}: {b}" for family, (_, _, breaks) in RESULTS.items() for b in breaks[:10]]
+    (work / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    return 0 if all(t == h for t, h, _ in RESULTS.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
