@@ -83,6 +83,8 @@ def _policy_args(key: str) -> list[str]:
         return ["--gin_file=gin_configs/act.gin"]
     if key.startswith("vla."):
         return ["--gin_file=gin_configs/vla.gin"]
+    if key.startswith("tinyact."):
+        return ["--gin_file=gin_configs/tinyact.gin"]
     if key.startswith("sim."):  # sim.* is built (and checked) for a task with a simulator
         return ["--gin_bindings=sim.task = 'transfer_cube'"]
     return []

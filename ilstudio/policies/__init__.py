@@ -15,6 +15,7 @@ POLICIES = {
     "mlp": "ilstudio.policies.mlp",
     "act": "ilstudio.policies.act",
     "vla": "ilstudio.policies.vla",
+    "tinyact": "ilstudio.policies.tinyact",
 }
 
 

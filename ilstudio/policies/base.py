@@ -56,6 +56,18 @@ class PolicyConfig:
         if problems:
             raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
 
+    def _validate_with(self, problems: list[str], **context) -> None:
+        """Run the shared checks and report them together with a policy's own ``problems``
+        in one message (a user fixes everything in one round)."""
+        try:
+            PolicyConfig.validate(self, **context)
+        except UserError as e:
+            if not problems:
+                raise
+            raise UserError(str(e) + "\n  " + "\n  ".join(problems)) from None
+        if problems:
+            raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
+
     def _common_problems(self, task, dataset, model, source_of) -> list[str]:
         """Shared parameters whose effect depends on others (never a silent no-op)."""
         problems = []

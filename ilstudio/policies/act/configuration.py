@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 
 from ilstudio.config.declare import configurable, param
-from ilstudio.errors import UserError
 from ilstudio.policies.base import PolicyConfig, dropout_param
 
 # "org/name" as on the Hugging Face hub: only resolvable through model.cache_dir offline.
@@ -85,15 +84,7 @@ class ACTConfig(PolicyConfig):
                             f"act.backbone_depths {self.backbone_depths} must have the same, "
                             f"non-zero length")
         # Report the shared checks (cameras, unsupported switches) and ours in one message.
-        try:
-            super().validate(task=task, dataset=dataset, model=model, lora=lora,
-                             quantization=quantization, source_of=source_of)
-        except UserError as e:
-            if not problems:
-                raise
-            raise UserError(str(e) + "\n  " + "\n  ".join(problems)) from None
-        if problems:
-            raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
-
+        self._validate_with(problems, task=task, dataset=dataset, model=model, lora=lora,
+                            quantization=quantization, source_of=source_of)
 
 CONFIG_CLASS = ACTConfig

@@ -1,0 +1,1 @@
+"""TinyACT: ACT's action chunks with a CPU-sized keypoint image encoder (see modeling.py)."""
