@@ -133,3 +133,18 @@ def test_a_task_without_simulator_skips_rollouts_with_a_message(tiny_data: Path,
     assert "no evaluation in the simulator: task tiny_synthetic has no simulator" in proc.stderr
     assert not (out / "best").exists()
     assert (out / "learning_curve.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(("gin_file", "ensembled"), [("gin_configs/tinyact.gin", True),
+                                                      ("gin_configs/mlp.gin", False)])
+def test_in_training_rollouts_run_the_policy_as_its_final_evaluation_does(
+        tiny_data: Path, gin_file: str, ensembled: bool) -> None:
+    """TinyACT (and ACT) are evaluated with temporal ensembling; so are their in-training
+    rollouts, or best/ would be chosen by a different controller than the one reported."""
+    from ilstudio.resolve import resolve_argv
+    from ilstudio.training.sim_eval import SimEvalCallback
+
+    run = resolve_argv(["--task_name=tiny_synthetic", f"--gin_bindings=task.dataset_dir = '{tiny_data}'",
+                        f"--gin_file={gin_file}", "--gin_bindings=dataset.image_size = (24, 32)"])
+    callback = SimEvalCallback(None, run, None, every=10, episodes=1, rollouts=False)
+    assert callback.temporal_ensemble is ensembled

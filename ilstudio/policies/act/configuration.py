@@ -28,6 +28,9 @@ class ACTConfig(PolicyConfig):
     name = "act"
     uses_images = True
     needs_images = True
+    # How it is meant to be rolled out (the in-training evaluation reads it): query every step
+    # and blend the overlapping chunks, as ACT's evaluation does.
+    temporal_ensemble = True
 
     hidden_dim: int = param(512, "Transformer width (d_model).", documented=False,
                             bounds="[2, inf)")

@@ -23,6 +23,9 @@ class TinyACTConfig(PolicyConfig):
     name = "tinyact"
     uses_images = True
     needs_images = True
+    # How it is meant to be rolled out (the in-training evaluation reads it): query every step
+    # and blend the overlapping chunks, as ACT's evaluation does.
+    temporal_ensemble = True
 
     channels: tuple[int, ...] = param((16, 32, 32), "Conv widths of the image encoder, one "
                                       "3x3 conv (5x5 for the first) per entry.", documented=False,
