@@ -89,7 +89,7 @@ def _main(argv: list[str]) -> None:
         if show:  # the resolved configuration, even when the data turns out to be missing
             print(describe(resolved, explain=FLAGS.explain), end="", flush=True)
         lengths = validate_data(resolved)
-        # Last: on a transformers release the snapshot does not describe, this imports it.
+        # Last: where transformers' source cannot be read without importing it, this imports it.
         how = check_training_arguments(resolved.hyper, resolved.training_args_extra)
         if show:
             print(f"# hyperparameters: {how}")

@@ -128,7 +128,7 @@ def require_deepspeed(path: str) -> None:
 def _ta_field_names() -> set[str]:
     from ilstudio.config.ta_schema import field_names
 
-    return field_names()  # a snapshot when transformers is not imported yet (dry run)
+    return field_names()  # read from transformers' source when it is not imported yet (dry run)
 
 
 def tensorboard_dir(hyper: Hyperparams) -> str:
@@ -182,12 +182,12 @@ def _culprit(cls, kwargs: dict[str, Any]) -> str | None:
 
 
 def check_training_arguments(hyper: Hyperparams, extra: dict[str, Any] | None = None) -> str:
-    """--dry_run's check: the real TrainingArguments if transformers is loaded anyway or the
-    snapshot does not match it; else our checks plus field names and enum values from
-    ilstudio/config/ta_schema.py's snapshot (no 5 s transformers import). Returns how."""
-    from ilstudio.config.ta_schema import check_kwargs, usable_snapshot
+    """--dry_run's check: the real TrainingArguments if transformers is loaded anyway or its
+    source cannot be read; else our checks plus the field names and enum values read from the
+    installed transformers' source (ilstudio/config/ta_schema.py: no 5 s import). Returns how."""
+    from ilstudio.config.ta_schema import check_kwargs, usable_schema
 
-    schema = usable_snapshot()
+    schema = usable_schema()
     if schema is None:
         build_training_arguments(hyper, extra)
         return "built transformers.TrainingArguments"
