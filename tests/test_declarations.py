@@ -87,3 +87,25 @@ def test_every_flag_documented_with_default_in_help():
         block = text[text.index(marker):][:600]
         assert "(default:" in block, name
     assert "--gin_bindings" in text and "--training_config" in text
+
+
+def test_masked_l1_counts_only_real_steps():
+    """The one action loss: padded steps are left out, dims averaged, all-padding gives 0."""
+    import torch
+
+    from ilstudio.policies.losses import masked_l1
+
+    pred = torch.zeros(2, 3, 2)
+    target = torch.tensor([[[1.0, 3.0], [2.0, 2.0], [100.0, 100.0]],
+                           [[4.0, 0.0], [50.0, 50.0], [60.0, 60.0]]])
+    is_pad = torch.tensor([[False, False, True], [False, True, True]])
+    assert masked_l1(pred, target, is_pad).item() == (2 + 2 + 2) / 3
+    assert masked_l1(pred, target).item() == target.mean().item()
+    assert masked_l1(pred, target, torch.ones(2, 3, dtype=torch.bool)).item() == 0.0
+
+
+def test_every_policy_uses_the_one_masked_l1():
+    """No policy writes its own L1: a fix to the loss must reach all of them."""
+    for modeling in sorted((REPO / "ilstudio" / "policies").glob("*/modeling.py")):
+        text = modeling.read_text()
+        assert not re.search(r"\.abs\(\)", text), f"{modeling.parent.name} computes its own L1"

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ilstudio.errors import UserError
+from ilstudio.policies.losses import masked_l1
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -285,12 +286,7 @@ class ACTPolicy(nn.Module):
         mu, logvar = self.encode_latent(qpos, action, is_pad)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         pred = self.decode(qpos, images, z)
-        l1 = (pred - action).abs()
-        if is_pad is not None:
-            keep = (~is_pad).unsqueeze(-1).to(l1.dtype).expand_as(l1)
-            l1 = (l1 * keep).sum() / keep.sum().clamp(min=1.0)
-        else:
-            l1 = l1.mean()
+        l1 = masked_l1(pred, action, is_pad)
         # KL(N(mu, sigma) || N(0, I)): summed over latent dims, averaged over the batch (ACT).
         kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).sum(1).mean()
         loss = l1 + self.kl_weight * kl

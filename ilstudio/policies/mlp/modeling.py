@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ilstudio.policies.losses import masked_l1
+
 
 class ImageEncoder(nn.Module):
     """A small conv encoder: enough for the MLP baseline, cheap on the CPU."""
@@ -52,12 +54,7 @@ class MLPPolicy(nn.Module):
         pred = self.predict(qpos, images)
         if action is None:
             return {"actions": pred}
-        l1 = (pred - action).abs().mean(-1)
-        if is_pad is not None:
-            keep = (~is_pad).float()
-            loss = (l1 * keep).sum() / keep.sum().clamp(min=1.0)
-        else:
-            loss = l1.mean()
+        loss = masked_l1(pred, action, is_pad)
         return {"loss": loss, "l1": loss.detach()}
 
     @torch.no_grad()

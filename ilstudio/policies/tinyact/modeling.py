@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ilstudio.errors import UserError
+from ilstudio.policies.losses import masked_l1
 
 
 def coord_grid(h: int, w: int, device=None, dtype=None) -> torch.Tensor:
@@ -181,12 +182,8 @@ class TinyACTPolicy(nn.Module):
         if action is None:
             return {"actions": self.select_action(qpos, images)}
         pred = self.predict(qpos, images)
-        l1 = (pred - action[:, : self.chunk_size]).abs().mean(-1)
-        if is_pad is not None:
-            keep = (~is_pad[:, : self.chunk_size].bool()).to(l1.dtype)
-            loss = (l1 * keep).sum() / keep.sum().clamp(min=1.0)
-        else:
-            loss = l1.mean()
+        pad = is_pad[:, : self.chunk_size] if is_pad is not None else None
+        loss = masked_l1(pred, action[:, : self.chunk_size], pad)
         return {"loss": loss, "l1": loss.detach()}
 
     @torch.no_grad()

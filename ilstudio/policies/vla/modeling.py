@@ -43,6 +43,7 @@ from absl import logging
 from torch import nn
 
 from ilstudio.errors import UserError
+from ilstudio.policies.losses import masked_l1
 from ilstudio.policies.vla.layout import (
     LLM,
     PROJECTOR,
@@ -189,9 +190,7 @@ class VLAPolicy(nn.Module):
         pred = self._actions(hidden, qs)
         if action is None:
             return {"actions": pred}
-        l1 = (pred - action).abs().mean(-1)
-        keep = (~is_pad).float() if is_pad is not None else torch.ones_like(l1)
-        action_loss = (l1 * keep).sum() / keep.sum().clamp(min=1.0)
+        action_loss = masked_l1(pred, action, is_pad)
         out = {"action_loss": action_loss.detach()}
         loss = action_loss
         if with_lm:
