@@ -136,6 +136,97 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
+def _convert_union(value: Any, tp: Any, where: str) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if value is None or (isinstance(value, str) and value.strip().lower() in {"none", "null", ""}):
+        if type(None) in typing.get_args(tp):
+            return None
+    if any(type(value) is a for a in args):  # already one of the declared plain types
+        return value
+    errors = []
+    for a in args:
+        try:
+            return convert(value, a, where)
+        except UserError as e:
+            errors.append(e)
+    raise errors[0]
+
+
+def _convert_tuple(value: Any, tp: Any, where: str) -> tuple:
+    (elem,) = typing.get_args(tp)[:1]
+    if isinstance(value, str):
+        items = [v.strip() for v in value.replace(" ", ",").split(",") if v.strip()]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise UserError(f"{where}: expected a list of {type_name(elem)}, got {shown(value)}")
+    return tuple(convert(v, elem, where) for v in items)
+
+
+def _to_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise UserError(f"{where}: expected true or false, got {shown(value)}")
+
+
+def _to_int(value: Any, where: str) -> int:
+    if isinstance(value, bool):
+        raise UserError(f"{where}: expected an integer, got {shown(value)}")
+    out = None
+    if isinstance(value, int):
+        out = value
+    elif isinstance(value, float) and value.is_integer():
+        out = int(value)
+    elif isinstance(value, str) and len(value) <= 40:
+        try:
+            out = int(value.strip())
+        except ValueError:
+            pass
+    if out is None:
+        raise UserError(f"{where}: expected an integer, got {shown(value)}")
+    if not -INT64 <= out < INT64:  # beyond what torch/numpy hold: an overflow deep inside
+        raise UserError(f"{where}: {shown(out)} does not fit a 64-bit integer")
+    return out
+
+
+def _to_float(value: Any, where: str) -> float:
+    if isinstance(value, bool):
+        raise UserError(f"{where}: expected a number, got {shown(value)}")
+    out = None
+    if isinstance(value, (int, float)):
+        try:
+            out = float(value)
+        except OverflowError:  # an int beyond float range
+            pass
+    elif isinstance(value, str):
+        try:
+            out = float(value.strip())
+        except ValueError:
+            pass
+    if out is not None and math.isfinite(out):
+        return out
+    if out is not None:  # NaN/inf would reach the optimizer as a silent NaN loss
+        raise UserError(f"{where}: expected a finite number, got {shown(value)}")
+    raise UserError(f"{where}: expected a number, got {shown(value)}")
+
+
+def _to_str(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise UserError(f"{where}: expected a string, got {shown(value)}")
+
+
+_PLAIN = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
 def convert(value: Any, tp: Any, where: str) -> Any:
     """Convert ``value`` to the declared type ``tp`` or raise a UserError naming ``where``.
 
@@ -145,82 +236,11 @@ def convert(value: Any, tp: Any, where: str) -> Any:
     """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.strip().lower() in {"none", "null", ""}):
-            if type(None) in typing.get_args(tp):
-                return None
-        if any(type(value) is a for a in args):  # already one of the declared plain types
-            return value
-        errors = []
-        for a in args:
-            try:
-                return convert(value, a, where)
-            except UserError as e:
-                errors.append(e)
-        raise errors[0]
+        return _convert_union(value, tp, where)
     if origin is tuple:
-        (elem,) = typing.get_args(tp)[:1]
-        if isinstance(value, str):
-            items = [v.strip() for v in value.replace(" ", ",").split(",") if v.strip()]
-        elif isinstance(value, (list, tuple)):
-            items = list(value)
-        else:
-            raise UserError(f"{where}: expected a list of {type_name(elem)}, got {shown(value)}")
-        return tuple(convert(v, elem, where) for v in items)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise UserError(f"{where}: expected true or false, got {shown(value)}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise UserError(f"{where}: expected an integer, got {shown(value)}")
-        out = None
-        if isinstance(value, int):
-            out = value
-        elif isinstance(value, float) and value.is_integer():
-            out = int(value)
-        elif isinstance(value, str) and len(value) <= 40:
-            try:
-                out = int(value.strip())
-            except ValueError:
-                pass
-        if out is None:
-            raise UserError(f"{where}: expected an integer, got {shown(value)}")
-        if not -INT64 <= out < INT64:  # beyond what torch/numpy hold: an overflow deep inside
-            raise UserError(f"{where}: {shown(out)} does not fit a 64-bit integer")
-        return out
-    if tp is float:
-        if isinstance(value, bool):
-            raise UserError(f"{where}: expected a number, got {shown(value)}")
-        out = None
-        if isinstance(value, (int, float)):
-            try:
-                out = float(value)
-            except OverflowError:  # an int beyond float range
-                pass
-        elif isinstance(value, str):
-            try:
-                out = float(value.strip())
-            except ValueError:
-                pass
-        if out is not None and math.isfinite(out):
-            return out
-        if out is not None:  # NaN/inf would reach the optimizer as a silent NaN loss
-            raise UserError(f"{where}: expected a finite number, got {shown(value)}")
-        raise UserError(f"{where}: expected a number, got {shown(value)}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return ",".join(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise UserError(f"{where}: expected a string, got {shown(value)}")
-    return value
+        return _convert_tuple(value, tp, where)
+    plain = _PLAIN.get(tp)
+    return plain(value, where) if plain is not None else value
 
 
 def check_value(info: ParamInfo, value: Any, where: str) -> Any:
