@@ -30,6 +30,10 @@ TOLERANCE_S = 1e-4  # LeRobot's default tolerance_s
 # yuv420p needs even sizes; odd-sized cameras are written as yuv444p.
 CODEC = "libx264"
 ENCODER_OPTIONS = {"g": "2", "crf": "18", "preset": "veryfast"}
+# The encoder settings as LeRobot records them in a video feature's info block (get_video_info
+# with its encoder config: video.g, video.crf, video.preset, video.fast_decode, ...).
+ENCODER_INFO = {"video.g": 2, "video.crf": 18, "video.preset": "veryfast", "video.fast_decode": 0,
+                "video.video_backend": "pyav", "video.extra_options": {}}
 
 
 def _av():
@@ -196,3 +200,63 @@ class VideoWriter:
     def close(self) -> None:
         self._container.mux(self._stream.encode(None))
         self._container.close()
+
+
+def encode_episode(path: Path, frames: np.ndarray, fps: float) -> None:
+    """One episode alone in its own mp4: its first frame is a keyframe (a fresh encoder)."""
+    writer = VideoWriter(path, fps, *np.asarray(frames).shape[1:3])
+    try:
+        writer.write(frames)
+    finally:
+        writer.close()
+
+
+def duration_s(path: Path) -> float:
+    """A video's duration as LeRobot reads it (stream duration x time base)."""
+    av = _av()
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        return float(s.duration * s.time_base) if s.duration is not None else c.duration / 1e6
+
+
+class VideoAppender:
+    """A multi-episode mp4 built as LeRobot builds one: each episode is encoded alone (so it
+    starts on a keyframe), then its packets are copied after the previous episodes' (stream
+    copy, no re-encoding), shifted by their duration. The file stays open between episodes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.duration_s = path, 0.0
+        # Size in bytes as LeRobot would find it on disk: the episode files appended so far
+        # (our file is still open and its muxer buffers; LeRobot's concatenation of them is
+        # within a few header KiB of this sum, never larger).
+        self.bytes = 0
+        self._ticks = 0  # the episodes so far, in the stream's time base (exact, no float drift)
+        self._container = self._stream = None
+
+    def append(self, episode: Path) -> tuple[float, float]:
+        """Copy one episode's mp4 in; returns its (from_timestamp, to_timestamp) in this file."""
+        av = _av()
+        start = self.duration_s
+        self.bytes += episode.stat().st_size
+        with av.open(str(episode)) as src:
+            s = src.streams.video[0]
+            if self._container is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._container = av.open(str(self.path), "w")
+                self._stream = self._container.add_stream_from_template(s)
+            offset = self._ticks
+            for packet in src.demux(s):
+                if packet.dts is None:  # the demuxer's end-of-stream marker
+                    continue
+                packet.pts += offset
+                packet.dts += offset
+                packet.stream = self._stream
+                self._container.mux(packet)
+            self._ticks += int(s.duration)
+            self.duration_s = float(self._ticks * s.time_base)
+        return start, self.duration_s
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+            self._container = None
