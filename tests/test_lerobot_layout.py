@@ -206,3 +206,62 @@ def test_data_files_roll_over_before_the_limit_is_crossed(tmp_path):
     refs = list_episodes(str(root))
     with open_episode(refs[3]) as src:
         assert np.array_equal(src["action"], ep["action"])
+
+
+# -- the lazy video path: decoded episodes per process, within dataset.video_cache_mb ----------
+
+
+def lazy_dataset(root: Path, cache_mb: float):
+    from ilstudio.config.settings import DatasetSettings
+    from ilstudio.data.dataset import EpisodeDataset
+    from ilstudio.data.normalization import compute_stats
+
+    refs = list_episodes(str(root))
+    settings = DatasetSettings(video_cache_mb=cache_mb, image_size=(24, 32))
+    return EpisodeDataset(refs, task_for(root), settings, 5,
+                          compute_stats(refs))
+
+
+def test_lazy_video_decodes_each_episode_once_within_the_budget(v30, monkeypatch):
+    """dataset.video_cache_mb reaches the decoder: with room for the dataset every episode is
+    decoded in one pass on its first sample (one frames_at call per episode and camera), and
+    samples equal those decoded one by one; with 0, or a budget the dataset does not fit,
+    nothing is kept and each sample decodes its own frames."""
+    from ilstudio.data import video
+
+    calls = []
+    real = video.VideoReader.frames_at
+    monkeypatch.setattr(video.VideoReader, "frames_at",
+                        lambda self, ts: calls.append(len(ts)) or real(self, ts))
+    monkeypatch.setattr(video, "DECODED", video.DecodedEpisodes())
+    monkeypatch.setattr("ilstudio.data.lerobot_reader.DECODED", video.DECODED)
+    order = np.random.default_rng(0).permutation(sum(LENGTHS))
+    cached = lazy_dataset(v30, cache_mb=1)
+    assert video.DECODED.budget == 2**20
+    a = [cached[int(i)]["images"] for i in order]
+    assert sorted(calls) == sorted([n for n in LENGTHS for _ in CAMS])  # whole episodes, once
+    assert 0 < video.DECODED.bytes <= 2**20
+    for budget in (0, 0.01):  # off; too small for this dataset (0.25 MiB decoded)
+        video.DECODED.configure(0)  # forget what the run above kept
+        calls.clear()
+        plain = lazy_dataset(v30, cache_mb=budget)
+        b = [plain[int(i)]["images"] for i in order[:20]]
+        assert calls == [1] * 20 * len(CAMS) and video.DECODED.bytes == 0
+        assert all(torch_equal(x, y) for x, y in zip(a[:20], b, strict=True))
+
+
+def torch_equal(x, y) -> bool:
+    return bool((x == y).all())
+
+
+def test_decoded_episodes_drop_the_least_recently_used_past_the_budget():
+    from ilstudio.data.video import DecodedEpisodes
+
+    cache = DecodedEpisodes(budget_mb=3 * 2**-20 * 1000)  # 3000 bytes
+    for k in range(3):
+        cache.put((k,), np.zeros(1000, np.uint8))
+    cache.get((0,))  # used: kept over 1
+    cache.put((3,), np.zeros(1000, np.uint8))
+    assert cache.get((1,)) is None and cache.get((0,)) is not None and cache.bytes == 3000
+    cache.put((4,), np.zeros(5000, np.uint8))  # larger than the budget: not kept
+    assert cache.get((4,)) is None and cache.bytes == 3000

@@ -168,6 +168,59 @@ def shared_reader(path: Path) -> VideoReader:
     return reader
 
 
+class DecodedEpisodes:
+    """Whole episodes' decoded frames, per process, least recently used dropped past a budget.
+
+    Why: a lazily read sample needs one frame, and decoding it alone costs a seek plus up to a
+    GOP of frames (~4x a gzip HDF5 chunk here); decoding a whole episode in one pass costs about
+    half as much per frame, and afterwards every sample of that episode is a memory copy. The
+    budget (``dataset.video_cache_mb``) is per process: each DataLoader worker keeps its own.
+    """
+
+    def __init__(self, budget_mb: float = 0) -> None:
+        self.budget = int(budget_mb * 2**20)
+        self.bytes = 0
+        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._pid, self._lock = os.getpid(), threading.Lock()
+
+    def configure(self, budget_mb: float) -> None:
+        with self._guard():
+            self.budget = int(budget_mb * 2**20)
+            self._evict()
+
+    def _guard(self) -> threading.Lock:
+        if self._pid != os.getpid():  # a forked worker: the parent's lock may have been held
+            self._pid, self._lock = os.getpid(), threading.Lock()
+        return self._lock
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        with self._guard():
+            frames = self._items.get(key)
+            if frames is not None:
+                self._items.move_to_end(key)
+            return frames
+
+    def put(self, key: tuple, frames: np.ndarray) -> None:
+        with self._guard():
+            if key in self._items or frames.nbytes > self.budget:
+                return
+            self._items[key] = frames
+            self.bytes += frames.nbytes
+            self._evict()
+
+    def _evict(self) -> None:
+        while self.bytes > self.budget and self._items:
+            self.bytes -= self._items.popitem(last=False)[1].nbytes
+
+
+DECODED = DecodedEpisodes()
+
+
+def set_cache_mb(budget_mb: float) -> None:
+    """The decoded-episode budget of this process (and of DataLoader workers forked later)."""
+    DECODED.configure(budget_mb)
+
+
 class VideoWriter:
     """Frames -> one mp4, frame n at time n/fps; several episodes may follow each other."""
 
