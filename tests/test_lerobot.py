@@ -383,8 +383,8 @@ def test_single_camera_key_as_pusht_has_it(tmp_path):
 
 def test_v30_dataset_split_over_several_files(tmp_path):
     """Past LeRobot's file size limits a v3.0 dataset continues in file-001, ... (here: every
-    episode, with the limits set to 0); each file's episodes start at their own offsets."""
-    root = write(tmp_path / "split", "v3.0", data_files_size_in_mb=0, video_files_size_in_mb=0)
+    episode, with limits of a byte); each file's episodes start at their own offsets."""
+    root = write(tmp_path / "split", "v3.0", data_files_size_in_mb=2**-20, video_files_size_in_mb=2**-20)
     eps = pq.read_table(root / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
     assert [e["data/file_index"] for e in eps] == [0, 1, 2]
     assert [e["videos/observation.images.top/file_index"] for e in eps] == [0, 1, 2]

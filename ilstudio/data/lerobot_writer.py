@@ -89,12 +89,15 @@ class LeRobotWriter:
                             f"{', '.join(SUPPORTED_VERSIONS)}")
         if image_storage not in ("video", "image"):
             raise UserError(f"image_storage must be 'video' or 'image', got {image_storage!r}")
+        if not fps > 0:
+            raise UserError(f"fps must be positive, got {fps}")
+        if not (data_files_size_in_mb > 0 and video_files_size_in_mb > 0):  # as LeRobot's DatasetInfo
+            raise UserError(f"data_files_size_in_mb and video_files_size_in_mb must be positive, got "
+                            f"{data_files_size_in_mb} and {video_files_size_in_mb}")
         self.root = Path(root)
         if self.root.exists() and any(self.root.iterdir()):
             raise UserError(f"{self.root} exists and is not empty; choose a new directory")
         self.root.mkdir(parents=True, exist_ok=True)
-        if not fps > 0:
-            raise UserError(f"fps must be positive, got {fps}")
         # LeRobot's info.json holds fps as an int (DatasetInfo.fps: int) wherever it is one.
         self.fps = int(fps) if float(fps).is_integer() else float(fps)
         self.version, self.robot_type = version, robot_type
