@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -101,9 +102,10 @@ def main() -> None:
         stats = compute_stats(refs["hdf5 (gzip)"])
         # The same v3.0 files once more, decoded per sample as before the decoded-episode
         # cache (its dataset is marked too large for any budget): the "before" figure.
-        refs[PER_FRAME] = list_episodes(str(dirs["lerobot v3.0 mp4"]))
+        # A copy: decoded episodes are keyed by file, and these must not find the others'.
+        dirs[PER_FRAME] = Path(shutil.copytree(dirs["lerobot v3.0 mp4"], tmp / "per_frame"))
+        refs[PER_FRAME] = list_episodes(str(dirs[PER_FRAME]))
         refs[PER_FRAME][0].data.decoded_bytes = 1 << 62
-        dirs[PER_FRAME] = dirs["lerobot v3.0 mp4"]
         settings = DatasetSettings(video_cache_mb=args.cache_mb)
         lazy = {k: EpisodeDataset(r, task, settings, 20, stats) for k, r in refs.items()}
         n = len(lazy["hdf5 (gzip)"])
