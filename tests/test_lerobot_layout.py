@@ -265,3 +265,28 @@ def test_decoded_episodes_drop_the_least_recently_used_past_the_budget():
     assert cache.get((1,)) is None and cache.get((0,)) is not None and cache.bytes == 3000
     cache.put((4,), np.zeros(5000, np.uint8))  # larger than the budget: not kept
     assert cache.get((4,)) is None and cache.bytes == 3000
+
+
+class _Limit:
+    """A dataset whose items are this process's decoded-episode limit."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> int:
+        from ilstudio.data import video
+
+        return video.DECODED.limit
+
+
+def test_dataloader_workers_share_the_video_budget(monkeypatch):
+    """dataset.video_cache_mb bounds the workers together: each of 2 gets half."""
+    from torch.utils.data import DataLoader
+
+    from ilstudio.data import video
+
+    monkeypatch.setattr(video, "DECODED", video.DecodedEpisodes())
+    video.set_cache_mb(64)
+    assert video.DECODED.limit == 64 * 2**20
+    got = [int(x) for x in DataLoader(_Limit(), batch_size=None, num_workers=2)]
+    assert got == [32 * 2**20] * 4

@@ -69,10 +69,10 @@ class DatasetSettings:
                                     choices=("pad", "resize", "square"))
     skip_mirrored_data: bool = param(False, "Leave out episodes marked as mirrored.")
     video_cache_mb: int = param(1024, "LeRobot mp4 data read lazily: MiB of decoded episodes kept "
-                                "per process (each DataLoader worker has its own). When a "
-                                "dataset's decoded frames fit, an episode is decoded whole on its "
-                                "first sample; otherwise frames are decoded per sample. 0: off.",
-                                bounds="[0, inf)")
+                                "in all (DataLoader workers get an equal share each). When a "
+                                "dataset's decoded frames fit a share, an episode is decoded whole "
+                                "on its first sample; otherwise frames are decoded per sample. "
+                                "0: off.", bounds="[0, inf)")
     history_images_length: int = param(1, "Frames per camera the policy sees, current included.",
                                         bounds="[1, inf)", breaks_resume=True)
     val_fraction: float = param(0.1, "Share of episodes held out for evaluation when --do_eval.",

@@ -368,8 +368,8 @@ class LeRobotSource:
             return reader.frames_at(span.from_timestamp + self.timestamps[indices])
         key = (os.fspath(data.root / span.path), span.from_timestamp, len(self.timestamps))
         episode = DECODED.get(key)
-        if episode is None and 0 < data.decoded_bytes <= DECODED.budget:
-            # The whole dataset fits the budget: decode this episode once, in one pass.
+        if episode is None and 0 < data.decoded_bytes <= DECODED.limit:
+            # The whole dataset fits this process's share: decode this episode once, in one pass.
             episode = reader.frames_at(span.from_timestamp + self.timestamps)
             DECODED.put(key, episode)
         if episode is not None:

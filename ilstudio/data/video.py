@@ -15,6 +15,7 @@ a neighbouring frame silently.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -174,7 +175,8 @@ class DecodedEpisodes:
     Why: a lazily read sample needs one frame, and decoding it alone costs a seek plus up to a
     GOP of frames (~4x a gzip HDF5 chunk here); decoding a whole episode in one pass costs about
     half as much per frame, and afterwards every sample of that episode is a memory copy. The
-    budget (``dataset.video_cache_mb``) is per process: each DataLoader worker keeps its own.
+    budget (``dataset.video_cache_mb``) bounds all processes together: a DataLoader worker
+    keeps its own episodes within budget / num_workers (``limit``).
     """
 
     def __init__(self, budget_mb: float = 0) -> None:
@@ -193,6 +195,13 @@ class DecodedEpisodes:
             self._pid, self._lock = os.getpid(), threading.Lock()
         return self._lock
 
+    @property
+    def limit(self) -> int:
+        """This process's share of the budget, in bytes."""
+        data = sys.modules.get("torch.utils.data")  # loaded wherever a DataLoader runs
+        info = data.get_worker_info() if data is not None else None
+        return self.budget // info.num_workers if info is not None else self.budget
+
     def get(self, key: tuple) -> np.ndarray | None:
         with self._guard():
             frames = self._items.get(key)
@@ -202,14 +211,15 @@ class DecodedEpisodes:
 
     def put(self, key: tuple, frames: np.ndarray) -> None:
         with self._guard():
-            if key in self._items or frames.nbytes > self.budget:
+            if key in self._items or frames.nbytes > self.limit:
                 return
             self._items[key] = frames
             self.bytes += frames.nbytes
             self._evict()
 
     def _evict(self) -> None:
-        while self.bytes > self.budget and self._items:
+        limit = self.limit
+        while self.bytes > limit and self._items:
             self.bytes -= self._items.popitem(last=False)[1].nbytes
 
 
@@ -217,7 +227,7 @@ DECODED = DecodedEpisodes()
 
 
 def set_cache_mb(budget_mb: float) -> None:
-    """The decoded-episode budget of this process (and of DataLoader workers forked later)."""
+    """The decoded-episode budget of this process and the DataLoader workers forked later."""
     DECODED.configure(budget_mb)
 
 
