@@ -43,7 +43,7 @@ from ilstudio.data.lerobot_format import (
     camera_key,
     load_info,
 )
-from ilstudio.data.video import DECODED, VideoError, probe, shared_reader
+from ilstudio.data.video import DECODED, VideoError, decode_run, probe, shared_reader
 from ilstudio.errors import UserError
 
 QVEL_KEY = "observations/qvel"
@@ -370,7 +370,7 @@ class LeRobotSource:
         episode = DECODED.get(key)
         if episode is None and 0 < data.decoded_bytes <= DECODED.limit:
             # The whole dataset fits this process's share: decode this episode once, in one pass.
-            episode = reader.frames_at(span.from_timestamp + self.timestamps)
+            episode = decode_run(data.root / span.path, span.from_timestamp + self.timestamps)
             DECODED.put(key, episode)
         if episode is not None:
             return episode[indices]

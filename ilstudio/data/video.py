@@ -75,7 +75,7 @@ def probe(path: Path) -> dict:
 class VideoReader:
     """One open mp4; frames by presentation timestamp. Not fork-safe: open one per process."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, thread_type: str = "SLICE") -> None:
         av = _av()
         self.path = path
         if not path.is_file():
@@ -87,8 +87,9 @@ class VideoReader:
             raise VideoError(f"{path}: cannot be opened as a video (truncated or corrupt?): {e}") from None
         # Slice threads, not frame threads: frame threading holds frames back after every seek
         # (measured, one 240x320 file, interleaved: random frames 221/s with SLICE, 161/s with
-        # AUTO; sequential decoding 392 vs 454 frames/s). Random access is the training path.
-        self._stream.thread_type = "SLICE"
+        # AUTO; sequential decoding 392 vs 454 frames/s). Random access is the training path;
+        # decode_run (whole episodes, sequential) uses AUTO.
+        self._stream.thread_type = thread_type
         self._errors = av.error.FFmpegError
         self._lock = threading.Lock()  # one decoder state: threads (preload) take turns
 
@@ -143,6 +144,17 @@ class VideoReader:
                              f"({len(missing)} of {len(ts)} wanted are missing; {near}): the video "
                              f"is shorter than its episode metadata says, or truncated")
         return np.stack(out)
+
+
+def decode_run(path: Path, timestamps: Sequence[float]) -> np.ndarray:
+    """Frames at many consecutive timestamps (a whole episode): one seek, then sequential
+    decoding with frame and slice threads, which a run of frames can use (a random access
+    cannot: frame threading holds frames back after each seek). Same frame rule as frames_at."""
+    reader = VideoReader(path, thread_type="AUTO")
+    try:
+        return reader.frames_at(timestamps)
+    finally:
+        reader.close()
 
 
 MAX_OPEN_VIDEOS = 64  # per process: a v3.0 file serves many episodes; fds stay bounded
