@@ -70,8 +70,8 @@ def episode(ep: int, n: int) -> dict:
 EPISODES = [episode(e, n) for e, n in enumerate(LENGTHS)]
 
 
-def write(root: Path, version: str, storage: str = "video") -> Path:
-    with LeRobotWriter(root, fps=FPS, version=version, image_storage=storage) as w:
+def write(root: Path, version: str, storage: str = "video", **limits: float) -> Path:
+    with LeRobotWriter(root, fps=FPS, version=version, image_storage=storage, **limits) as w:
         for e in EPISODES:
             w.add_episode(e["state"], e["action"], e["images"], task=e["task"], mirrored=e["mirrored"])
     return root
@@ -381,14 +381,10 @@ def test_single_camera_key_as_pusht_has_it(tmp_path):
     assert [which_frame(f, 1, CAMS["top"], 33) for f in frames] == list(range(33))
 
 
-def test_v30_dataset_split_over_several_files(tmp_path, monkeypatch):
+def test_v30_dataset_split_over_several_files(tmp_path):
     """Past LeRobot's file size limits a v3.0 dataset continues in file-001, ... (here: every
-    episode, with the limits set to 0); each file's episodes start at their own offsets."""
-    from ilstudio.data import lerobot_writer
-
-    monkeypatch.setattr(lerobot_writer, "DATA_FILE_MB", 0)
-    monkeypatch.setattr(lerobot_writer, "VIDEO_FILE_MB", 0)
-    root = write(tmp_path / "split", "v3.0")
+    episode, with limits of a byte); each file's episodes start at their own offsets."""
+    root = write(tmp_path / "split", "v3.0", data_files_size_in_mb=2**-20, video_files_size_in_mb=2**-20)
     eps = pq.read_table(root / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
     assert [e["data/file_index"] for e in eps] == [0, 1, 2]
     assert [e["videos/observation.images.top/file_index"] for e in eps] == [0, 1, 2]

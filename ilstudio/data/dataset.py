@@ -36,6 +36,7 @@ from ilstudio.data.episodes import (
 from ilstudio.data.image_ops import fit_frames
 from ilstudio.data.normalization import NormStats, compute_stats
 from ilstudio.data.sources import scan_episodes
+from ilstudio.data.video import set_cache_mb
 from ilstudio.errors import UserError
 
 # An episode source: an open h5py.File or a dict of preloaded arrays, indexed by the same keys.
@@ -71,6 +72,7 @@ class EpisodeDataset(Dataset):
         if size is not None and (len(size) != 2 or min(size) < 1):
             raise UserError(f"dataset.image_size must be (height, width) with both >= 1, got {size!r}")
         self.paths = [episode_ref(p) for p in paths]  # HDF5 paths or LeRobot episodes
+        set_cache_mb(settings.video_cache_mb)  # lazily read mp4: decoded episodes per process
         if not self.paths:
             raise UserError("EpisodeDataset needs at least one episode")
         self.task = task

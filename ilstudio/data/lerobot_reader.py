@@ -43,7 +43,7 @@ from ilstudio.data.lerobot_format import (
     camera_key,
     load_info,
 )
-from ilstudio.data.video import VideoError, probe, shared_reader
+from ilstudio.data.video import DECODED, VideoError, decode_run, probe, shared_reader
 from ilstudio.errors import UserError
 
 QVEL_KEY = "observations/qvel"
@@ -98,6 +98,13 @@ class LeRobotData:
 
     def refs(self) -> list[LeRobotEpisode]:
         return [LeRobotEpisode(self, ep) for ep in self.episodes]
+
+    @functools.cached_property
+    def decoded_bytes(self) -> int:
+        """Every video frame of the dataset decoded (all video cameras), in bytes."""
+        frames = sum(ep.length for ep in self.episodes)
+        return frames * sum(3 * int(np.prod(self.info.frame_shape(cam)))
+                            for cam, f in self.info.cameras.items() if f.get("dtype") == "video")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -357,6 +364,16 @@ class LeRobotSource:
             return self._png_frames(camera, indices)
         span = meta.videos[camera]
         reader = shared_reader(data.root / span.path)
+        if len(indices) == len(self.timestamps):  # a whole episode (preload): no second copy
+            return reader.frames_at(span.from_timestamp + self.timestamps[indices])
+        key = (os.fspath(data.root / span.path), span.from_timestamp, len(self.timestamps))
+        episode = DECODED.get(key)
+        if episode is None and 0 < data.decoded_bytes <= DECODED.limit:
+            # The whole dataset fits this process's share: decode this episode once, in one pass.
+            episode = decode_run(data.root / span.path, span.from_timestamp + self.timestamps)
+            DECODED.put(key, episode)
+        if episode is not None:
+            return episode[indices]
         return reader.frames_at(span.from_timestamp + self.timestamps[indices])
 
     def _png_frames(self, camera: str, indices: np.ndarray) -> np.ndarray:

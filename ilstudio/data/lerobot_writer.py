@@ -4,9 +4,12 @@ What LeRobot's tools (its dataset visualizer, ``LeRobotDataset``) read: meta/inf
 the features, fps and path templates; per-frame parquet rows (``observation.state``, ``action``,
 ``timestamp`` = i/fps, ``frame_index``, ``episode_index``, ``index``, ``task_index``); videos
 (h264, a keyframe every 2 frames as LeRobot encodes, yuv420p, or yuv444p for odd frame sizes,
-which yuv420p cannot hold); the episode table with file indices and from/to timestamps (v3.0)
-or episodes.jsonl (v2.1); tasks; stats (mean/std/min/max/count). Cameras may instead be stored
-as PNG images in the parquet (``dtype: image``, lossless; ``image_storage='image'``).
+which yuv420p cannot hold; each episode encoded alone and then appended, so every episode
+starts on a keyframe); the episode table with file indices and from/to timestamps (v3.0)
+or episodes.jsonl (v2.1); tasks; stats with LeRobot's quantiles (``lerobot_stats``). v3.0
+files roll over by LeRobot's size rules (``_data_file``, ``_append_video``). Cameras may
+instead be stored as PNG images in the parquet (``dtype: image``, lossless;
+``image_storage='image'``).
 
 An episode's ``mirrored`` mark is kept in an extra ``mirrored`` episode field (LeRobot
 ignores unknown fields) so ``dataset.skip_mirrored_data`` keeps working after conversion.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -36,41 +40,18 @@ from ilstudio.data.lerobot_format import (
     VELOCITY_KEY,
 )
 from ilstudio.data.lerobot_reader import MIRRORED_FIELD, _pa
-from ilstudio.data.video import CODEC, VideoWriter
+from ilstudio.data.lerobot_stats import aggregate, image_stats, vector_stats
+from ilstudio.data.video import CODEC, ENCODER_INFO, VideoAppender, encode_episode
 from ilstudio.errors import UserError
 
-DATA_FILE_MB = 100  # LeRobot's defaults for v3.0 file sizes
+DATA_FILE_MB = 100  # LeRobot's defaults for v3.0 file sizes (DEFAULT_*_FILE_SIZE_IN_MB)
 VIDEO_FILE_MB = 200
-STATS_FRAMES = 100  # frames per episode and camera sampled for image stats
+EPISODE_VIDEOS = ".episode_videos"  # under root while writing: each episode encoded alone
 
 
-def _stats(x: np.ndarray, axis: tuple[int, ...] = (0,)) -> dict[str, list]:
-    x = np.asarray(x, dtype=np.float64)
-    return {"min": x.min(axis).tolist(), "max": x.max(axis).tolist(), "mean": x.mean(axis).tolist(),
-            "std": x.std(axis).tolist(), "count": [int(np.prod([x.shape[a] for a in axis]))]}
-
-
-def _image_stats(frames: np.ndarray) -> dict[str, list]:
-    """Per-channel stats in [0, 1], shaped (3, 1, 1) as LeRobot stores them."""
-    step = max(1, len(frames) // STATS_FRAMES)
-    x = np.asarray(frames[::step], dtype=np.float64) / 255.0  # (n, H, W, 3)
-    s = _stats(x.transpose(3, 0, 1, 2).reshape(3, -1), axis=(1,))
-    out = {k: [[[v]] for v in vals] for k, vals in s.items() if k != "count"}
-    out["count"] = [len(x)]
-    return out
-
-
-def _merge(stats: list[dict[str, list]]) -> dict[str, list]:
-    """Combine per-episode stats (pooled mean/std weighted by count)."""
-    counts = np.array([s["count"][0] for s in stats], dtype=np.float64)
-    mean = np.array([s["mean"] for s in stats], dtype=np.float64)
-    std = np.array([s["std"] for s in stats], dtype=np.float64)
-    w = (counts / counts.sum()).reshape(-1, *([1] * (mean.ndim - 1)))
-    total_mean = (w * mean).sum(0)
-    var = (w * (std ** 2 + (mean - total_mean) ** 2)).sum(0)
-    return {"min": np.min([s["min"] for s in stats], 0).tolist(),
-            "max": np.max([s["max"] for s in stats], 0).tolist(),
-            "mean": total_mean.tolist(), "std": np.sqrt(var).tolist(), "count": [int(counts.sum())]}
+def _size_mb(path: Path) -> float:
+    """A file's size on disk in MiB, as LeRobot's get_file_size_in_mb measures it."""
+    return path.stat().st_size / 2**20
 
 
 def _hf_feature(ft: dict) -> dict:
@@ -94,25 +75,33 @@ def _png(frame: np.ndarray) -> bytes:
 class LeRobotWriter:
     """Add episodes one by one, then ``close()`` writes the metadata.
 
-    root must not exist or be empty. fps: the recording rate (timestamps are i/fps).
+    root must not exist or be empty. fps: the recording rate (timestamps are i/fps; a
+    fractional rate such as 29.97 is kept as it is). data_files_size_in_mb /
+    video_files_size_in_mb: v3.0 file size limits (LeRobot's info.json fields).
     """
 
     def __init__(self, root: str | Path, fps: float, version: str = "v3.0",
-                 robot_type: str | None = None, image_storage: str = "video") -> None:
+                 robot_type: str | None = None, image_storage: str = "video",
+                 data_files_size_in_mb: float = DATA_FILE_MB,
+                 video_files_size_in_mb: float = VIDEO_FILE_MB) -> None:
         if version not in SUPPORTED_VERSIONS:
             raise UserError(f"LeRobot version {version!r} cannot be written; choose one of "
                             f"{', '.join(SUPPORTED_VERSIONS)}")
         if image_storage not in ("video", "image"):
             raise UserError(f"image_storage must be 'video' or 'image', got {image_storage!r}")
+        if not fps > 0:
+            raise UserError(f"fps must be positive, got {fps}")
+        if not (data_files_size_in_mb > 0 and video_files_size_in_mb > 0):  # as LeRobot's DatasetInfo
+            raise UserError(f"data_files_size_in_mb and video_files_size_in_mb must be positive, got "
+                            f"{data_files_size_in_mb} and {video_files_size_in_mb}")
         self.root = Path(root)
         if self.root.exists() and any(self.root.iterdir()):
             raise UserError(f"{self.root} exists and is not empty; choose a new directory")
         self.root.mkdir(parents=True, exist_ok=True)
-        if not fps > 0:
-            raise UserError(f"fps must be positive, got {fps}")
         # LeRobot's info.json holds fps as an int (DatasetInfo.fps: int) wherever it is one.
         self.fps = int(fps) if float(fps).is_integer() else float(fps)
         self.version, self.robot_type = version, robot_type
+        self.data_mb, self.video_mb = data_files_size_in_mb, video_files_size_in_mb
         self.image_storage = image_storage
         self.features: dict[str, dict] | None = None
         self.cameras: list[str] = []
@@ -120,7 +109,8 @@ class LeRobotWriter:
         self.episodes: list[dict] = []
         self.episode_stats: list[dict[str, dict]] = []
         self.frames = 0
-        # v3.0 open files: data (ParquetWriter, chunk, file, bytes), video per camera
+        # v3.0 open files: data [ParquetWriter, chunk, file, path, first frame], video per
+        # camera [VideoAppender, chunk, file]
         self._data: list | None = None
         self._videos: dict[str, list] = {}
 
@@ -148,14 +138,17 @@ class LeRobotWriter:
             if self.image_storage == "video":
                 from ilstudio.data.video import pix_fmt_for
 
+                # LeRobot's get_video_info: stream facts, then its encoder config's fields.
                 feat["info"] = {"video.height": h, "video.width": w, "video.codec": "h264",
-                                "video.pix_fmt": pix_fmt_for(h, w), "video.is_depth_map": False,
-                                "video.fps": self.fps, "video.channels": 3, "has_audio": False}
+                                "video.pix_fmt": pix_fmt_for(h, w), "video.fps": self.fps,
+                                "video.channels": 3, "has_audio": False, **ENCODER_INFO,
+                                "is_depth_map": False}
             feats[CAMERA_PREFIX + cam] = feat
         feats.update(json.loads(json.dumps(DEFAULT_FEATURES)))
-        if self.version == "v3.0":
+        if self.version == "v3.0":  # as LeRobot's v2.1 -> v3.0 conversion: videos carry theirs in info
             for f in feats.values():
-                f["fps"] = self.fps
+                if f["dtype"] != "video":
+                    f["fps"] = self.fps
         self.features, self.cameras = feats, list(images)
 
     # -- episodes ------------------------------------------------------------------------
@@ -208,11 +201,11 @@ class LeRobotWriter:
         if self.image_storage == "image":
             for cam, frames in images.items():
                 columns[CAMERA_PREFIX + cam] = [{"bytes": _png(f), "path": None} for f in frames]
-        stats = {k: _stats(v) for k, v in vectors.items()}
+        stats = {k: vector_stats(v) for k, v in vectors.items()}
         for key in ("timestamp", "frame_index", "episode_index", "index", "task_index"):
-            stats[key] = _stats(np.asarray(columns[key]).reshape(-1, 1))
+            stats[key] = vector_stats(np.asarray(columns[key]))
         for cam, frames in images.items():
-            stats[CAMERA_PREFIX + cam] = _image_stats(frames)
+            stats[CAMERA_PREFIX + cam] = image_stats(frames)
         record = {"episode_index": ep, "tasks": [task], "length": steps, MIRRORED_FIELD: bool(mirrored)}
         if self.version == "v3.0":
             record.update(self._append_v30(columns, images, steps))
@@ -250,31 +243,41 @@ class LeRobotWriter:
             for cam, frames in images.items():
                 vpath = self.root / V21_VIDEO_PATH.format(episode_chunk=chunk,
                                                           video_key=CAMERA_PREFIX + cam, episode_index=ep)
-                writer = VideoWriter(vpath, self.fps, *frames.shape[1:3])
-                try:
-                    writer.write(frames)
-                finally:
-                    writer.close()
+                encode_episode(vpath, frames, self.fps)
 
     @staticmethod
     def _next(chunk: int, file: int) -> tuple[int, int]:
         file += 1
         return (chunk + 1, 0) if file >= DEFAULT_CHUNK_SIZE else (chunk, file)
 
-    def _append_v30(self, columns: dict, images: dict[str, np.ndarray], steps: int) -> dict:
+    def _data_file(self, steps: int) -> list:
+        """The open data file this episode goes to. LeRobot's rule: a new file begins when the
+        current file's size on disk plus this episode at the file's average bytes per frame
+        would reach the limit."""
         _, pq = _pa()
-        table = self._table(columns)
-        if self._data is not None and self._data[3] + table.nbytes > DATA_FILE_MB * 2**20:
-            self._data[0].close()
-            self._data = [None, *self._next(self._data[1], self._data[2]), 0]
-        if self._data is None or self._data[0] is None:
+        d = self._data
+        if d is not None:
+            size, frames = _size_mb(d[3]), self.frames - d[4]
+            per_frame = size / frames if frames else 0.0
+            if size + per_frame * steps >= self.data_mb:
+                d[0].close()
+                d = None
+                self._data[1:3] = self._next(*self._data[1:3])
+        if d is None:
             chunk, file = (0, 0) if self._data is None else self._data[1:3]
             path = self.root / V30_DATA_PATH.format(chunk_index=chunk, file_index=file)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._data = [pq.ParquetWriter(path, table.schema), chunk, file, 0]
-        self._data[0].write_table(table)
-        self._data[3] += table.nbytes
-        record = {"data/chunk_index": self._data[1], "data/file_index": self._data[2],
+            self._data = [None, chunk, file, path, self.frames]
+        return self._data
+
+    def _append_v30(self, columns: dict, images: dict[str, np.ndarray], steps: int) -> dict:
+        _, pq = _pa()
+        table = self._table(columns)
+        d = self._data_file(steps)
+        if d[0] is None:
+            d[0] = pq.ParquetWriter(d[3], table.schema, compression="snappy", use_dictionary=True)
+        d[0].write_table(table)
+        record = {"data/chunk_index": d[1], "data/file_index": d[2],
                   "dataset_from_index": self.frames, "dataset_to_index": self.frames + steps}
         if self.image_storage == "video":
             for cam, frames in images.items():
@@ -283,22 +286,24 @@ class LeRobotWriter:
         return record
 
     def _append_video(self, cam: str, frames: np.ndarray) -> dict:
+        """Encode the episode alone, then append it (LeRobot's rule: a new file begins when
+        the current file's size plus the episode's would reach the limit)."""
         key = CAMERA_PREFIX + cam
+        episode = self.root / EPISODE_VIDEOS / f"{cam}.mp4"
+        encode_episode(episode, frames, self.fps)
         state = self._videos.get(cam)
-        if state is not None and state[0].bytes > VIDEO_FILE_MB * 2**20:
+        if state is not None and state[0].bytes / 2**20 + _size_mb(episode) >= self.video_mb:
             state[0].close()
             state = [None, *self._next(state[1], state[2])]
         if state is None or state[0] is None:
             chunk, file = (0, 0) if state is None else state[1:3]
             path = self.root / V30_VIDEO_PATH.format(video_key=key, chunk_index=chunk, file_index=file)
-            state = [VideoWriter(path, self.fps, *frames.shape[1:3]), chunk, file]
-            self._videos[cam] = state
-        writer = state[0]
-        start = writer.frames
-        writer.write(frames)
+            state = self._videos[cam] = [VideoAppender(path), chunk, file]
+        start, end = state[0].append(episode)
+        episode.unlink()
         p = f"videos/{key}/"
         return {p + "chunk_index": state[1], p + "file_index": state[2],
-                p + "from_timestamp": start / self.fps, p + "to_timestamp": writer.frames / self.fps}
+                p + "from_timestamp": start, p + "to_timestamp": end}
 
     # -- metadata ------------------------------------------------------------------------
 
@@ -310,6 +315,7 @@ class LeRobotWriter:
             if state[0] is not None:
                 state[0].close()
                 state[0] = None
+        shutil.rmtree(self.root / EPISODE_VIDEOS, ignore_errors=True)
 
     def _info(self) -> dict:
         n = len(self.episodes)
@@ -323,8 +329,8 @@ class LeRobotWriter:
                          "splits": {"train": f"0:{n}"}, "data_path": V21_DATA_PATH,
                          "video_path": V21_VIDEO_PATH if has_video else None})
         else:
-            info.update({"chunks_size": DEFAULT_CHUNK_SIZE, "data_files_size_in_mb": DATA_FILE_MB,
-                         "video_files_size_in_mb": VIDEO_FILE_MB, "fps": self.fps,
+            info.update({"chunks_size": DEFAULT_CHUNK_SIZE, "data_files_size_in_mb": self.data_mb,
+                         "video_files_size_in_mb": self.video_mb, "fps": self.fps,
                          "splits": {"train": f"0:{n}"}, "data_path": V30_DATA_PATH,
                          "video_path": V30_VIDEO_PATH if has_video else None})
         info["features"] = self.features
@@ -376,7 +382,7 @@ class LeRobotWriter:
                        "creator": {"library": "pyarrow", "version": pa.__version__}, "pandas_version": "2.2.3"}
         table = table.replace_schema_metadata({b"pandas": json.dumps(pandas_meta).encode()})
         pq.write_table(table, meta / "tasks.parquet")
-        all_stats = {feat: _merge([s[feat] for s in self.episode_stats]) for feat in self.episode_stats[0]}
+        all_stats = {feat: aggregate([s[feat] for s in self.episode_stats]) for feat in self.episode_stats[0]}
         (meta / "stats.json").write_text(json.dumps(all_stats, indent=4) + "\n")
 
 

@@ -15,6 +15,7 @@ a neighbouring frame silently.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -30,6 +31,10 @@ TOLERANCE_S = 1e-4  # LeRobot's default tolerance_s
 # yuv420p needs even sizes; odd-sized cameras are written as yuv444p.
 CODEC = "libx264"
 ENCODER_OPTIONS = {"g": "2", "crf": "18", "preset": "veryfast"}
+# The encoder settings as LeRobot records them in a video feature's info block (get_video_info
+# with its encoder config: video.g, video.crf, video.preset, video.fast_decode, ...).
+ENCODER_INFO = {"video.g": 2, "video.crf": 18, "video.preset": "veryfast", "video.fast_decode": 0,
+                "video.video_backend": "pyav", "video.extra_options": {}}
 
 
 def _av():
@@ -70,7 +75,7 @@ def probe(path: Path) -> dict:
 class VideoReader:
     """One open mp4; frames by presentation timestamp. Not fork-safe: open one per process."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, thread_type: str = "SLICE") -> None:
         av = _av()
         self.path = path
         if not path.is_file():
@@ -82,8 +87,9 @@ class VideoReader:
             raise VideoError(f"{path}: cannot be opened as a video (truncated or corrupt?): {e}") from None
         # Slice threads, not frame threads: frame threading holds frames back after every seek
         # (measured, one 240x320 file, interleaved: random frames 221/s with SLICE, 161/s with
-        # AUTO; sequential decoding 392 vs 454 frames/s). Random access is the training path.
-        self._stream.thread_type = "SLICE"
+        # AUTO; sequential decoding 392 vs 454 frames/s). Random access is the training path;
+        # decode_run (whole episodes, sequential) uses AUTO.
+        self._stream.thread_type = thread_type
         self._errors = av.error.FFmpegError
         self._lock = threading.Lock()  # one decoder state: threads (preload) take turns
 
@@ -140,6 +146,17 @@ class VideoReader:
         return np.stack(out)
 
 
+def decode_run(path: Path, timestamps: Sequence[float]) -> np.ndarray:
+    """Frames at many consecutive timestamps (a whole episode): one seek, then sequential
+    decoding with frame and slice threads, which a run of frames can use (a random access
+    cannot: frame threading holds frames back after each seek). Same frame rule as frames_at."""
+    reader = VideoReader(path, thread_type="AUTO")
+    try:
+        return reader.frames_at(timestamps)
+    finally:
+        reader.close()
+
+
 MAX_OPEN_VIDEOS = 64  # per process: a v3.0 file serves many episodes; fds stay bounded
 _OPEN: OrderedDict[tuple[int, int, str], VideoReader] = OrderedDict()
 _OPEN_LOCK = threading.Lock()
@@ -162,6 +179,68 @@ def shared_reader(path: Path) -> VideoReader:
             if pid == key[0]:  # another process's (inherited) reader is only forgotten
                 old.close()
     return reader
+
+
+class DecodedEpisodes:
+    """Whole episodes' decoded frames, per process, least recently used dropped past a budget.
+
+    Why: a lazily read sample needs one frame, and decoding it alone costs a seek plus up to a
+    GOP of frames (~4x a gzip HDF5 chunk here); decoding a whole episode in one pass costs about
+    half as much per frame, and afterwards every sample of that episode is a memory copy. The
+    budget (``dataset.video_cache_mb``) bounds all processes together: a DataLoader worker
+    keeps its own episodes within budget / num_workers (``limit``).
+    """
+
+    def __init__(self, budget_mb: float = 0) -> None:
+        self.budget = int(budget_mb * 2**20)
+        self.bytes = 0
+        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._pid, self._lock = os.getpid(), threading.Lock()
+
+    def configure(self, budget_mb: float) -> None:
+        with self._guard():
+            self.budget = int(budget_mb * 2**20)
+            self._evict()
+
+    def _guard(self) -> threading.Lock:
+        if self._pid != os.getpid():  # a forked worker: the parent's lock may have been held
+            self._pid, self._lock = os.getpid(), threading.Lock()
+        return self._lock
+
+    @property
+    def limit(self) -> int:
+        """This process's share of the budget, in bytes."""
+        data = sys.modules.get("torch.utils.data")  # loaded wherever a DataLoader runs
+        info = data.get_worker_info() if data is not None else None
+        return self.budget // info.num_workers if info is not None else self.budget
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        with self._guard():
+            frames = self._items.get(key)
+            if frames is not None:
+                self._items.move_to_end(key)
+            return frames
+
+    def put(self, key: tuple, frames: np.ndarray) -> None:
+        with self._guard():
+            if key in self._items or frames.nbytes > self.limit:
+                return
+            self._items[key] = frames
+            self.bytes += frames.nbytes
+            self._evict()
+
+    def _evict(self) -> None:
+        limit = self.limit
+        while self.bytes > limit and self._items:
+            self.bytes -= self._items.popitem(last=False)[1].nbytes
+
+
+DECODED = DecodedEpisodes()
+
+
+def set_cache_mb(budget_mb: float) -> None:
+    """The decoded-episode budget of this process and the DataLoader workers forked later."""
+    DECODED.configure(budget_mb)
 
 
 class VideoWriter:
@@ -196,3 +275,63 @@ class VideoWriter:
     def close(self) -> None:
         self._container.mux(self._stream.encode(None))
         self._container.close()
+
+
+def encode_episode(path: Path, frames: np.ndarray, fps: float) -> None:
+    """One episode alone in its own mp4: its first frame is a keyframe (a fresh encoder)."""
+    writer = VideoWriter(path, fps, *np.asarray(frames).shape[1:3])
+    try:
+        writer.write(frames)
+    finally:
+        writer.close()
+
+
+def duration_s(path: Path) -> float:
+    """A video's duration as LeRobot reads it (stream duration x time base)."""
+    av = _av()
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        return float(s.duration * s.time_base) if s.duration is not None else c.duration / 1e6
+
+
+class VideoAppender:
+    """A multi-episode mp4 built as LeRobot builds one: each episode is encoded alone (so it
+    starts on a keyframe), then its packets are copied after the previous episodes' (stream
+    copy, no re-encoding), shifted by their duration. The file stays open between episodes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.duration_s = path, 0.0
+        # Size in bytes as LeRobot would find it on disk: the episode files appended so far
+        # (our file is still open and its muxer buffers; LeRobot's concatenation of them is
+        # within a few header KiB of this sum, never larger).
+        self.bytes = 0
+        self._ticks = 0  # the episodes so far, in the stream's time base (exact, no float drift)
+        self._container = self._stream = None
+
+    def append(self, episode: Path) -> tuple[float, float]:
+        """Copy one episode's mp4 in; returns its (from_timestamp, to_timestamp) in this file."""
+        av = _av()
+        start = self.duration_s
+        self.bytes += episode.stat().st_size
+        with av.open(str(episode)) as src:
+            s = src.streams.video[0]
+            if self._container is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._container = av.open(str(self.path), "w")
+                self._stream = self._container.add_stream_from_template(s)
+            offset = self._ticks
+            for packet in src.demux(s):
+                if packet.dts is None:  # the demuxer's end-of-stream marker
+                    continue
+                packet.pts += offset
+                packet.dts += offset
+                packet.stream = self._stream
+                self._container.mux(packet)
+            self._ticks += int(s.duration)
+            self.duration_s = float(self._ticks * s.time_base)
+        return start, self.duration_s
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+            self._container = None
