@@ -85,9 +85,18 @@ class HFVLAPolicy(nn.Module):
     def set_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         self.prompt = (input_ids, attention_mask)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **_) -> None:
-        self.vlm.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kw) -> None:
+        """The model's own activation checkpointing (non-reentrant unless told otherwise: the
+        frozen embeddings give the checkpointed layers inputs without grad)."""
+        kwargs = activation_checkpointing_kwargs or {"use_reentrant": False}
+        enable = getattr(self.vlm, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(kwargs, **kw)
+        else:  # transformers before the rename
+            self.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kw) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kw)
 
     # -- inputs ------------------------------------------------------------------------
 
