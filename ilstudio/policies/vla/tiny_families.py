@@ -67,12 +67,14 @@ def _tokenizer(specials: list[str], named: dict[str, str], template: str | None,
     return out
 
 
-def _text(hidden: int, vocab: int, tok, **kw) -> dict:
+def _text(hidden: int, vocab: int, tok, tie: bool = False, **kw) -> dict:
+    # Tied where the family's small checkpoints tie (Qwen2-VL-2B, PaliGemma), so the policy's
+    # untying (safetensors checkpoints hold no shared tensors) is exercised.
     return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=2048, pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-                tie_word_embeddings=False, **kw)
+                tie_word_embeddings=tie, **kw)
 
 
 def _qwen(family: str):
@@ -85,11 +87,11 @@ def _qwen(family: str):
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-    text = _text(64, len(tok), tok, rope_parameters=rope)
+    text = _text(64, len(tok), tok, tie=family == "qwen2_vl", rope_parameters=rope)
     if family == "qwen2_vl":
         vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
                       patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
-        cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+        cfg = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
     else:
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
                       out_hidden_size=64, patch_size=4, spatial_merge_size=2,
@@ -133,8 +135,9 @@ def _paligemma():
     proc = PaliGemmaProcessor(image_processor=image, tokenizer=tok)  # adds 1,152 loc/seg tokens
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                   image_size=size, patch_size=patch, projection_dim=64)
-    text = _text(64, len(tok), tok, model_type="gemma", head_dim=16)
+    text = _text(64, len(tok), tok, tie=True, model_type="gemma", head_dim=16)
     cfg = PaliGemmaConfig(vision_config=vision, text_config=text, projection_dim=64,
+                          tie_word_embeddings=True,
                           image_token_id=tok.convert_tokens_to_ids("<image>"))
     return cfg, tok, image, proc
 
