@@ -7,7 +7,9 @@ steps, real train.py subprocesses (train, resume, rebuild in the evaluator's loa
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -216,6 +218,22 @@ def test_checkpoint_problems_are_validation_errors(checkpoints, data, tmp_path):
         test_vla.validate(task, ds, m)
 
 
+def test_a_cached_hub_id_loads_through_cache_dir(checkpoints, data, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never the network
+    cache, commit = tmp_path / "hf_cache", "0" * 40
+    repo = cache / "models--ilstudio-test--tiny-llava"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(checkpoints("llava"), repo / "snapshots" / commit)
+    hub = {"is_pretrained": True, "cache_dir": str(cache)}
+    task, ds, m = test_vla.settings(data, "ilstudio-test/tiny-llava", model=hub)
+    test_vla.validate(task, ds, m)
+    policy, train = make(data, "ilstudio-test/tiny-llava", model=hub)
+    assert policy.family == "llava" and torch.isfinite(policy(**test_vla.batch_of(train, 2))["loss"])
+
+
 # -- train.py: LoRA, resume, the evaluator's loader ----------------------------------------------
 
 
@@ -278,3 +296,10 @@ def _check_rebuilt(out: Path, targets: list[str]) -> None:
     base = load_adapter_run(base, out)
     for key in (targets[0] + ".lora_B.default.weight", "action_head.mlp.0.weight"):
         assert torch.equal(base.state_dict()[key], own[key]), key
+    # lora.weight_path: a new run starts from these adapters (and trainable non-LoRA weights).
+    cont = build_policy("vla", policy_config=built["policy"], task=built["task"],
+                        dataset=built["dataset"], model=built["model"],
+                        lora=dataclasses.replace(built["lora"], weight_path=str(out)),
+                        quantization=built["quantization"], use_images=True)
+    for key in (targets[0] + ".lora_B.default.weight", "action_head.mlp.0.weight"):
+        assert torch.equal(cont.state_dict()[key], own[key]), key
