@@ -303,3 +303,27 @@ def _check_rebuilt(out: Path, targets: list[str]) -> None:
                         quantization=built["quantization"], use_images=True)
     for key in (targets[0] + ".lora_B.default.weight", "action_head.mlp.0.weight"):
         assert torch.equal(cont.state_dict()[key], own[key]), key
+
+
+def test_train_py_qlora_run_is_rebuilt_by_the_evaluator(checkpoints, data, tmp_path):
+    """QLoRA through train.py (4-bit language model, tied embeddings untied) and a strict
+    rebuild of its 4-bit weights and adapters by the evaluator's loader."""
+    import bitsandbytes as bnb
+    import gin
+    from safetensors.torch import load_file
+
+    from ilstudio.eval import load_policy, load_settings
+
+    out = tmp_path / "qlora"
+    proc = run_train(*_args(data, out, checkpoints("paligemma"), "--max_steps=2",
+                            "--gin_bindings=quantization.enable = True",
+                            "--gin_bindings=quantization.bits = 4"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    try:
+        built = load_settings(out / "operative_config.gin")
+        rebuilt, _, _ = load_policy(built, out / "model.safetensors", "cpu")
+    finally:
+        gin.clear_config()
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in rebuilt.modules())
+    saved, own = load_file(str(out / "model.safetensors")), rebuilt.state_dict()
+    assert set(saved) == set(own) and all(torch.equal(own[k], saved[k]) for k in saved)
