@@ -123,6 +123,23 @@ def test_freezing_switches_freeze_exactly_the_named_modules(family, checkpoints,
     assert parts["projector"] is not parts["vit"] and parts["llm"] is not parts["vit"]
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_lora_module_parts_name_the_right_modules(family, checkpoints, data):
+    """On Qwen2-VL the projector (visual.merger) sits inside the vision tower: 'vit' leaves
+    it out and 'projector' takes only it."""
+    policy, _ = make(data, checkpoints(family))
+    prefixes = {k: v[0] for k, v in policy.part_prefixes().items() if v}
+    for part in ("llm", "vit", "projector", "action_head"):
+        lora = LoraSettings(enable=True, r=2, alpha=4, module=part)
+        adapted, _ = make(data, checkpoints(family), lora=lora)
+        names = {n.rsplit(".lora_A", 1)[0] for n, _ in adapted.named_parameters() if ".lora_A." in n}
+        assert names and all(n.startswith(prefixes[part] + ".") for n in names), (part, names)
+        if part == "vit":
+            assert not any(n.startswith(prefixes["projector"] + ".") for n in names)
+        trains = {n for n, p in adapted.named_parameters() if p.requires_grad and "lora_" not in n}
+        assert not any(n.startswith(tuple(f"{a}.base_layer" for a in names)) for n in trains)
+
+
 def test_8bit_language_model_trains_with_lora(checkpoints, data, tmp_path):
     import bitsandbytes as bnb
 
