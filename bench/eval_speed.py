@@ -56,17 +56,24 @@ def load_agent(run: str, mode: str):
     return SimpleNamespace(agent=agent, task=task, sim=sim, info=info)
 
 
-def measure(run: str, mode: str, episodes: int, workers: int, block: int, seed: int) -> dict:
+def prepare(run: str, mode: str, workers: int, seed: int) -> tuple:
+    """The agent of ``mode`` and its worker pool, forked before anything is rendered."""
+    a = load_agent(run, mode)
+    return a, (Parallel(a, seed, workers) if workers > 1 else None)
+
+
+def measure(a, parallel, mode: str, episodes: int, workers: int, block: int, seed: int) -> dict:
     from ilstudio.sim.rollout import run_episodes
 
-    a = load_agent(run, mode)
     variants = {
         "before": lambda eps: run_episodes(EveryStep(a.agent), a.task, a.sim, 0, seed, episodes=eps),
         "after, 1 process": lambda eps: run_episodes(a.agent, a.task, a.sim, 0, seed, episodes=eps),
     }
-    if workers > 1:
-        variants[f"after, {workers} processes"] = Parallel(a, seed, workers)
+    if parallel is not None:
+        variants[f"after, {workers} processes"] = parallel
     seconds = dict.fromkeys(variants, 0.0)
+    if parallel is not None:
+        seconds[f"after, {workers} processes"] = parallel.startup
     results: dict = {k: [] for k in variants}
     for start in range(0, episodes, block):
         eps = list(range(start, min(episodes, start + block)))
@@ -90,27 +97,59 @@ def measure(run: str, mode: str, episodes: int, workers: int, block: int, seed: 
 
 class Parallel:
     """Episodes in ``workers`` forked processes (the evaluator's --num_workers path). The pool
-    is started on the first block (its start-up is timed there) and kept, as one evaluation
-    keeps it; its idle workers cost nothing while the other variants run."""
+    is forked before this process renders anything (as the evaluator does; see
+    ``run_episodes_parallel``) and kept, as one evaluation keeps it; its start-up is added to
+    its time, and its idle workers cost nothing while the other variants run."""
 
     def __init__(self, a, seed: int, workers: int) -> None:
-        self.a, self.seed, self.workers, self.pool = a, seed, workers, None
-
-    def __call__(self, eps: list[int]) -> list:
         import multiprocessing
 
         from ilstudio.sim import rollout
 
-        if self.pool is None:
-            self.pool = multiprocessing.get_context("fork").Pool(
-                self.workers, initializer=rollout._worker_init,  # noqa: SLF001
-                initargs=(self.a.agent, self.a.task, self.a.sim, self.seed))
+        t0 = time.perf_counter()
+        self.pool = multiprocessing.get_context("fork").Pool(
+            workers, initializer=rollout._worker_init,  # noqa: SLF001
+            initargs=(a.agent, a.task, a.sim, seed))
+        self.startup = time.perf_counter() - t0
+
+    def __call__(self, eps: list[int]) -> list:
+        from ilstudio.sim import rollout
+
         got = self.pool.map(rollout._worker_episode, [(i, False) for i in eps], chunksize=1)  # noqa: SLF001
         return sorted(got, key=lambda r: r.index)
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
+        self.pool.terminate()
+
+
+def smaller_renders(a, seed: int) -> list[str]:
+    """Would rendering smaller give the same fitted frames? Max pixel difference between the
+    policy's input fitted from the task's render size and fitted from smaller renders."""
+    import dataclasses
+
+    import numpy as np
+
+    from ilstudio.data.image_ops import fit_frames
+    from ilstudio.sim.envs import EVAL, Renderer, episode_seed, object_pose, reset_joint_env
+    from ilstudio.sim.rollout import EpisodeRunner
+
+    size, mode = a.agent.image_size, a.agent.aspect
+    if size is None:
+        return ["the policy reads frames at their rendered size: nothing smaller can match"]
+    runner = EpisodeRunner(a.task, a.sim)
+    reset_joint_env(runner.env, object_pose(a.sim.task, episode_seed(EVAL, seed, 0)))
+    cam = a.task.camera_names[0]
+    ref = fit_frames(runner.renderer.render()[cam][None], size, mode)[0]
+    lines = []
+    for h, w in [(size[0] * 2, size[1] * 2), tuple(size)]:
+        small = Renderer(runner.env.physics, a.task.camera_names,
+                         dataclasses.replace(a.sim, render_height=h, render_width=w))
+        got = fit_frames(small.render()[cam][None], size, mode)[0]
+        diff = int(np.abs(got.astype(int) - ref.astype(int)).max())
+        lines.append(f"render {h}x{w} -> fitted {size[0]}x{size[1]}: max pixel difference {diff} "
+                     f"vs rendering {a.sim.render_height}x{a.sim.render_width} "
+                     f"({'identical' if diff == 0 else 'not the same frames'})")
+    return lines
 
 
 def main() -> int:
@@ -124,8 +163,10 @@ def main() -> int:
     args = p.parse_args()
     print(f"cores: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
-    for mode in args.modes.split(","):
-        out = measure(args.run, mode, args.episodes, args.workers, args.block, args.seed)
+    modes = args.modes.split(",")
+    prepared = {mode: prepare(args.run, mode, args.workers, args.seed) for mode in modes}
+    for mode in modes:
+        out = measure(*prepared[mode], mode, args.episodes, args.workers, args.block, args.seed)
         how = ("temporal ensembling" if out["temporal_ensemble"]
                else f"chunks of {out['query_every']} steps")
         print(f"\nmode {mode} ({how}), {args.episodes} episodes, seed {args.seed}:")
@@ -135,6 +176,9 @@ def main() -> int:
                   f"({r['seconds']:.1f} s)  x{r['episodes_per_min'] / base:.2f}  "
                   f"successes {r['successes']}/{args.episodes}  identical episodes: {r['identical']}",
                   flush=True)
+    print("\nsmaller renders:")
+    for line in smaller_renders(prepared[modes[0]][0], args.seed):
+        print("  " + line)
     print(f"\nload average after: {os.getloadavg()[0]:.1f}")
     return 0
 

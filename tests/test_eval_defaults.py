@@ -12,6 +12,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # before dm_control is imported anywhere
@@ -144,3 +146,21 @@ def test_a_run_whose_task_has_no_simulator_is_refused(tiny_data: Path, tmp_path_
     err = capsys.readouterr().err
     assert "has no simulator" in err and err.count("\n") == 1
     assert listing(run) == before
+
+
+def test_parallel_workers_roll_out_the_same_episodes(tmp_path: Path) -> None:
+    """--num_workers 2 (forked processes, in a fresh process as a user runs it) gives every
+    episode exactly as one process does, in episode order."""
+    from ilstudio.eval import main
+
+    common = ["--policy", "scripted", "--num_episodes", "3", "--video_episodes", "0",
+              "--no_progress", *[f"--gin_bindings={b}" for b in SMALL]]
+    assert main([*common, "--output_dir", str(tmp_path / "one")]) == 0
+    proc = subprocess.run([sys.executable, "-m", "ilstudio.eval", *common, "--num_workers", "2",
+                           "--output_dir", str(tmp_path / "two")], capture_output=True, text=True,
+                          timeout=300, env=train_env(MUJOCO_GL="egl"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "eval_results.json").read_text()) for d in ("one", "two"))
+    assert two["num_workers"] == 2 and two["episodes"] == one["episodes"]
+    assert [e["index"] for e in two["episodes"]] == [0, 1, 2]
+    assert len({e["episode_return"] for e in one["episodes"]}) > 1  # the episodes differ

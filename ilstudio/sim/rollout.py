@@ -206,11 +206,15 @@ class EpisodeResult:
         return {k: v for k, v in self.__dict__.items() if k != "frames"}
 
 
+_WORKER: dict = {}  # this process's rollout state: its agent, runner and seed in a worker
+
+
 class EpisodeRunner:
     """One joint-space scene and its renderer, reused for every episode a process runs."""
 
     def __init__(self, task, sim) -> None:
         self.task, self.sim = task, sim
+        _WORKER["rendered"] = True  # this process now holds a GL context (see run_episodes_parallel)
         self.env = make_joint_env(sim)
         self.renderer = Renderer(self.env.physics, task.camera_names, sim)
         self.goal = max_reward(self.env)
@@ -262,9 +266,6 @@ def run_episodes(agent: Agent, task, sim, num_episodes: int, seed: int, *,
     return results
 
 
-_WORKER: dict = {}  # in a --num_workers process: its agent, runner and seed (set by fork)
-
-
 def _worker_init(agent: Agent, task, sim, seed: int) -> None:
     import torch
 
@@ -285,8 +286,13 @@ def run_episodes_parallel(agent: Agent, task, sim, num_episodes: int, seed: int,
                           ) -> list[EpisodeResult]:
     """``run_episodes`` spread over ``workers`` forked processes, each with its own scene and
     a copy of the agent; every episode is the one ``run_episodes`` gives (same pose, same
-    deterministic physics and policy), returned in episode order. workers=1: in-process."""
-    if workers <= 1 or num_episodes <= 1:
+    deterministic physics and policy), returned in episode order. workers=1: in-process.
+
+    The workers are forked, so they must start before this process renders anything: a
+    forked child cannot make its own GL context beside an inherited one (EGL hangs). A
+    process that has rendered already runs the episodes itself.
+    """
+    if workers <= 1 or num_episodes <= 1 or _WORKER.get("rendered"):
         return run_episodes(agent, task, sim, num_episodes, seed, video_episodes=video_episodes,
                             on_episode=on_episode)
     import multiprocessing
