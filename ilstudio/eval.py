@@ -300,7 +300,9 @@ def checkpoint_agent(args: SimpleNamespace, info: dict):
         raise UserError(f"--checkpoint={args.checkpoint}: the run's task has no simulator (its "
                         f"{operative.name} binds no sim.*; the simulated tasks are "
                         f"sim_transfer_cube_scripted and sim_insertion_scripted), so it cannot "
-                        f"be evaluated in simulation")
+                        f"be evaluated in simulation. A run trained on a simulated task before "
+                        f"sim.* was recorded: add --gin_bindings=\"sim.task = 'transfer_cube'\" "
+                        f"and its sim.render_height/width")
     stats = load_norm_stats(norm)
     task, sim, chunk = built.task, built.sim, built.model.chunk_size
     if not task.camera_names:
