@@ -60,8 +60,9 @@ class Trainer:
                   f"{path}/model.safetensors")
 
 
-def callback(policy: str, tmp_path: Path):
-    """A SimEvalCallback for ``policy`` resolved from its gin file, with a fresh policy."""
+def callback(policy: str, tmp_path: Path, *extra: str):
+    """A SimEvalCallback for ``policy`` resolved from its gin file (+ ``extra`` bindings),
+    with a fresh policy."""
     from ilstudio.data.normalization import NormStats
     from ilstudio.policies import build_policy
     from ilstudio.resolve import resolve_argv
@@ -71,7 +72,7 @@ def callback(policy: str, tmp_path: Path):
     run = resolve_argv([f"--task_name={TASK}", f"--gin_file={gin_file}",
                         f"--gin_bindings=task.dataset_dir = '{tmp_path / 'data'}'",
                         f"--output_dir={tmp_path / 'run'}",
-                        *[f"--gin_bindings={b}" for b in SHORT + bindings]])
+                        *[f"--gin_bindings={b}" for b in [*SHORT, *bindings, *extra]]])
     torch.manual_seed(0)
     model = build_policy(run)
     stats = NormStats(np.zeros(14), np.ones(14), np.zeros(14), np.ones(14))
@@ -120,6 +121,17 @@ def test_in_training_rollouts_ensemble_tinyact_and_act(policy: str, ensembled: b
     blend = (w[0] * chunks[0][1] + w[1] * chunks[1][0]) / w.sum()  # step 1: chunks 0 and 1
     np.testing.assert_allclose(executed[1], blend, rtol=1e-6)
     assert not np.allclose(executed[1], chunks[0][1]) and not np.allclose(executed[1], chunks[1][0])
+
+
+def test_the_declared_query_interval_reaches_the_in_training_rollouts(tmp_path: Path) -> None:
+    from ilstudio.errors import UserError
+
+    cb = callback("mlp", tmp_path, "mlp.query_every = 2")
+    chunks = record_queries(cb.trainer.model)
+    cb.roll_out()
+    assert len(chunks) == STEPS // 2
+    with pytest.raises(UserError, match=r"mlp.query_every = 6 .* model.chunk_size = 5"):
+        callback("mlp", tmp_path, "mlp.query_every = 6")
 
 
 def test_random_generators_are_restored_after_an_evaluation_that_draws(tmp_path: Path) -> None:
