@@ -72,7 +72,9 @@ def success_of(ckpt: Path, episodes: int, temporal_ensemble: bool, seed: int) ->
     from ilstudio.eval import evaluate, parse_args
 
     keys = ("successes", "num_episodes", "success_rate", "success_rate_ci95")
-    done = ckpt / "eval_results.json"
+    latest = ckpt / "evals" / "latest.txt"  # python -m ilstudio.eval's newest evaluation
+    done = ckpt / "evals" / latest.read_text().strip() / "eval_results.json" if latest.is_file() \
+        else ckpt / "eval_results.json"
     if done.is_file():
         r = json.loads(done.read_text())
         if (r.get("seed") == seed and r.get("temporal_ensemble") == temporal_ensemble
@@ -82,8 +84,7 @@ def success_of(ckpt: Path, episodes: int, temporal_ensemble: bool, seed: int) ->
     argv = ["--checkpoint", str(ckpt), "--num_episodes", str(episodes), "--seed", str(seed),
             "--video_episodes", "0", "--no_progress",
             "--output_dir", str(ckpt / "curve_eval")]
-    if temporal_ensemble:
-        argv.append("--temporal_ensemble")
+    argv.append("--temporal_ensemble" if temporal_ensemble else "--no_temporal_ensemble")
     s = evaluate(parse_args(argv))
     return {k: s[k] for k in keys}
 

@@ -31,7 +31,7 @@ python train.py --task_name=sim_transfer_cube_scripted --gin_file=gin_configs/ml
 echo "training: $(( $(date +%s) - start )) s for $STEPS steps"
 
 python -m ilstudio.eval --checkpoint "$WORK/run" --num_episodes "$EPISODES" --no_progress \
-  --output_dir "$WORK/eval_chunked"
+  --no_temporal_ensemble --output_dir "$WORK/eval_chunked"
 python -m ilstudio.eval --checkpoint "$WORK/run" --num_episodes "$EPISODES" --no_progress \
   --temporal_ensemble --output_dir "$WORK/eval_te"
 python -m ilstudio.eval --policy scripted --num_episodes "$EPISODES" --no_progress \

@@ -49,6 +49,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 NON_LORA_TRAINABLES = "non_lora_trainables.safetensors"
 # What ``python -m ilstudio.eval`` writes.
 EVAL_RESULTS = "eval_results.json"
+EVALS_DIR = "evals"  # python -m ilstudio.eval's results: one folder per evaluation
 # In-training evaluation (--eval_every_steps, ilstudio/training/sim_eval.py).
 BEST_DIR = "best"  # the weights with the highest success rate so far (a checkpoint's files)
 BEST_RECORD = "best.json"  # inside best/: the step and the scores that put it there
@@ -476,12 +477,12 @@ TENSORBOARD_DIR = "runs"  # TensorBoard's default directory (--logging_dir unset
 RUN_FILES = frozenset({
     OPERATIVE, ALL_BINDINGS, FLAGFILE, TRAINING_ARGS, NORM_STATS, DATA_SUMMARY, RESUME_CHANGES,
     WEIGHTS, TRAINER_STATE, EMA_FILE, ADAPTER_WEIGHTS, ADAPTER_CONFIG, NON_LORA_TRAINABLES,
-    TRAINER_ARGS_BIN, EVAL_RESULTS, BEST_DIR, LEARNING_CURVE, LOCK_FILE, STAGING_DIR,
+    TRAINER_ARGS_BIN, EVAL_RESULTS, EVALS_DIR, BEST_DIR, LEARNING_CURVE, LOCK_FILE, STAGING_DIR,
     FINAL_STAGING_DIR, TENSORBOARD_DIR,
 })
 _RUN_PATTERNS = (
     re.compile(rf"{CHECKPOINT_PREFIX}-\d+"),  # checkpoint-N directories
-    re.compile(r"eval_episode_\d+\.(gif|mp4)"),  # the evaluator's videos
+    re.compile(r"eval_episode_\d+(_success|_failure)?\.(gif|mp4)"),  # the evaluator's videos (older)
     # write_atomic's temporaries (.<name>.<random>.tmp) of the files above, left by a kill
     re.compile(r"\.(" + "|".join(re.escape(n) for n in sorted(RUN_FILES)) + r")\..+"),
 )

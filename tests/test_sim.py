@@ -160,10 +160,14 @@ def test_train_on_recorded_episodes_then_evaluate(recorded: Path, tmp_path: Path
     from ilstudio.eval import main
 
     assert main(["--checkpoint", str(run), "--num_episodes", "1", "--no_progress"]) == 0
-    res = json.loads((run / "eval_results.json").read_text())
+    evals = run / "evals"
+    assert (evals / "latest.txt").read_text() == "seed0_episodes1\n"
+    res = json.loads((evals / "seed0_episodes1/eval_results.json").read_text())
     assert res["num_episodes"] == 1 and res["render"] == [36, 48] and res["model_policy"] == "mlp"
     assert res["episodes"][0]["steps"] == 400 and res["query_every"] == 20
-    assert (run / "eval_episode_0_failure.gif").stat().st_size > 0  # 3 training steps: no success
+    assert res["temporal_ensemble"] is False  # the MLP's declared mode
+    gif = evals / "seed0_episodes1/eval_episode_0_failure.gif"  # 3 training steps: no success
+    assert gif.read_bytes().startswith(b"GIF8")
     # A run directory without weights is a clear error, not a traceback.
     assert main(["--checkpoint", str(tmp_path), "--num_episodes", "1"]) == 2
     assert "model.safetensors" in capsys.readouterr().err

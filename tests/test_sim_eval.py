@@ -106,8 +106,10 @@ def test_curve_tensorboard_and_evaluating_best(evaluated_run: Path, tmp_path: Pa
 
     assert main(["--checkpoint", str(evaluated_run / "best"), "--num_episodes", "1",
                  "--video_episodes", "0", "--no_progress"]) == 0
-    res = json.loads((evaluated_run / "best/eval_results.json").read_text())
+    # Results go to the run's evals/ folder (best/ is replaced by the next best).
+    res = json.loads((evaluated_run / "evals/best_seed0_episodes1/eval_results.json").read_text())
     assert res["num_episodes"] == 1 and res["checkpoint"] == str(evaluated_run / "best")
+    assert (evaluated_run / "evals/latest.txt").read_text() == "best_seed0_episodes1\n"
 
 
 def test_evaluation_does_not_change_training(cube_data, evaluated_run: Path, tmp_path: Path) -> None:
@@ -135,16 +137,15 @@ def test_a_task_without_simulator_skips_rollouts_with_a_message(tiny_data: Path,
     assert (out / "learning_curve.png").read_bytes().startswith(b"\x89PNG")
 
 
-@pytest.mark.parametrize(("gin_file", "ensembled"), [("gin_configs/tinyact.gin", True),
-                                                      ("gin_configs/mlp.gin", False)])
-def test_in_training_rollouts_run_the_policy_as_its_final_evaluation_does(
-        tiny_data: Path, gin_file: str, ensembled: bool) -> None:
-    """TinyACT (and ACT) are evaluated with temporal ensembling; so are their in-training
-    rollouts, or best/ would be chosen by a different controller than the one reported."""
-    from ilstudio.resolve import resolve_argv
-    from ilstudio.training.sim_eval import SimEvalCallback
-
-    run = resolve_argv(["--task_name=tiny_synthetic", f"--gin_bindings=task.dataset_dir = '{tiny_data}'",
-                        f"--gin_file={gin_file}", "--gin_bindings=dataset.image_size = (24, 32)"])
-    callback = SimEvalCallback(None, run, None, every=10, episodes=1, rollouts=False)
-    assert callback.temporal_ensemble is ensembled
+def test_a_run_is_evaluated_at_its_last_step_off_the_eval_grid(cube_data, tmp_path: Path) -> None:
+    """max_steps = 5 with --eval_every_steps = 3: evaluated at 3 and at the last step, 5."""
+    out = tmp_path / "run"
+    args = [a for a in sim_args(cube_data, out, "--eval_every_steps=3", "--eval_episodes=1",
+                                "--save_strategy=no", "--report_to=none",
+                                "--gin_bindings=task.episode_len = 20")
+            if a != "--max_steps=300"]
+    proc = run_train(*args, "--max_steps=5", env=train_env(MUJOCO_GL="egl"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [r["step"] for r in history if "eval_sim_success_rate" in r] == [3, 5]
+    assert json.loads((out / "best/best.json").read_text())["step"] in (3, 5)

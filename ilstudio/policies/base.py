@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 from ilstudio.config.declare import CONFIGURABLES, param, params_of
 from ilstudio.config.settings import images_enabled, inert_values
 from ilstudio.errors import UserError
+from ilstudio.policies.ensemble import query_every_param, temporal_ensemble_param
 
 
 def dropout_param(default: float, doc: str) -> Any:
@@ -15,8 +17,9 @@ def dropout_param(default: float, doc: str) -> Any:
     return param(default, doc, documented=False, bounds="[0, 1)", breaks_resume=False)
 
 
+@dataclasses.dataclass(frozen=True)
 class PolicyConfig:
-    """Mixin for a policy's settings dataclass.
+    """Base of a policy's settings dataclass.
 
     uses_images: the policy can read camera frames. needs_images: it cannot work without.
     Which shared parameters it gives an effect is declared with each parameter
@@ -32,6 +35,14 @@ class PolicyConfig:
     # A policy's own settings shape its network: changing one breaks resuming, unless the
     # parameter declares otherwise (``param(breaks_resume=False)``, e.g. a dropout rate).
     breaks_resume: ClassVar[bool] = True
+
+    # The evaluation contract, declared for every policy (``<policy>.temporal_ensemble``,
+    # ``<policy>.query_every`` in --help_gin and operative_config.gin): how the evaluator and
+    # the in-training rollouts run it. A policy meant to be ensembled (ACT) redeclares the
+    # first with True. The chunk size is ``model.chunk_size``; whether frames are read,
+    # ``image_inputs`` (from ``uses_images``, ``task.camera_names`` and ``dataset.is_multimodal``).
+    temporal_ensemble: bool = temporal_ensemble_param(False)
+    query_every: int = query_every_param()
 
     def validate(self, *, task, dataset, model, lora, quantization, source_of) -> None:
         problems = []
@@ -84,6 +95,11 @@ class PolicyConfig:
             problems.append(f"dataset.lazy_preprocess = False (set in "
                             f"{source_of('dataset.lazy_preprocess')}) has no effect: policy "
                             f"'{self.name}' gets no images or text to preprocess here")
+        if self.query_every > model.chunk_size:
+            problems.append(f"{self.name}.query_every = {self.query_every} (set in "
+                            f"{source_of(self.name + '.query_every')}) is longer than a chunk: "
+                            f"model.chunk_size = {model.chunk_size}; use 1..{model.chunk_size}, "
+                            f"or 0 for the whole chunk")
         if model.load_pretrain is True and not self.honours("model.is_pretrained"):
             problems.append(f"model.load_pretrain = True (set in {source_of('model.load_pretrain')}) "
                             f"starts the backbone from pretrained weights, but policy "

@@ -4,6 +4,12 @@ Every step the policy predicts a chunk starting at that step; the action execute
 t is the weighted mean of every still-valid chunk's prediction for t, with weights
 w_i = exp(-k * i) where i = 0 is the OLDEST prediction (as in ACT; k = 0.01). Used by the
 simulator's evaluation loop (``ilstudio.sim.rollout``); cheap to import (no torch needed).
+
+How a policy is meant to be rolled out is part of its declared contract: every policy's
+configurable declares ``temporal_ensemble`` and ``query_every`` with the two helpers below
+(e.g. ``tinyact.temporal_ensemble = True``), so the mode shows in ``--help_gin`` and in the
+run's operative_config.gin, and ``python -m ilstudio.eval`` and the in-training evaluation
+read the same value from there.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from typing import Any
+
+from ilstudio.config.declare import param
 
 TE_K = 0.01  # ACT's weight decay: w_i = exp(-k * i), i = 0 the oldest
 
@@ -58,3 +66,23 @@ class TemporalEnsembler:
         out = self.action(self.step)
         self.step += 1
         return out
+
+
+def temporal_ensemble_param(default: bool) -> Any:
+    """A policy's evaluation mode: ensemble (query every step, blend) or run chunks as they are.
+
+    Shapes no weight, so changing it never breaks resuming.
+    """
+    return param(default, "Evaluation mode (python -m ilstudio.eval and in-training rollouts): "
+                 "True queries the policy every step and blends the overlapping chunks (ACT's "
+                 "temporal ensembling, weights exp(-0.01 i)); False executes each chunk for "
+                 "query_every steps. --temporal_ensemble / --no_temporal_ensemble override it.",
+                 documented=False, breaks_resume=False)
+
+
+def query_every_param() -> Any:
+    """Steps each chunk runs without ensembling (0: the whole chunk, model.chunk_size)."""
+    return param(0, "Evaluation without temporal ensembling: steps each predicted chunk is "
+                 "executed before the policy is queried again; 0 means the whole chunk "
+                 "(model.chunk_size). At most model.chunk_size.", documented=False,
+                 bounds="[0, inf)", breaks_resume=False)

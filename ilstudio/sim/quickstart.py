@@ -7,9 +7,12 @@
    (an interrupted recording continues where it stopped);
 2. trains the CPU image policy (gin_configs/tinyact.gin: TinyACT, chunks of 100, trained
    from scratch) on them with train.py for ``--max_steps`` steps into ``--output_dir``;
-3. evaluates it in the simulator with temporal ensembling for ``--eval_episodes`` episodes
-   (0 skips): the success rate with its Wilson 95% interval, <output_dir>/eval_results.json
-   and GIFs of a successful and a failed episode; then prints the total wall time.
+3. evaluates it in the simulator in the policy's own evaluation mode (TinyACT: temporal
+   ensembling, ``tinyact.temporal_ensemble``) for ``--eval_episodes`` episodes (0 skips): the
+   success rate with its Wilson 95% interval, eval_results.json and GIFs of a successful and
+   a failed episode in <output_dir>/evals/seed0_episodes<N>/ (``evals/latest.txt`` names the
+   newest evaluation; re-evaluating adds a folder and keeps this one); then prints the total
+   wall time.
 
 ``--gin_file``, ``--gin_bindings`` and ``--gin_search_paths`` mean what they mean in train.py
 and reach the recorder (task and sim.* settings) and the training run alike. Any other
@@ -70,7 +73,7 @@ def _quickstart(train_flags: list[str]) -> int:
     if FLAGS.eval_episodes > 0:
         print(f"[3/3] evaluating in the simulator ({FLAGS.eval_episodes} episodes)", flush=True)
         rc = subprocess.call([sys.executable, "-m", "ilstudio.eval", f"--checkpoint={FLAGS.output_dir}",
-                              f"--num_episodes={FLAGS.eval_episodes}", "--temporal_ensemble"])
+                              f"--num_episodes={FLAGS.eval_episodes}"])
     print(f"quickstart: {(time.monotonic() - start) / 60:.1f} min in all", flush=True)
     return rc
 

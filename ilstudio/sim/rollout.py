@@ -37,6 +37,10 @@ class Agent:
     def reset(self, pose: np.ndarray) -> None:  # noqa: B027 - optional hook
         pass
 
+    def wants_frames(self, t: int) -> bool:
+        """Whether ``act(t, ...)`` reads camera frames (the loop renders only then)."""
+        return self.uses_images
+
     def act(self, t: int, qpos: np.ndarray, frames: dict[str, np.ndarray] | None) -> np.ndarray:
         raise NotImplementedError
 
@@ -121,11 +125,21 @@ class PolicyAgent(Agent):
             out = self.policy.select_action(q, images) if images is not None else self.policy.select_action(q)
         return self.stats.unnormalize_action(out[0].float().cpu().numpy().astype(np.float64))
 
+    def _due(self, t: int) -> bool:
+        """A new chunk is predicted at step t (every step with ensembling)."""
+        return (self.te is not None or self.chunk is None
+                or t - self.chunk_start >= min(self.query_every, len(self.chunk)))
+
+    def wants_frames(self, t: int) -> bool:
+        # Frames are read only when the policy is queried: chunked execution renders one
+        # frame per chunk, not one per step (the frame history is also kept per query).
+        return self.uses_images and self._due(t)
+
     def act(self, t, qpos, frames):
         if self.te is not None:
             self.te.add(t, self._query(qpos, frames))
             return self.te.action(t)
-        if self.chunk is None or t - self.chunk_start >= min(self.query_every, len(self.chunk)):
+        if self._due(t):
             self.chunk, self.chunk_start = self._query(qpos, frames), t
         return self.chunk[t - self.chunk_start]
 
@@ -192,6 +206,45 @@ class EpisodeResult:
         return {k: v for k, v in self.__dict__.items() if k != "frames"}
 
 
+_WORKER: dict = {}  # this process's rollout state: its agent, runner and seed in a worker
+
+
+class EpisodeRunner:
+    """One joint-space scene and its renderer, reused for every episode a process runs."""
+
+    def __init__(self, task, sim) -> None:
+        self.task, self.sim = task, sim
+        _WORKER["rendered"] = True  # this process now holds a GL context (see run_episodes_parallel)
+        self.env = make_joint_env(sim)
+        self.renderer = Renderer(self.env.physics, task.camera_names, sim)
+        self.goal = max_reward(self.env)
+
+    def run(self, agent: Agent, seed: int, index: int, *, film: bool = False,
+            video_every: int = 2) -> EpisodeResult:
+        """Episode ``index`` of evaluation seed ``seed`` (film: keep every ``video_every``-th
+        frame of the first camera). Frames are rendered only at the steps the agent reads
+        them, or films them."""
+        ep_seed = episode_seed(EVAL, seed, index)
+        pose = object_pose(self.sim.task, ep_seed)
+        agent.reset(pose)
+        ts = reset_joint_env(self.env, pose)
+        top = self.task.camera_names[0]
+        rewards: list[float] = []
+        video: list[np.ndarray] = []
+        for t in range(self.task.episode_len):
+            want_video = film and t % video_every == 0
+            frames = self.renderer.render() if want_video or agent.wants_frames(t) else None
+            if want_video:
+                video.append(frames[top])
+            ts = self.env.step(agent.act(t, ts.observation["qpos"], frames))
+            rewards.append(float(ts.reward or 0.0))
+        hits = [t for t, r in enumerate(rewards) if r == self.goal]
+        return EpisodeResult(index=index, seed=ep_seed, success=rewards[-1] == self.goal,
+                             final_reward=rewards[-1], max_reward=max(rewards),
+                             episode_return=float(sum(rewards)), steps=len(rewards),
+                             first_max_reward_step=(hits[0] + 1) if hits else None, frames=video)
+
+
 def run_episodes(agent: Agent, task, sim, num_episodes: int, seed: int, *,
                  video_episodes: int = 0, video_every: int = 2,
                  on_episode: Callable[[EpisodeResult], None] | None = None,
@@ -202,35 +255,58 @@ def run_episodes(agent: Agent, task, sim, num_episodes: int, seed: int, *,
     the pose comes from (seed, index) and physics and policy are deterministic), e.g. to film
     one again. The first ``video_episodes`` of those run keep their frames.
     """
-    env = make_joint_env(sim)
-    renderer = Renderer(env.physics, task.camera_names, sim)
-    top = task.camera_names[0]
-    goal = max_reward(env)
+    runner = EpisodeRunner(task, sim)
     results = []
     indices = list(range(num_episodes)) if episodes is None else list(episodes)
     for n, i in enumerate(indices):
-        ep_seed = episode_seed(EVAL, seed, i)
-        pose = object_pose(sim.task, ep_seed)
-        agent.reset(pose)
-        ts = reset_joint_env(env, pose)
-        rewards: list[float] = []
-        video: list[np.ndarray] = []
-        for t in range(task.episode_len):
-            want_video = n < video_episodes and t % video_every == 0
-            frames = renderer.render() if agent.uses_images or want_video else None
-            if want_video:
-                video.append(frames[top])
-            ts = env.step(agent.act(t, ts.observation["qpos"], frames))
-            rewards.append(float(ts.reward or 0.0))
-        hits = [t for t, r in enumerate(rewards) if r == goal]
-        res = EpisodeResult(index=i, seed=ep_seed, success=rewards[-1] == goal,
-                            final_reward=rewards[-1], max_reward=max(rewards),
-                            episode_return=float(sum(rewards)), steps=len(rewards),
-                            first_max_reward_step=(hits[0] + 1) if hits else None, frames=video)
+        res = runner.run(agent, seed, i, film=n < video_episodes, video_every=video_every)
         results.append(res)
         if on_episode is not None:
             on_episode(res)
     return results
+
+
+def _worker_init(agent: Agent, task, sim, seed: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core; OpenMP pools do not survive fork
+    _WORKER.update(agent=agent, task=task, sim=sim, seed=seed)
+
+
+def _worker_episode(job: tuple[int, bool]) -> EpisodeResult:
+    index, film = job
+    if "runner" not in _WORKER:  # the GL context is created in the worker, after the fork
+        _WORKER["runner"] = EpisodeRunner(_WORKER["task"], _WORKER["sim"])
+    return _WORKER["runner"].run(_WORKER["agent"], _WORKER["seed"], index, film=film)
+
+
+def run_episodes_parallel(agent: Agent, task, sim, num_episodes: int, seed: int, *,
+                          workers: int = 1, video_episodes: int = 0,
+                          on_episode: Callable[[EpisodeResult], None] | None = None
+                          ) -> list[EpisodeResult]:
+    """``run_episodes`` spread over ``workers`` forked processes, each with its own scene and
+    a copy of the agent; every episode is the one ``run_episodes`` gives (same pose, same
+    deterministic physics and policy), returned in episode order. workers=1: in-process.
+
+    The workers are forked, so they must start before this process renders anything: a
+    forked child cannot make its own GL context beside an inherited one (EGL hangs). A
+    process that has rendered already runs the episodes itself.
+    """
+    if workers <= 1 or num_episodes <= 1 or _WORKER.get("rendered"):
+        return run_episodes(agent, task, sim, num_episodes, seed, video_episodes=video_episodes,
+                            on_episode=on_episode)
+    import multiprocessing
+
+    jobs = [(i, i < video_episodes) for i in range(num_episodes)]
+    ctx = multiprocessing.get_context("fork")
+    results = []
+    with ctx.Pool(min(workers, num_episodes), initializer=_worker_init,
+                  initargs=(agent, task, sim, seed)) as pool:
+        for res in pool.imap_unordered(_worker_episode, jobs):
+            results.append(res)
+            if on_episode is not None:
+                on_episode(res)
+    return sorted(results, key=lambda r: r.index)
 
 
 def summarize(results: list[EpisodeResult], seconds: float | None = None) -> dict:

@@ -88,9 +88,10 @@ class SimEvalCallback(TrainerCallback):
         self.task, self.sim, self.dataset = resolved.task, resolved.sim, resolved.dataset
         self.chunk_size = resolved.model.chunk_size
         self.use_images = resolved.use_images
-        # A policy may say how it is meant to be run (ACT: temporal ensembling).
-        self.temporal_ensemble = bool(getattr(resolved.policy, "temporal_ensemble", False))
-        self.query_every = getattr(resolved.policy, "query_every", None)
+        # The policy's declared evaluation mode (<policy>.temporal_ensemble / .query_every),
+        # the same one ``python -m ilstudio.eval`` defaults to.
+        self.temporal_ensemble = resolved.policy.temporal_ensemble
+        self.query_every = resolved.policy.query_every or None
         self.title = f"{resolved.task_name}: {resolved.model.policy} ({self.run_dir.name})"
         self.stats, self.every, self.episodes, self.seed = stats, every, episodes, seed
         self.rollouts, self.tensorboard_dir = rollouts, tensorboard_dir

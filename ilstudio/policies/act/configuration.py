@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ilstudio.config.declare import configurable, param
 from ilstudio.policies.base import PolicyConfig, dropout_param
+from ilstudio.policies.ensemble import temporal_ensemble_param
 
 # "org/name" as on the Hugging Face hub: only resolvable through model.cache_dir offline.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -28,10 +29,9 @@ class ACTConfig(PolicyConfig):
     name = "act"
     uses_images = True
     needs_images = True
-    # How it is meant to be rolled out (the in-training evaluation reads it): query every step
-    # and blend the overlapping chunks, as ACT's evaluation does.
-    temporal_ensemble = True
-
+    # The evaluation contract (declared in PolicyConfig), ACT's way: query every step and
+    # blend the overlapping chunks.
+    temporal_ensemble: bool = temporal_ensemble_param(True)
     hidden_dim: int = param(512, "Transformer width (d_model).", documented=False,
                             bounds="[2, inf)")
     nheads: int = param(8, "Attention heads.", documented=False, bounds="[1, inf)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from ilstudio.config.declare import configurable, param
 from ilstudio.policies.base import PolicyConfig, dropout_param
+from ilstudio.policies.ensemble import temporal_ensemble_param
 
 
 @configurable("tinyact", group="TinyACT policy")
@@ -23,10 +24,9 @@ class TinyACTConfig(PolicyConfig):
     name = "tinyact"
     uses_images = True
     needs_images = True
-    # How it is meant to be rolled out (the in-training evaluation reads it): query every step
-    # and blend the overlapping chunks, as ACT's evaluation does.
-    temporal_ensemble = True
-
+    # The evaluation contract (declared in PolicyConfig), ACT's way: query every step and
+    # blend the overlapping chunks.
+    temporal_ensemble: bool = temporal_ensemble_param(True)
     channels: tuple[int, ...] = param((16, 32, 32), "Conv widths of the image encoder, one "
                                       "3x3 conv (5x5 for the first) per entry.", documented=False,
                                       bounds="[1, inf)")

@@ -6,7 +6,7 @@ heat maps whose spatial softmax yields expected (x, y) positions (Levine et al. 
 feature map's mean gives appearance. Keypoints, pooled features and the normalized joint state
 (with a "state present" flag) go through an MLP to a chunk of ``model.chunk_size`` normalized
 actions; the loss is L1 over the non-padded steps. Evaluation queries every step and blends the
-overlapping chunks (``python -m ilstudio.eval --temporal_ensemble``), as ACT does.
+overlapping chunks, as ACT does (``tinyact.temporal_ensemble``: ``python -m ilstudio.eval``'s default).
 
 Why not just a CNN + state: on scripted transfer-cube data the state explains the training loss
 almost completely, and such a policy never learns where the cube is (its first chunk is the
