@@ -123,3 +123,25 @@ def test_help_is_grouped_and_helpshort_is_short():
     assert gin.returncode == 0 and not names & set(HEAVY)
     assert "lora.r = 64  (int; YAML lora_r" in gin.stdout and "LoRA rank" in gin.stdout
     assert "sim.render_height = 480" in gin.stdout and "mlp.hidden_dim = 256" in gin.stdout
+
+
+# A run on a transformers release ilstudio/config/ta_snapshot.py does not describe (as after
+# `pip install` picks a newer one): the pre-launch check then builds the real TrainingArguments.
+_OTHER_RELEASE_RUN = ("import runpy; import ilstudio.config.ta_schema as t; t.snapshot = lambda: None; "
+                      f"runpy.run_path({str(REPO / 'train.py')!r}, run_name='__main__')")
+
+
+def test_a_run_without_lora_or_quantization_imports_neither_peft_nor_bitsandbytes(tiny_data, tmp_path):
+    """A one-step MLP run that builds TrainingArguments before the Trainer (the pre-launch
+    check on another transformers release; a --training_arg lookup takes the same path,
+    ilstudio.config.lazy_peft). bitsandbytes without the optional `kernels` package warns
+    "pip install kernels" on import."""
+    args = tiny_args(tiny_data, tmp_path / "o", "--max_steps=1", "--training_arg=dataloader_drop_last=true")
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", _OTHER_RELEASE_RUN, *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=train_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = {line.rsplit("|", 1)[-1].strip().split(".")[0]
+             for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert {"torch", "transformers"} <= names and (tmp_path / "o" / "model.safetensors").exists()
+    assert not names & {"peft", "bitsandbytes"}, names & {"peft", "bitsandbytes"}
+    assert "gemm_4bit" not in proc.stderr and "pip install kernels" not in proc.stderr

@@ -137,7 +137,9 @@ def tensorboard_dir(hyper: Hyperparams) -> str:
 
 def build_training_arguments(hyper: Hyperparams, extra: dict[str, Any] | None = None):
     """A TrainingArguments, or a UserError that says which value transformers refused."""
-    from transformers import TrainingArguments
+    from ilstudio.config.lazy_peft import training_arguments_class
+
+    TrainingArguments = training_arguments_class()  # noqa: N806 - without peft/bitsandbytes
 
     kwargs = training_args_kwargs(hyper, extra or {})
     if kwargs.get("deepspeed"):
