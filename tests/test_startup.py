@@ -145,3 +145,17 @@ def test_a_run_without_lora_or_quantization_imports_neither_peft_nor_bitsandbyte
     assert {"torch", "transformers"} <= names and (tmp_path / "o" / "model.safetensors").exists()
     assert not names & {"peft", "bitsandbytes"}, names & {"peft", "bitsandbytes"}
     assert "gemm_4bit" not in proc.stderr and "pip install kernels" not in proc.stderr
+
+
+def test_help_gin_shows_every_declared_range():
+    """README says the ranges appear in the help: every bounded gin parameter's line has it."""
+    from ilstudio.cli import gin_help
+    from ilstudio.config.declare import CONFIGURABLES, params_of
+
+    lines = {line.split(" = ", 1)[0].strip(): line for line in gin_help().splitlines() if " = " in line}
+    bounded = [p for cls in CONFIGURABLES.values() for p in params_of(cls) if p.bounds]
+    assert len(bounded) > 20
+    for p in bounded:
+        assert f"in {p.bounds.text}" in lines[p.gin_key], lines[p.gin_key]
+    assert lines["lora.r"].endswith("(int; YAML lora_r; in [1, inf))")
+    assert lines["dataset.image_size"].endswith("2 values; in [1, inf) each)")
