@@ -1,0 +1,38 @@
+"""What a new user meets on a first run of configs/training/default.yaml: one word about the
+DataLoader workers it asks for, "starting fresh" once, and TensorBoard files in the run
+directory rather than in the directory the run starts from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import REPO, run_train, tiny_args
+
+from ilstudio.config.hyperparams import Hyperparams
+from ilstudio.config.training_args import tensorboard_dir
+from ilstudio.training.threads import usable_cpus, workers_cost
+
+
+def test_logging_dir_resolves_under_the_run(tmp_path):
+    def tb(logging_dir):
+        return tensorboard_dir(Hyperparams(output_dir="runs/a", logging_dir=logging_dir))
+
+    assert tb(None) == str(Path("runs/a/runs"))
+    assert tb("./logs") == tb("logs") == str(Path("runs/a/runs/logs"))
+    assert tb(str(tmp_path / "tb")) == str(tmp_path / "tb")  # absolute: as given
+
+
+def test_default_yaml_run_says_things_once_and_writes_only_its_run_directory(tmp_path, tiny_data):
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    out = tmp_path / "run"
+    args = [a for a in tiny_args(tiny_data, out) if not a.startswith("--report_to")]
+    proc = run_train("--training_config", str(REPO / "configs/training/default.yaml"), *args,
+                     "--max_steps=2", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(cwd.iterdir()) == []  # no ./logs where the run started
+    assert list((out / "runs" / "logs").glob("events.out.tfevents.*"))  # logging_dir: ./logs
+    assert proc.stderr.count("no checkpoint in") == 1
+    assert "This DataLoader will create" not in proc.stderr  # torch's (twice) replaced by ours
+    cost = workers_cost(8, usable_cpus())
+    assert proc.stderr.count("--dataloader_num_workers=8 on") == (cost is not None)
