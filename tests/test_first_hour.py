@@ -36,3 +36,20 @@ def test_default_yaml_run_says_things_once_and_writes_only_its_run_directory(tmp
     assert "This DataLoader will create" not in proc.stderr  # torch's (twice) replaced by ours
     cost = workers_cost(8, usable_cpus())
     assert proc.stderr.count("--dataloader_num_workers=8 on") == (cost is not None)
+
+
+def test_quickstart_reports_cpu_minutes_and_the_largest_process_memory():
+    """The quickstart's last line: wall time, CPU-minutes and the peak resident memory of its
+    largest process (the training and evaluation run as children)."""
+    import re
+    import subprocess
+    import sys
+
+    from ilstudio.sim.quickstart import cost_line
+
+    subprocess.run([sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
+                   check=True)
+    m = re.fullmatch(r"2\.0 min in all, ([\d.]+) CPU-minutes, peak memory ([\d.]+) GiB \(the largest process\)",
+                     cost_line(120))
+    assert m, cost_line(120)
+    assert float(m.group(2)) >= 0.29  # the child's 300 MiB, touched

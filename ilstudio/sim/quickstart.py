@@ -9,7 +9,8 @@
    from scratch) on them with train.py for ``--max_steps`` steps into ``--output_dir``;
 3. evaluates it in the simulator with temporal ensembling for ``--eval_episodes`` episodes
    (0 skips): the success rate with its Wilson 95% interval, <output_dir>/eval_results.json
-   and GIFs of a successful and a failed episode; then prints the total wall time.
+   and GIFs of a successful and a failed episode; then prints the wall time, CPU-minutes
+   and peak memory of the whole command.
 
 ``--gin_file``, ``--gin_bindings`` and ``--gin_search_paths`` mean what they mean in train.py
 and reach the recorder (task and sim.* settings) and the training run alike. Any other
@@ -71,8 +72,20 @@ def _quickstart(train_flags: list[str]) -> int:
         print(f"[3/3] evaluating in the simulator ({FLAGS.eval_episodes} episodes)", flush=True)
         rc = subprocess.call([sys.executable, "-m", "ilstudio.eval", f"--checkpoint={FLAGS.output_dir}",
                               f"--num_episodes={FLAGS.eval_episodes}", "--temporal_ensemble"])
-    print(f"quickstart: {(time.monotonic() - start) / 60:.1f} min in all", flush=True)
+    print(f"quickstart: {cost_line(time.monotonic() - start)}", flush=True)
     return rc
+
+
+def cost_line(seconds: float) -> str:
+    """Wall time, CPU time (this process and its children) and the largest process's peak
+    resident memory: what a user needs to predict the quickstart on their own machine."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    peak = max(me.ru_maxrss, kids.ru_maxrss) * (1 if sys.platform == "darwin" else 1024)  # bytes
+    return (f"{seconds / 60:.1f} min in all, {cpu / 60:.1f} CPU-minutes, peak memory "
+            f"{peak / 2**30:.2f} GiB (the largest process)")
 
 
 def main(argv: list[str] | None = None) -> int:
