@@ -53,3 +53,44 @@ def test_quickstart_reports_cpu_minutes_and_the_largest_process_memory():
                      cost_line(120))
     assert m, cost_line(120)
     assert float(m.group(2)) >= 0.29  # the child's 300 MiB, touched
+
+
+def _bar_output(monkeypatch, rank: str, terminal: bool) -> str:
+    """What progress() writes to stderr when stderr is (or is not) a terminal, on ``rank``."""
+    import io
+    import os
+    import sys
+
+    from ilstudio.data.progress import progress
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    if not terminal:
+        monkeypatch.setattr(sys, "stderr", io.StringIO())
+        list(progress(range(3), total=3, desc="loading episodes"))
+        return sys.stderr.getvalue()
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
+    tty = os.fdopen(slave, "w")
+    try:
+        monkeypatch.setattr(sys, "stderr", tty)
+        list(progress(range(3), total=3, desc="loading episodes"))
+        tty.flush()
+        os.set_blocking(master, False)
+        try:
+            return os.read(master, 65536).decode(errors="replace")
+        except BlockingIOError:  # nothing written
+            return ""
+    finally:
+        tty.close()
+        os.close(master)
+
+
+def test_progress_bars_show_on_rank_zero_terminals_only(monkeypatch):
+    assert "loading episodes" in _bar_output(monkeypatch, "0", terminal=True)
+    assert _bar_output(monkeypatch, "1", terminal=True) == ""  # other ranks: never
+    assert _bar_output(monkeypatch, "0", terminal=False) == ""  # logs, pipes, tests: quiet

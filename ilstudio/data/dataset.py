@@ -110,7 +110,7 @@ class EpisodeDataset(Dataset):
         fit_up_front = self.use_images and not settings.lazy_preprocess
         self._preloaded: list[dict[str, np.ndarray]] | None = None
         if settings.preload_data:
-            self._preloaded = self._read_all(self._keys(), fit_up_front, "loading episodes")
+            self._preloaded = self._read_all(self._keys(), fit_up_front, "loading episodes, frames fitted")
         self._frame_cache: dict[tuple[int, str], np.ndarray] | None = None
         if fit_up_front:
             self._frame_cache = self._cache_fitted_frames()
@@ -148,9 +148,8 @@ class EpisodeDataset(Dataset):
 
     def _read_all(self, keys: list[str], fit_images: bool, what: str) -> list[dict[str, np.ndarray]]:
         """Every episode's ``keys``, read by ``read_threads`` threads, with a progress bar."""
-        n = len(self.paths)
-        desc = f"{what} (frames fitted to {self.settings.image_size})" \
-            if fit_images and self.settings.image_size is not None else what
+        n, size = len(self.paths), self.settings.image_size
+        desc = f"{what} to {size[0]}x{size[1]}" if fit_images and size is not None else what
         with ThreadPoolExecutor(max_workers=read_threads(n)) as pool:
             arrays = list(progress(pool.map(lambda ep: self._read_episode(ep, keys, fit_images),
                                             range(n)), total=n, desc=desc, unit="episode"))
