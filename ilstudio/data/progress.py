@@ -17,7 +17,7 @@ T = TypeVar("T")
 
 def shown() -> bool | None:
     """tqdm's ``disable`` value: True (never) off rank 0, None (only on a terminal) on it."""
-    return True if int(os.environ.get("RANK", "0") or 0) != 0 else None
+    return None if os.environ.get("RANK", "0").strip() in ("", "0") else True
 
 
 def progress(items: Iterable[T], total: int | None = None, desc: str = "",
