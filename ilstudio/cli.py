@@ -214,7 +214,11 @@ def gin_help() -> str:
         for p in params_of(cls):
             yaml = f"; YAML {p.yaml_key}" if p.yaml_key else ""
             choices = f"; one of {', '.join(map(repr, p.choices))}" if p.choices else ""
-            parts.append(f"  {p.gin_key} = {p.default!r}  ({type_name(p.type)}{yaml}{choices})")
+            length = f"; {p.length} values" if p.length else ""
+            each = " each" if p.length else ""
+            allowed = f"; in {p.bounds.text}{each}" if p.bounds else ""
+            parts.append(f"  {p.gin_key} = {p.default!r}  "
+                         f"({type_name(p.type)}{yaml}{choices}{length}{allowed})")
             parts.append(f"      {p.doc}")
         parts.append("")
     return "\n".join(parts)

@@ -94,6 +94,12 @@ def test_curve_tensorboard_and_evaluating_best(evaluated_run: Path, tmp_path: Pa
 
     png = (evaluated_run / "learning_curve.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
+    from ilstudio.training import curve
+
+    history = json.loads((evaluated_run / "trainer_state.json").read_text())["log_history"]
+    drawn = curve.read_data(png)  # the last loss (step 300, logged after its rollout) included
+    assert drawn["loss"] == [[r["step"], r["loss"]] for r in history if "loss" in r]
+    assert [s for s, _ in drawn[curve.SUCCESS_KEY]] == [100, 200, 300]
     tb = EventAccumulator(str(evaluated_run / "runs"), size_guidance={"images": 0, "scalars": 0})
     tb.Reload()
     assert [e.step for e in tb.Scalars("eval/sim_success_rate")] == [100, 200, 300]

@@ -118,3 +118,39 @@ def test_help_is_grouped_and_helpshort_is_short():
     assert gin.returncode == 0 and not names & set(HEAVY)
     assert "lora.r = 64  (int; YAML lora_r" in gin.stdout and "LoRA rank" in gin.stdout
     assert "sim.render_height = 480" in gin.stdout and "mlp.hidden_dim = 256" in gin.stdout
+
+
+# A run whose transformers' source cannot be read without importing it (an unusual install):
+# the pre-launch check then builds the real TrainingArguments.
+_OTHER_RELEASE_RUN = ("import runpy; import ilstudio.config.ta_schema as t; t.source_schema = lambda: None; "
+                      f"runpy.run_path({str(REPO / 'train.py')!r}, run_name='__main__')")
+
+
+def test_a_run_without_lora_or_quantization_imports_neither_peft_nor_bitsandbytes(tiny_data, tmp_path):
+    """A one-step MLP run that builds TrainingArguments before the Trainer (the pre-launch
+    check where the source schema is unavailable; a --training_arg lookup takes the same path,
+    ilstudio.config.lazy_peft). bitsandbytes without the optional `kernels` package warns
+    "pip install kernels" on import."""
+    args = tiny_args(tiny_data, tmp_path / "o", "--max_steps=1", "--training_arg=dataloader_drop_last=true")
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", _OTHER_RELEASE_RUN, *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=train_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = {line.rsplit("|", 1)[-1].strip().split(".")[0]
+             for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert {"torch", "transformers"} <= names and (tmp_path / "o" / "model.safetensors").exists()
+    assert not names & {"peft", "bitsandbytes"}, names & {"peft", "bitsandbytes"}
+    assert "gemm_4bit" not in proc.stderr and "pip install kernels" not in proc.stderr
+
+
+def test_help_gin_shows_every_declared_range():
+    """README says the ranges appear in the help: every bounded gin parameter's line has it."""
+    from ilstudio.cli import gin_help
+    from ilstudio.config.declare import CONFIGURABLES, params_of
+
+    lines = {line.split(" = ", 1)[0].strip(): line for line in gin_help().splitlines() if " = " in line}
+    bounded = [p for cls in CONFIGURABLES.values() for p in params_of(cls) if p.bounds]
+    assert len(bounded) > 20
+    for p in bounded:
+        assert f"in {p.bounds.text}" in lines[p.gin_key], lines[p.gin_key]
+    assert lines["lora.r"].endswith("(int; YAML lora_r; in [1, inf))")
+    assert lines["dataset.image_size"].endswith("2 values; in [1, inf) each)")

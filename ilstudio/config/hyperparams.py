@@ -93,8 +93,10 @@ HYPERPARAMS: tuple[Hyper, ...] = (
     Hyper("adam_beta2", float, 0.999, "AdamW beta2.", bounds="[0, 1)"),
     Hyper("adam_epsilon", float, 1e-8, "AdamW epsilon (0 would divide 0 by 0 for a parameter "
           "with no gradient yet).", bounds="(0, inf)"),
-    Hyper("logging_dir", str, None, "TensorBoard directory (default: <output_dir>/runs). "
-          "transformers 5 removed this field: it is passed as the TENSORBOARD_LOGGING_DIR "
+    Hyper("logging_dir", str, None, "TensorBoard directory (default: <output_dir>/runs). A "
+          "relative path is resolved under <output_dir>/runs (./logs: <output_dir>/runs/logs), "
+          "so runs never write into the directory they start from; an absolute path is used as "
+          "given. transformers 5 removed this field: it is passed as the TENSORBOARD_LOGGING_DIR "
           "environment variable.", to_training_args=False),
     Hyper("logging_strategy", str, "steps", "When to log: no, steps or epoch.", _STRATEGIES),
     Hyper("logging_steps", float, 50, "Log every N steps (or a ratio of total steps if < 1).",

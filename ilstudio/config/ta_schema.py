@@ -38,7 +38,10 @@ def live_schema() -> dict[str, Any]:
     import importlib
 
     import transformers
-    from transformers import TrainingArguments
+
+    from ilstudio.config.lazy_peft import training_arguments_class
+
+    TrainingArguments = training_arguments_class()  # noqa: N806 - without peft/bitsandbytes
 
     fields = sorted(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
     choices = {name: sorted(e.value for e in getattr(

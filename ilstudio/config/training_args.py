@@ -132,12 +132,24 @@ def _ta_field_names() -> set[str]:
 
 
 def tensorboard_dir(hyper: Hyperparams) -> str:
-    return hyper.logging_dir or os.path.join(hyper.output_dir, "runs")
+    """TensorBoard's directory: ``<output_dir>/runs``; a relative ``--logging_dir`` is resolved
+    under it (the older YAML's ``logging_dir: ./logs`` is ``<output_dir>/runs/logs``, not
+    ``./logs`` in whatever directory the run starts from, and --overwrite_output_dir clears
+    it with the run); an absolute one is used as given."""
+    from ilstudio import rundir
+
+    runs = os.path.join(hyper.output_dir, rundir.TENSORBOARD_DIR)
+    if not hyper.logging_dir:
+        return runs
+    given = os.path.expanduser(hyper.logging_dir)
+    return given if os.path.isabs(given) else os.path.normpath(os.path.join(runs, given))
 
 
 def build_training_arguments(hyper: Hyperparams, extra: dict[str, Any] | None = None):
     """A TrainingArguments, or a UserError that says which value transformers refused."""
-    from transformers import TrainingArguments
+    from ilstudio.config.lazy_peft import training_arguments_class
+
+    TrainingArguments = training_arguments_class()  # noqa: N806 - without peft/bitsandbytes
 
     kwargs = training_args_kwargs(hyper, extra or {})
     if kwargs.get("deepspeed"):

@@ -69,9 +69,9 @@ def stable_keys() -> dict[str, ParamInfo]:
 @functools.cache
 def training_args_fields() -> dict[str, Any]:
     """TrainingArguments field name -> annotated type (imports transformers: only on demand)."""
-    from transformers import TrainingArguments
+    from ilstudio.config.lazy_peft import training_arguments_class
 
-    return {f.name: f.type for f in dataclasses.fields(TrainingArguments) if f.init}
+    return {f.name: f.type for f in dataclasses.fields(training_arguments_class()) if f.init}
 
 
 def convert_training_arg(name: str, value: Any, where: str) -> Any:

@@ -6,6 +6,15 @@ end with its last action and flagged in ``is_pad`` so the loss can ignore them.
 
 Two ways to read: ``preload_data`` loads everything once (fast epochs, needs RAM);
 otherwise each sample reads just its slices from an h5py handle held open per process.
+
+Memory while frames are fitted up front (``lazy_preprocess = False``): frames are fitted as
+they are read, ``FIT_BLOCK`` frames at a time, inside the (parallel) read. Each reading thread
+(``read_threads``: at most 8, the CPU count, the episode count) holds at most one block of
+full-size uint8 frames of one camera (HDF5 reads just that block), plus ``fit_frames``' float32
+copy of it (5 bytes per value in all: 37 MB at 240x320, against 92 MB for a 400-step episode);
+a LeRobot video camera is decoded whole, so there the bound is one episode of one camera per
+thread. Only fitted frames are kept, so preloading 50 episodes recorded at
+240x320 for a 60x80 policy holds 50 episodes of 60x80 frames, not of 240x320 ones.
 """
 
 from __future__ import annotations
@@ -35,12 +44,20 @@ from ilstudio.data.episodes import (
 )
 from ilstudio.data.image_ops import fit_frames
 from ilstudio.data.normalization import NormStats, compute_stats
+from ilstudio.data.progress import progress
 from ilstudio.data.sources import scan_episodes
 from ilstudio.data.video import set_cache_mb
 from ilstudio.errors import UserError
 
 # An episode source: an open h5py.File or a dict of preloaded arrays, indexed by the same keys.
 Source = Any
+
+FIT_BLOCK = 32  # frames read and fitted at once when fitting up front (see the module doc)
+
+
+def read_threads(n_episodes: int) -> int:
+    """Threads that read episodes in parallel (h5py is locked; reading overlaps fitting)."""
+    return max(1, min(8, n_episodes, os.cpu_count() or 1))
 
 
 class _HeldEpisode(dict):
@@ -90,15 +107,16 @@ class EpisodeDataset(Dataset):
         self.episode_index = np.repeat(np.arange(len(self.paths)), self.episode_lengths)
         self._image_keys = [f"{IMAGES_KEY}/{c}" for c in task.camera_names] if self.use_images else []
         self._handles: dict[int, dict[int, _HeldEpisode]] = {}  # pid -> episode -> open datasets
+        # Per-frame preprocessing (fitting to dataset.image_size): per sample when
+        # lazy_preprocess, else once for every frame as it is read, cached as uint8.
+        self.frames_fitted = 0  # frames passed through the fitting so far (observable cost)
+        fit_up_front = self.use_images and not settings.lazy_preprocess
         self._preloaded: list[dict[str, np.ndarray]] | None = None
         if settings.preload_data:
-            self._preloaded = self._preload()
-        # Per-frame preprocessing (fitting to dataset.image_size): per sample when
-        # lazy_preprocess, else once for every frame here, cached as uint8.
-        self.frames_fitted = 0  # frames passed through the fitting so far (observable cost)
+            self._preloaded = self._read_all(self._keys(), fit_up_front, "loading episodes, frames fitted")
         self._frame_cache: dict[tuple[int, str], np.ndarray] | None = None
-        if self.use_images and not settings.lazy_preprocess:
-            self._frame_cache = self._preprocess_all_frames()
+        if fit_up_front:
+            self._frame_cache = self._cache_fitted_frames()
         self.language = (language.for_episodes(self.paths, self.episode_lengths)
                          if language is not None else None)
 
@@ -110,15 +128,37 @@ class EpisodeDataset(Dataset):
     def _keys(self) -> list[str]:
         return [QPOS_KEY, ACTION_KEY, *self._image_keys]
 
-    def _read_episode(self, path: Path) -> dict[str, np.ndarray]:
+    def _read_episode(self, ep: int, keys: list[str], fit_images: bool) -> dict[str, np.ndarray]:
+        """Episode ``ep``'s arrays under ``keys``; camera frames fitted as they are read when
+        ``fit_images`` (full-size frames are never all held: see the module doc)."""
+        path = self.paths[ep]
         with open_episode(path) as f, read_errors(path):
-            return {k: f[k][()] for k in self._keys()}
+            return {k: self._read_fitted(f[k]) if fit_images and k in self._image_keys
+                    else f[k][()] for k in keys}
 
-    def _preload(self) -> list[dict[str, np.ndarray]]:
-        """Read all episodes in parallel threads (overlaps file I/O; h5py itself is locked)."""
-        workers = max(1, min(8, len(self.paths), os.cpu_count() or 1))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(self._read_episode, self.paths))
+    def _read_fitted(self, frames: Any) -> np.ndarray:
+        """One camera's frames fitted to dataset.image_size, FIT_BLOCK frames at a time.
+
+        An HDF5 dataset is read block by block (only one block of full-size frames is held);
+        other sources (LeRobot video) are decoded whole first, then fitted block by block.
+        """
+        if not isinstance(frames, h5py.Dataset):
+            frames = np.asarray(frames[()])
+        n = len(frames)
+        blocks = [fit_frames(np.asarray(frames[s:s + FIT_BLOCK]), self.settings.image_size,
+                             self.settings.image_aspect_ratio) for s in range(0, n, FIT_BLOCK)]
+        return np.concatenate(blocks) if len(blocks) != 1 else blocks[0]
+
+    def _read_all(self, keys: list[str], fit_images: bool, what: str) -> list[dict[str, np.ndarray]]:
+        """Every episode's ``keys``, read by ``read_threads`` threads, with a progress bar."""
+        n, size = len(self.paths), self.settings.image_size
+        desc = f"{what} to {size[0]}x{size[1]}" if fit_images and size is not None else what
+        with ThreadPoolExecutor(max_workers=read_threads(n)) as pool:
+            arrays = list(progress(pool.map(lambda ep: self._read_episode(ep, keys, fit_images),
+                                            range(n)), total=n, desc=desc, unit="episode"))
+        if fit_images:  # counted here, not in the threads
+            self.frames_fitted += int(self.episode_lengths.sum()) * len(self._image_keys)
+        return arrays
 
     def _source(self, ep: int) -> Source:
         """The episode's arrays: preloaded, or this process's own open datasets.
@@ -143,17 +183,14 @@ class EpisodeDataset(Dataset):
         self.frames_fitted += len(frames)
         return fit_frames(frames, self.settings.image_size, self.settings.image_aspect_ratio)
 
-    def _preprocess_all_frames(self) -> dict[tuple[int, str], np.ndarray]:
-        """lazy_preprocess=false: fit every frame of every episode once, up front."""
-        cache = {}
-        for ep, path in enumerate(self.paths):
-            if self._preloaded is not None:
-                arrays = self._preloaded[ep]  # raw frames are dropped: the cache replaces them
-                cache.update({(ep, k): self.fit(np.asarray(arrays.pop(k))) for k in self._image_keys})
-                continue
-            with open_episode(path) as f, read_errors(path):  # not kept open: fork-safe
-                cache.update({(ep, k): self.fit(f[k][()]) for k in self._image_keys})
-        return cache
+    def _cache_fitted_frames(self) -> dict[tuple[int, str], np.ndarray]:
+        """lazy_preprocess=false: every frame of every episode fitted once, up front (already
+        fitted while preloading; else read and fitted now, files not kept open: fork-safe)."""
+        if self._preloaded is not None:  # the raw frames were never kept: move the fitted ones
+            return {(ep, k): arrays.pop(k) for ep, arrays in enumerate(self._preloaded)
+                    for k in self._image_keys}
+        fitted = self._read_all(self._image_keys, True, "fitting frames")
+        return {(ep, k): arrays[k] for ep, arrays in enumerate(fitted) for k in self._image_keys}
 
     # -- batched access (ilstudio/data/batched.py gathers whole batches through these) ----
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ilstudio.data.episodes import ACTION_KEY, QPOS_KEY, episode_ref, open_episode, read_errors
+from ilstudio.data.progress import progress
 from ilstudio.errors import UserError
 
 MIN_STD = 1e-2  # as ACT: a constant dimension must not blow up after normalization
@@ -81,7 +82,8 @@ def compute_stats(paths: Sequence[str | Path]) -> NormStats:
     if not paths:
         raise UserError("cannot compute normalization stats from zero episodes")
     qpos, action = [], []
-    for p in map(episode_ref, paths):  # HDF5 paths or LeRobot episodes
+    refs = [episode_ref(p) for p in paths]  # HDF5 paths or LeRobot episodes
+    for p in progress(refs, total=len(refs), desc="normalization statistics", unit="episode"):
         with open_episode(p) as f, read_errors(p):
             qpos.append(np.asarray(f[QPOS_KEY][()], dtype=np.float64))
             action.append(np.asarray(f[ACTION_KEY][()], dtype=np.float64))

@@ -11,8 +11,8 @@
    ensembling, ``tinyact.temporal_ensemble``) for ``--eval_episodes`` episodes (0 skips): the
    success rate with its Wilson 95% interval, eval_results.json and GIFs of a successful and
    a failed episode in <output_dir>/evals/seed0_episodes<N>/ (``evals/latest.txt`` names the
-   newest evaluation; re-evaluating adds a folder and keeps this one); then prints the total
-   wall time.
+   newest evaluation; re-evaluating adds a folder and keeps this one); then prints the wall
+   time, CPU-minutes and peak memory of the whole command.
 
 ``--gin_file``, ``--gin_bindings`` and ``--gin_search_paths`` mean what they mean in train.py
 and reach the recorder (task and sim.* settings) and the training run alike. Any other
@@ -74,8 +74,20 @@ def _quickstart(train_flags: list[str]) -> int:
         print(f"[3/3] evaluating in the simulator ({FLAGS.eval_episodes} episodes)", flush=True)
         rc = subprocess.call([sys.executable, "-m", "ilstudio.eval", f"--checkpoint={FLAGS.output_dir}",
                               f"--num_episodes={FLAGS.eval_episodes}"])
-    print(f"quickstart: {(time.monotonic() - start) / 60:.1f} min in all", flush=True)
+    print(f"quickstart: {cost_line(time.monotonic() - start)}", flush=True)
     return rc
+
+
+def cost_line(seconds: float) -> str:
+    """Wall time, CPU time (this process and its children) and the largest process's peak
+    resident memory: what a user needs to predict the quickstart on their own machine."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    peak = max(me.ru_maxrss, kids.ru_maxrss) * (1 if sys.platform == "darwin" else 1024)  # bytes
+    return (f"{seconds / 60:.1f} min in all, {cpu / 60:.1f} CPU-minutes, peak memory "
+            f"{peak / 2**30:.2f} GiB (the largest process)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ mistake never leaves a half-written run directory behind.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -25,6 +26,12 @@ from ilstudio.training import distributed
 from ilstudio.training.resume import check_resume_config, record_resume_changes
 
 
+@functools.cache
+def _starting_fresh(out: str) -> None:
+    """Said once per output_dir: the pre-launch check and the run both resolve the resume."""
+    logging.info("--resume_from_checkpoint=true: no checkpoint in %s, starting fresh", out)
+
+
 def resume_checkpoint(resolved: Resolved) -> str | None:
     """The checkpoint to resume from, per --resume_from_checkpoint; None starts fresh."""
     choice = parse_resume(resolved.hyper.resume_from_checkpoint)
@@ -38,7 +45,7 @@ def resume_checkpoint(resolved: Resolved) -> str | None:
                             f"({found}). Remove the damaged checkpoints to start over, or pass "
                             f"--overwrite_output_dir without --resume_from_checkpoint.")
         if last is None:
-            logging.info("--resume_from_checkpoint=true: no checkpoint in %s, starting fresh", out)
+            _starting_fresh(str(out))
         return last
     if choice is False:
         return None

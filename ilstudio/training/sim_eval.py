@@ -126,7 +126,7 @@ class SimEvalCallback(TrainerCallback):
             return
         if self.last_evaluated != state.global_step:
             self.evaluate(state)
-        elif not self.rollouts:
+        else:  # drawn at on_step_end, before the Trainer logged this step's loss: redraw
             self.draw(state)
         if self._writer is not None:
             self._writer.close()

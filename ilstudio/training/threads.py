@@ -42,10 +42,35 @@ def thread_count(environ: Mapping[str, str], cpus: int, dataloader_workers: int)
     return n, why
 
 
-def configure(dataloader_workers: int) -> tuple[int, str]:
-    """Set torch's intra-op thread count for this process; returns (count, why)."""
-    import torch
+def workers_cost(dataloader_workers: int, cpus: int) -> str | None:
+    """What more DataLoader workers than usable CPUs cost, said once (None when they fit).
 
+    torch warns about the same thing twice per run (when the Trainer builds the DataLoader
+    and again when it starts iterating), in words that suggest something is broken. The
+    run works; the workers only share the CPUs with training.
+    """
+    if dataloader_workers <= cpus:
+        return None
+    return (f"--dataloader_num_workers={dataloader_workers} on {cpus} usable CPUs: the "
+            f"{dataloader_workers} worker processes share them with training (torch suggests "
+            f"at most {cpus}), so each batch costs more CPU time, not less. It works; "
+            f"--dataloader_num_workers={max(0, cpus - 1)} suits this machine.")
+
+
+def configure(dataloader_workers: int) -> tuple[int, str]:
+    """Set torch's intra-op thread count for this process; returns (count, why). Says once
+    what surplus DataLoader workers cost (``workers_cost``), in place of torch's two warnings."""
+    import warnings
+
+    import torch
+    from absl import logging
+
+    cost = workers_cost(dataloader_workers, usable_cpus())
+    if cost is not None:
+        if os.environ.get("RANK", "0") in ("", "0"):  # one rank says it for all
+            logging.warning(cost)
+        warnings.filterwarnings("ignore", message=r"This DataLoader will create \d+ worker processes",
+                                category=UserWarning)
     n, why = thread_count(os.environ, usable_cpus(), dataloader_workers)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
