@@ -8,6 +8,7 @@ from pathlib import Path
 from ilstudio.config.declare import configurable, param
 from ilstudio.errors import UserError
 from ilstudio.policies.base import PolicyConfig
+from ilstudio.policies.vla.default_backbone import builtin_pretrained_message, is_builtin
 from ilstudio.policies.vla.layout import is_backbone_dir, looks_local, missing_backbone_message
 
 
@@ -40,6 +41,9 @@ class VLAConfig(PolicyConfig):
         if not name:
             problems.append("policy 'vla' needs model.model_name_or_path (a backbone directory; "
                             "create a tiny one with `python -m ilstudio.policies.vla.make_tiny DIR`)")
+        elif model.pretrained_backbone and is_builtin(name):
+            problems.append(builtin_pretrained_message(
+                f" (set in {source_of('model.model_name_or_path')})"))
         elif model.pretrained_backbone and looks_local(name) and not is_backbone_dir(name):
             problems.append(f"model.model_name_or_path = {name!r} (set in "
                             f"{source_of('model.model_name_or_path')}) with model.is_pretrained = "

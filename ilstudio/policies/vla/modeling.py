@@ -49,6 +49,7 @@ from ilstudio.policies.vla.layout import (
     VISION,
     is_backbone_dir,
     missing_backbone_message,
+    resolve,
 )
 
 IGNORE = -100
@@ -231,7 +232,8 @@ class VLAPolicy(nn.Module):
 
 
 def backbone_name(model) -> str:
-    """The backbone's name (a directory, or a hub id when is_pretrained); never writes one.
+    """Where to load the backbone from (a directory, or a hub id when is_pretrained; the
+    shipped default resolved to its directory); never writes one.
 
     A missing local backbone is a UserError naming the explicit step that creates a tiny
     one (``python -m ilstudio.policies.vla.make_tiny DIR``).
@@ -241,7 +243,7 @@ def backbone_name(model) -> str:
         raise UserError("policy 'vla' needs model.model_name_or_path")
     if not model.pretrained_backbone and not is_backbone_dir(name):
         raise UserError(missing_backbone_message(name))
-    return name
+    return resolve(name)
 
 
 def _from_kwargs(model) -> dict:
@@ -275,7 +277,7 @@ def _attn_kwargs(model) -> dict:
 def load_vision(model) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
-    name, kw = model.model_name_or_path, _from_kwargs(model)
+    name, kw = backbone_name(model), _from_kwargs(model)
     try:
         if model.pretrained_backbone:
             return AutoModel.from_pretrained(name, subfolder=VISION, **kw, **_attn_kwargs(model))
@@ -293,7 +295,7 @@ def load_llm(model, quantization_config=None, dtype=None) -> nn.Module:
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    name, kw = model.model_name_or_path, _from_kwargs(model)
+    name, kw = backbone_name(model), _from_kwargs(model)
     if dtype is not None:
         kw["dtype"] = dtype
     try:
