@@ -18,6 +18,7 @@ class VLAConfig(PolicyConfig):
     uses_images = True
     needs_images = True
     needs_language = True
+    fits_frames = True  # to the vision tower's square input, by dataset.image_aspect_ratio
 
     max_prompt_tokens: int = param(32, "Prompt length in tokens (instruction, previous subtask); "
                                    "left-padded, longer prompts are cut.", documented=False,
