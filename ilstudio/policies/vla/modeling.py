@@ -34,7 +34,6 @@ pooling head) are frozen at build time, so every trainable parameter gets a grad
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
@@ -289,7 +288,8 @@ def load_vision(model) -> nn.Module:
 
 
 def load_llm(model, quantization_config=None, dtype=None) -> nn.Module:
-    """The causal LM; quantized loads go through from_pretrained (random weights saved first).
+    """The causal LM; quantized loads go through from_pretrained (random weights saved first,
+    see ``quantization.quantized_from_config``).
 
     dtype: load in this dtype (bf16 for quantization.bits = 16), None for the default.
     """
@@ -303,14 +303,13 @@ def load_llm(model, quantization_config=None, dtype=None) -> nn.Module:
             return AutoModelForCausalLM.from_pretrained(name, subfolder=LLM, **kw, **_attn_kwargs(model),
                                                         quantization_config=quantization_config)
         cfg = AutoConfig.from_pretrained(name, subfolder=LLM, **_from_kwargs(model))
+        if quantization_config is not None:  # random weights, never all in fp32 at once
+            from ilstudio.models import quantized_from_config
+
+            return quantized_from_config(AutoModelForCausalLM, cfg, quantization_config,
+                                         **_attn_kwargs(model))
         llm = AutoModelForCausalLM.from_config(cfg, **_attn_kwargs(model))
-        if quantization_config is None:
-            return llm if dtype is None else llm.to(dtype)
-        # bitsandbytes quantizes while loading: give it these random weights to load.
-        with tempfile.TemporaryDirectory() as tmp:
-            llm.save_pretrained(tmp)
-            return AutoModelForCausalLM.from_pretrained(tmp, **_attn_kwargs(model),
-                                                        quantization_config=quantization_config)
+        return llm if dtype is None else llm.to(dtype)
     except OSError as e:
         raise UserError(f"model.model_name_or_path = {name!r}: cannot load the language model "
                         f"from {LLM}/ ({e})") from None
