@@ -160,7 +160,8 @@ def test_cache_dir_is_where_a_hub_id_is_looked_up(backbone, lang_data, tmp_path,
     assert len(load_tokenizer(m)) > 256
     vit = load_vision(m)
     assert vit.config.hidden_size == TINY["vision_hidden"]
-    with pytest.raises(UserError, match="cannot load the tokenizer"):
+    with pytest.raises(UserError, match="not a local directory, and no config.json of that hub "
+                                        "repository in the Hugging Face cache"):
         load_tokenizer(ModelSettings(policy="vla", **hub))  # no cache_dir: nowhere to find it
 
 

@@ -65,16 +65,22 @@ class DatasetSettings:
                                 "even when the data has cameras.", breaks_resume=True)
     image_aspect_ratio: str = param("pad", "How frames are fitted to the model input: 'pad' "
                                     "(letterbox) or 'resize' (stretch; 'square' is the LLaVA / "
-                                    "IL-Studio name for the same plain resize).",
+                                    "IL-Studio name for the same plain resize). On a VLM whose "
+                                    "processor takes a fixed size (LLaVA, PaliGemma, Idefics3) "
+                                    "frames are fitted to that size this way first.",
                                     choices=("pad", "resize", "square"))
     skip_mirrored_data: bool = param(False, "Leave out episodes marked as mirrored.")
-    history_images_length: int = param(1, "Frames per camera the policy sees, current included.",
+    history_images_length: int = param(1, "Frames per camera the policy sees, current included "
+                                        "(on a VLM: every camera's frames, each an image of the "
+                                        "prompt, oldest first).",
                                         bounds="[1, inf)", breaks_resume=True)
     val_fraction: float = param(0.1, "Share of episodes held out for evaluation when --do_eval.",
                                 documented=False, bounds="[0, 1)")
     image_size: tuple[int, ...] | None = param(
         None, "(H, W) the frames are fitted to (by image_aspect_ratio) before the policy sees "
-        "them; None keeps frames as recorded.", documented=False, bounds="[1, inf)",
+        "them; None keeps frames as recorded. On a dynamic-resolution VLM (Qwen2-VL, "
+        "Qwen2.5-VL) it also caps the processor's pixel budget at H*W, so it bounds the "
+        "number of image tokens.", documented=False, bounds="[1, inf)",
         length=2, breaks_resume=True)
 
 
@@ -86,32 +92,44 @@ class ModelSettings:
                         breaks_resume=True)
     chunk_size: int = param(20, "Actions predicted per step (action chunk length).", documented=False,
                            bounds="[1, inf)", breaks_resume=True)
-    model_name_or_path: str = param("", "The backbone to build from: a local directory (or hub id "
-                                    "where a network exists).",
+    model_name_or_path: str = param("", "The backbone to build from: a Hugging Face "
+                                    "image-text-to-text checkpoint (Qwen2-VL, Qwen2.5-VL, "
+                                    "Idefics3/SmolVLM, PaliGemma, LLaVA: a directory, or a hub "
+                                    "id found in cache_dir) loaded with its own processor, or a "
+                                    "two-folder vision/ + llm/ directory.",
                                     breaks_resume=True, policies=HF_BACKBONE)
     is_pretrained: bool = param(False, "True: load backbone weights from model_name_or_path; "
-                                "false: build from its config with random weights.",
+                                "false: build from its config (AutoConfig) with random weights.",
                                 policies=HF_BACKBONE)
     using_ema: bool = param(False, "Keep an EMA of the trainable weights; checkpoints carry the EMA weights.",
                             breaks_resume=True)
     ema_decay: float = param(0.999, "EMA decay per optimizer step (warmed up as "
                              "min(decay, (1+n)/(10+n)) over the first steps).", documented=False,
                              bounds="[0, 1)")
-    flash_attn: bool = param(False, "Use FlashAttention-2 in the backbone (CUDA + flash-attn only).",
+    flash_attn: bool = param(False, "Use FlashAttention-2 in the backbone (CUDA + flash-attn "
+                             "only; refused with a message elsewhere).",
                              policies=VLA_ONLY)
-    freeze_vision_tower: bool = param(False, "The vision encoder's weights do not change.",
+    freeze_vision_tower: bool = param(False, "The vision encoder's weights do not change (on a "
+                                      "VLM: its vision tower, e.g. `visual`, `vision_tower`, "
+                                      "`vision_model`; a projector inside it still trains).",
                                       breaks_resume=True, policies=HF_BACKBONE)
-    freeze_backbone: bool = param(False, "The language/visual backbone's weights do not change.",
+    freeze_backbone: bool = param(False, "The language/visual backbone's weights do not "
+                                  "change (on a VLM: vision tower, language model and LM head; "
+                                  "its projector, the action head and LoRA adapters train).",
                                   breaks_resume=True, policies=HF_BACKBONE)
-    tune_mm_mlp_adapter: bool = param(False, "Train only the multimodal projector.",
+    tune_mm_mlp_adapter: bool = param(False, "Train only the multimodal projector (on a VLM "
+                                      "its own: `multi_modal_projector`, `connector`, "
+                                      "`visual.merger`) plus the action head.",
                                       breaks_resume=True, policies=VLA_ONLY)
-    llm_loss_weight: float = param(0.0, "Weight of the language-modelling loss added to the action loss.",
+    llm_loss_weight: float = param(0.0, "Weight of the language-modelling loss added to the "
+                                  "action loss (on a VLM computed with its own LM head).",
                                   bounds="[0, inf)", policies=VLA_ONLY)
     load_pretrain: bool | str | None = param(
         None, "A path: initialise the whole policy from a previous ilstudio run directory, "
         "checkpoint or model.safetensors before training. true: start the backbone from the "
         "pretrained weights in model_name_or_path (as is_pretrained = true). false/None: neither.")
-    cache_dir: str | None = param(None, "Where Hugging Face files are cached and looked up.",
+    cache_dir: str | None = param(None, "Where Hugging Face files are cached and looked up "
+                                  "(a hub id not cached there is refused: no downloads).",
                                   policies=HF_BACKBONE)
 
     @property
@@ -132,7 +150,8 @@ class LoraSettings:
     enable: bool = param(False, "Wrap the model with peft LoRA adapters.", yaml="lora_enable",
                          policies=VLA_ONLY)
     module: str = param("llm", "Parts that get adapters: comma list of llm, vit, projector, "
-                        "action_head, or module-name patterns.", yaml="lora_module",
+                        "action_head, or module-name patterns (on a VLM: its language model, "
+                        "vision tower, own projector/connector/merger, the action head).", yaml="lora_module",
                         policies=VLA_ONLY)
     task_type: str = param("CAUSAL_LM", "peft task type.", yaml="lora_task_type", policies=VLA_ONLY)
     r: int = param(64, "LoRA rank (peft LoraConfig.r).", yaml="lora_r", bounds="[1, inf)",
@@ -154,7 +173,9 @@ class LoraSettings:
 class QuantizationSettings:
     """bitsandbytes loading of the backbone."""
 
-    enable: bool = param(False, "Load the backbone quantized with bitsandbytes.", yaml="use_quantization",
+    enable: bool = param(False, "Load the backbone quantized with bitsandbytes "
+                         "(on a VLM: the language model only; vision tower, projector and LM "
+                         "head stay in full precision; train it with LoRA: QLoRA).", yaml="use_quantization",
                          policies=VLA_ONLY)
     bits: int = param(4, "4 or 8 (bitsandbytes); 16 loads in bf16/fp16.", choices=(4, 8, 16),
                       policies=VLA_ONLY)

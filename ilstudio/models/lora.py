@@ -143,8 +143,13 @@ def lora_target_modules(parts: dict[str, nn.Module], lora_module: str,
     layers: dict[str, list[str]] = {}
     for part, module in parts.items():
         prefix = prefixes[part]
-        layers[part] = [f"{prefix}.{n}" if prefix and n else (prefix or n)
-                        for n, m in module.named_modules() if isinstance(m, kinds)]
+        # A part nested inside this one (Qwen2-VL's merger inside its vision tower) keeps its
+        # own layers: they are not this part's.
+        inner = [q for other, q in prefixes.items() if other != part and q != prefix
+                 and _under(q, [prefix])]
+        layers[part] = [full for full in (f"{prefix}.{n}" if prefix and n else (prefix or n)
+                                          for n, m in module.named_modules() if isinstance(m, kinds))
+                        if not _under(full, inner)]
     tokens = _split_tokens(lora_module)
     if not tokens:
         raise UserError(f"lora.module = {lora_module!r}: empty; expected a comma list of parts "
@@ -180,6 +185,12 @@ def _outermost(names: Iterable[str]) -> list[str]:
         if not any(n == o or n.startswith(o + ".") or o == "" for o in out):
             out.append(n)
     return out
+
+
+def _innermost(name: str, prefixes: Iterable[str]) -> str | None:
+    """The longest of ``prefixes`` that holds ``name`` (nested parts: the inner one)."""
+    holding = [p for p in prefixes if _under(name, [p])]
+    return max(holding, key=len) if holding else None
 
 
 def _under(name: str, prefixes: Iterable[str]) -> bool:
@@ -239,9 +250,11 @@ def apply_lora(model: nn.Module, lora: LoraSettings, target_modules: list[str],
         part_prefixes = [n for n, _ in model.named_children()]
     else:
         part_prefixes = list(_part_prefixes(parts, model).values())
-    adapted = [p for p in part_prefixes if any(_under(t, [p]) for t in target_modules)]
-    if not adapted:  # targets outside every part: their own modules are the "parts"
-        adapted = list(target_modules)
+    # The innermost part holding each target (a part nested in another is its own part);
+    # targets outside every part count as their own parts.
+    owners = {t: _innermost(t, part_prefixes) for t in target_modules}
+    adapted = {o for o in owners.values() if o is not None}
+    outside = [t for t, o in owners.items() if o is None]
 
     config = lora_config(lora, target_modules)
     if isinstance(model, PreTrainedModel):
@@ -251,7 +264,6 @@ def apply_lora(model: nn.Module, lora: LoraSettings, target_modules: list[str],
         model = inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
         inner_prefix = ""
 
-    frozen_for_good = adapted + kbit_roots
     for name, param in model.named_parameters():
         if "lora_" in name:
             continue
@@ -259,7 +271,8 @@ def apply_lora(model: nn.Module, lora: LoraSettings, target_modules: list[str],
         orig = orig.replace(".base_layer.", ".")
         if lora.bias == "all" and orig.endswith("bias"):
             continue  # peft: every bias trains
-        if _under(orig, frozen_for_good) or orig not in before:
+        if _innermost(orig, part_prefixes) in adapted or _under(orig, kbit_roots + outside) \
+                or orig not in before:
             continue  # peft's decision: base weights frozen (adapter-side biases per lora.bias)
         if before[orig] and not param.is_floating_point():
             continue

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 from ilstudio.config.declare import configurable, param
 from ilstudio.errors import UserError
 from ilstudio.policies.base import PolicyConfig
 from ilstudio.policies.vla.default_backbone import builtin_pretrained_message, is_builtin
-from ilstudio.policies.vla.layout import is_backbone_dir, looks_local, missing_backbone_message
+from ilstudio.policies.vla.layout import (
+    backbone_family,
+    hub_id_missing_message,
+    looks_local,
+    missing_backbone_message,
+)
 
 
 @configurable("vla", group="VLA policy")
@@ -28,6 +32,46 @@ class VLAConfig(PolicyConfig):
                                    bounds="[1, inf)")
     instruction: str = param("", "Instruction for episodes without a `language_instruction` "
                              "attribute (plain ACT data).", documented=False)
+    backbone_family: str = param(
+        "auto", "The backbone's kind and family: 'two_folder' (vision/ + llm/) or a standard "
+        "checkpoint's model_type (qwen2_vl, qwen2_5_vl, idefics3, smolvlm, paligemma, llava, "
+        "...). 'auto' reads it from model.model_name_or_path, and the run records what it "
+        "found here, so resuming on another family is refused; a set value must match.",
+        documented=False)
+
+    def _backbone_problems(self, model, source_of) -> list[str]:
+        """Where model.model_name_or_path points, and the family it holds (recorded)."""
+        name = model.model_name_or_path
+        where = f" (set in {source_of('model.model_name_or_path')})"
+        if not name:
+            return ["policy 'vla' needs model.model_name_or_path (a Hugging Face "
+                    "image-text-to-text checkpoint, or a two-folder backbone; create a tiny one "
+                    "with `python -m ilstudio.policies.vla.make_tiny DIR [--family F]`)"]
+        if model.pretrained_backbone and is_builtin(name):
+            return [builtin_pretrained_message(where)]
+        family = backbone_family(name, model.cache_dir)
+        if not family:
+            if looks_local(name) or not model.pretrained_backbone:
+                return [missing_backbone_message(name, where)]
+            return [hub_id_missing_message(name, model.cache_dir, where)]
+        if self.backbone_family == "auto":
+            self._record_family(family)
+        elif self.backbone_family != family:
+            return [f"vla.backbone_family = {self.backbone_family!r} (set in "
+                    f"{source_of('vla.backbone_family')}), but model.model_name_or_path = "
+                    f"{name!r} holds a {family!r} backbone"]
+        return []
+
+    def _record_family(self, family: str) -> None:
+        """Bind the family found, and rebuild once so the operative config records it."""
+        import gin
+
+        try:
+            gin.bind_parameter("vla.backbone_family", family)
+        except (RuntimeError, ValueError):  # a locked config (a run rebuilt after training)
+            return
+        type(self)()
+        object.__setattr__(self, "backbone_family", family)  # a frozen dataclass
 
     def validate(self, *, task, dataset, model, lora, quantization, source_of) -> None:
         from ilstudio.models.lora import check_lora_settings
@@ -38,21 +82,7 @@ class VLAConfig(PolicyConfig):
         check_lora_settings(lora, source_of)
         check_quantization_combo(lora, quantization, source_of)
         problems = []
-        name = model.model_name_or_path
-        if not name:
-            problems.append("policy 'vla' needs model.model_name_or_path (a backbone directory; "
-                            "create a tiny one with `python -m ilstudio.policies.vla.make_tiny DIR`)")
-        elif model.pretrained_backbone and is_builtin(name):
-            problems.append(builtin_pretrained_message(
-                f" (set in {source_of('model.model_name_or_path')})"))
-        elif model.pretrained_backbone and looks_local(name) and not is_backbone_dir(name):
-            problems.append(f"model.model_name_or_path = {name!r} (set in "
-                            f"{source_of('model.model_name_or_path')}) with model.is_pretrained = "
-                            f"True: no VLA backbone there (expected {Path(name) / 'vision'}/ and "
-                            f"{Path(name) / 'llm'}/ with config.json)")
-        elif not model.pretrained_backbone and not is_backbone_dir(name):
-            problems.append(missing_backbone_message(
-                name, f" (set in {source_of('model.model_name_or_path')})"))
+        problems += self._backbone_problems(model, source_of)
         if model.llm_loss_weight == 0:
             # The language target only feeds the language loss: without it these do nothing.
             for key in ("use_reasoning", "select_seg_token_mask"):

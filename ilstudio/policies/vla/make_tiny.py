@@ -1,6 +1,12 @@
 """Write a tiny random VLA backbone directory, offline (no hub, no network).
 
     python -m ilstudio.policies.vla.make_tiny data/vla_tiny [--hidden 64 --layers 2 ...]
+    python -m ilstudio.policies.vla.make_tiny data/qwen2_vl_tiny --family qwen2_vl
+
+With ``--family qwen2_vl|qwen2_5_vl|idefics3|paligemma|llava`` it writes a standard Hugging
+Face image-text-to-text checkpoint of that family instead (``tiny_families.py``: what
+``AutoModelForImageTextToText`` and the family's processor load); the size flags below
+apply to the two-folder kind only.
 
 An explicit step: building a policy never writes a backbone (validation names this
 command when ``model.model_name_or_path`` holds none); tests call ``write_tiny_backbone``
@@ -24,6 +30,7 @@ from absl import logging
 
 from ilstudio.errors import UserError
 from ilstudio.policies.vla.layout import LLM, PROJECTOR, VISION, is_backbone_dir
+from ilstudio.policies.vla.tiny_families import FAMILIES, write_tiny_vlm
 from ilstudio.rundir import atomic_dir
 
 # Sentences the tiny tokenizer learns its merges from; any text still tokenizes (byte-level).
@@ -152,7 +159,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--llm", choices=("llama", "qwen2"), default="llama")
     p.add_argument("--vision", choices=("siglip", "clip"), default="siglip")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--family", choices=FAMILIES, default=None,
+                   help="write a standard checkpoint of this family (not the two-folder kind)")
     a = p.parse_args(argv)
+    if a.family:
+        try:
+            out = write_tiny_vlm(a.output_dir, a.family, seed=a.seed)
+        except FileExistsError as e:
+            p.error(str(e))
+        print(f"wrote a tiny {a.family} checkpoint to {out.resolve()}")
+        return
     if a.hidden % a.heads or a.vision_hidden % a.vision_heads:
         p.error("hidden sizes must be divisible by their head counts")
     if a.image_size % a.patch_size:

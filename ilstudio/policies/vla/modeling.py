@@ -46,10 +46,13 @@ from ilstudio.policies.vla.layout import (
     LLM,
     PROJECTOR,
     VISION,
-    is_backbone_dir,
+    backbone_kind,
+    hub_id_missing_message,
+    looks_local,
     missing_backbone_message,
     resolve,
 )
+from ilstudio.policies.vla.parts import trainable_parts, untie_embeddings
 
 IGNORE = -100
 # Pixel normalization per vision model type (their image processors' defaults).
@@ -240,8 +243,11 @@ def backbone_name(model) -> str:
     name = model.model_name_or_path
     if not name:
         raise UserError("policy 'vla' needs model.model_name_or_path")
-    if not model.pretrained_backbone and not is_backbone_dir(name):
+    if not backbone_kind(name, model.cache_dir) and (not model.pretrained_backbone
+                                                     or looks_local(name)):
         raise UserError(missing_backbone_message(name))
+    if not backbone_kind(name, model.cache_dir):
+        raise UserError(hub_id_missing_message(name, model.cache_dir))
     return resolve(name)
 
 
@@ -253,8 +259,10 @@ def load_tokenizer(model):
     from transformers import AutoTokenizer
 
     name = backbone_name(model)
+    hf = backbone_kind(name, model.cache_dir) == "hf"  # a standard checkpoint: tokenizer at its root
     try:
-        return AutoTokenizer.from_pretrained(name, subfolder=LLM, **_from_kwargs(model))
+        return AutoTokenizer.from_pretrained(name, **({} if hf else {"subfolder": LLM}),
+                                             **_from_kwargs(model))
     except OSError as e:
         raise UserError(f"model.model_name_or_path = {name!r}: cannot load the tokenizer from "
                         f"{LLM}/ ({e})") from None
@@ -315,15 +323,6 @@ def load_llm(model, quantization_config=None, dtype=None) -> nn.Module:
                         f"from {LLM}/ ({e})") from None
 
 
-def _untie(llm: nn.Module) -> None:
-    """Give lm_head its own copy of tied embeddings: a plain-module safetensors checkpoint
-    cannot hold shared tensors (the Trainer saves our state dict with safetensors)."""
-    out, inp = llm.get_output_embeddings(), llm.get_input_embeddings()
-    if out is not None and out.weight is inp.weight:
-        out.weight = nn.Parameter(inp.weight.detach().clone(), requires_grad=inp.weight.requires_grad)
-        llm.config.tie_word_embeddings = False
-
-
 def _load_projector(projector: MultimodalProjector, model) -> None:
     """Initial image-MLP weights from projector.safetensors when loading pretrained parts."""
     path = Path(model.model_name_or_path).expanduser() / PROJECTOR
@@ -336,18 +335,6 @@ def _load_projector(projector: MultimodalProjector, model) -> None:
         projector.load_state_dict(state, strict=False)
     except RuntimeError as e:
         raise UserError(f"{path}: does not fit this backbone's projector ({e})") from None
-
-
-def trainable_parts(model) -> dict[str, bool]:
-    """Which parts train, from the freezing switches (see the module docstring)."""
-    train = {"vit": True, "llm": True, "projector": True, "action_head": True}
-    if model.freeze_vision_tower:
-        train["vit"] = False
-    if model.freeze_backbone:
-        train["vit"] = train["llm"] = False
-    if model.tune_mm_mlp_adapter:
-        train = {"vit": False, "llm": False, "projector": True, "action_head": True}
-    return train
 
 
 def _freeze_unused(policy: VLAPolicy) -> None:
@@ -379,6 +366,14 @@ def build(*, policy_config, task, dataset, model, lora, quantization, use_images
         raise UserError("policy 'vla' needs camera images (task.camera_names and "
                         "dataset.is_multimodal)")
     backbone_name(model)
+    from ilstudio.policies.vla.backbones import load_backbone
+
+    backbone = load_backbone(model, quantization)
+    if backbone is not None:  # a standard image-text-to-text checkpoint
+        from ilstudio.policies.vla.vlm_build import build_hf
+
+        return build_hf(backbone, policy_config=policy_config, task=task, dataset=dataset,
+                        model=model, lora=lora)
     from ilstudio.models import (
         apply_lora,
         bnb_quantization_config,
@@ -392,7 +387,7 @@ def build(*, policy_config, task, dataset, model, lora, quantization, use_images
     llm = load_llm(model, quant_config, torch_dtype_for(quantization))
     if quant_config is not None:
         keep_portable_4bit_layout(llm)
-    _untie(llm)
+    untie_embeddings(llm)
     tokenizer_vocab = len(load_tokenizer(model))
     if tokenizer_vocab > llm.get_input_embeddings().num_embeddings:
         raise UserError(f"model.model_name_or_path = {model.model_name_or_path!r}: the tokenizer "

@@ -1,0 +1,27 @@
+"""What the freezing switches train, and untied embeddings: shared by both backbone kinds."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def trainable_parts(model) -> dict[str, bool]:
+    """Which parts train, from the freezing switches (see modeling.py's docstring)."""
+    train = {"vit": True, "llm": True, "projector": True, "action_head": True}
+    if model.freeze_vision_tower:
+        train["vit"] = False
+    if model.freeze_backbone:
+        train["vit"] = train["llm"] = False
+    if model.tune_mm_mlp_adapter:
+        train = {"vit": False, "llm": False, "projector": True, "action_head": True}
+    return train
+
+
+def untie_embeddings(model: nn.Module) -> None:
+    """Give the lm head its own copy of tied embeddings: a plain-module safetensors checkpoint
+    cannot hold shared tensors (the Trainer saves our state dict with safetensors)."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is not None and out.weight is inp.weight:
+        out.weight = nn.Parameter(inp.weight.detach().clone(), requires_grad=inp.weight.requires_grad)
+        for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            cfg.tie_word_embeddings = False
