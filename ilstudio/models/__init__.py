@@ -21,7 +21,6 @@ from ilstudio.models.lora import (
 from ilstudio.models.quantization import (
     bnb_quantization_config,
     check_quantization_combo,
-    from_pretrained_kwargs,
     is_quantized_module,
     keep_portable_4bit_layout,
     load_state_with_quantized,
@@ -32,7 +31,7 @@ from ilstudio.models.quantization import (
 
 __all__ = [
     "PART_NAMES", "apply_lora", "bnb_quantization_config", "check_lora_settings",
-    "check_quantization_combo", "from_pretrained_kwargs", "has_lora", "is_quantized_module", "keep_portable_4bit_layout", "load_adapter_run",
+    "check_quantization_combo", "has_lora", "is_quantized_module", "keep_portable_4bit_layout", "load_adapter_run",
     "load_adapter_weights", "load_state_with_quantized", "lora_config", "lora_param_groups",
     "lora_target_modules", "quantized_from_config", "restore_quantized_weights", "save_adapter", "torch_dtype_for",
 ]

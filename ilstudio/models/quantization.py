@@ -79,22 +79,6 @@ def torch_dtype_for(quant: QuantizationSettings) -> torch.dtype | None:
     return None
 
 
-def from_pretrained_kwargs(quant: QuantizationSettings,
-                           compute_dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """The ``from_pretrained`` keywords that load a backbone under these settings.
-
-    4/8-bit: ``quantization_config``; transformers then quantizes each tensor as it streams
-    from the safetensors, so the full-precision weights are never all in memory at once
-    (measured in bench/vla_quant_memory.py). bits=16: ``dtype=bfloat16``. Otherwise nothing:
-    the checkpoint's own dtype.
-    """
-    qconfig = bnb_quantization_config(quant, compute_dtype)
-    if qconfig is not None:
-        return {"quantization_config": qconfig}
-    dtype = torch_dtype_for(quant)
-    return {"dtype": dtype} if dtype is not None else {}
-
-
 def quantized_from_config(auto_class: Any, config: Any, quantization_config: BitsAndBytesConfig,
                           **kwargs: Any) -> nn.Module:
     """A randomly initialized model (``model.is_pretrained = False``), loaded in 4/8-bit.
