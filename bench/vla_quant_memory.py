@@ -213,6 +213,7 @@ def machine(args) -> str:
     return (f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} "
             f"torch_threads={torch.get_num_threads()} device={dev} "
+            f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')} "
             f"loadavg={' '.join(f'{x:.1f}' for x in os.getloadavg())}\n"
             f"versions: python {platform.python_version()}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}, peft {peft.__version__}, "
