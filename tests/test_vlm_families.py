@@ -7,7 +7,9 @@ steps, real train.py subprocesses (train, resume, rebuild in the evaluator's loa
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -121,6 +123,23 @@ def test_freezing_switches_freeze_exactly_the_named_modules(family, checkpoints,
     assert parts["projector"] is not parts["vit"] and parts["llm"] is not parts["vit"]
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_lora_module_parts_name_the_right_modules(family, checkpoints, data):
+    """On Qwen2-VL the projector (visual.merger) sits inside the vision tower: 'vit' leaves
+    it out and 'projector' takes only it."""
+    policy, _ = make(data, checkpoints(family))
+    prefixes = {k: v[0] for k, v in policy.part_prefixes().items() if v}
+    for part in ("llm", "vit", "projector", "action_head"):
+        lora = LoraSettings(enable=True, r=2, alpha=4, module=part)
+        adapted, _ = make(data, checkpoints(family), lora=lora)
+        names = {n.rsplit(".lora_A", 1)[0] for n, _ in adapted.named_parameters() if ".lora_A." in n}
+        assert names and all(n.startswith(prefixes[part] + ".") for n in names), (part, names)
+        if part == "vit":
+            assert not any(n.startswith(prefixes["projector"] + ".") for n in names)
+        trains = {n for n, p in adapted.named_parameters() if p.requires_grad and "lora_" not in n}
+        assert not any(n.startswith(tuple(f"{a}.base_layer" for a in names)) for n in trains)
+
+
 def test_8bit_language_model_trains_with_lora(checkpoints, data, tmp_path):
     import bitsandbytes as bnb
 
@@ -216,6 +235,22 @@ def test_checkpoint_problems_are_validation_errors(checkpoints, data, tmp_path):
         test_vla.validate(task, ds, m)
 
 
+def test_a_cached_hub_id_loads_through_cache_dir(checkpoints, data, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never the network
+    cache, commit = tmp_path / "hf_cache", "0" * 40
+    repo = cache / "models--ilstudio-test--tiny-llava"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(checkpoints("llava"), repo / "snapshots" / commit)
+    hub = {"is_pretrained": True, "cache_dir": str(cache)}
+    task, ds, m = test_vla.settings(data, "ilstudio-test/tiny-llava", model=hub)
+    test_vla.validate(task, ds, m)
+    policy, train = make(data, "ilstudio-test/tiny-llava", model=hub)
+    assert policy.family == "llava" and torch.isfinite(policy(**test_vla.batch_of(train, 2))["loss"])
+
+
 # -- train.py: LoRA, resume, the evaluator's loader ----------------------------------------------
 
 
@@ -278,3 +313,34 @@ def _check_rebuilt(out: Path, targets: list[str]) -> None:
     base = load_adapter_run(base, out)
     for key in (targets[0] + ".lora_B.default.weight", "action_head.mlp.0.weight"):
         assert torch.equal(base.state_dict()[key], own[key]), key
+    # lora.weight_path: a new run starts from these adapters (and trainable non-LoRA weights).
+    cont = build_policy("vla", policy_config=built["policy"], task=built["task"],
+                        dataset=built["dataset"], model=built["model"],
+                        lora=dataclasses.replace(built["lora"], weight_path=str(out)),
+                        quantization=built["quantization"], use_images=True)
+    for key in (targets[0] + ".lora_B.default.weight", "action_head.mlp.0.weight"):
+        assert torch.equal(cont.state_dict()[key], own[key]), key
+
+
+def test_train_py_qlora_run_is_rebuilt_by_the_evaluator(checkpoints, data, tmp_path):
+    """QLoRA through train.py (4-bit language model, tied embeddings untied) and a strict
+    rebuild of its 4-bit weights and adapters by the evaluator's loader."""
+    import bitsandbytes as bnb
+    import gin
+    from safetensors.torch import load_file
+
+    from ilstudio.eval import load_policy, load_settings
+
+    out = tmp_path / "qlora"
+    proc = run_train(*_args(data, out, checkpoints("paligemma"), "--max_steps=2",
+                            "--gin_bindings=quantization.enable = True",
+                            "--gin_bindings=quantization.bits = 4"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    try:
+        built = load_settings(out / "operative_config.gin")
+        rebuilt, _, _ = load_policy(built, out / "model.safetensors", "cpu")
+    finally:
+        gin.clear_config()
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in rebuilt.modules())
+    saved, own = load_file(str(out / "model.safetensors")), rebuilt.state_dict()
+    assert set(saved) == set(own) and all(torch.equal(own[k], saved[k]) for k in saved)

@@ -250,12 +250,6 @@ def apply_lora(model: nn.Module, lora: LoraSettings, target_modules: list[str],
         part_prefixes = [n for n, _ in model.named_children()]
     else:
         part_prefixes = list(_part_prefixes(parts, model).values())
-    # The innermost part holding each target (a part nested in another is its own part);
-    # targets outside every part count as their own parts.
-    owners = {t: _innermost(t, part_prefixes) for t in target_modules}
-    adapted = {o for o in owners.values() if o is not None}
-    outside = [t for t, o in owners.items() if o is None]
-
     config = lora_config(lora, target_modules)
     if isinstance(model, PreTrainedModel):
         model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
@@ -263,7 +257,23 @@ def apply_lora(model: nn.Module, lora: LoraSettings, target_modules: list[str],
     else:
         model = inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
         inner_prefix = ""
+    _restore_trainability(model, lora, before, target_modules, part_prefixes,
+                          kbit_roots, inner_prefix)
+    if lora.weight_path:
+        load_adapter_weights(model, lora.weight_path)
+    return model
 
+
+def _restore_trainability(model: nn.Module, lora: LoraSettings, before: dict[str, bool],
+                          target_modules: list[str], part_prefixes: list[str],
+                          kbit_roots: list[str], inner_prefix: str) -> None:
+    """Give back the pre-LoRA requires_grad to every parameter outside the parts that hold
+    adapters and outside the quantized submodules (see the module docstring)."""
+    # The innermost part holding each target (a part nested in another is its own part);
+    # targets outside every part count as their own parts.
+    owners = {t: _innermost(t, part_prefixes) for t in target_modules}
+    adapted = {o for o in owners.values() if o is not None}
+    frozen_roots = kbit_roots + [t for t, o in owners.items() if o is None]
     for name, param in model.named_parameters():
         if "lora_" in name:
             continue
@@ -271,16 +281,12 @@ def apply_lora(model: nn.Module, lora: LoraSettings, target_modules: list[str],
         orig = orig.replace(".base_layer.", ".")
         if lora.bias == "all" and orig.endswith("bias"):
             continue  # peft: every bias trains
-        if _innermost(orig, part_prefixes) in adapted or _under(orig, kbit_roots + outside) \
+        if _innermost(orig, part_prefixes) in adapted or _under(orig, frozen_roots) \
                 or orig not in before:
             continue  # peft's decision: base weights frozen (adapter-side biases per lora.bias)
         if before[orig] and not param.is_floating_point():
             continue
         param.requires_grad = before[orig]
-
-    if lora.weight_path:
-        load_adapter_weights(model, lora.weight_path)
-    return model
 
 
 def _no_decay(name: str, param) -> bool:

@@ -1,5 +1,10 @@
 """VLA policy: a vision tower, a multimodal projector, a causal LM and an action head.
 
+``build`` serves both backbone kinds (``layout.backbone_kind``): a standard Hugging Face
+image-text-to-text checkpoint goes to ``vlm_build.build_hf`` (the model's own processor and
+modules, see vlm_policy.py); the two-folder kind (``vision/`` + ``llm/``) is assembled here,
+as described below.
+
 Sequence the LM reads (one row per sample; P, T fixed by vla.max_prompt_tokens/max_target_tokens)::
 
     [prompt (P, left-padded)] [image tokens] [state token] [K action queries] [target (T)]

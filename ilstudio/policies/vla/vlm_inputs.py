@@ -52,10 +52,29 @@ def _assembled_processor(model, model_type: str):
 
     accepted = inspect.signature(cls.__init__).parameters
     args = {"image_processor": image_processor, "tokenizer": tokenizer,
-            "chat_template": tokenizer.chat_template}
+            "chat_template": tokenizer.chat_template or _chat_template_file(model)}
     if "video_processor" in accepted:
         args["video_processor"] = None
     return WithoutMissingParts(**args)
+
+
+def _chat_template_file(model) -> str | None:
+    """The checkpoint's processor chat template file (chat_template.jinja, or the older
+    chat_template.json), for a tokenizer that does not carry it itself."""
+    import json
+
+    from transformers.utils import cached_file
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        try:
+            path = cached_file(model.model_name_or_path, name, _raise_exceptions_for_missing_entries=False,
+                               **_from_kwargs(model))
+        except OSError:
+            path = None
+        if path:
+            text = open(path, encoding="utf-8").read()
+            return text if name.endswith(".jinja") else json.loads(text).get("chat_template")
+    return None
 
 
 def load_processor(model, model_type: str):
