@@ -235,25 +235,27 @@ def test_console_script_is_installed():
 
 def test_headline_command_trains_lora_on_readme_synthetic_data(tmp_path):
     """README's headline command, exactly as printed plus README's synthetic task, from a
-    directory that is not the checkout: LoRA is really on with r = 16."""
+    directory that is not the checkout, with no backbone step first (the default backbone
+    ships in the package): LoRA is really on with r = 16, and no backbone is written."""
     import subprocess
 
     from conftest import train_env
 
-    for module, target in (("ilstudio.policies.vla.make_tiny", "data/vla_tiny"),
-                           ("ilstudio.data.synthetic", "data/tiny_synthetic")):
-        made = subprocess.run([sys.executable, "-m", module, target], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=120, env=train_env())
-        assert made.returncode == 0, made.stderr[-2000:]
+    made = subprocess.run([sys.executable, "-m", "ilstudio.data.synthetic", "data/tiny_synthetic"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=train_env())
+    assert made.returncode == 0, made.stderr[-2000:]
     proc = run_train("--gin_file=gin_configs/default.gin", "--gin_bindings=lora.r=16",
                      "--learning_rate=1e-3", "--task_name=tiny_synthetic", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "runs"]
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["tiny_synthetic"]
     run = tmp_path / "runs" / "tiny_synthetic"
     adapter = json.loads((run / "adapter_config.json").read_text())
     assert adapter["r"] == 16 and adapter["peft_type"] == "LORA"
     assert (run / "adapter_model.safetensors").stat().st_size > 0
     operative = (run / "operative_config.gin").read_text()
     assert "lora.enable = True" in operative and "model.policy = 'vla'" in operative
+    assert "model.model_name_or_path = 'ilstudio:vla_tiny'" in operative  # portable, not a path
     assert json.loads((run / "training_args.json").read_text())["learning_rate"] == 1e-3
 
 

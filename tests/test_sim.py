@@ -178,15 +178,12 @@ def test_headline_command_trains_lora_vla_on_recorded_data(recorded: Path, tmp_p
     lora.r = 16 reaches peft, and the recorder wrote the instruction the VLA reads."""
     with h5py.File(recorded / "episode_0.hdf5", "r") as f:
         assert "hand it to the left arm" in f.attrs["language_instruction"]
-    made = subprocess.run([sys.executable, "-m", "ilstudio.policies.vla.make_tiny", "data/vla_tiny"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=_sim_env())
-    assert made.returncode == 0, made.stderr[-2000:]
     run = tmp_path / "run"
     proc = run_train("--gin_file=gin_configs/default.gin", "--gin_bindings=lora.r=16",
                      "--learning_rate=1e-3", f"--gin_bindings=task.dataset_dir = '{recorded}'",
                      *[f"--gin_bindings={b}" for b in SMALL], f"--output_dir={run}", "--max_steps=2",
                      "--per_device_train_batch_size=2", "--save_strategy=no", "--report_to=none",
-                     cwd=tmp_path, env=_sim_env())  # default.gin's backbone: tmp_path/data/vla_tiny
+                     cwd=tmp_path, env=_sim_env())  # default.gin's backbone ships in the package
     assert proc.returncode == 0, proc.stderr[-3000:]
     adapter = json.loads((run / "adapter_config.json").read_text())
     assert adapter["r"] == 16 and adapter["peft_type"] == "LORA"

@@ -24,6 +24,7 @@ from ilstudio.models.quantization import (
     is_quantized_module,
     keep_portable_4bit_layout,
     load_state_with_quantized,
+    quantized_from_config,
     restore_quantized_weights,
     torch_dtype_for,
 )
@@ -32,5 +33,5 @@ __all__ = [
     "PART_NAMES", "apply_lora", "bnb_quantization_config", "check_lora_settings",
     "check_quantization_combo", "has_lora", "is_quantized_module", "keep_portable_4bit_layout", "load_adapter_run",
     "load_adapter_weights", "load_state_with_quantized", "lora_config", "lora_param_groups",
-    "lora_target_modules", "restore_quantized_weights", "save_adapter", "torch_dtype_for",
+    "lora_target_modules", "quantized_from_config", "restore_quantized_weights", "save_adapter", "torch_dtype_for",
 ]

@@ -79,6 +79,31 @@ def torch_dtype_for(quant: QuantizationSettings) -> torch.dtype | None:
     return None
 
 
+def quantized_from_config(auto_class: Any, config: Any, quantization_config: BitsAndBytesConfig,
+                          **kwargs: Any) -> nn.Module:
+    """A randomly initialized model (``model.is_pretrained = False``), loaded in 4/8-bit.
+
+    bitsandbytes quantizes in ``from_pretrained``, so the random weights are saved to a
+    temporary directory first. They are built in bf16 and released before the quantized load
+    streams them back: the fp32 model is never in memory, and peak memory stays near half of
+    an fp32 build (the quantized load itself holds only the quantized weights). ``kwargs``
+    (e.g. attn_implementation) go to both calls.
+    """
+    import gc
+    import tempfile
+
+    import torch
+
+    model = auto_class.from_config(config, dtype=torch.bfloat16, **kwargs)
+    with tempfile.TemporaryDirectory(prefix="ilstudio_random_backbone_") as tmp:
+        model.save_pretrained(tmp)
+        del model
+        gc.collect()
+        # dtype: the modules bitsandbytes leaves alone stay fp32, as in an unquantized build.
+        return auto_class.from_pretrained(tmp, quantization_config=quantization_config,
+                                          dtype=torch.float32, **kwargs)
+
+
 def keep_portable_4bit_layout(model: nn.Module) -> None:
     """Keep every bitsandbytes 4-bit layer in its standard packed layout.
 

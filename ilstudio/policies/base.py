@@ -32,6 +32,10 @@ class PolicyConfig:
     uses_images: ClassVar[bool] = False
     needs_images: ClassVar[bool] = False
     needs_language: ClassVar[bool] = False
+    # The policy fits every camera frame to its own fixed input size (the VLA: its vision
+    # tower's square) by dataset.image_aspect_ratio, so that setting acts even where
+    # dataset.image_size leaves frames at their recorded size.
+    fits_frames: ClassVar[bool] = False
     # A policy's own settings shape its network: changing one breaks resuming, unless the
     # parameter declares otherwise (``param(breaks_resume=False)``, e.g. a dropout rate).
     breaks_resume: ClassVar[bool] = True
@@ -87,10 +91,12 @@ class PolicyConfig:
             problems.append(f"dataset.image_size = {dataset.image_size!r} (set in "
                             f"{source_of('dataset.image_size')}) has no effect: policy "
                             f"'{self.name}' gets no camera images here")
-        if dataset.image_aspect_ratio != "pad" and dataset.image_size is None:
+        if dataset.image_aspect_ratio != "pad" and dataset.image_size is None \
+                and not (self.fits_frames and images):
             problems.append(f"dataset.image_aspect_ratio = {dataset.image_aspect_ratio!r} (set in "
                             f"{source_of('dataset.image_aspect_ratio')}) has no effect: frames keep "
-                            "their recorded size unless dataset.image_size = (H, W) is set")
+                            f"their recorded size for policy '{self.name}' unless "
+                            "dataset.image_size = (H, W) is set")
         if not dataset.lazy_preprocess and not images and not self.needs_language:
             problems.append(f"dataset.lazy_preprocess = False (set in "
                             f"{source_of('dataset.lazy_preprocess')}) has no effect: policy "

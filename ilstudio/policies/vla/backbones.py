@@ -21,7 +21,6 @@ projector and lm head are passed as ``llm_int8_skip_modules``.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,14 +115,14 @@ def load_hf_vlm(model, quant_config=None, dtype: torch.dtype | None = None) -> B
             vlm = AutoModelForImageTextToText.from_pretrained(
                 name, **_from_kwargs(model), **kw, quantization_config=quant_config)
         else:
-            vlm = AutoModelForImageTextToText.from_config(cfg, **_attn_kwargs(model))
-            if quant_config is not None:  # bitsandbytes quantizes while loading: save first
-                with tempfile.TemporaryDirectory() as tmp:
-                    vlm.save_pretrained(tmp)
-                    vlm = AutoModelForImageTextToText.from_pretrained(
-                        tmp, **kw, quantization_config=quant_config)
-            elif dtype is not None:
-                vlm = vlm.to(dtype)
+            if quant_config is not None:  # random weights, never all in fp32 at once
+                from ilstudio.models import quantized_from_config
+
+                vlm = quantized_from_config(AutoModelForImageTextToText, cfg, quant_config,
+                                            **_attn_kwargs(model))
+            else:
+                vlm = AutoModelForImageTextToText.from_config(cfg, **_attn_kwargs(model))
+                vlm = vlm if dtype is None else vlm.to(dtype)
     except (OSError, ValueError) as e:
         raise UserError(f"model.model_name_or_path = {name!r}: cannot load it as an "
                         f"image-text-to-text model ({str(e).splitlines()[0]})") from None

@@ -7,6 +7,7 @@ import importlib.util
 from ilstudio.config.declare import configurable, param
 from ilstudio.errors import UserError
 from ilstudio.policies.base import PolicyConfig
+from ilstudio.policies.vla.default_backbone import builtin_pretrained_message, is_builtin
 from ilstudio.policies.vla.layout import (
     backbone_family,
     hub_id_missing_message,
@@ -21,6 +22,7 @@ class VLAConfig(PolicyConfig):
     uses_images = True
     needs_images = True
     needs_language = True
+    fits_frames = True  # to the vision tower's square input, by dataset.image_aspect_ratio
 
     max_prompt_tokens: int = param(32, "Prompt length in tokens (instruction, previous subtask); "
                                    "left-padded, longer prompts are cut.", documented=False,
@@ -45,6 +47,8 @@ class VLAConfig(PolicyConfig):
             return ["policy 'vla' needs model.model_name_or_path (a Hugging Face "
                     "image-text-to-text checkpoint, or a two-folder backbone; create a tiny one "
                     "with `python -m ilstudio.policies.vla.make_tiny DIR [--family F]`)"]
+        if model.pretrained_backbone and is_builtin(name):
+            return [builtin_pretrained_message(where)]
         family = backbone_family(name, model.cache_dir)
         if not family:
             if looks_local(name) or not model.pretrained_backbone:

@@ -21,11 +21,25 @@ from pathlib import Path
 VISION = "vision"
 LLM = "llm"
 PROJECTOR = "projector.safetensors"
+# The default backbone, shipped inside the package (see default_backbone.py for why).
+BUILTIN = "ilstudio:vla_tiny"
+HOME = Path(__file__).resolve().parent / "vla_tiny"
+
+
+def is_builtin(name: str) -> bool:
+    return name == BUILTIN
+
+
+def resolve(name: str) -> str:
+    """The directory (or hub id) to load ``model.model_name_or_path = name`` from: the
+    shipped default's directory for ``BUILTIN``, any other name unchanged."""
+    return str(HOME) if is_builtin(name) else name
 
 
 def looks_local(name: str) -> bool:
-    """A name the user meant as a filesystem path (not a hub id)."""
-    return name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
+    """A name the user meant as a filesystem path (not a hub id); the shipped backbone's name
+    (``default_backbone.BUILTIN``) counts as one."""
+    return is_builtin(name) or name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
 
 
 def missing_backbone_message(name: str, where: str = "") -> str:
@@ -49,7 +63,7 @@ def hub_id_missing_message(name: str, cache_dir: str | None, where: str = "") ->
 
 
 def is_backbone_dir(path: str | Path) -> bool:
-    p = Path(path).expanduser()
+    p = Path(resolve(str(path))).expanduser()
     return (p / VISION / "config.json").is_file() and (p / LLM / "config.json").is_file()
 
 

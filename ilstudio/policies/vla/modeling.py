@@ -39,7 +39,6 @@ pooling head) are frozen at build time, so every trainable parameter gets a grad
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
@@ -57,6 +56,7 @@ from ilstudio.policies.vla.layout import (
     hub_id_missing_message,
     looks_local,
     missing_backbone_message,
+    resolve,
 )
 from ilstudio.policies.vla.parts import trainable_parts, untie_embeddings
 
@@ -238,7 +238,8 @@ class VLAPolicy(nn.Module):
 
 
 def backbone_name(model) -> str:
-    """The backbone's name (a directory, or a hub id when is_pretrained); never writes one.
+    """Where to load the backbone from (a directory, or a hub id when is_pretrained; the
+    shipped default resolved to its directory); never writes one.
 
     A missing local backbone is a UserError naming the explicit step that creates a tiny
     one (``python -m ilstudio.policies.vla.make_tiny DIR``).
@@ -251,7 +252,7 @@ def backbone_name(model) -> str:
         raise UserError(missing_backbone_message(name))
     if not backbone_kind(name, model.cache_dir):
         raise UserError(hub_id_missing_message(name, model.cache_dir))
-    return name
+    return resolve(name)
 
 
 def _from_kwargs(model) -> dict:
@@ -287,7 +288,7 @@ def _attn_kwargs(model) -> dict:
 def load_vision(model) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
-    name, kw = model.model_name_or_path, _from_kwargs(model)
+    name, kw = backbone_name(model), _from_kwargs(model)
     try:
         if model.pretrained_backbone:
             return AutoModel.from_pretrained(name, subfolder=VISION, **kw, **_attn_kwargs(model))
@@ -299,13 +300,14 @@ def load_vision(model) -> nn.Module:
 
 
 def load_llm(model, quantization_config=None, dtype=None) -> nn.Module:
-    """The causal LM; quantized loads go through from_pretrained (random weights saved first).
+    """The causal LM; quantized loads go through from_pretrained (random weights saved first,
+    see ``quantization.quantized_from_config``).
 
     dtype: load in this dtype (bf16 for quantization.bits = 16), None for the default.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    name, kw = model.model_name_or_path, _from_kwargs(model)
+    name, kw = backbone_name(model), _from_kwargs(model)
     if dtype is not None:
         kw["dtype"] = dtype
     try:
@@ -313,14 +315,13 @@ def load_llm(model, quantization_config=None, dtype=None) -> nn.Module:
             return AutoModelForCausalLM.from_pretrained(name, subfolder=LLM, **kw, **_attn_kwargs(model),
                                                         quantization_config=quantization_config)
         cfg = AutoConfig.from_pretrained(name, subfolder=LLM, **_from_kwargs(model))
+        if quantization_config is not None:  # random weights, never all in fp32 at once
+            from ilstudio.models import quantized_from_config
+
+            return quantized_from_config(AutoModelForCausalLM, cfg, quantization_config,
+                                         **_attn_kwargs(model))
         llm = AutoModelForCausalLM.from_config(cfg, **_attn_kwargs(model))
-        if quantization_config is None:
-            return llm if dtype is None else llm.to(dtype)
-        # bitsandbytes quantizes while loading: give it these random weights to load.
-        with tempfile.TemporaryDirectory() as tmp:
-            llm.save_pretrained(tmp)
-            return AutoModelForCausalLM.from_pretrained(tmp, **_attn_kwargs(model),
-                                                        quantization_config=quantization_config)
+        return llm if dtype is None else llm.to(dtype)
     except OSError as e:
         raise UserError(f"model.model_name_or_path = {name!r}: cannot load the language model "
                         f"from {LLM}/ ({e})") from None
