@@ -27,7 +27,7 @@ import numpy as np
 from ilstudio.data.episodes import ACTION_KEY, IMAGES_KEY, QPOS_KEY, open_episode, read_errors
 from ilstudio.data.lerobot_format import INFO_PATH
 from ilstudio.data.sources import list_episodes
-from ilstudio.errors import UserError
+from ilstudio.errors import UserError, guarded
 from ilstudio.rundir import atomic_dir
 
 QVEL_KEY = "observations/qvel"
@@ -149,14 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache_dir", default=None, help="Hugging Face cache for a hub repo id")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    try:
+
+    def run() -> int:
         summary = convert(args.src, args.dst, args.to, args.version, args.fps, args.image_storage,
                           args.robot_type, args.cache_dir, progress=not args.no_progress)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{summary['episodes']} episodes written to {summary['destination']} ({args.to})")
-    return 0
+        print(f"{summary['episodes']} episodes written to {summary['destination']} ({args.to})")
+        return 0
+
+    return guarded(run, "convert")
 
 
 if __name__ == "__main__":
