@@ -82,6 +82,30 @@ def check_flagfiles(argv: Sequence[str], depth: int = 0) -> None:
         check_flagfiles([line.strip() for line in text.splitlines()], depth + 1)
 
 
+def check_duplicate_flags(argv: Sequence[str], fv: flags.FlagValues) -> None:
+    """A flag that takes one value, given twice on the command line with different values:
+    absl keeps the last one, and so do we (scripts append overrides to a list of defaults, as
+    the quickstart does), but never silently: a warning names both. Repeatable flags
+    (--gin_file, --gin_bindings, --training_arg) and a flagfile's values overridden on the
+    command line (``--flagfile=RUN/flags.txt --seed=2``, the documented rerun) are not
+    duplicates."""
+    seen: dict[str, tuple[str, str]] = {}
+    for arg in argv:
+        if not arg.startswith("--") or arg == "--":
+            continue
+        name, sep, value = arg[2:].partition("=")
+        if not sep and name.startswith("no") and name[2:] in fv and fv[name[2:]].boolean:
+            name, value = name[2:], "false"
+        elif not sep and name in fv and fv[name].boolean:
+            value = "true"
+        if name not in fv or name == "flagfile" or isinstance(fv[name], flags.MultiFlag):
+            continue
+        if name in seen and seen[name][0] != value.strip().lower():
+            print(f"warning: --{name} is given twice, as {seen[name][1]!r} and {arg!r}; the "
+                  f"last one is used", file=sys.stderr)
+        seen[name] = (value.strip().lower(), arg)
+
+
 def _binding_value(raw: str | None) -> str:
     """How a value is written in a gin binding: numbers and booleans bare, text quoted."""
     if raw is None:
@@ -136,6 +160,7 @@ def parse_command_line(fv: flags.FlagValues, argv: Sequence[str], *,
     try:
         argv = [argv[0], *expand_gin_shorthand(argv[1:])]
         check_flagfiles(argv[1:])
+        check_duplicate_flags(argv[1:], fv)
         stable_parameter_hint(argv[1:], fv)
     except UserError as e:
         fail(str(e))

@@ -124,7 +124,7 @@ V30_VIDEO_FIELDS = (  # per video key, prefixed "videos/<key>/"
 TASK_FIELDS = (Field("task_index", "int", minimum=0), Field("task", "str"))
 # Per-frame columns of a data file: (name, required).
 FRAME_COLUMNS = (("episode_index", True), ("frame_index", False), ("timestamp", True),
-                 ("task_index", False))
+                 ("task_index", False), ("index", False))
 
 
 def check_fields(row: Any, fields: Iterable[Field], where: str) -> None:
@@ -174,6 +174,10 @@ def check_info(raw: Any, path: Path, vectors: Sequence[str]) -> None:
         if len(raw["features"][key]["shape"]) != 1:
             raise UserError(f"{where}: feature '{key}' has shape {raw['features'][key]['shape']}, "
                             f"expected [dim]")
+    videos = [k for k, f in raw["features"].items() if f["dtype"] == "video"]
+    if videos and "video_path" in raw and raw["video_path"] is None:
+        raise UserError(f"{where}: video_path is null but features {shown(videos)} are stored "
+                        f"as video")
     for name, keys in PATH_TEMPLATES.get(raw["codebase_version"], {}).items():
         if raw.get(name) is not None:
             try:
@@ -387,6 +391,9 @@ def _check_rows(path: Path, cols: dict[str, np.ndarray], expected: dict[int, int
         if unknown:
             raise UserError(f"{path}: task_index {unknown[:MAX_ROWS_SHOWN]} points nowhere (the "
                             f"tasks table has indices {sorted(tasks)[:10]})")
+    if "index" in cols and len(np.unique(cols["index"])) != len(cols["index"]):
+        raise UserError(f"{path}: column 'index' (the frame's index in the dataset) has "
+                        f"duplicates")
     for index, length in expected.items():
         rows = np.nonzero(ep_col == index)[0]
         if len(rows) != length:
@@ -404,6 +411,8 @@ def _check_frames(path: Path, index: int, cols: dict[str, np.ndarray], rows: np.
         if not np.array_equal(frames[order], np.arange(len(rows))):
             raise UserError(f"{where}: frame_index is not 0..{len(rows) - 1} once each")
         rows = rows[order]
+    if "index" in cols and not np.array_equal(np.diff(cols["index"][rows]), np.ones(len(rows) - 1)):
+        raise UserError(f"{where}: column 'index' is not consecutive over the episode's frames")
     ts = cols["timestamp"][rows]
     steps = np.diff(ts)
     off = np.nonzero(np.abs(steps - 1.0 / fps) > TIMESTAMP_TOLERANCE_S)[0]
