@@ -255,3 +255,30 @@ def test_hyperarguments_checks_each_field(kwargs, fragment):
         with pytest.raises(UserError, match=f"HyperArguments.{name}"):
             setattr(h, name, value)
     assert HyperArguments(learning_rate=1e-3, max_steps=5, do_eval=True).max_steps == 5
+
+
+@pytest.mark.parametrize("program, args, fragment", [
+    ("record", ["--seed=-1"], "--seed=-1"),
+    ("record", ["--num_episodes=0"], "--num_episodes=0"),
+    ("record", ["--max_attempts=0"], "--max_attempts=0"),
+    ("quickstart", ["--max_steps=0"], "--max_steps=0"),
+    ("quickstart", ["--eval_episodes=-2"], "--eval_episodes=-2"),
+])
+def test_record_and_quickstart_flags_have_ranges(program, args, fragment, tmp_path, capsys):
+    from ilstudio.sim import quickstart, record
+
+    main = record.main if program == "record" else quickstart.main
+    assert main([*args, f"--output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_record_into_a_bad_lerobot_destination_is_refused_before_recording(tmp_path, capsys):
+    from ilstudio.sim import record
+
+    os.symlink(tmp_path, tmp_path / "link")
+    assert record.main(["--format=lerobot", f"--output_dir={tmp_path / 'link'}",
+                        "--num_episodes=1"]) == 2
+    assert "is a symlink" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.hdf5-recording"))

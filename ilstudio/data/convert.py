@@ -148,7 +148,9 @@ def recording_staging(target: str | Path) -> Path:
     target = Path(target).expanduser()
     if (target / INFO_PATH).exists():
         raise UserError(f"{target} already holds a LeRobot dataset; record into a new --output_dir")
-    return target.parent / f"{target.name}.hdf5-recording"
+    staging = target.parent / f"{target.name}.hdf5-recording"
+    check_destination(str(staging), target)  # before recording, not after it
+    return staging
 
 
 def finish_recording(staging: Path, target: str | Path, fps: float = DEFAULT_FPS,
