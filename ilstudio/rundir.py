@@ -30,7 +30,7 @@ from pathlib import Path
 
 from absl import logging
 
-from ilstudio.errors import UserError
+from ilstudio.errors import UserError, not_regular
 
 # -- file names -----------------------------------------------------------------------------
 # The configuration dumps a run writes before training (ilstudio/config/dumps.py).
@@ -474,8 +474,9 @@ class RunLock:
 def check_not_in_use(output_dir: str | os.PathLike) -> None:
     lock = Path(output_dir) / LOCK_FILE
     if lock.is_symlink() or (lock.exists() and not lock.is_file()):
-        raise UserError(f"--output_dir={output_dir}: the run lock {lock} is not a plain file "
-                        f"(a symlink, FIFO or device); remove it if no run is using {output_dir}")
+        kind = "a symlink" if lock.is_symlink() else not_regular(lock.stat().st_mode)
+        raise UserError(f"--output_dir={output_dir}: cannot open the run lock {lock}: it is "
+                        f"{kind}, not a plain file; remove it if no run is using {output_dir}")
     holder = lock_holder(output_dir)
     if holder is not None:
         raise _busy(Path(output_dir), holder)

@@ -162,7 +162,7 @@ def test_a_fifo_as_the_lock_file_is_refused_without_hanging(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     os.mkfifo(out / rundir.LOCK_FILE)
-    with pytest.raises(UserError, match="not a plain file"):
+    with pytest.raises(UserError, match="cannot open the run lock .*: it is a FIFO"):
         rundir.check_not_in_use(out)
     with pytest.raises(UserError, match="not a regular file"):
         rundir.RunLock(out)
