@@ -755,7 +755,7 @@ def family_ctrl_c(rng: random.Random, n: int, data: Path, work: Path) -> None:
         for leftover in work.glob("ctrlc_*"):
             if leftover != big:
                 shutil.rmtree(leftover, ignore_errors=True)
-        delay = rng.uniform(0.05, 8.0)
+        delay = rng.uniform(0.3, 8.0)  # before ~0.1 s Python itself is starting: no ilstudio code
         p = subprocess.Popen([sys.executable, *_PROGRAM_ARGS[name](big, work)], env=env, cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

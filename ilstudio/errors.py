@@ -157,6 +157,10 @@ def _report_bug(exc: BaseException, program: str) -> str:
             f"{BUG_REPORT}.")
 
 
+def _quiet(_unraisable: object) -> None:
+    """An unraisable-exception hook that says nothing (after Ctrl-C, on the way out)."""
+
+
 def guarded(main: Callable[[], int | None], program: str = "ilstudio") -> int:
     """Run a program's ``main`` with the three endings every ilstudio program shares.
 
@@ -171,9 +175,16 @@ def guarded(main: Callable[[], int | None], program: str = "ilstudio") -> int:
         return 2
     except KeyboardInterrupt:
         print(f"\n{_interrupt_line()}", file=sys.stderr, flush=True)
+        sys.unraisablehook = _quiet  # objects torn down mid-step may complain in __del__: noise now
         return 130
     except SystemExit:
         raise
     except Exception as e:  # noqa: BLE001 - the one place a traceback becomes a bug report
+        from ilstudio import _interrupted
+
+        if _interrupted(e):  # raised while Ctrl-C unwound (an import, a library's cleanup)
+            print(f"\n{_interrupt_line()}", file=sys.stderr, flush=True)
+            sys.unraisablehook = _quiet
+            return 130
         print(f"error: {_report_bug(e, program)}", file=sys.stderr, flush=True)
         return 1

@@ -282,3 +282,21 @@ def test_record_into_a_bad_lerobot_destination_is_refused_before_recording(tmp_p
                         "--num_episodes=1"]) == 2
     assert "is a symlink" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.hdf5-recording"))
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.5])
+def test_sigint_while_a_program_loads_or_runs_is_one_line(delay, tmp_path):
+    """``python -m ilstudio.data.convert``: a SIGINT while its modules are still importing
+    (before guarded runs: ilstudio/__init__'s startup hook) or while it converts."""
+    from ilstudio.data.synthetic import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path / "src", num_episodes=6, episode_len=40)
+    p = subprocess.Popen([sys.executable, "-m", "ilstudio.data.convert", str(tmp_path / "src"),
+                          str(tmp_path / "dst"), "--to", "lerobot", "--no_progress"],
+                         env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    _out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.strip() == "interrupted (Ctrl-C)", (p.returncode, err[-2000:])
+    assert not (tmp_path / "dst").exists()
