@@ -266,3 +266,27 @@ def test_skipped_entries_are_warned_and_counted_in_data_summary(data, tmp_path):
     assert summary["episodes_found"] == 3 and summary["entries_skipped"] == 4
     assert summary["entries_skipped_why"]["episode_7.hdf5"].startswith("dangling symlink")
     assert summary["entries_skipped_why"]["episode_8.hdf5"] == "symlink loop"
+
+
+@pytest.mark.parametrize("key, value", [("fps", "abc"), ("fps", float("inf")), ("fps", -50.0),
+                                        ("mirrored", np.array([1, 0])), ("sim", 7),
+                                        ("language_instruction", 3)])
+def test_episode_attributes_are_checked_against_their_declaration(tmp_path, key, value, capsys):
+    """An HDF5 episode's root attributes (fps, mirrored, sim, language_instruction) are
+    declared in episodes.EPISODE_ATTRS: a bad one is refused by the data checks and by the
+    converter before it writes anything, naming the file and the attribute."""
+    from ilstudio.config.settings import TaskSettings
+    from ilstudio.data import convert
+    from ilstudio.data.episodes import check_episodes
+    from ilstudio.errors import UserError
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, num_episodes=1, episode_len=5)
+    with h5py.File(data / "episode_0.hdf5", "r+") as f:
+        f.attrs[key] = value
+    task = TaskSettings(dataset_dir=str(data), state_dim=14, action_dim=14, camera_names=("top",))
+    with pytest.raises(UserError, match=f"episode_0.hdf5: root attribute '{key}'"):
+        check_episodes([data / "episode_0.hdf5"], task, need_images=False)
+    assert convert.main([str(data), str(tmp_path / "out"), "--to", "lerobot", "--no_progress"]) == 2
+    assert f"root attribute '{key}'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -26,7 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from ilstudio.data.episodes import ACTION_KEY, IMAGES_KEY, QPOS_KEY, open_episode, read_errors
+from ilstudio.data.episodes import (
+    ACTION_KEY,
+    IMAGES_KEY,
+    QPOS_KEY,
+    check_attrs,
+    open_episode,
+    read_errors,
+)
 from ilstudio.data.lerobot_format import INFO_PATH
 from ilstudio.data.sources import list_episodes
 from ilstudio.errors import UserError, guarded
@@ -42,6 +49,8 @@ def read_episode(ref: Any) -> dict[str, Any]:
         group = f.get(IMAGES_KEY)
         cams = list(group.keys()) if group is not None else []
         qvel = f.get(QVEL_KEY)
+        if not hasattr(ref, "open_source"):  # an HDF5 file: its attributes as declared
+            check_attrs(f.attrs, str(ref))
         attrs = dict(f.attrs)
         task = attrs.get("language_instruction", "")
         return {"state": np.asarray(f[QPOS_KEY][()]), "action": np.asarray(f[ACTION_KEY][()]),

@@ -253,11 +253,41 @@ def _check_chunk_index(ds: h5py.Dataset, where: str, size: int, gzip: bool, zlib
         os.close(fd)
 
 
+# The root attributes an episode file may carry, declared once: name -> (what, accepts).
+def _scalar(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) or (isinstance(v, np.ndarray) and v.shape == ()) else v
+
+
+EPISODE_ATTRS: dict[str, tuple[str, Any]] = {
+    "fps": ("a positive finite number", lambda v: isinstance(v, (int, float)) and not
+            isinstance(v, bool) and np.isfinite(v) and v > 0),
+    "mirrored": ("true or false", lambda v: isinstance(v, bool) or v in (0, 1)),
+    "sim": ("true or false", lambda v: isinstance(v, bool) or v in (0, 1)),
+    "language_instruction": ("a string", lambda v: isinstance(v, (str, bytes))),
+}
+
+
+def check_attrs(attrs: Any, name: str) -> None:
+    """The episode's root attributes against EPISODE_ATTRS (others are ignored): an fps of
+    'abc' or inf, a mirrored array, a numeric instruction is a UserError naming the file."""
+    for key, (what, ok) in EPISODE_ATTRS.items():
+        if key in attrs:
+            value = _scalar(attrs[key])
+            try:
+                good = bool(ok(value))
+            except (TypeError, ValueError):
+                good = False
+            if not good:
+                raise UserError(f"{name}: root attribute '{key}' is {str(value)[:60]!r}, "
+                                f"expected {what}")
+
+
 def check_one(path: Path, task: TaskSettings, need_images: bool,
               frame_shapes: dict[str, tuple] | None = None) -> int:
     """Validate one episode's headers; returns its length T."""
     name = path.name
     with open_episode(path) as f, read_errors(path):
+        check_attrs(f.attrs, name)
         qpos = _dataset(f, QPOS_KEY, name)
         action = _dataset(f, ACTION_KEY, name)
         steps = _check_2d(qpos, QPOS_KEY, task.state_dim, "state_dim", name)
