@@ -324,7 +324,8 @@ def family_data(rng: random.Random, n: int, data: Path, work: Path) -> None:
         d = work / f"data{i}"
         write_synthetic_dataset(d, num_episodes=2, episode_len=12)
         kind = rng.choice(["complex", "bytes", "big int", "small int", "float16", "float64 overflow",
-                           "bool", "zero frames", "dangling link", "looping link", "dir named hdf5"])
+                           "bool", "zero frames", "dangling link", "looping link", "dir named hdf5",
+                           "bad attribute", "corrupt chunk"])
         key = rng.choice(["observations/qpos", "action"])
         ep = d / f"episode_{rng.randint(0, 1)}.hdf5"
         expect_error, expect_skip = True, 0
@@ -339,7 +340,19 @@ def family_data(rng: random.Random, n: int, data: Path, work: Path) -> None:
                 (d / "episode_7.hdf5").mkdir()
         else:
             with h5py.File(ep, "r+") as f:
-                if kind == "zero frames":
+                if kind == "bad attribute":
+                    key = rng.choice(["fps", "mirrored", "sim", "language_instruction"])
+                    f.attrs[key] = rng.choice({  # each invalid for its attribute
+                        "fps": ["abc", np.inf, -1.0, 0.0, np.array([50, 50])],
+                        "mirrored": ["yes", 7, np.array([1, 0]), -1.0],
+                        "sim": ["no", 2, np.array([True, False])],
+                        "language_instruction": [3, 2.5, np.array([1, 2])]}[key])
+                elif kind == "corrupt chunk":
+                    key = "observations/images/top"
+                    frames = f[key][()]
+                    del f[key]
+                    f.create_dataset(key, data=frames, chunks=(1, *frames.shape[1:]), compression="gzip")
+                elif kind == "zero frames":
                     k = "observations/images/top"
                     shape = (12, *rng.choice([(0, 0), (0, 32), (24, 0)]), 3)
                     del f[k]
@@ -349,6 +362,13 @@ def family_data(rng: random.Random, n: int, data: Path, work: Path) -> None:
                     expect_error = kind in ("complex", "bytes", "big int", "float64 overflow")
                     del f[key]
                     f[key] = new
+            if kind == "corrupt chunk":  # one chunk's bytes overwritten (its deflate head too)
+                with h5py.File(ep, "r") as f:
+                    info = f[key].id.get_chunk_info(rng.randrange(f[key].id.get_num_chunks()))
+                raw = bytearray(ep.read_bytes())
+                raw[info.byte_offset:info.byte_offset + info.size] = bytes(
+                    rng.choice([0, 0xFF, rng.randrange(256)]) for _ in range(info.size))
+                ep.write_bytes(bytes(raw))
         try:
             err, r = attempt(lambda d=d: dry(base_args(d, work / "o")))
         except Exception as e:  # noqa: BLE001
