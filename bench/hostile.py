@@ -15,7 +15,10 @@ from YAML and flag toward a gin file that imports a module), two keys for one pa
 non-UTF-8 gin/include/YAML, --training_arg fields a flag or the run owns, data (lossy
 dtypes, 0-size frames, dangling/looping symlinks), the run directory (foreign files under
 --overwrite_output_dir, damaged checkpoints, stale locks, a second run while one holds the
-lock).
+lock), LeRobot metadata (info.json, the episodes and tasks tables, data columns and videos
+mutated field by field), converter destinations, the Python API (HyperArguments fields),
+special files (FIFOs, devices, directories as configs, includes, flagfiles, metadata, data
+and the lock), Ctrl-C (a real SIGINT at a random moment of every program).
 """
 
 from __future__ import annotations
@@ -321,7 +324,8 @@ def family_data(rng: random.Random, n: int, data: Path, work: Path) -> None:
         d = work / f"data{i}"
         write_synthetic_dataset(d, num_episodes=2, episode_len=12)
         kind = rng.choice(["complex", "bytes", "big int", "small int", "float16", "float64 overflow",
-                           "bool", "zero frames", "dangling link", "looping link", "dir named hdf5"])
+                           "bool", "zero frames", "dangling link", "looping link", "dir named hdf5",
+                           "bad attribute", "corrupt chunk"])
         key = rng.choice(["observations/qpos", "action"])
         ep = d / f"episode_{rng.randint(0, 1)}.hdf5"
         expect_error, expect_skip = True, 0
@@ -336,7 +340,19 @@ def family_data(rng: random.Random, n: int, data: Path, work: Path) -> None:
                 (d / "episode_7.hdf5").mkdir()
         else:
             with h5py.File(ep, "r+") as f:
-                if kind == "zero frames":
+                if kind == "bad attribute":
+                    key = rng.choice(["fps", "mirrored", "sim", "language_instruction"])
+                    f.attrs[key] = rng.choice({  # each invalid for its attribute
+                        "fps": ["abc", np.inf, -1.0, 0.0, np.array([50, 50])],
+                        "mirrored": ["yes", 7, np.array([1, 0]), -1.0],
+                        "sim": ["no", 2, np.array([True, False])],
+                        "language_instruction": [3, 2.5, np.array([1, 2])]}[key])
+                elif kind == "corrupt chunk":
+                    key = "observations/images/top"
+                    frames = f[key][()]
+                    del f[key]
+                    f.create_dataset(key, data=frames, chunks=(1, *frames.shape[1:]), compression="gzip")
+                elif kind == "zero frames":
                     k = "observations/images/top"
                     shape = (12, *rng.choice([(0, 0), (0, 32), (24, 0)]), 3)
                     del f[k]
@@ -346,6 +362,13 @@ def family_data(rng: random.Random, n: int, data: Path, work: Path) -> None:
                     expect_error = kind in ("complex", "bytes", "big int", "float64 overflow")
                     del f[key]
                     f[key] = new
+            if kind == "corrupt chunk":  # one chunk's bytes overwritten (its deflate head too)
+                with h5py.File(ep, "r") as f:
+                    info = f[key].id.get_chunk_info(rng.randrange(f[key].id.get_num_chunks()))
+                raw = bytearray(ep.read_bytes())
+                raw[info.byte_offset:info.byte_offset + info.size] = bytes(
+                    rng.choice([0, 0xFF, rng.randrange(256)]) for _ in range(info.size))
+                ep.write_bytes(bytes(raw))
         try:
             err, r = attempt(lambda d=d: dry(base_args(d, work / "o")))
         except Exception as e:  # noqa: BLE001
@@ -437,8 +460,344 @@ def family_run_dir(rng: random.Random, n: int, data: Path, work: Path) -> None:
            rundir.lock_holder(out) is None, "still held")
 
 
+# -- the input boundary of every program (issue 18) ------------------------------------------------
+
+
+def _lerobot_base(work: Path) -> dict[str, Path]:
+    """Two tiny LeRobot datasets (v2.1, v3.0) written once by ilstudio's own writer."""
+    import numpy as np
+
+    from ilstudio.data.lerobot_writer import LeRobotWriter
+
+    out = {}
+    for version in ("v2.1", "v3.0"):
+        root = work / f"lerobot_{version}"
+        if not root.exists():
+            with LeRobotWriter(root, fps=30, version=version) as w:
+                for e, n in enumerate((6, 8)):
+                    rng = np.random.default_rng(e)
+                    w.add_episode(rng.normal(size=(n, 3)), rng.normal(size=(n, 2)),
+                                  {"top": rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8)},
+                                  task=f"task {e}")
+        out[version] = root
+    return out
+
+
+_JUNK = {"int": [-1, 2.5, "3", None, [], {}, True, float("nan"), float("inf")],
+         "number": [float("nan"), float("inf"), -float("inf"), "30", None, [], {}, True, -1],
+         "str": [3, None, [], {}, 1.5],
+         "list": ["x", 3, {}, None], "dict": ["x", 3, [], None], "bool": ["yes", 2, None]}
+
+
+def _mutate_json_rows(path: Path, fields, rng: random.Random, jsonl: bool) -> str:
+    rows = ([json.loads(x) for x in path.read_text().splitlines() if x.strip()] if jsonl
+            else [json.loads(path.read_text())])
+    row = rng.randrange(len(rows))
+    f = rng.choice([f for f in fields if f.required] + list(fields))
+    kind = rng.random()
+    if kind < 0.15 and f.required:
+        rows[row].pop(f.name, None)
+        what = f"{f.name} removed"
+    elif kind < 0.25 and len(rows) > 1 and f.name in ("episode_index", "task_index", "task"):
+        rows[row][f.name] = rows[1 - row if row < 2 else 0][f.name]
+        what = f"{f.name} duplicated"
+    else:
+        junk = rng.choice(_JUNK[f.kind])
+        if f.name == "fps" and rng.random() < 0.3:
+            junk = rng.choice([0, -30, 1e9])
+        if f.name == "length" and rng.random() < 0.3:
+            junk = rng.choice([0, rows[row].get("length", 1) + rng.randint(1, 5)])
+        rows[row][f.name] = junk
+        what = f"{f.name}={junk!r}"
+    text = "\n".join(json.dumps(r) for r in rows) + "\n" if jsonl else json.dumps(rows[0])
+    path.write_text(text)
+    return f"{path.name} row {row}: {what}"
+
+
+def _mutate_parquet(path: Path, rng: random.Random) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path)
+    cols = [c for c in t.column_names if not c.startswith("stats/")]
+    col = rng.choice(cols)
+    values = t.column(col).to_pylist()
+    i = rng.randrange(len(values))
+    how = rng.choice(["null", "all zero", "shift", "nan", "ragged", "negative"])
+    if how == "null":
+        values[i] = None
+    elif how == "all zero" and isinstance(values[0], (int, float)):
+        values = [type(values[0])(0)] * len(values)
+    elif how == "nan" and isinstance(values[0], float):
+        values[i] = float("nan")
+    elif how == "ragged" and isinstance(values[0], list):
+        values[i] = values[i][:-1]
+    elif how == "negative" and isinstance(values[0], (int, float)):
+        values[i] = -1 - values[i]
+    elif isinstance(values[0], (int, float)):
+        how = "shift"
+        values[i] = values[i] + 1000
+    else:
+        how = "null"
+        values[i] = None
+    if values == t.column(col).to_pylist():
+        how += " (no change)"  # e.g. zeroing a column that is all zero: nothing to refuse
+    pq.write_table(t.set_column(t.schema.get_field_index(col), col, pa.array(values)), path)
+    return f"{path.name}: {col} {how} at row {i}"
+
+
+def _video_at_other_fps(root: Path, rng: random.Random) -> str:
+    import numpy as np
+
+    from ilstudio.data.video import VideoWriter, probe
+
+    video = rng.choice(sorted(root.rglob("*.mp4")))
+    head = probe(video)
+    fps = rng.choice([10, 25, 29.97, 60])
+    w = VideoWriter(video, fps, head["height"], head["width"])
+    w.write(np.zeros((head["frames"], head["height"], head["width"], 3), np.uint8))
+    w.close()
+    return f"{video.name} rewritten at {fps} fps"
+
+
+def family_lerobot_meta(rng: random.Random, n: int, data: Path, work: Path) -> None:
+    from ilstudio.data import lerobot_schema as sc
+
+    bases = _lerobot_base(work)
+    for i in range(n):
+        version = rng.choice(sorted(bases))
+        d = work / f"lr{i}"
+        shutil.copytree(bases[version], d)
+        target = rng.choice(["info", "episodes", "tasks", "data", "video"])
+        if target == "info":
+            case = _mutate_json_rows(d / "meta/info.json", sc.INFO_FIELDS, rng, jsonl=False)
+        elif target in ("episodes", "tasks") and version == "v2.1":
+            fields = sc.EPISODE_FIELDS if target == "episodes" else sc.TASK_FIELDS
+            case = _mutate_json_rows(d / f"meta/{target}.jsonl", fields, rng, jsonl=True)
+        elif target in ("episodes", "tasks"):
+            path = d / ("meta/tasks.parquet" if target == "tasks"
+                        else "meta/episodes/chunk-000/file-000.parquet")
+            case = _mutate_parquet(path, rng)
+        elif target == "data":
+            case = _mutate_parquet(rng.choice(sorted((d / "data").rglob("*.parquet"))), rng)
+        else:
+            case = _video_at_other_fps(d, rng)
+        argv = ["--task_name=lerobot", "--gin_file=gin_configs/mlp.gin",
+                f"--gin_bindings=task.dataset_dir = '{d}'", f"--output_dir={work / 'o'}",
+                "--gin_bindings=dataset.image_size = (8, 8)"]
+        start = time.monotonic()
+        try:
+            err, _ = attempt(lambda argv=argv: dry(argv))
+        except Exception as e:  # noqa: BLE001 - a traceback is a break
+            record("LeRobot metadata", f"{version} {case}", False, f"{type(e).__name__}: {e}")
+            shutil.rmtree(d, ignore_errors=True)
+            continue
+        took = time.monotonic() - start
+        benign = "(no change)" in case
+        held = took < 10 and (err is not None and str(d) in err and len(err) < 1000 or
+                              (err is None and benign)) and not (work / "o").exists()
+        record("LeRobot metadata", f"{version} {case}", held, f"{took:.1f}s: {err or 'accepted'}")
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(f"{p.relative_to(root)}:{p.is_symlink()}" for p in root.rglob("*"))
+
+
+def family_convert_dst(rng: random.Random, n: int, data: Path, work: Path) -> None:
+    from ilstudio.data import convert
+
+    area = work / "convert_area"
+    for _ in range(n):
+        shutil.rmtree(area, ignore_errors=True)
+        src = area / "src"
+        shutil.copytree(data, src)
+        (area / "file.txt").write_text("mine")
+        (area / "full").mkdir()
+        (area / "full" / "notes").write_text("mine")
+        (area / "empty").mkdir()
+        kind = rng.choice(["inside src", "src itself", "parent is a file", "symlink", "a file",
+                           "not empty", "a fifo", "deep inside src"])
+        depth = "/".join(rng.choice(["a", "b", "c"]) for _ in range(rng.randint(1, 3)))
+        dst = {"inside src": src / depth, "deep inside src": src / depth / ".." / "x",
+               "src itself": src, "parent is a file": area / "file.txt" / depth,
+               "symlink": area / "link", "a file": area / "file.txt", "not empty": area / "full",
+               "a fifo": area / "pipe"}[kind]
+        if kind == "symlink":
+            os.symlink(rng.choice([area / "empty", area / "nowhere", src]), area / "link")
+        if kind == "a fifo":
+            os.mkfifo(area / "pipe")
+        before = _tree(area)
+        import contextlib
+        import io
+
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(buf):
+                rc = convert.main([str(src), str(dst), "--to", rng.choice(["hdf5", "lerobot"]),
+                                   "--no_progress"])
+        except Exception as e:  # noqa: BLE001
+            record("converter destinations", f"{kind}: {dst}", False, f"{type(e).__name__}: {e}")
+            continue
+        err = buf.getvalue().strip()
+        held = rc == 2 and err.startswith("error: ") and "\n" not in err and _tree(area) == before
+        record("converter destinations", f"{kind}: {dst.relative_to(area)}", held, f"rc {rc}: {err}")
+    shutil.rmtree(area, ignore_errors=True)
+
+
+def _api_junk(h, rng: random.Random):
+    """An invalid value for hyperparameter h, by its declaration (None where it has a default)."""
+    if h.type is bool:
+        return rng.choice(["false", "true", 0, 1, "no", None, []])
+    if h.type is int:
+        return rng.choice([str(h.default), 2.5, True, None, [], float("nan"), "1e3", 2**70])
+    if h.type is float:
+        return rng.choice([str(h.default), True, None, [], float("nan"), float("inf"), "1e-3"])
+    return rng.choice([3, 1.5, [], {}, None, b"bytes"])
+
+
+def family_api(rng: random.Random, n: int, data: Path, work: Path) -> None:
+    from ilstudio.config import HyperArguments
+    from ilstudio.config.hyperparams import HYPERPARAMS
+
+    for _ in range(n):
+        h = rng.choice(HYPERPARAMS)
+        value = _api_junk(h, rng)
+        if value is None and h.default is None:
+            value = rng.choice([[], {}])
+        via_setattr = rng.random() < 0.3
+        try:
+            if via_setattr:
+                setattr(HyperArguments(), h.name, value)
+            else:
+                HyperArguments(**{h.name: value})
+            err = None
+        except (UserError, ValueError) as e:
+            err = e
+        except Exception as e:  # noqa: BLE001
+            record("Python API", f"{h.name}={value!r}", False, f"{type(e).__name__}: {e}")
+            continue
+        held = (err is not None and isinstance(err, UserError) and isinstance(err, ValueError)
+                and h.name in str(err) and len(str(err)) < 500)
+        record("Python API", f"{'setattr ' if via_setattr else ''}{h.name}={value!r}", held,
+               str(err) if err else "accepted")
+
+
+def _alarm(seconds: int):
+    def on_alarm(*_):
+        raise TimeoutError(f"no answer within {seconds} s (blocked on a FIFO?)")
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+
+
+def family_special_files(rng: random.Random, n: int, data: Path, work: Path) -> None:
+    from ilstudio import rundir
+    from ilstudio.cli import check_flagfiles
+
+    bases = _lerobot_base(work)
+    for i in range(n):
+        special = rng.choice(["fifo", "/dev/zero", "directory", "/dev/urandom"])
+        surface = rng.choice(["--training_config", "--gin_file", "--flagfile", "lock file",
+                              "info.json", "episodes.jsonl", "lerobot data file", "include"])
+        path = work / f"special{i}"
+        if special == "fifo":
+            os.mkfifo(path)
+        elif special == "directory":
+            path.mkdir()
+        else:
+            os.symlink(special, path)
+        argv = base_args(data, work / f"so{i}")
+        try:
+            _alarm(10)
+            if surface == "--flagfile":
+                err, _ = attempt(lambda path=path: check_flagfiles([f"--flagfile={path}"]))
+            elif surface == "lock file":
+                out = work / f"lock{i}"
+                out.mkdir()
+                os.replace(path, out / rundir.LOCK_FILE) if special != "directory" else \
+                    shutil.move(str(path), out / rundir.LOCK_FILE)
+                err, _ = attempt(lambda out=out: rundir.check_not_in_use(out))
+                err2, _ = attempt(lambda out=out: rundir.RunLock(out).release())
+                err = err if err2 is not None else None
+            elif surface in ("info.json", "episodes.jsonl", "lerobot data file"):
+                d = work / f"slr{i}"
+                shutil.copytree(bases["v2.1"], d)
+                victim = {"info.json": d / "meta/info.json", "episodes.jsonl": d / "meta/episodes.jsonl",
+                          "lerobot data file": d / "data/chunk-000/episode_000001.parquet"}[surface]
+                victim.unlink()
+                shutil.move(str(path), victim) if special == "directory" else os.replace(path, victim)
+                err, _ = attempt(lambda d=d: dry(["--task_name=lerobot", "--gin_file=gin_configs/mlp.gin",
+                                                  f"--gin_bindings=task.dataset_dir = '{d}'",
+                                                  f"--output_dir={work / 'so'}",
+                                                  "--gin_bindings=dataset.image_size = (8, 8)"]))
+            elif surface == "include":
+                outer = work / f"outer_special{i}.gin"
+                outer.write_text(f"include '{path}'\n")
+                err, _ = attempt(lambda argv=argv, outer=outer: resolve([*argv, f"--gin_file={outer}"]))
+            else:
+                err, _ = attempt(lambda argv=argv, s=surface, path=path: resolve([*argv, f"{s}={path}"]))
+            signal.alarm(0)
+        except Exception as e:  # noqa: BLE001 - a traceback or a hang is a break
+            signal.alarm(0)
+            record("special files", f"{special} as {surface}", False, f"{type(e).__name__}: {e}")
+            continue
+        held = err is not None and len(err) < 1000 and not (work / f"so{i}").exists()
+        record("special files", f"{special} as {surface}", held, err or "accepted")
+
+
+_PROGRAM_ARGS = {
+    "train.py": lambda d, w: [str(REPO / "train.py"), *base_args(d, w / "ctrlc_run"),
+                              "--max_steps=1000000", "--report_to=none"],
+    "convert": lambda d, w: ["-m", "ilstudio.data.convert", str(d), str(w / "ctrlc_conv"),
+                             "--to", "lerobot", "--no_progress"],
+    "record": lambda d, w: ["-m", "ilstudio.sim.record", "--num_episodes=50",
+                            f"--output_dir={w / 'ctrlc_rec'}"],
+    "quickstart": lambda d, w: ["-m", "ilstudio.sim.quickstart", f"--output_dir={w / 'ctrlc_qs'}"],
+    "diff": lambda d, w: ["-m", "ilstudio.tools.diff", str(w / "finished"), str(w / "finished")],
+    "yaml_to_gin": lambda d, w: ["-m", "ilstudio.tools.yaml_to_gin",
+                                 str(REPO / "configs/training/default.yaml")],
+}
+
+
+def family_ctrl_c(rng: random.Random, n: int, data: Path, work: Path) -> None:
+    """A real SIGINT at a random moment of every program: one line and exit 130 (or the program
+    had already finished: no traceback either way)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+           "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    big = work / "ctrlc_data"
+    if not big.exists():
+        from ilstudio.data.synthetic import write_synthetic_dataset
+
+        write_synthetic_dataset(big, num_episodes=40, episode_len=60)
+    names = sorted(_PROGRAM_ARGS)
+    for i in range(n):
+        name = names[i % len(names)] if i < len(names) else rng.choice(names)
+        for leftover in work.glob("ctrlc_*"):
+            if leftover != big:
+                shutil.rmtree(leftover, ignore_errors=True)
+        delay = rng.uniform(0.3, 8.0)  # before ~0.1 s Python itself is starting: no ilstudio code
+        p = subprocess.Popen([sys.executable, *_PROGRAM_ARGS[name](big, work)], env=env, cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        try:
+            _, err = p.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+            record("Ctrl-C", f"{name} at {delay:.1f}s", False, "did not stop within 120 s")
+            continue
+        lines = [x for x in err.splitlines() if x.startswith("interrupted (Ctrl-C)")]
+        held = "Traceback" not in err and (
+            (p.returncode == 130 and len(lines) == 1)
+            or p.returncode in (0, 1, 2) and "bug in ilstudio" not in err)
+        record("Ctrl-C", f"{name} at {delay:.1f}s", held, f"rc {p.returncode}: {err[-300:]}")
+
+
 FAMILIES = [family_ranges, family_yaml_size, family_task_paths, family_two_keys, family_encoding,
-            family_training_arg, family_data, family_run_dir]
+            family_training_arg, family_data, family_lerobot_meta, family_convert_dst, family_api,
+            family_special_files, family_run_dir, family_ctrl_c]
 
 
 def main() -> int:
@@ -461,7 +820,8 @@ def main() -> int:
             continue
         rng = random.Random(f"{a.seed}:{fam.__name__}")
         start = time.monotonic()
-        fam(rng, a.cases if fam is not family_run_dir else max(1, a.cases // 4), data, work)
+        few = fam in (family_run_dir, family_ctrl_c)  # real subprocesses: fewer cases
+        fam(rng, a.cases if not few else max(1, a.cases // 4), data, work)
         print(f"# {fam.__name__}: {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
     lines = ["", "| family | cases tried | held | broke |", "|---|---|---|---|"]
     lines += [f"| {family} | {tried} | {held} | {tried - held} |"

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from absl import flags
 
 from ilstudio.config.hyperparams import define_gin_flags
-from ilstudio.errors import UserError
+from ilstudio.errors import UserError, guarded, read_user_text, require_regular_file
 
-__all__ = ["define_gin_flags", "expand_gin_shorthand", "fail", "parse_command_line", "run_program",
-           "stable_parameter_hint"]
+__all__ = ["check_flagfiles", "define_gin_flags", "expand_gin_shorthand", "fail", "guarded",
+           "parse_command_line", "run_program", "stable_parameter_hint"]
 
 GIN_SHORTHAND = "--gin."
 
@@ -49,6 +50,60 @@ def expand_gin_shorthand(argv: Sequence[str]) -> list[str]:
         out.append(arg)
         i += 1
     return out
+
+
+_MAX_FLAGFILE_BYTES = 1 << 20
+_MAX_FLAGFILE_DEPTH = 10
+
+
+def _flagfile_names(args: Sequence[str]) -> list[str]:
+    names, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("--flagfile", "-flagfile") and i + 1 < len(args):
+            names.append(args[i + 1])
+            i += 1
+        elif arg.startswith(("--flagfile=", "-flagfile=")):
+            names.append(arg.split("=", 1)[1])
+        i += 1
+    return names
+
+
+def check_flagfiles(argv: Sequence[str], depth: int = 0) -> None:
+    """Every ``--flagfile`` (and those it names in turn) is a regular UTF-8 file of at most
+    1 MiB, checked before absl opens it: a FIFO would hang the parse, ``/dev/zero`` never end.
+    """
+    if depth > _MAX_FLAGFILE_DEPTH:
+        raise UserError(f"--flagfile: flagfiles nest more than {_MAX_FLAGFILE_DEPTH} deep "
+                        f"(one includes itself?)")
+    for name in _flagfile_names(argv):
+        require_regular_file(name, "--flagfile")
+        text = read_user_text(name, "--flagfile", max_bytes=_MAX_FLAGFILE_BYTES)
+        check_flagfiles([line.strip() for line in text.splitlines()], depth + 1)
+
+
+def check_duplicate_flags(argv: Sequence[str], fv: flags.FlagValues) -> None:
+    """A flag that takes one value, given twice on the command line with different values:
+    absl keeps the last one, and so do we (scripts append overrides to a list of defaults, as
+    the quickstart does), but never silently: a warning names both. Repeatable flags
+    (--gin_file, --gin_bindings, --training_arg) and a flagfile's values overridden on the
+    command line (``--flagfile=RUN/flags.txt --seed=2``, the documented rerun) are not
+    duplicates."""
+    seen: dict[str, tuple[str, str]] = {}
+    for arg in argv:
+        if not arg.startswith("--") or arg == "--":
+            continue
+        name, sep, value = arg[2:].partition("=")
+        if not sep and name.startswith("no") and name[2:] in fv and fv[name[2:]].boolean:
+            name, value = name[2:], "false"
+        elif not sep and name in fv and fv[name].boolean:
+            value = "true"
+        if name not in fv or name == "flagfile" or isinstance(fv[name], flags.MultiFlag):
+            continue
+        if name in seen and seen[name][0] != value.strip().lower():
+            print(f"warning: --{name} is given twice, as {seen[name][1]!r} and {arg!r}; the "
+                  f"last one is used", file=sys.stderr)
+        seen[name] = (value.strip().lower(), arg)
 
 
 def _binding_value(raw: str | None) -> str:
@@ -104,6 +159,8 @@ def parse_command_line(fv: flags.FlagValues, argv: Sequence[str], *,
     """
     try:
         argv = [argv[0], *expand_gin_shorthand(argv[1:])]
+        check_flagfiles(argv[1:])
+        check_duplicate_flags(argv[1:], fv)
         stable_parameter_hint(argv[1:], fv)
     except UserError as e:
         fail(str(e))
@@ -181,19 +238,21 @@ def run_program(fv: flags.FlagValues, main: Callable[[list[str]], int | None], a
         print(program_help(fv, doc, [*groups, SHARED_FLAG_GROUP], asked == "--helpfull", short), end="")
         return 0
     fv.unparse_flags()
+
+    def parse_and_run() -> int | None:
+        try:
+            if known_only:
+                check_flagfiles(argv[1:])
+                rest = fv([argv[0], *expand_gin_shorthand(argv[1:])], known_only=True)[1:]
+            else:
+                parse_command_line(fv, argv)
+                rest = []
+            return main(rest)
+        except flags.Error as e:
+            raise UserError(f"{e}\nRun with --helpfull to list every flag.") from None
+
     try:
-        if known_only:
-            rest = fv([argv[0], *expand_gin_shorthand(argv[1:])], known_only=True)[1:]
-        else:
-            parse_command_line(fv, argv)
-            rest = []
-        return main(rest) or 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except flags.Error as e:
-        print(f"error: {e}\nRun with --helpfull to list every flag.", file=sys.stderr)
-        return 2
+        return guarded(parse_and_run, Path(argv[0]).name)
     except SystemExit as e:  # parse_command_line's fail()
         return int(e.code or 0)
 

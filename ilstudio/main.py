@@ -12,7 +12,7 @@ from absl import app, flags, logging
 
 from ilstudio.cli import fail, parse_command_line
 from ilstudio.config.hyperparams import define_flags
-from ilstudio.errors import UserError
+from ilstudio.errors import UserError, guarded
 
 FLAGS = flags.FLAGS
 define_flags(FLAGS)
@@ -105,8 +105,9 @@ def _main(argv: list[str]) -> None:
 
 
 def run_cli() -> None:
-    """Console-script entrypoint (also what train.py calls)."""
-    app.run(_main, flags_parser=_parse_flags)
+    """Console-script entrypoint (also what train.py calls). ``guarded``: Ctrl-C is one line
+    and exit 130, an unexpected exception a bug report (see ilstudio.errors.guarded)."""
+    sys.exit(guarded(lambda: app.run(_main, flags_parser=_parse_flags), "train.py"))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ start with '.' so no reader's glob (``*.hdf5``, ``checkpoint-*``) matches them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import re
 import shutil
 import socket
+import stat
 import struct
 import tempfile
 import time
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from absl import logging
 
-from ilstudio.errors import UserError
+from ilstudio.errors import UserError, not_regular
 
 # -- file names -----------------------------------------------------------------------------
 # The configuration dumps a run writes before training (ilstudio/config/dumps.py).
@@ -402,10 +404,12 @@ def lock_holder(output_dir: str | os.PathLike) -> str | None:
     """
     path = Path(output_dir) / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return None  # absent, or not a plain file: RunLock reports the latter
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None  # a FIFO or device: RunLock refuses it
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -431,7 +435,11 @@ class RunLock:
         self.path = out / LOCK_FILE
         out.mkdir(parents=True, exist_ok=True)
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                              | os.O_NONBLOCK, 0o644)  # a FIFO there must not block the open
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                os.close(self.fd)
+                raise OSError(errno.EINVAL, "not a regular file")
         except OSError as e:
             raise UserError(f"--output_dir={out}: cannot open the run lock {self.path} "
                             f"({e.strerror}); it must be a plain file this user can write: "
@@ -465,6 +473,11 @@ class RunLock:
 
 
 def check_not_in_use(output_dir: str | os.PathLike) -> None:
+    lock = Path(output_dir) / LOCK_FILE
+    if lock.is_symlink() or (lock.exists() and not lock.is_file()):
+        kind = "a symlink" if lock.is_symlink() else not_regular(lock.stat().st_mode)
+        raise UserError(f"--output_dir={output_dir}: cannot open the run lock {lock}: it is "
+                        f"{kind}, not a plain file; remove it if no run is using {output_dir}")
     holder = lock_holder(output_dir)
     if holder is not None:
         raise _busy(Path(output_dir), holder)

@@ -161,9 +161,11 @@ def test_real_run_refuses_bad_data_before_writing(data, tmp_path):
     assert not out.exists()
 
 
-def corrupt_image_chunks(path: Path) -> None:
-    """Rewrite the camera as gzip chunks (one per frame), then overwrite every chunk's bytes:
-    headers stay valid, so only reading a frame finds the damage."""
+def corrupt_image_chunks(path: Path, keep: int = 0, first: int = 0) -> None:
+    """Rewrite the camera as gzip chunks (one per frame), then overwrite the bytes of chunks
+    ``first``.. after their first ``keep`` bytes: HDF5's headers stay valid. With keep=0 the
+    dry run's chunk check sees it; with keep=64 (the head of each deflate stream intact) only
+    reading the frame does."""
     with h5py.File(path, "r+") as f:
         key = "observations/images/top"
         frames = f[key][()]
@@ -174,24 +176,63 @@ def corrupt_image_chunks(path: Path) -> None:
         spans = [(ds.id.get_chunk_info(i).byte_offset, ds.id.get_chunk_info(i).size)
                  for i in range(ds.id.get_num_chunks())]
     raw = bytearray(path.read_bytes())
-    for offset, size in spans:
-        raw[offset:offset + size] = b"\xff" * size
+    for offset, size in spans[first:]:
+        raw[offset + keep:offset + size] = b"\xff" * (size - keep)
     path.write_bytes(bytes(raw))
 
 
 def test_corrupt_frame_mid_training_stops_with_the_file_name_and_no_checkpoint(tmp_path):
     data = tmp_path / "data"
     write_synthetic_dataset(data, num_episodes=1, episode_len=30)
-    corrupt_image_chunks(data / "episode_0.hdf5")
+    corrupt_image_chunks(data / "episode_0.hdf5", keep=64, first=1)
     out = tmp_path / "out"
     dry = run_train(*tiny_args(data, out, "--dry_run"), timeout=120)
-    assert dry.returncode == 0, dry.stderr[-2000:]  # headers are fine: a dry run cannot see it
+    # the chunks' heads decode: only reading the whole frame finds it (a dry run does not)
+    assert dry.returncode == 0, dry.stderr[-2000:]
     r = run_train(*tiny_args(data, out, "--max_steps=5", "--save_steps=1"), timeout=180)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     assert "episode_0.hdf5: cannot be read as HDF5 (truncated or corrupt?)" in r.stderr
     assert not list(out.glob("checkpoint-*")) and not (out / "model.safetensors").exists()
     shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.mark.parametrize("damage", ["every chunk", "one chunk", "unwritten chunks", "truncated"])
+def test_corrupt_image_chunks_are_found_by_the_dry_run_checks(tmp_path, damage):
+    """check_episodes (what --dry_run and every run check first) finds damaged image chunks
+    without decoding every frame: chunk heads, the chunk index against the file size, chunks
+    the shape needs but the file never got."""
+    from ilstudio.config.settings import TaskSettings
+    from ilstudio.data.episodes import check_episodes
+    from ilstudio.errors import UserError
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, num_episodes=1, episode_len=30)
+    path = data / "episode_0.hdf5"
+    if damage == "unwritten chunks":
+        with h5py.File(path, "r+") as f:
+            key = "observations/images/top"
+            frames = f[key][()]
+            del f[key]
+            ds = f.create_dataset(key, shape=frames.shape, dtype=frames.dtype,
+                                  chunks=(1, *frames.shape[1:]), compression="gzip")
+            ds[:20] = frames[:20]  # frames 20..29 never written: they would read back black
+        want = "10 of its 30 chunks were never written"
+    elif damage == "truncated":
+        corrupt_image_chunks(path)
+        with h5py.File(path, "r") as f:
+            ds = f["observations/images/top"]
+            last = ds.id.get_chunk_info(ds.id.get_num_chunks() - 1)
+        raw = path.read_bytes()
+        # cut inside the last chunk, keeping HDF5's own headers (they precede the chunks)
+        path.write_bytes(raw[:last.byte_offset + 1])
+        want = "episode_0.hdf5"
+    else:
+        corrupt_image_chunks(path, first=0 if damage == "every chunk" else 17)
+        want = f"chunk {0 if damage == 'every chunk' else 17} (frame "
+    task = TaskSettings(dataset_dir=str(data), state_dim=14, action_dim=14, camera_names=("top",))
+    with pytest.raises(UserError, match=want.replace("(", "\\(")):
+        check_episodes([path], task, need_images=True)
 
 
 def test_small_integer_episodes_are_exact_and_accepted(data, tmp_path):
@@ -225,3 +266,27 @@ def test_skipped_entries_are_warned_and_counted_in_data_summary(data, tmp_path):
     assert summary["episodes_found"] == 3 and summary["entries_skipped"] == 4
     assert summary["entries_skipped_why"]["episode_7.hdf5"].startswith("dangling symlink")
     assert summary["entries_skipped_why"]["episode_8.hdf5"] == "symlink loop"
+
+
+@pytest.mark.parametrize("key, value", [("fps", "abc"), ("fps", float("inf")), ("fps", -50.0),
+                                        ("mirrored", np.array([1, 0])), ("sim", 7),
+                                        ("language_instruction", 3)])
+def test_episode_attributes_are_checked_against_their_declaration(tmp_path, key, value, capsys):
+    """An HDF5 episode's root attributes (fps, mirrored, sim, language_instruction) are
+    declared in episodes.EPISODE_ATTRS: a bad one is refused by the data checks and by the
+    converter before it writes anything, naming the file and the attribute."""
+    from ilstudio.config.settings import TaskSettings
+    from ilstudio.data import convert
+    from ilstudio.data.episodes import check_episodes
+    from ilstudio.errors import UserError
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, num_episodes=1, episode_len=5)
+    with h5py.File(data / "episode_0.hdf5", "r+") as f:
+        f.attrs[key] = value
+    task = TaskSettings(dataset_dir=str(data), state_dim=14, action_dim=14, camera_names=("top",))
+    with pytest.raises(UserError, match=f"episode_0.hdf5: root attribute '{key}'"):
+        check_episodes([data / "episode_0.hdf5"], task, need_images=False)
+    assert convert.main([str(data), str(tmp_path / "out"), "--to", "lerobot", "--no_progress"]) == 2
+    assert f"root attribute '{key}'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ilstudio.config.hyperparams import HYPER_BY_NAME, HYPERPARAMS, Hyperparams, layer_hyperparams
-from ilstudio.errors import UserError, did_you_mean
+from ilstudio.errors import UserError, did_you_mean, shown
 
 # What a policy trainer needs regardless of user input; a user value still wins.
 _TRAINER_DEFAULTS = {
@@ -215,6 +215,44 @@ def HyperArguments_defaults() -> dict[str, Any]:  # noqa: N802
     return {h.name: h.default for h in HYPERPARAMS}
 
 
+class ArgumentError(UserError, ValueError):
+    """A bad ``HyperArguments`` field: a UserError (one message, exit 2 in a program) that
+    Python code can also catch as the ValueError it is."""
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "True or False", str: "a string"}
+
+
+def check_api_value(name: str, value: Any) -> None:
+    """One ``HyperArguments`` field against its declaration: the declared type (a string is
+    not a number, 'false' is not False, 2.5 is not an integer), None only where the default is
+    None, the choices and the declared range. The command line's flags are parsed by absl to
+    the same types; this is the same boundary for the Python API."""
+    h = HYPER_BY_NAME[name]
+    where = f"HyperArguments.{name}"
+    if value is None:
+        if h.default is not None:
+            raise ArgumentError(f"{where} is None, expected {_KIND_NAMES.get(h.type, h.type.__name__)}"
+                                f" (the default is {h.default!r}; leave the field out to use it)")
+        return
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}.get(h.type, lambda v: True)(value)
+    if not ok:
+        hint = " (write the number, not a string)" if h.type in (int, float) and isinstance(value, str) \
+            else " (write True or False, not a string)" if h.type is bool and isinstance(value, str) else ""
+        raise ArgumentError(f"{where} is {shown(value)} ({type(value).__name__}), expected "
+                            f"{_KIND_NAMES.get(h.type, h.type.__name__)}{hint}")
+    if h.choices and value not in h.choices:
+        raise ArgumentError(f"{where} is {shown(value)}, expected one of {list(h.choices)}"
+                            f"{did_you_mean(str(value), map(str, h.choices))}")
+    try:
+        h.check(value, where)
+    except UserError as e:
+        raise ArgumentError(str(e)) from None
+
+
 def _hyper_arguments_class():
     """The seed's ``HyperArguments`` dataclass, remembering which fields the caller set.
 
@@ -232,10 +270,17 @@ def _hyper_arguments_class():
     init = cls.__init__
 
     def __init__(self, *args, **kwargs):  # noqa: N807
-        init(self, *args, **kwargs)
+        unknown = [k for k in kwargs if k not in HYPER_BY_NAME]
+        if unknown or len(args) > len(names):
+            what = f"field {unknown[0]!r}" if unknown else f"{len(args)} positional values"
+            raise ArgumentError(f"HyperArguments has no {what}"
+                                f"{did_you_mean(unknown[0], names) if unknown else ''}")
+        init(self, *args, **kwargs)  # each value passes __setattr__'s check
         object.__setattr__(self, "_given", set(names[:len(args)]) | set(kwargs))
 
     def __setattr__(self, name, value):  # noqa: N807
+        if name in HYPER_BY_NAME:
+            check_api_value(name, value)
         object.__setattr__(self, name, value)
         if name in HYPER_BY_NAME and "_given" in self.__dict__:
             self._given.add(name)

@@ -17,6 +17,8 @@ PNG), the language instruction <-> the episode's task, the ``mirrored`` mark, an
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -24,10 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from ilstudio.data.episodes import ACTION_KEY, IMAGES_KEY, QPOS_KEY, open_episode, read_errors
+from ilstudio.data.episodes import (
+    ACTION_KEY,
+    IMAGES_KEY,
+    QPOS_KEY,
+    check_attrs,
+    open_episode,
+    read_errors,
+)
 from ilstudio.data.lerobot_format import INFO_PATH
 from ilstudio.data.sources import list_episodes
-from ilstudio.errors import UserError
+from ilstudio.errors import UserError, guarded
 from ilstudio.rundir import atomic_dir
 
 QVEL_KEY = "observations/qvel"
@@ -40,6 +49,8 @@ def read_episode(ref: Any) -> dict[str, Any]:
         group = f.get(IMAGES_KEY)
         cams = list(group.keys()) if group is not None else []
         qvel = f.get(QVEL_KEY)
+        if not hasattr(ref, "open_source"):  # an HDF5 file: its attributes as declared
+            check_attrs(f.attrs, str(ref))
         attrs = dict(f.attrs)
         task = attrs.get("language_instruction", "")
         return {"state": np.asarray(f[QPOS_KEY][()]), "action": np.asarray(f[ACTION_KEY][()]),
@@ -93,6 +104,31 @@ def _to_hdf5(refs: list, dst: Path, fps: float | None, progress: bool) -> None:
                                  compression="gzip", compression_opts=4)
 
 
+def check_destination(src: str, dst: Path) -> None:
+    """DST can become a new dataset without touching anything else: not a symlink, not inside
+    SRC (the result would become part of the source), empty or absent, under a writable
+    directory. Checked before anything is read or written; a UserError naming DST."""
+    if dst.is_symlink():
+        raise UserError(f"DST {dst} is a symlink (to {os.readlink(dst)}); the dataset would "
+                        f"replace the link: give the real path of a new directory")
+    src_path = Path(src).expanduser()
+    if src_path.exists():
+        inner, outer = dst.resolve(), src_path.resolve()
+        if inner == outer or outer in inner.parents:
+            raise UserError(f"DST {dst} is inside SRC {src}: the converted files would become "
+                            f"part of the source dataset; choose a destination outside it")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        what = "is not a directory" if not dst.is_dir() else "is not empty"
+        raise UserError(f"DST {dst} exists and {what}; choose a new destination")
+    parent = next((p for p in dst.absolute().parents if p.exists()), Path("/"))
+    if not parent.is_dir():
+        raise UserError(f"DST {dst}: {parent} is a file, not a directory; choose a destination "
+                        f"under a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"DST {dst}: the directory {parent} is not writable (permission denied "
+                        f"or a read-only file system)")
+
+
 def convert(src: str, dst: str | Path, to: str, version: str = "3.0", fps: float | None = None,
             image_storage: str = "video", robot_type: str | None = None,
             cache_dir: str | None = None, progress: bool = False) -> dict:
@@ -101,10 +137,9 @@ def convert(src: str, dst: str | Path, to: str, version: str = "3.0", fps: float
         raise UserError(f"--to must be 'lerobot' or 'hdf5', got {to!r}")
     version = version if version.startswith("v") else f"v{version}"
     dst = Path(dst).expanduser()
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise UserError(f"{dst} exists and is not empty; choose a new destination")
-    if fps is not None and not fps > 0:
-        raise UserError(f"--fps must be positive, got {fps}")
+    check_destination(src, dst)
+    if fps is not None and not (fps > 0 and math.isfinite(fps)):
+        raise UserError(f"--fps must be a positive finite number, got {fps}")
     refs = list_episodes(src, cache_dir)
     with atomic_dir(dst) as tmp:  # an existing dst is empty (checked above): replaced
         if to == "lerobot":
@@ -122,7 +157,9 @@ def recording_staging(target: str | Path) -> Path:
     target = Path(target).expanduser()
     if (target / INFO_PATH).exists():
         raise UserError(f"{target} already holds a LeRobot dataset; record into a new --output_dir")
-    return target.parent / f"{target.name}.hdf5-recording"
+    staging = target.parent / f"{target.name}.hdf5-recording"
+    check_destination(str(staging), target)  # before recording, not after it
+    return staging
 
 
 def finish_recording(staging: Path, target: str | Path, fps: float = DEFAULT_FPS,
@@ -149,14 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache_dir", default=None, help="Hugging Face cache for a hub repo id")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    try:
+
+    def run() -> int:
         summary = convert(args.src, args.dst, args.to, args.version, args.fps, args.image_storage,
                           args.robot_type, args.cache_dir, progress=not args.no_progress)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{summary['episodes']} episodes written to {summary['destination']} ({args.to})")
-    return 0
+        print(f"{summary['episodes']} episodes written to {summary['destination']} ({args.to})")
+        return 0
+
+    return guarded(run, "convert")
 
 
 if __name__ == "__main__":

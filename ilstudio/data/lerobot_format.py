@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ilstudio.errors import UserError
+from ilstudio.data.lerobot_schema import check_info
+from ilstudio.errors import UserError, require_regular_file
 
 INFO_PATH = "meta/info.json"
 SUPPORTED_VERSIONS = ("v2.1", "v3.0")
@@ -129,6 +130,8 @@ def load_info(root: str | Path) -> LeRobotInfo:
     root = Path(root).expanduser()
     path = root / INFO_PATH
     try:
+        if path.exists():
+            require_regular_file(path, INFO_PATH)
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{root}: no {INFO_PATH} (not a LeRobot dataset)") from None
@@ -141,10 +144,8 @@ def load_info(root: str | Path) -> LeRobotInfo:
         raise UserError(f"{path}: codebase_version {version or '(missing)'!r} is not supported; "
                         f"ilstudio reads LeRobot {' and '.join(SUPPORTED_VERSIONS)} (convert with "
                         f"LeRobot's convert_dataset_v21_to_v30 or an older LeRobot's v2.0->v2.1 script)")
-    features = raw.get("features")
-    fps = raw.get("fps")
-    if not isinstance(features, dict) or not isinstance(fps, (int, float)) or fps <= 0:
-        raise UserError(f"{path}: needs 'features' (an object) and 'fps' (a positive number)")
+    check_info(raw, path, (STATE_KEY, ACTION_KEY))  # lerobot_schema's declarations
+    features, fps = raw["features"], raw["fps"]
     return LeRobotInfo(root, version, float(fps), features, raw)
 
 

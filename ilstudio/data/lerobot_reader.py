@@ -43,6 +43,7 @@ from ilstudio.data.lerobot_format import (
     camera_key,
     load_info,
 )
+from ilstudio.data.lerobot_schema import EpisodeFiles, check_data_files, check_tables
 from ilstudio.data.video import DECODED, VideoError, decode_run, probe, shared_reader
 from ilstudio.errors import UserError
 
@@ -89,11 +90,15 @@ class LeRobotData:
 
     @classmethod
     def load(cls, root: str | Path) -> LeRobotData:
-        info = load_info(root)
+        info = load_info(root)  # checks info.json against lerobot_schema's declarations
+        keys = _video_keys(info)
+        check_tables(info.raw, info.root, list(keys.values()))  # before the loaders read them
         loader = _load_v21 if info.version == "v2.1" else _load_v30
         episodes, tasks = loader(info)
-        if not episodes:
-            raise UserError(f"{info.root}: the LeRobot dataset lists no episodes")
+        check_data_files(info.root, info.fps, [
+            EpisodeFiles(e.index, e.length, e.data_file,
+                         {keys[c]: (s.path, s.from_timestamp) for c, s in e.videos.items()})
+            for e in episodes], tasks, {STATE_KEY: info.state_dim, LR_ACTION: info.action_dim})
         return cls(info, episodes, tasks)
 
     def refs(self) -> list[LeRobotEpisode]:

@@ -37,11 +37,14 @@ QUICKSTART_GIN_FILES = ["gin_configs/tinyact.gin"]
 FLAGS = flags.FlagValues()  # this program's own: importable beside train.py's flags
 flags.DEFINE_string("task_name", "sim_transfer_cube_scripted", "The simulated task "
                     "(gin_configs/tasks/<task_name>.gin).", flag_values=FLAGS)
-flags.DEFINE_integer("num_episodes", 50, "Demonstrations to record.", flag_values=FLAGS)
-flags.DEFINE_integer("max_steps", 3000, "Training steps.", flag_values=FLAGS)
+flags.DEFINE_integer("num_episodes", 50, "Demonstrations to record.", lower_bound=1,
+                     upper_bound=10**6, flag_values=FLAGS)
+flags.DEFINE_integer("max_steps", 3000, "Training steps.", lower_bound=1, upper_bound=2**62,
+                     flag_values=FLAGS)
 flags.DEFINE_string("output_dir", "runs/quickstart", "Where this program writes: the run "
                     "directory (training output and evaluation results).", flag_values=FLAGS)
-flags.DEFINE_integer("eval_episodes", 20, "Simulated evaluation episodes (0: skip).", flag_values=FLAGS)
+flags.DEFINE_integer("eval_episodes", 20, "Simulated evaluation episodes (0: skip).", lower_bound=0,
+                     upper_bound=10**6, flag_values=FLAGS)
 define_gin_flags(FLAGS, QUICKSTART_GIN_FILES)
 _GROUPS = [("Quickstart", ["task_name", "num_episodes", "max_steps", "output_dir"]),
            ("Also", ["eval_episodes"])]

@@ -167,15 +167,17 @@ FLAGS = flags.FlagValues()  # this program's own: importable beside train.py's f
 flags.DEFINE_string("task_name", "sim_transfer_cube_scripted",
                     "gin_configs/tasks/<task_name>.gin: dims, cameras, episode length, sim.*",
                     flag_values=FLAGS)
-flags.DEFINE_integer("num_episodes", 50, "Successful episodes to keep.", flag_values=FLAGS)
+flags.DEFINE_integer("num_episodes", 50, "Successful episodes to keep.", lower_bound=1,
+                     upper_bound=10**6, flag_values=FLAGS)
 flags.DEFINE_string("output_dir", None, "Where this program writes: the episodes (default: the "
                     "task's task.dataset_dir, where train.py looks for them).", flag_values=FLAGS)
-flags.DEFINE_integer("seed", 0, "Object poses of attempt k come from (seed, k).", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Object poses of attempt k come from (seed, k).", lower_bound=0,
+                     upper_bound=2**63 - 1, flag_values=FLAGS)
 flags.DEFINE_enum("format", "hdf5", ["hdf5", "lerobot"], "hdf5: ACT-layout episode_<i>.hdf5 "
                   "files; lerobot: a LeRobotDataset v3.0 (episodes are recorded resumably beside "
                   "it, then converted).", flag_values=FLAGS)
 flags.DEFINE_integer("max_attempts", None, "Give up after this many attempts (default "
-                     "4*num_episodes+10; insertion keeps about half).", flag_values=FLAGS)
+                     "4*num_episodes+10; insertion keeps about half).", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_bool("no_progress", False, "No progress bar.", flag_values=FLAGS)
 define_gin_flags(FLAGS)
 _GROUPS = [("Recording", ["task_name", "num_episodes", "output_dir", "seed", "format"]),

@@ -18,7 +18,7 @@ from typing import Any
 
 from gin import config_parser
 
-from ilstudio.errors import UserError, read_user_text
+from ilstudio.errors import UserError, guarded, read_user_text
 from ilstudio.rundir import FLAGFILE, OPERATIVE
 
 NOT_SET = "(not set)"
@@ -231,14 +231,14 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip().split("\n\n")[1], file=sys.stderr)
         print("usage: python -m ilstudio.tools.diff RUN_A RUN_B", file=sys.stderr)
         return 2
-    try:
+
+    def run() -> int:
         a, b = load(argv[0]), load(argv[1])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    diffs = compare(a, b)
-    print(report(a, b, diffs), end="")
-    return 1 if diffs else 0
+        diffs = compare(a, b)
+        print(report(a, b, diffs), end="")
+        return 1 if diffs else 0
+
+    return guarded(run, "diff")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from ilstudio.config.yaml_adapter import load_training_config
-from ilstudio.errors import UserError
+from ilstudio.errors import UserError, guarded
 
 
 def gin_literal(value) -> str:
@@ -45,13 +46,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="write the .gin here (and <stem>.flags beside it)")
     parser.add_argument("--yaml_unknown_keys", choices=("error", "warn"), default="error")
     args = parser.parse_args(argv)
-    try:
-        gin_text, flag_text = convert(args.yaml_path, args.yaml_unknown_keys)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return guarded(lambda: _run(args), "yaml_to_gin")
+
+
+def check_output(out: Path) -> None:
+    """--output and its .flags companion can be written as regular files (checked before either
+    is written): a directory, a FIFO, a missing or read-only parent is one message, exit 2."""
+    for path in (out, out.with_suffix(".flags")):
+        if path.exists() and not path.is_file():
+            raise UserError(f"--output={out}: {path} exists and is not a regular file")
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise UserError(f"--output={out}: the folder {parent} does not exist")
+        if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise UserError(f"--output={out}: {path} cannot be written (permission denied)")
+    if out.suffix == ".flags":
+        raise UserError(f"--output={out}: the gin output would be overwritten by its .flags "
+                        f"companion; name it *.gin")
+
+
+def _run(args: argparse.Namespace) -> int:
+    gin_text, flag_text = convert(args.yaml_path, args.yaml_unknown_keys)
     if args.output:
         out = Path(args.output)
+        check_output(out)
         out.write_text(gin_text)
         out.with_suffix(".flags").write_text(flag_text)
         print(f"wrote {out} and {out.with_suffix('.flags')}")
