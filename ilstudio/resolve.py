@@ -19,7 +19,7 @@ import gin
 from absl import flags, logging
 
 from ilstudio.config import settings as S
-from ilstudio.config.declare import validate_instance
+from ilstudio.config.declare import sources
 from ilstudio.config.gin_layers import GinLayers, SearchPath, find_shipped
 from ilstudio.config.hyperparams import (
     HYPERPARAMS,
@@ -131,8 +131,8 @@ def construct(cls):
     """
     try:
         return cls()
-    except UserError:
-        raise
+    except UserError as e:  # gin appends "In call to configurable ..." to the one message
+        raise UserError(str(e).split("\n  In call to configurable", 1)[0]) from None
     except Exception as e:  # noqa: BLE001 - whatever a bound value raised when gin evaluated it
         m = _UNDEFINED_MACRO.search(str(e))
         if m:
@@ -176,14 +176,14 @@ def build_settings(source_of, with_sim: bool | None = None) -> RunSettings:
     data without a simulator gets ``sim = None`` and no sim.* in its operative config, which
     lists what the run used.
     """
-    built = {k: construct(cls) for k, cls in (
-        ("task", S.TaskSettings), ("dataset", S.DatasetSettings), ("model", S.ModelSettings),
-        ("lora", S.LoraSettings), ("quantization", S.QuantizationSettings))}
-    if with_sim if with_sim is not None else source_of("sim.task") != "default":
-        built["sim"] = construct(SimSettings)
-    built["policy"] = construct(policy_config_class(built["model"].policy, source_of("model.policy")))
-    for obj in built.values():
-        validate_instance(obj, source_of)
+    with sources(source_of):  # each object checks its declaration as it is built
+        built = {k: construct(cls) for k, cls in (
+            ("task", S.TaskSettings), ("dataset", S.DatasetSettings), ("model", S.ModelSettings),
+            ("lora", S.LoraSettings), ("quantization", S.QuantizationSettings))}
+        if with_sim if with_sim is not None else source_of("sim.task") != "default":
+            built["sim"] = construct(SimSettings)
+        built["policy"] = construct(policy_config_class(built["model"].policy,
+                                                        source_of("model.policy")))
     built.setdefault("sim", None)
     return RunSettings(**built)
 

@@ -10,10 +10,13 @@ type validation, ``--explain``, the README table, the resume rules and the polic
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gin
@@ -25,6 +28,34 @@ from ilstudio.errors import UserError, shown
 
 # Every configurable with declared parameters, by its gin name, in declaration order.
 CONFIGURABLES: dict[str, type] = {}
+
+# Where a value came from, for the message when a declared check fails at construction:
+# resolve sets gin's provenance; a settings object built in Python names that call.
+_SOURCE_OF: contextvars.ContextVar[Callable[[str], str]] = contextvars.ContextVar(
+    "ilstudio_source_of", default=lambda gin_key: "a Python call")
+
+
+@contextlib.contextmanager
+def sources(source_of: Callable[[str], str]) -> Iterator[None]:
+    """Settings objects built inside name ``source_of(gin_key)`` in their errors."""
+    token = _SOURCE_OF.set(source_of)
+    try:
+        yield
+    finally:
+        _SOURCE_OF.reset(token)
+
+
+def _checked_on_construction(cls: type) -> None:
+    """Every construction checks the declaration (type, choices, bounds, length): through
+    gin, the YAML adapter or a Python call alike, so no consumer re-checks a bound by hand."""
+    own = cls.__dict__.get("__post_init__")
+
+    def __post_init__(self) -> None:
+        validate_instance(self, _SOURCE_OF.get())
+        if own is not None:
+            own(self)
+
+    cls.__post_init__ = __post_init__
 
 
 def param(default: Any, doc: str, *, yaml: str | None = None, choices: tuple | None = None,
@@ -64,6 +95,7 @@ def configurable(name: str, *, group: str, breaks_resume: bool | None = None):
     """
 
     def wrap(cls):
+        _checked_on_construction(cls)
         cls = dataclasses.dataclass(frozen=True)(cls)
         cls.gin_name = name
         cls.doc_group = group

@@ -39,12 +39,8 @@ def parse_resume(value: str | None) -> bool | str:
 def training_args_kwargs(hyper: Hyperparams, extra: dict[str, Any]) -> dict[str, Any]:
     kwargs = {h.name: getattr(hyper, h.name) for h in HYPERPARAMS
               if h.to_training_args and getattr(hyper, h.name) is not None}
-    ratio = hyper.warmup_ratio or 0.0
-    if not 0.0 <= ratio < 1.0:
-        raise UserError(f"--warmup_ratio={ratio}: expected a ratio in [0, 1)")
+    ratio = hyper.warmup_ratio or 0.0  # both in their declared ranges (config/hyperparams.py)
     steps = kwargs.get("warmup_steps", 0.0)
-    if steps < 0:
-        raise UserError(f"--warmup_steps={steps}: expected >= 0")
     if steps >= 1:
         if not float(steps).is_integer():
             raise UserError(f"--warmup_steps={steps}: expected a whole number of steps or a ratio < 1")

@@ -80,14 +80,6 @@ class EpisodeDataset(Dataset):
                  episode_lengths: Sequence[int] | None = None, language: Any = None) -> None:
         """language: a policy's text processor (ilstudio.data.language.LanguageProcessor) or
         None; with one, samples also carry input_ids, attention_mask and labels."""
-        if chunk_size < 1:
-            raise UserError(f"chunk_size must be >= 1, got {chunk_size}")
-        if settings.history_images_length < 1:
-            raise UserError("dataset.history_images_length must be >= 1, got "
-                            f"{settings.history_images_length}")
-        size = settings.image_size
-        if size is not None and (len(size) != 2 or min(size) < 1):
-            raise UserError(f"dataset.image_size must be (height, width) with both >= 1, got {size!r}")
         self.paths = [episode_ref(p) for p in paths]  # HDF5 paths or LeRobot episodes
         set_cache_mb(settings.video_cache_mb)  # lazily read mp4: decoded episodes per process
         if not self.paths:
@@ -101,7 +93,7 @@ class EpisodeDataset(Dataset):
         if episode_lengths is None:  # built directly rather than by build_datasets
             episode_lengths = check_episodes(self.paths, task, self.use_images)
         if self.use_images:
-            check_camera_sizes(self.paths[0], task.camera_names, size)
+            check_camera_sizes(self.paths[0], task.camera_names, settings.image_size)
         self.episode_lengths = np.asarray(episode_lengths, dtype=np.int64)
         self.episode_starts = np.concatenate([[0], np.cumsum(self.episode_lengths)[:-1]])
         self.episode_index = np.repeat(np.arange(len(self.paths)), self.episode_lengths)
@@ -291,8 +283,6 @@ def split_episodes(n: int, val_fraction: float, seed: int) -> tuple[list[int], l
     if n < 2:
         raise UserError(f"evaluation needs at least 2 episodes (one to train on, one held out); "
                         f"the dataset has {n}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"dataset.val_fraction must be in [0, 1), got {val_fraction}")
     n_val = min(max(1, round(val_fraction * n)), n - 1)
     perm = np.random.RandomState(seed).permutation(n)
     return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())

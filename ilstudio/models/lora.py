@@ -62,13 +62,6 @@ def check_lora_settings(lora: LoraSettings, source_of: Callable[[str], str]) -> 
                             f"{source_of('lora.task_type')}): not a peft task type"
                             + (f" (did you mean `{hint[0]}`?)" if hint else "")
                             + f". Known: {', '.join(task_types)}")
-        if lora.r <= 0:
-            problems.append(f"lora.r = {lora.r} (set in {source_of('lora.r')}): the rank must be > 0")
-        if not 0.0 <= lora.dropout < 1.0:
-            problems.append(f"lora.dropout = {lora.dropout} (set in {source_of('lora.dropout')}): "
-                            f"expected a probability in [0, 1)")
-        if lora.lr is not None and lora.lr < 0:
-            problems.append(f"lora.lr = {lora.lr} (set in {source_of('lora.lr')}): must be >= 0")
         if lora.weight_path:
             try:
                 adapter_weights_file(lora.weight_path)

@@ -13,11 +13,9 @@ def load_task(task_name: str, gin_bindings: list[str] | tuple[str, ...] = (),
 
     Raises UserError for an unknown task or a bad binding (with the file/binding named).
     """
-    from ilstudio.config.declare import validate_instance
+    from ilstudio.config.declare import sources
 
     layers = layer_gin(task_name=task_name, gin_files=gin_files, gin_bindings=gin_bindings,
                        search_paths=gin_search_paths)
-    task, sim = construct(TaskSettings), construct(SimSettings)
-    for obj in (task, sim):
-        validate_instance(obj, layers.provenance.source_of)
-    return task, sim
+    with sources(layers.provenance.source_of):  # each checks its declaration as it is built
+        return construct(TaskSettings), construct(SimSettings)
