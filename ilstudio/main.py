@@ -75,7 +75,7 @@ def _main(argv: list[str]) -> None:
     """Every check --dry_run makes runs before torch is imported, in a real run too: a missing
     dataset or an output_dir in use is reported in seconds, not after ~90 s of imports."""
     del argv
-    from ilstudio.config.dumps import describe
+    from ilstudio.config.dumps import check_recordable, describe
     from ilstudio.config.training_args import check_training_arguments
     from ilstudio.resolve import resolve
     from ilstudio.training.run import check_output_dir, resume_checkpoint, validate_data
@@ -83,6 +83,7 @@ def _main(argv: list[str]) -> None:
     show = FLAGS.dry_run or FLAGS.explain
     try:
         resolved = resolve(FLAGS)
+        check_recordable(resolved)  # flags.txt must read back as this configuration
         resume = resume_checkpoint(resolved)
         if not FLAGS.explain:  # would the run start? (--explain may inspect an existing run)
             check_output_dir(resolved, resume, FLAGS.overwrite_output_dir)

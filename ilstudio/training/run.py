@@ -149,6 +149,7 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
     from ilstudio.policies import build_policy, build_processor
 
     hyper = resolved.hyper
+    dumps.check_recordable(resolved)  # also for the Python API: before anything is built
     from ilstudio.training import threads
 
     logging.info("torch threads: %d (%s)", *threads.configure(hyper.dataloader_num_workers))
