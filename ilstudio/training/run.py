@@ -298,7 +298,7 @@ def probe_first_step(resolved: Resolved, args, model, train_ds) -> None:
         return
     indices = list(range(min(args.per_device_train_batch_size, len(train_ds))))
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # a frozen part may be in eval mode
     try:
         with memory_errors(resolved), torch.no_grad():
             getitems = getattr(train_ds, "__getitems__", None)
@@ -306,7 +306,8 @@ def probe_first_step(resolved: Resolved, args, model, train_ds) -> None:
             model.eval()
             model(**batch)
     finally:
-        model.train(training)
+        for module, mode in modes:
+            module.training = mode
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.set_rng_state(states[2])
