@@ -586,16 +586,28 @@ _MANIFEST_MAX_BYTES = 64 << 20  # a run records a few lines per save
 _TEMP_NAME = "[a-z0-9_]{8}"  # tempfile's random part of mkstemp/mkdtemp names
 
 
+_MANIFEST_HEADER = {"ilstudio_manifest": 1}  # the first line: a manifest.jsonl ilstudio began
+
+
+def _is_ours(manifest: Path) -> bool:
+    """A regular file beside a run lock whose first line is our header: never append to a
+    user's own manifest.jsonl (in a parent directory, or in a fresh --output_dir)."""
+    try:
+        if not stat.S_ISREG(os.lstat(manifest).st_mode) or not (
+                manifest.parent / LOCK_FILE).exists():
+            return False
+        with open(manifest, "rb") as f:
+            return f.readline(200).startswith(b'{"ilstudio_manifest"')
+    except OSError:
+        return False
+
+
 def find_manifest(directory: str | os.PathLike) -> Path | None:
     """The manifest of the run directory enclosing ``directory`` (None outside any run)."""
     d = Path(os.path.abspath(directory))
     for p in (d, *d.parents):
-        m = p / MANIFEST
-        try:
-            if stat.S_ISREG(os.lstat(m).st_mode):
-                return m
-        except OSError:
-            continue
+        if _is_ours(p / MANIFEST):
+            return p / MANIFEST
     return None
 
 
@@ -604,8 +616,16 @@ def start_manifest(out: str | os.PathLike) -> Path:
     the run's lock, before its first file. The checkpoint scratch directories are the run's
     whatever they hold."""
     m = Path(out) / MANIFEST
+    if (m.exists() or m.is_symlink()) and not _is_ours(m):
+        raise UserError(f"--output_dir={out}: holds a {MANIFEST} that ilstudio did not write "
+                        f"(the run records its own files under that name); move it away or "
+                        f"choose another --output_dir")
     fd = os.open(m, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    os.close(fd)
+    try:
+        if os.fstat(fd).st_size == 0:
+            os.write(fd, (json.dumps(_MANIFEST_HEADER) + "\n").encode())
+    finally:
+        os.close(fd)
     _append(m, [{"path": name, "scratch": True} for name in (STAGING_DIR, FINAL_STAGING_DIR)])
     return m
 
@@ -698,9 +718,9 @@ class Manifest:
 def read_manifest(out: str | os.PathLike) -> Manifest | None:
     """The manifest of the run in ``out`` (None if the run predates manifests, or none ran)."""
     m = Path(out) / MANIFEST
+    if not _is_ours(m):
+        return None
     try:
-        if not stat.S_ISREG(os.lstat(m).st_mode):
-            return None
         with open(m, "rb") as f:
             data = f.read(_MANIFEST_MAX_BYTES)
     except OSError:

@@ -127,3 +127,15 @@ def test_flipped_bits_in_every_checkpoint_stop_resume(run, tiny_data):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "no checkpoint in" in r.stderr and "optimizer.pt differs" in r.stderr
     assert snapshot(run) == before
+
+
+def test_a_users_own_manifest_file_is_never_appended_to(tmp_path):
+    """Only a manifest ilstudio began (its header line, beside a run lock) records writes."""
+    (tmp_path / rundir.MANIFEST).write_text("my own notes\n")
+    (tmp_path / rundir.LOCK_FILE).write_text("")
+    (tmp_path / "sub").mkdir()
+    rundir.write_atomic(tmp_path / "sub" / "x.json", "{}")
+    assert (tmp_path / rundir.MANIFEST).read_text() == "my own notes\n"
+    with pytest.raises(UserError, match="that ilstudio did not write"):
+        rundir.start_manifest(tmp_path)
+    assert rundir.read_manifest(tmp_path) is None
