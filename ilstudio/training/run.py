@@ -313,37 +313,14 @@ def probe_first_step(resolved: Resolved, args, model, train_ds) -> None:
         torch.set_rng_state(states[2])
 
 
-def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
-    """Train and return the final metrics."""
-    from ilstudio.training.lazy_imports import import_trainer
-
-    import_trainer(need_peft=resolved.lora.enable or resolved.quantization.enable)
-    import torch
+def _data_and_model(resolved: Resolved, args, resume_from: str | None):
+    """(train_ds, eval_ds, stats, {"summary", "fingerprint"}, model), with the resume rules
+    about the data checked on the way; nothing is written."""
     import transformers
 
     from ilstudio.data.batched import batched
     from ilstudio.data.dataset import build_datasets
     from ilstudio.policies import build_policy, build_processor
-
-    hyper = resolved.hyper
-    dumps.check_recordable(resolved)  # also for the Python API: before anything is built
-    check_logging_dir(resolved)
-    from ilstudio.training import threads
-
-    logging.info("torch threads: %d (%s)", *threads.configure(hyper.dataloader_num_workers))
-    if not torch.cuda.is_available():  # pinning needs an accelerator; avoid the warning
-        hyper = dataclasses.replace(hyper, dataloader_pin_memory=False)
-    extra = distributed.launch_defaults(resolved.training_args_extra)
-    args = build_training_arguments(hyper, extra)  # under torchrun: joins the process group
-    resume_from = resume_checkpoint(resolved)
-    try:
-        check_output_dir(resolved, resume_from, overwrite_output_dir)
-        verdict = None
-    except UserError as e:
-        verdict = str(e)
-    # Barrier: every rank has checked output_dir, and resolved rank 0's configuration, before
-    # rank 0 writes anything; any rank's error stops all ranks with the same message.
-    distributed.agree(distributed.config_text(resolved, hyper, extra), verdict)
 
     fingerprint = data_fingerprint(resolved)
     if resume_from is not None:  # the data a checkpoint continues is the data it began with
@@ -368,9 +345,41 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
         logging.info("model.load_pretrain: initialised from %s",
                      load_pretrained_policy(model, resolved.model.pretrain_from))
     finalize()
-    if hyper.gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
+    if args.gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
         raise UserError(f"--gradient_checkpointing: policy '{resolved.model.policy}' has no "
                         f"checkpointable backbone")
+
+    return train_ds, eval_ds, stats, {"summary": summary, "fingerprint": fingerprint}, model
+
+
+def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
+    """Train and return the final metrics."""
+    from ilstudio.training.lazy_imports import import_trainer
+
+    import_trainer(need_peft=resolved.lora.enable or resolved.quantization.enable)
+    import torch
+
+    hyper = resolved.hyper
+    dumps.check_recordable(resolved)  # also for the Python API: before anything is built
+    check_logging_dir(resolved)
+    from ilstudio.training import threads
+
+    logging.info("torch threads: %d (%s)", *threads.configure(hyper.dataloader_num_workers))
+    if not torch.cuda.is_available():  # pinning needs an accelerator; avoid the warning
+        hyper = dataclasses.replace(hyper, dataloader_pin_memory=False)
+    extra = distributed.launch_defaults(resolved.training_args_extra)
+    args = build_training_arguments(hyper, extra)  # under torchrun: joins the process group
+    resume_from = resume_checkpoint(resolved)
+    try:
+        check_output_dir(resolved, resume_from, overwrite_output_dir)
+        verdict = None
+    except UserError as e:
+        verdict = str(e)
+    # Barrier: every rank has checked output_dir, and resolved rank 0's configuration, before
+    # rank 0 writes anything; any rank's error stops all ranks with the same message.
+    distributed.agree(distributed.config_text(resolved, hyper, extra), verdict)
+
+    train_ds, eval_ds, stats, data, model = _data_and_model(resolved, args, resume_from)
 
     out = Path(resolved.output_dir)
     check_checkpoint_fits(model, resume_from)
@@ -389,12 +398,47 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
             verdict = str(e)
     try:
         distributed.agree(distributed.config_text(resolved, hyper, extra), verdict)
-        return _train_locked(resolved, hyper, args, model, train_ds, eval_ds, stats,
-                             {"summary": summary, "fingerprint": fingerprint},
+        return _train_locked(resolved, hyper, args, model, train_ds, eval_ds, stats, data,
                              resume_from, resume_changes, overwrite_output_dir)
     finally:
         if lock is not None:
             lock.release()
+
+
+def _resume_plan(trainer, resolved: Resolved, resume_from: str | None,
+                 target: int) -> tuple[int | None, bool]:
+    """(the step a finished run ended at when there is nothing to do, else None; whether
+    only the final save is missing)."""
+    out = Path(resolved.output_dir)
+    if parse_resume(resolved.hyper.resume_from_checkpoint) is False:
+        return None, False
+    done = rundir.finished_step(out)
+    if done is not None and target <= done:
+        logging.warning("%s: this run is already finished at step %d (the configuration asks "
+                        "for %d steps): nothing to do, nothing changed. Pass a larger "
+                        "--max_steps to continue it.", out, done, target)
+        return done, False
+    if resume_from is None:
+        return None, False
+    at = trainer.checkpoint_step(resume_from)
+    if at > target:
+        raise UserError(f"--resume_from_checkpoint: {Path(resume_from).name} is at step "
+                        f"{at}, beyond --max_steps={target} (steps cannot be undone). "
+                        f"Pass --max_steps >= {at}, or start a new run.")
+    # Killed after its last checkpoint but before its final save: finish from the
+    # checkpoint without training (a training call would run one step past max_steps).
+    return None, at == target
+
+
+def _train_until_done_or_sigterm(trainer, resume_from: str | None, out: Path):
+    """trainer.train(); on SIGTERM, the checkpoint at the current step and Preempted."""
+    with stop_on_sigterm(trainer) as stop:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    if stop.requested:
+        last = rundir.last_complete_checkpoint(out)
+        raise Preempted(f"SIGTERM: stopped at step {trainer.state.global_step} after saving "
+                        f"{last}; resume with: {resume_command(out)}")
+    return result
 
 
 def _train_locked(resolved: Resolved, hyper, args, model, train_ds, eval_ds, stats,
@@ -420,23 +464,9 @@ def _train_locked(resolved: Resolved, hyper, args, model, train_ds, eval_ds, sta
                             ema_decay=resolved.model.ema_decay if resolved.model.using_ema else None,
                             episode_first=resolved.dataset.episode_first)
     target = trainer.planned_max_steps()
-    finish_only = False
-    if parse_resume(resolved.hyper.resume_from_checkpoint) is not False:
-        done = rundir.finished_step(out)
-        if done is not None and target <= done:
-            logging.warning("%s: this run is already finished at step %d (the configuration asks "
-                            "for %d steps): nothing to do, nothing changed. Pass a larger "
-                            "--max_steps to continue it.", out, done, target)
-            return {"already_finished_at_step": done}
-        if resume_from is not None:
-            at = trainer.checkpoint_step(resume_from)
-            if at > target:
-                raise UserError(f"--resume_from_checkpoint: {Path(resume_from).name} is at step "
-                                f"{at}, beyond --max_steps={target} (steps cannot be undone). "
-                                f"Pass --max_steps >= {at}, or start a new run.")
-            # Killed after its last checkpoint but before its final save: finish from the
-            # checkpoint without training (a training call would run one step past max_steps).
-            finish_only = at == target
+    done, finish_only = _resume_plan(trainer, resolved, resume_from, target)
+    if done is not None:
+        return {"already_finished_at_step": done}
 
     with rundir.output_errors(out, "the run's configuration"):
         if distributed.is_main_process():
@@ -456,12 +486,7 @@ def _train_locked(resolved: Resolved, hyper, args, model, train_ds, eval_ds, sta
                      "state), no training step", resume_from, target)
         result = trainer.finish_from_checkpoint(resume_from)
     else:
-        with stop_on_sigterm(trainer) as stop:
-            result = trainer.train(resume_from_checkpoint=resume_from)
-        if stop.requested:
-            last = rundir.last_complete_checkpoint(out)
-            raise Preempted(f"SIGTERM: stopped at step {trainer.state.global_step} after saving "
-                            f"{last}; resume with: {resume_command(out)}")
+        result = _train_until_done_or_sigterm(trainer, resume_from, out)
     with rundir.output_errors(out, "the final model"):
         save_final_model(trainer, out)
     metrics = dict(result.metrics)
