@@ -382,9 +382,9 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
     train_ds, eval_ds, stats, data, model = _data_and_model(resolved, args, resume_from)
 
     out = Path(resolved.output_dir)
-    check_checkpoint_fits(model, resume_from)
+    resume_changes = check_resume_config(resolved, resume_from)  # names the changed keys
+    check_checkpoint_fits(model, resume_from)  # what the configuration cannot tell: the weights
     probe_first_step(resolved, args, model, train_ds)
-    resume_changes = check_resume_config(resolved, resume_from)
     # Validation passed: take the directory. The lock is the run's first write and is held
     # until it ends; output_dir is checked again under it (another run may have written
     # there since the first check).
