@@ -75,20 +75,34 @@ def _main(argv: list[str]) -> None:
     """Every check --dry_run makes runs before torch is imported, in a real run too: a missing
     dataset or an output_dir in use is reported in seconds, not after ~90 s of imports."""
     del argv
-    from ilstudio.config.dumps import describe
+    from ilstudio.config.dumps import check_recordable, describe
     from ilstudio.config.training_args import check_training_arguments
     from ilstudio.resolve import resolve
-    from ilstudio.training.run import check_output_dir, resume_checkpoint, validate_data
+    from ilstudio.training.run import (
+        check_logging_dir,
+        check_output_dir,
+        resume_checkpoint,
+        validate_data,
+    )
 
     show = FLAGS.dry_run or FLAGS.explain
+    resolved = None
     try:
         resolved = resolve(FLAGS)
+        check_recordable(resolved)  # flags.txt must read back as this configuration
+        check_logging_dir(resolved)
         resume = resume_checkpoint(resolved)
         if not FLAGS.explain:  # would the run start? (--explain may inspect an existing run)
             check_output_dir(resolved, resume, FLAGS.overwrite_output_dir)
         if show:  # the resolved configuration, even when the data turns out to be missing
             print(describe(resolved, explain=FLAGS.explain), end="", flush=True)
         lengths = validate_data(resolved)
+        if resume is not None:  # the episodes a checkpoint continues are the ones it began on
+            from pathlib import Path
+
+            from ilstudio.training.resume import check_same_data, data_fingerprint
+
+            check_same_data(Path(resume).parent, data_fingerprint(resolved), resume)
         # Last: where transformers' source cannot be read without importing it, this imports it.
         how = check_training_arguments(resolved.hyper, resolved.training_args_extra)
         if show:
@@ -102,6 +116,36 @@ def _main(argv: list[str]) -> None:
     except UserError as e:
         logging.flush()
         fail(str(e))
+    except KeyboardInterrupt:
+        _interrupted(resolved)
+    except Exception as e:
+        from ilstudio.training.run import Preempted
+
+        if not isinstance(e, Preempted):
+            raise
+        logging.flush()
+        print("\n" + str(e), file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+
+
+def _interrupted(resolved) -> None:
+    """Ctrl-C: one line (the last complete checkpoint and the command that resumes), exit
+    code 130, no traceback. Every write is atomic, so nothing half-written is left."""
+    from ilstudio import rundir
+    from ilstudio.training.run import resume_command
+
+    logging.flush()
+    if resolved is None or not rundir.holds_a_run(resolved.output_dir):
+        line = "interrupted (Ctrl-C) before the run wrote anything"
+    else:
+        out = resolved.output_dir
+        last = rundir.last_complete_checkpoint(out)
+        line = (f"interrupted (Ctrl-C): the last complete checkpoint is {last}; resume with: "
+                f"{resume_command(out)}" if last else
+                f"interrupted (Ctrl-C) before the first checkpoint of {out}; start it again "
+                f"with: {resume_command(out)}")
+    print("\n" + line, file=sys.stderr, flush=True)  # after a progress bar's unfinished line
+    sys.exit(130)
 
 
 def run_cli() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -41,6 +42,7 @@ TRAINING_ARGS = "training_args.json"
 NORM_STATS = "normalization.json"
 DATA_SUMMARY = "data_summary.json"
 RESUME_CHANGES = "resume_changes.txt"  # configuration changes accepted on resume
+DATA_FINGERPRINT = "data_fingerprint.json"  # the episodes a run trains on (names, lengths, sizes)
 # What the Trainer writes (the final model beside the run, and inside every checkpoint-N).
 WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer_state.json"  # the last file transformers writes into a checkpoint
@@ -122,6 +124,8 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp",
     private=True keeps mkstemp's 0600.
     """
     path = Path(path)
+    manifest = find_manifest(path.parent)
+    record_intent(manifest, path, suffix)  # first: a temporary a kill leaves is known as ours
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -131,6 +135,7 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp",
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        record_files(manifest, [(tmp, path)])
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -162,6 +167,9 @@ def publish_dir(staged: str | os.PathLike, final: str | os.PathLike, *,
             shutil.rmtree(staged)
             return False
         shutil.rmtree(final)
+    # Recorded (with checksums) before the rename: whenever final exists, the manifest has it.
+    record_files(find_manifest(final.parent), [(f, final / f.relative_to(staged))
+                                               for f in sorted(staged.rglob("*")) if f.is_file()])
     try:
         os.rename(staged, final)
     except OSError:
@@ -181,6 +189,7 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = True,
     and ``final`` is untouched."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    record_intent(find_manifest(final.parent), final, suffix)
     staged = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=suffix))
     os.chmod(staged, 0o777 & ~_umask())  # mkdtemp makes it 0700; a published directory is ordinary
     try:
@@ -194,7 +203,9 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = True,
 def publish_files(staged: str | os.PathLike, out: str | os.PathLike) -> None:
     """Move every file of a staging directory into ``out``, each by one rename."""
     ordinary_permissions(staged)
-    for f in sorted(Path(staged).iterdir()):
+    files = sorted(Path(staged).iterdir())
+    record_files(find_manifest(out), [(f, Path(out) / f.name) for f in files])
+    for f in files:
         os.replace(f, Path(out) / f.name)
 
 
@@ -343,13 +354,36 @@ def _torch_file_problem(path: Path) -> str | None:
     return None
 
 
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
+    """Tensor name -> shape, from a safetensors file's header only (no tensor is read)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k: list(v["shape"]) for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and "shape" in v}
+
+
+# What a checkpoint needs beyond the weights to continue bit-identically (transformers' names).
+TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "rng_state*.pth")
+
+
+def missing_training_state(path: str | os.PathLike) -> list[str]:
+    """The optimizer/scheduler/RNG files a checkpoint lacks (all three: saved with
+    save_only_model). A DeepSpeed checkpoint keeps its optimizer elsewhere: not judged."""
+    path = Path(path)
+    if any(p.is_dir() and p.name.startswith("global_step") for p in path.iterdir()):
+        return []
+    return [pattern for pattern in TRAINING_STATE if not any(path.glob(pattern))]
+
+
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` is not a complete, intact checkpoint (None if it is).
 
     Our writer makes a checkpoint-N appear only when complete, but a disk, a copy or a user
     can still damage one afterwards: resume must not crash on it with a traceback.
     trainer_state.json must parse with its global_step; the weights, and every other
-    safetensors/torch file present, must be whole.
+    safetensors/torch file present, must be whole; and every file the run's manifest
+    records must have the size and sha256 recorded when it was written.
     """
     path = Path(path)
     try:
@@ -370,7 +404,7 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
             continue
         if problem:
             return problem
-    return None
+    return manifest_problem(path)  # a flipped bit keeps sizes and headers: the checksums tell
 
 
 # -- one run at a time ----------------------------------------------------------------------
@@ -487,55 +521,294 @@ def check_not_in_use(output_dir: str | os.PathLike) -> None:
 
 TRAINER_ARGS_BIN = "training_args.bin"  # the Trainer's pickle beside every save
 TENSORBOARD_DIR = "runs"  # TensorBoard's default directory (--logging_dir unset)
-RUN_FILES = frozenset({
-    OPERATIVE, ALL_BINDINGS, FLAGFILE, TRAINING_ARGS, NORM_STATS, DATA_SUMMARY, RESUME_CHANGES,
-    WEIGHTS, TRAINER_STATE, EMA_FILE, ADAPTER_WEIGHTS, ADAPTER_CONFIG, NON_LORA_TRAINABLES,
-    TRAINER_ARGS_BIN, EVAL_RESULTS, EVALS_DIR, BEST_DIR, LEARNING_CURVE, LOCK_FILE, STAGING_DIR,
-    FINAL_STAGING_DIR, TENSORBOARD_DIR,
-})
-_RUN_PATTERNS = (
-    re.compile(rf"{CHECKPOINT_PREFIX}-\d+"),  # checkpoint-N directories
-    re.compile(r"eval_episode_\d+(_success|_failure)?\.(gif|mp4)"),  # the evaluator's videos (older)
-    # write_atomic's temporaries (.<name>.<random>.tmp) of the files above, left by a kill
-    re.compile(r"\.(" + "|".join(re.escape(n) for n in sorted(RUN_FILES)) + r")\..+"),
-)
-
-
-def written_by_a_run(name: str) -> bool:
-    return name in RUN_FILES or any(p.fullmatch(name) for p in _RUN_PATTERNS)
 
 
 def foreign_entries(output_dir: str | os.PathLike) -> list[str]:
-    """Entries of output_dir that no run writes (a user's files: never removed by us)."""
+    """What in output_dir its run's manifest does not list (the user's: never removed by us),
+    as paths relative to it, directories with a trailing '/'. A run that predates manifests
+    cannot tell its files from the user's: everything in it counts as foreign."""
     out = Path(output_dir)
     if not out.is_dir():
         return []
-    return sorted(p.name + ("/" if p.is_dir() and not p.is_symlink() else "")
-                  for p in out.iterdir() if not written_by_a_run(p.name)
-                  or (p.name.startswith(f"{CHECKPOINT_PREFIX}-") and not p.is_dir()))
+    manifest = read_manifest(out)
+    if manifest is None:
+        return sorted(p.name + ("/" if p.is_dir() and not p.is_symlink() else "")
+                      for p in out.iterdir() if p.name != LOCK_FILE)
+    return _scan_run(out, manifest)[2]
+
+
+def check_removable(output_dir: str | os.PathLike) -> None:
+    """UserError (listing what is not the run's) unless remove_run would remove everything."""
+    out = Path(output_dir)
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise overwrite_refusal(out, foreign_entries(out), legacy=True)
+    foreign = _scan_run(out, manifest)[2]
+    if foreign:
+        raise overwrite_refusal(out, foreign)
 
 
 def remove_run(output_dir: str | os.PathLike) -> list[str]:
-    """Remove what a run wrote in output_dir (never the lock, held by the caller); returns the
-    names removed. Refuses (UserError, nothing removed) when anything else is there."""
+    """Remove exactly what the manifest lists (never the lock, held by the caller); returns
+    the paths removed. Refuses (UserError, nothing removed) when anything else is there.
+
+    Kill-safe: the manifest goes last, so an interrupted removal is finished by the next one.
+    """
     out = Path(output_dir)
-    foreign = foreign_entries(out)
-    if foreign:
-        raise overwrite_refusal(out, foreign)
-    removed = []
-    for p in sorted(out.iterdir()):
-        if p.name == LOCK_FILE:
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
-        removed.append(p.name)
-    return removed
+    check_removable(out)
+    files, trees, _ = _scan_run(out, read_manifest(out))
+    for tree in trees:
+        shutil.rmtree(tree)
+    for f in files:
+        f.unlink()
+    for d in sorted((p for p in out.rglob("*") if p.is_dir() and not p.is_symlink()),
+                    key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            d.rmdir()  # the run's directories, now empty (a non-empty one is not ours to empty)
+    (out / MANIFEST).unlink()
+    return sorted(p.relative_to(out).as_posix() for p in (*trees, *files))
 
 
-def overwrite_refusal(out: Path, foreign: list[str]) -> UserError:
+def overwrite_refusal(out: Path, foreign: list[str], legacy: bool = False) -> UserError:
     shown_names = ", ".join(foreign[:12]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 12 else "")
-    return UserError(f"--overwrite_output_dir: {out} holds a run and also files no run writes "
-                     f"({shown_names}). --overwrite_output_dir removes only what a run writes; "
-                     f"move these away or choose another --output_dir. Nothing was removed.")
+    if legacy:
+        return UserError(f"--overwrite_output_dir: the run in {out} has no {MANIFEST} (it was "
+                         f"written before ilstudio recorded a run's own files), so its files "
+                         f"cannot be told from yours ({shown_names}). Nothing was removed: "
+                         f"remove the directory yourself, or choose another --output_dir.")
+    return UserError(f"--overwrite_output_dir: {out} holds a run and also files the run did not "
+                     f"write ({shown_names}; the run's {MANIFEST} lists its own). "
+                     f"--overwrite_output_dir removes only what the run wrote; move these away "
+                     f"or choose another --output_dir. Nothing was removed.")
+
+
+# -- the manifest: exactly what this run wrote -----------------------------------------------
+#
+# An append-only journal, one JSON object a line, beside the run (MANIFEST). Every write
+# through this module (write_atomic, atomic_path, atomic_dir, publish_dir, publish_files) is
+# recorded in the manifest of the run directory that encloses it, so the trainer, in-training
+# evaluation and the evaluator are covered without each writer knowing. A file is recorded
+# twice: its intent before the temporary is made (so a temporary a kill leaves is known as
+# ours) and its size and sha256 just before the rename (so whenever the file exists, its
+# record does). Appends of a line are atomic on a local filesystem; a torn last line (a
+# machine crash) is skipped when read, so the manifest only ever under-claims: what it does
+# not list is the user's, and is never removed.
+
+MANIFEST = "manifest.jsonl"
+_MANIFEST_MAX_BYTES = 64 << 20  # a run records a few lines per save
+_TEMP_NAME = "[a-z0-9_]{8}"  # tempfile's random part of mkstemp/mkdtemp names
+
+
+_MANIFEST_HEADER = {"ilstudio_manifest": 1}  # the first line: a manifest.jsonl ilstudio began
+
+
+def _is_ours(manifest: Path) -> bool:
+    """A regular file beside a run lock whose first line is our header: never append to a
+    user's own manifest.jsonl (in a parent directory, or in a fresh --output_dir)."""
+    try:
+        if not stat.S_ISREG(os.lstat(manifest).st_mode) or not (
+                manifest.parent / LOCK_FILE).exists():
+            return False
+        with open(manifest, "rb") as f:
+            return f.readline(200).startswith(b'{"ilstudio_manifest"')
+    except OSError:
+        return False
+
+
+def find_manifest(directory: str | os.PathLike) -> Path | None:
+    """The manifest of the run directory enclosing ``directory`` (None outside any run)."""
+    d = Path(os.path.abspath(directory))
+    for p in (d, *d.parents):
+        if _is_ours(p / MANIFEST):
+            return p / MANIFEST
+    return None
+
+
+def start_manifest(out: str | os.PathLike) -> Path:
+    """Begin (or, on resume, continue) the manifest of the run in ``out``; called holding
+    the run's lock, before its first file. The checkpoint scratch directories are the run's
+    whatever they hold."""
+    m = Path(out) / MANIFEST
+    if (m.exists() or m.is_symlink()) and not _is_ours(m):
+        raise UserError(f"--output_dir={out}: holds a {MANIFEST} that ilstudio did not write "
+                        f"(the run records its own files under that name); move it away or "
+                        f"choose another --output_dir")
+    fd = os.open(m, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        if os.fstat(fd).st_size == 0:
+            os.write(fd, (json.dumps(_MANIFEST_HEADER) + "\n").encode())
+    finally:
+        os.close(fd)
+    _append(m, [{"path": name, "scratch": True} for name in (STAGING_DIR, FINAL_STAGING_DIR)])
+    return m
+
+
+def _append(manifest: Path, records: list[dict]) -> None:
+    data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
+    fd = os.open(manifest, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _relative(manifest: Path, path: Path) -> str | None:
+    rel = os.path.relpath(os.path.abspath(path), manifest.parent)
+    return None if rel == "." or rel.startswith("..") else rel
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def record_intent(manifest: Path | None, final: Path, suffix: str) -> None:
+    """``final`` is about to be written through a temporary ``.<name>.<random><suffix>``."""
+    rel = _relative(manifest, final) if manifest else None
+    if rel is not None:
+        _append(manifest, [{"path": rel, "intent": True, "suffix": suffix}])
+
+
+def record_files(manifest: Path | None, pairs: list[tuple[Path, Path]]) -> None:
+    """Record each (written file, the path it is about to take) with its size and sha256."""
+    if manifest is None:
+        return
+    records = []
+    for written, final in pairs:
+        rel = _relative(manifest, final)
+        if rel is not None:
+            records.append({"path": rel, "size": os.path.getsize(written),
+                            "sha256": sha256_of(written)})
+    if records:
+        _append(manifest, records)
+
+
+def record_written(path: str | os.PathLike) -> None:
+    """Record a file some other library wrote in place (trainer_state.json, TensorBoard's
+    event files, resume_changes.txt); call after it is written."""
+    path = Path(path)
+    record_files(find_manifest(path.parent), [(path, path)])
+
+
+class Manifest:
+    """A run's manifest as read: the last record of every path."""
+
+    def __init__(self, records: list[dict]) -> None:
+        self.files: dict[str, dict] = {}  # path -> its size/sha256 record
+        self.intents: dict[str, set[str]] = {}  # path -> the temporary suffixes used
+        self.scratch: set[str] = set()
+        for r in records:
+            path = r.get("path")
+            if not isinstance(path, str):
+                continue
+            if r.get("scratch"):
+                self.scratch.add(path)
+            elif r.get("intent"):
+                self.intents.setdefault(path, set()).add(str(r.get("suffix", "")))
+            elif isinstance(r.get("sha256"), str):
+                self.files[path] = r
+
+    def is_temporary(self, rel: str) -> bool:
+        """A hidden temporary of a path this run wrote (``.<name>.<8 random><suffix>``)."""
+        parent, _, base = rel.rpartition("/")
+        for path, suffixes in self.intents.items():
+            p_parent, _, name = path.rpartition("/")
+            if p_parent == parent and any(re.fullmatch(
+                    rf"\.{re.escape(name)}\.{_TEMP_NAME}{re.escape(s)}", base) for s in suffixes):
+                return True
+        return False
+
+    def owns_dir(self, rel: str) -> bool:
+        """A directory holding something this run wrote (or one that was about to)."""
+        prefix = rel + "/"
+        return any(p == rel or p.startswith(prefix) for p in (*self.files, *self.intents))
+
+
+def read_manifest(out: str | os.PathLike) -> Manifest | None:
+    """The manifest of the run in ``out`` (None if the run predates manifests, or none ran)."""
+    m = Path(out) / MANIFEST
+    if not _is_ours(m):
+        return None
+    try:
+        with open(m, "rb") as f:
+            data = f.read(_MANIFEST_MAX_BYTES)
+    except OSError:
+        return None
+    records = []
+    for line in data.splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue  # a torn line: under-claims, never over-claims
+        if isinstance(r, dict):
+            records.append(r)
+    return Manifest(records)
+
+
+_VERIFIED: dict[tuple, str | None] = {}  # (path, size, mtime) -> problem: hash each file once
+
+
+def manifest_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` (a file, or a directory's files) differs from what its run recorded:
+    another size or sha256 (a flipped bit, a truncation). None when it matches, or when no
+    manifest records it (a run from before manifests, a copied checkpoint)."""
+    path = Path(path)
+    manifest = find_manifest(path if path.is_dir() else path.parent)
+    if manifest is None:
+        return None
+    records = read_manifest(manifest.parent)
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    for f in files:
+        rel = _relative(manifest, f)
+        rec = records.files.get(rel) if rel else None
+        if rec is None:
+            continue
+        st = f.stat()
+        key = (str(f.absolute()), st.st_size, st.st_mtime_ns, rec["sha256"])
+        if key not in _VERIFIED:
+            _VERIFIED[key] = (
+                f"{f.name} has {st.st_size} bytes, the run wrote {rec.get('size')}"
+                if st.st_size != rec.get("size") else
+                f"{f.name} differs from what the run wrote (sha256 mismatch: damaged on disk "
+                f"or changed since)" if sha256_of(f) != rec["sha256"] else None)
+        if _VERIFIED[key]:
+            return _VERIFIED[key]
+    return None
+
+
+# -- what --overwrite_output_dir may remove ---------------------------------------------------
+
+
+def _scan_run(out: Path, manifest: Manifest) -> tuple[list[Path], list[Path], list[str]]:
+    """(the run's files, the run's scratch/temporary trees, foreign entries) in ``out``."""
+    files: list[Path] = []
+    trees: list[Path] = []
+    foreign: list[str] = []
+    for root, dirs, names in os.walk(out):
+        base = Path(root)
+        for d in list(dirs):
+            p = base / d
+            rel = p.relative_to(out).as_posix()
+            if p.is_symlink():
+                names.append(d)  # a link is a file here: never followed
+            elif rel in manifest.scratch or manifest.is_temporary(rel):
+                trees.append(p)
+            elif not manifest.owns_dir(rel):
+                foreign.append(rel + "/")
+            else:
+                continue
+            dirs.remove(d)
+        for n in names:
+            p = base / n
+            rel = p.relative_to(out).as_posix()
+            if rel in (MANIFEST, LOCK_FILE):
+                continue
+            if rel in manifest.files or manifest.is_temporary(rel):
+                files.append(p)
+            else:
+                foreign.append(rel)
+    return files, trees, sorted(foreign)

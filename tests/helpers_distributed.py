@@ -82,9 +82,24 @@ def _install(out: str) -> None:
     real_getitem, real_forward, real_agree = (EpisodeDataset.__getitem__, MLPPolicy.forward,
                                               distributed.agree)
 
+    from ilstudio.training import run
+
+    real_probe = run.probe_first_step
+    probing = []
+
     def getitem(self, i):
-        TRACE["indices"].append(int(i))
+        if not probing:  # the probe before the first write reads a batch too: not training's
+            TRACE["indices"].append(int(i))
         return real_getitem(self, i)
+
+    def probe(*a, **k):
+        probing.append(True)
+        try:
+            return real_probe(*a, **k)
+        finally:
+            probing.clear()
+
+    run.probe_first_step = probe
 
     def forward(self, qpos, action=None, *a, **k):
         if action is not None and self.training:

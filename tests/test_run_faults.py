@@ -96,18 +96,21 @@ def test_output_dir_holding_a_run_is_never_silently_reused(existing_run):
 
 
 def test_overwrite_output_dir_replaces_deliberately(existing_run):
-    """It removes what a run wrote (a stale checkpoint, a kill's temporary file) and nothing
-    else: a file no run writes stops it, listed, with nothing removed."""
+    """It removes what the run wrote (its manifest's files, a kill's temporary of one of them)
+    and nothing else: a file the run did not write stops it, listed, with nothing removed."""
     out, args = existing_run
     (out / "notes.txt").write_text("the user's, not the run's")
     r = run_train(*args, "--overwrite_output_dir", "--max_steps=1")
     assert r.returncode == 2 and "notes.txt" in r.stderr and "Nothing was removed" in r.stderr
     assert (out / "notes.txt").is_file()
     (out / "notes.txt").unlink()
-    (out / "checkpoint-99").mkdir()
-    (out / ".flags.txt.x1y2.tmp").write_text("left by a kill mid-write")
+    (out / "checkpoint-99").mkdir()  # not the run's: an empty directory is the user's too
+    r = run_train(*args, "--overwrite_output_dir", "--max_steps=1")
+    assert r.returncode == 2 and "checkpoint-99/" in r.stderr and (out / "checkpoint-99").is_dir()
+    (out / "checkpoint-99").rmdir()
+    (out / ".flags.txt.x1y2z3w4.tmp").write_text("left by a kill mid-write")  # mkstemp's form
     r = run_train(*args, "--overwrite_output_dir", "--max_steps=1")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert not (out / "checkpoint-99").exists() and not (out / ".flags.txt.x1y2.tmp").exists()
+    assert not (out / ".flags.txt.x1y2z3w4.tmp").exists()
     assert (out / "model.safetensors").is_file()
     assert "--max_steps=1" in (out / "flags.txt").read_text()

@@ -111,6 +111,11 @@ HYPERPARAMS: tuple[Hyper, ...] = (
     Hyper("resume_from_checkpoint", str, "false", "true: resume from the newest checkpoint-N in "
           "output_dir if there is one, else start fresh; false: start fresh; or a checkpoint path.",
           to_training_args=False),
+    Hyper("resume_weights_only", bool, False, "Accept resuming from a checkpoint that holds the "
+          "model's weights but no optimizer, scheduler or RNG state (saved with save_only_model): "
+          "training goes on from the weights and step with a fresh optimizer and schedule, and "
+          "the run will not be bit-identical to an uninterrupted one. Without it such a "
+          "checkpoint is refused.", seed_documented=False, to_training_args=False),
     Hyper("dataloader_num_workers", int, 0, "DataLoader worker processes.", bounds="[0, inf)"),
     Hyper("dataloader_pin_memory", bool, True, "Pin host memory in the DataLoader."),
     Hyper("remove_unused_columns", bool, False, "Drop batch keys the model's forward does not "

@@ -20,7 +20,7 @@ from absl import logging
 
 from ilstudio.errors import UserError
 from ilstudio.models.quantization import restore_quantized_weights
-from ilstudio.rundir import CHECKPOINT_PREFIX, WEIGHTS
+from ilstudio.rundir import CHECKPOINT_PREFIX, WEIGHTS, manifest_problem
 
 if TYPE_CHECKING:  # torch is imported only when loading: validation (--dry_run) stays cheap
     from torch import nn
@@ -58,6 +58,10 @@ def read_state(path: str | Path, what: str = "", *, torch_format: bool = False) 
     from safetensors.torch import load_file
 
     path = Path(path)
+    damaged = manifest_problem(path)  # a flipped bit loads fine: the run's checksum tells
+    if damaged:
+        raise UserError(f"{what}{path} is damaged: {damaged}. Use another checkpoint of the run "
+                        f"(checkpoint-N), or retrain.")
     as_torch = torch_format and path.suffix != ".safetensors"
     try:
         if as_torch:

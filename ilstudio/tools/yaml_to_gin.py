@@ -2,7 +2,10 @@
 
 Writes the stable keys as a .gin file (stdout, or ``--output my.gin``) and, next to it,
 the hyperparameters as an absl flagfile (``my.flags``): hyperparameters are flags, not gin.
-Values are rendered with ``repr`` after type conversion, so the output is gin literals only.
+Values are rendered with ``repr`` after type conversion, so the output is gin literals only;
+flag values go through the run's own ``flag_line`` (a value a flagfile line cannot hold, such
+as one with a line break, is refused: exit code 2, nothing written), and the YAML's path
+appears in comments only as an ASCII-escaped literal.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ import os
 import sys
 from pathlib import Path
 
+from ilstudio.config.dumps import comment, flag_line
 from ilstudio.config.yaml_adapter import load_training_config
 from ilstudio.errors import UserError, guarded
+from ilstudio.rundir import write_atomic
 
 
 def gin_literal(value) -> str:
@@ -26,17 +31,17 @@ def gin_literal(value) -> str:
 def convert(yaml_path: str, unknown_keys: str = "error") -> tuple[str, str]:
     """(gin text, flagfile text) equivalent to the YAML file."""
     cfg = load_training_config(yaml_path, unknown_keys)
-    gin_lines = [f"# Converted from {yaml_path} by ilstudio.tools.yaml_to_gin.",
+    gin_lines = [f"# Converted from {comment(str(yaml_path))} by ilstudio.tools.yaml_to_gin.",
                  "# Stable parameters only; hyperparameters are in the companion flagfile.", ""]
     for key, value in cfg.stable.items():
         gin_lines.append(f"{key} = {gin_literal(value)}")
-    flag_lines = [f"# Hyperparameters converted from {yaml_path}: pass --flagfile=<this file>."]
+    flag_lines = [f"# Hyperparameters converted from {comment(str(yaml_path))}: pass "
+                  f"--flagfile=<this file>."]
+    where = f"{yaml_path}: key"
     for name, value in cfg.hyper.items():
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        flag_lines.append(f"--{name}={value}")
+        flag_lines.append(flag_line(name, value, f"{where} {name}"))
     for name, value in cfg.training_args.items():
-        flag_lines.append(f"--training_arg={name}={json.dumps(value)}")
+        flag_lines.append(flag_line("training_arg", f"{name}={json.dumps(value)}", f"{where} {name}"))
     return "\n".join(gin_lines) + "\n", "\n".join(flag_lines) + "\n"
 
 
@@ -70,8 +75,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.output:
         out = Path(args.output)
         check_output(out)
-        out.write_text(gin_text)
-        out.with_suffix(".flags").write_text(flag_text)
+        write_atomic(out, gin_text)
+        write_atomic(out.with_suffix(".flags"), flag_text)
         print(f"wrote {out} and {out.with_suffix('.flags')}")
     else:
         sys.stdout.write(gin_text + "\n" + "".join("# " + line + "\n" for line in flag_text.splitlines()))

@@ -37,7 +37,7 @@ BREAKING_FLAGS = frozenset({h.name for h in HYPERPARAMS if h.breaks_resume} | {"
 # their own optimizer group, so the saved optimizer state no longer fits.
 GROUPING_KEYS = frozenset({"lora.lr"})
 # Flags that differ between a run and its own resume by design.
-RESUME_IGNORED_FLAGS = frozenset({"resume_from_checkpoint", "gin_file"})
+RESUME_IGNORED_FLAGS = frozenset({"resume_from_checkpoint", "gin_file", "resume_weights_only"})
 
 
 def breaks_checkpoint(d: Difference) -> bool:
@@ -92,6 +92,7 @@ def record_resume_changes(run_dir: Path, checkpoint: str, diffs: list[Difference
     lines += [f"{d.line()}" for d in diffs]
     with open(run_dir / rundir.RESUME_CHANGES, "a") as f:
         f.write("\n".join(lines) + "\n")
+    rundir.record_written(run_dir / rundir.RESUME_CHANGES)
 
 
 def check_resume_config(resolved: Resolved, resume_from: str | None) -> list:
@@ -112,3 +113,105 @@ def check_resume_config(resolved: Resolved, resume_from: str | None) -> list:
                         resume_from, len(changes), rundir.RESUME_CHANGES,
                         "\n  ".join(d.line() for d in changes))
     return changes
+
+
+# -- what the checkpoint holds, and the data it was trained on -------------------------------
+
+
+def check_checkpoint_fits(model, checkpoint: str | None) -> None:
+    """The checkpoint's weights are this policy's (names and shapes, read from the header
+    only): a checkpoint of another architecture copied into the run is refused before
+    anything is written, rather than half loaded (transformers loads non-strictly) or
+    failing with a state-dict traceback."""
+    if checkpoint is None or not (Path(checkpoint) / rundir.WEIGHTS).is_file():
+        return
+    saved = rundir.safetensors_shapes(Path(checkpoint) / rundir.WEIGHTS)
+    own = {k: list(v.shape) for k, v in model.state_dict().items()}
+    unknown = sorted(set(saved) - set(own))
+    wrong = [f"{k}: saved {saved[k]}, the policy's {own[k]}" for k in sorted(saved)
+             if k in own and saved[k] != own[k]]
+    if unknown or wrong:
+        parts = []
+        if unknown:
+            parts.append(f"{len(unknown)} tensor(s) the policy does not have "
+                         f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''})")
+        if wrong:
+            parts.append(f"{len(wrong)} of another shape ({'; '.join(wrong[:3])})")
+        raise UserError(f"cannot resume from {checkpoint}: its {rundir.WEIGHTS} is not a "
+                        f"checkpoint of the policy this configuration builds: "
+                        f"{' and '.join(parts)}. Was it copied from another run? Resume from "
+                        f"this run's own checkpoint, or start a new run.")
+
+
+def data_fingerprint(resolved: Resolved) -> dict:
+    """What the run trains on: every episode's name, length (steps) and size (bytes).
+
+    Recorded at the start (rundir.DATA_FINGERPRINT); a resume on other data is refused
+    (check_same_data), so the normalization and the sample order a checkpoint continues
+    are the ones it began with."""
+    from ilstudio.data.episodes import check_episodes
+    from ilstudio.data.sources import list_episodes
+
+    paths = list_episodes(resolved.task.dataset_dir, resolved.model.cache_dir)
+    lengths = check_episodes(paths, resolved.task, resolved.use_images)
+    episodes = []
+    for p, n in zip(paths, lengths, strict=True):
+        size = p.stat().st_size if isinstance(p, Path) else None
+        episodes.append({"episode": str(p), "length": int(n), "bytes": size})
+    return {"episodes": episodes, "timesteps": int(sum(lengths))}
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+
+
+def check_same_data(run_dir: Path, now: dict, checkpoint: str) -> bool:
+    """On resume: the episodes are the ones the run recorded (UserError naming what was
+    added, removed or changed otherwise). False when the run predates fingerprints (then
+    the caller records one from now on)."""
+    import json
+
+    path = run_dir / rundir.DATA_FINGERPRINT
+    try:
+        saved = json.loads(path.read_text())
+        before = {e["episode"]: (e["length"], e["bytes"]) for e in saved["episodes"]}
+    except FileNotFoundError:
+        logging.warning("%s has no %s (written before runs recorded their data): resuming "
+                        "without checking that the episodes are unchanged", run_dir,
+                        rundir.DATA_FINGERPRINT)
+        return False
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot resume from {checkpoint}: {path} is damaged ({e})") from None
+    after = {e["episode"]: (e["length"], e["bytes"]) for e in now["episodes"]}
+    added = sorted(set(after) - set(before))
+    removed = sorted(set(before) - set(after))
+    changed = sorted(k for k in set(before) & set(after) if before[k] != after[k])
+    if added or removed or changed:
+        what = [f"{label}: {_listed(names)}" for label, names in
+                (("added", added), ("removed", removed), ("changed length or size", changed))
+                if names]
+        raise UserError(f"cannot resume from {checkpoint}: the dataset is not the one the run "
+                        f"trained on ({'; '.join(what)}). Its normalization and sample order "
+                        f"would change under the checkpoint. Restore the episodes, or start "
+                        f"a new run (another --output_dir, or --overwrite_output_dir).")
+    return True
+
+
+def check_same_normalization(run_dir: Path, stats, checkpoint: str) -> None:
+    """The run's normalization.json is never silently recomputed: on resume the statistics
+    computed from the (unchanged) data must equal the saved ones."""
+    import numpy as np
+
+    from ilstudio.data.normalization import NormStats
+
+    path = run_dir / rundir.NORM_STATS
+    if not path.is_file():
+        return
+    saved = NormStats.load(path).to_dict()
+    now = stats.to_dict()
+    if saved.keys() != now.keys() or not all(
+            np.allclose(saved[k], now[k], rtol=1e-5, atol=1e-7) for k in saved):
+        raise UserError(f"cannot resume from {checkpoint}: the normalization computed from the "
+                        f"data differs from the run's {path} (the episodes' contents changed). "
+                        f"The checkpoint was trained under the saved statistics: restore the "
+                        f"data, or start a new run.")

@@ -7,6 +7,7 @@ mistake never leaves a half-written run directory behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -23,7 +24,14 @@ from ilstudio.config.training_args import build_training_arguments, parse_resume
 from ilstudio.errors import UserError
 from ilstudio.resolve import Resolved, finalize
 from ilstudio.training import distributed
-from ilstudio.training.resume import check_resume_config, record_resume_changes
+from ilstudio.training.resume import (
+    check_checkpoint_fits,
+    check_resume_config,
+    check_same_data,
+    check_same_normalization,
+    data_fingerprint,
+    record_resume_changes,
+)
 
 
 @functools.cache
@@ -46,14 +54,32 @@ def resume_checkpoint(resolved: Resolved) -> str | None:
                             f"--overwrite_output_dir without --resume_from_checkpoint.")
         if last is None:
             _starting_fresh(str(out))
-        return last
+        return check_training_state(resolved, last)
     if choice is False:
         return None
     problem = rundir.checkpoint_problem(choice)
     if problem:
         what = "not a checkpoint directory" if problem.startswith("no ") else "a damaged checkpoint"
         raise UserError(f"--resume_from_checkpoint={choice}: {what} ({problem})")
-    return choice
+    return check_training_state(resolved, choice)
+
+
+def check_training_state(resolved: Resolved, checkpoint: str | None) -> str | None:
+    """A checkpoint without optimizer, scheduler or RNG state (save_only_model) cannot continue
+    bit-identically: refused unless --resume_weights_only accepts it, and then said."""
+    missing = rundir.missing_training_state(checkpoint) if checkpoint else []
+    if not missing:
+        return checkpoint
+    if not resolved.hyper.resume_weights_only:
+        raise UserError(f"--resume_from_checkpoint: {checkpoint} holds the model's weights but "
+                        f"not {', '.join(missing)} (saved with save_only_model?): resuming would "
+                        f"start a fresh optimizer and random state and silently end elsewhere "
+                        f"than an uninterrupted run. Pass --resume_weights_only to accept that, "
+                        f"or resume from a full checkpoint.")
+    logging.warning("--resume_weights_only: %s has no %s; continuing from its weights with a "
+                    "fresh optimizer state. This run will NOT be bit-identical to an "
+                    "uninterrupted one.", checkpoint, ", ".join(missing))
+    return checkpoint
 
 
 def check_output_dir(resolved: Resolved, resume_from: str | None, overwrite: bool,
@@ -67,9 +93,7 @@ def check_output_dir(resolved: Resolved, resume_from: str | None, overwrite: boo
         rundir.check_not_in_use(out)
     existing = rundir.holds_a_run(out)
     if existing and overwrite and resume_from is None:
-        foreign = rundir.foreign_entries(out)
-        if foreign:
-            raise rundir.overwrite_refusal(out, foreign)
+        rundir.check_removable(out)
     if existing and resume_from is None and not overwrite and parse_resume(
             resolved.hyper.resume_from_checkpoint) is True:
         if not rundir.is_finished(out):
@@ -87,6 +111,70 @@ def check_output_dir(resolved: Resolved, resume_from: str | None, overwrite: boo
             f"--output_dir={out} already holds a run ({', '.join(existing[:5])}). Pass "
             f"--resume_from_checkpoint=true to continue it, --overwrite_output_dir to replace it, "
             f"or choose another --output_dir.")
+
+
+class Preempted(Exception):
+    """The run stopped on SIGTERM after saving a checkpoint; str() is the one line to print."""
+
+    exit_code = 128 + 15
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(trainer):
+    """While ``trainer`` trains, SIGTERM saves a checkpoint at the current step and stops
+    (StopOnSignal); outside training, SIGTERM keeps its default (atomic writes make a kill
+    at any other moment safe)."""
+    import signal
+
+    from ilstudio.training.trainer import StopOnSignal
+
+    stop = StopOnSignal()
+    trainer.add_callback(stop)
+
+    def handler(signum, frame):
+        logging.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
+        stop.requested = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        trainer.remove_callback(stop)
+
+
+def resume_command(out: str | os.PathLike) -> str:
+    """The command that continues this run: the same command line, resuming."""
+    import shlex
+    import sys
+
+    argv = [a for a in sys.argv[1:] if not a.startswith(("--resume_from_checkpoint",
+                                                         "--overwrite_output_dir"))]
+    if not any(a.startswith("--output_dir") for a in argv):
+        argv.append(f"--output_dir={out}")
+    return shlex.join(["python", sys.argv[0], *argv, "--resume_from_checkpoint=true"])
+
+
+def check_logging_dir(resolved: Resolved) -> None:
+    """TensorBoard's directory (--logging_dir, or <output_dir>/runs) can be created and
+    written, wherever it resolves: checked before anything is written (and by --dry_run),
+    not found out by TensorBoard once the run has begun."""
+    hyper = resolved.hyper
+    if "tensorboard" not in str(hyper.report_to) and hyper.report_to != "all":
+        return
+    path = Path(tensorboard_dir(hyper)).expanduser().absolute()
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            break
+    problem = None
+    if not p.is_dir():
+        problem = f"{p} is not a directory"
+    elif not os.access(p, os.W_OK | os.X_OK):
+        problem = f"{p} is not writable by this user"
+    if problem:
+        raise UserError(f"--logging_dir={hyper.logging_dir or '(default: <output_dir>/runs)'}: "
+                        f"TensorBoard cannot write {path}: {problem}. Choose another "
+                        f"--logging_dir, or --report_to without tensorboard.")
 
 
 def save_final_model(trainer, out: Path) -> None:
@@ -143,19 +231,144 @@ def add_sim_evaluation(trainer, resolved: Resolved, stats, hyper: Hyperparams, a
         tensorboard_dir=os.environ["TENSORBOARD_LOGGING_DIR"] if tensorboard else None))
 
 
-def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
-    """Train and return the final metrics."""
-    from ilstudio.training.lazy_imports import import_trainer
+def _write_data_records(out: Path, stats, data: dict, resumed: bool) -> None:
+    """normalization.json and data_fingerprint.json are the run's: written when it starts
+    (on resume only where missing, from a run that predates them; resume checked the data
+    and the statistics are the saved ones), data_summary.json each launch."""
+    if not resumed or not (out / rundir.NORM_STATS).is_file():
+        stats.save(out / rundir.NORM_STATS)
+    if not resumed or not (out / rundir.DATA_FINGERPRINT).is_file():
+        rundir.write_atomic(out / rundir.DATA_FINGERPRINT, json.dumps(data["fingerprint"]) + "\n")
+    rundir.write_atomic(out / rundir.DATA_SUMMARY, json.dumps(data["summary"], indent=2) + "\n")
 
-    import_trainer(need_peft=resolved.lora.enable or resolved.quantization.enable)
+
+@contextlib.contextmanager
+def memory_errors(resolved: Resolved):
+    """Running out of memory while building the model or trying the first step is a user's
+    sizing problem, reported before anything is written."""
     import torch
+
+    try:
+        yield
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
+        text = str(e)
+        if not isinstance(e, MemoryError | torch.OutOfMemoryError) and not (
+                "can't allocate memory" in text or "out of memory" in text.lower()):
+            raise
+        raise UserError(f"policy '{resolved.model.policy}' does not fit in memory "
+                        f"({type(e).__name__}: {text[:200]}). Choose a smaller model, a smaller "
+                        f"--per_device_train_batch_size, or quantization (quantization.enable). "
+                        f"Nothing was written.") from None
+
+
+def _probe_optimizer(args, model):
+    """Build this run's optimizer and scheduler once, as the Trainer will (a missing optimizer
+    package, a scheduler needing --training_arg=lr_scheduler_kwargs=...)."""
+    from transformers import Trainer, get_scheduler
+
+    errors = (ImportError, ValueError, TypeError, KeyError, RuntimeError)
+    optim = getattr(args.optim, "value", args.optim)
+    try:
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        groups = getattr(model, "optimizer_param_groups", None)
+        params = (groups(args.learning_rate, args.weight_decay) if callable(groups) else None) or [
+            p for p in model.parameters() if p.requires_grad]
+        optimizer = optimizer_cls(params, **kwargs)
+    except errors as e:
+        raise UserError(f"--optim={optim}: the optimizer cannot be built ({type(e).__name__}: "
+                        f"{str(e)[:300]}). Nothing was written.") from None
+    schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    try:
+        steps = max(args.max_steps, 1)
+        get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(steps),
+                      num_training_steps=steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    except errors as e:
+        raise UserError(f"--lr_scheduler_type={schedule}: the schedule cannot be built "
+                        f"({type(e).__name__}: {str(e)[:300]}); its arguments go in "
+                        f"--training_arg=lr_scheduler_kwargs='{{...}}'. Nothing was written.") from None
+
+
+def probe_first_step(resolved: Resolved, args, model, train_ds) -> None:
+    """What the first step needs, tried before anything is written: the optimizer and
+    scheduler are built, the first batch is loaded and run through the model (no gradient,
+    eval mode, every random generator restored: the run is unchanged by the probe)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from ilstudio.data.batched import collate
+
+    if not args.deepspeed:  # DeepSpeed builds its optimizer from its own config
+        _probe_optimizer(args, model)
+    if len(train_ds) == 0:
+        return
+    indices = list(range(min(args.per_device_train_batch_size, len(train_ds))))
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    modes = [(m, m.training) for m in model.modules()]  # a frozen part may be in eval mode
+    try:
+        with memory_errors(resolved), torch.no_grad():
+            getitems = getattr(train_ds, "__getitems__", None)
+            batch = getitems(indices) if getitems else collate([train_ds[i] for i in indices])
+            model.eval()
+            model(**batch)
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+def _data_and_model(resolved: Resolved, args, resume_from: str | None):
+    """(train_ds, eval_ds, stats, {"summary", "fingerprint"}, model), with the resume rules
+    about the data checked on the way; nothing is written."""
     import transformers
 
     from ilstudio.data.batched import batched
     from ilstudio.data.dataset import build_datasets
     from ilstudio.policies import build_policy, build_processor
 
+    fingerprint = data_fingerprint(resolved)
+    if resume_from is not None:  # the data a checkpoint continues is the data it began with
+        check_same_data(Path(resume_from).parent, fingerprint, resume_from)
+    # A policy's data-side processor (the VLA's tokenizer), None for most policies.
+    processor = build_processor(resolved)
+    train_ds, eval_ds, stats, summary = build_datasets(
+        resolved.task, resolved.dataset, resolved.model.chunk_size, args.do_eval, args.seed,
+        language=processor, cache_dir=resolved.model.cache_dir)
+    logging.info("data: %s", summary)
+    if resume_from is not None:
+        check_same_normalization(Path(resume_from).parent, stats, resume_from)
+    # Preloaded data: one vectorised gather per batch (bench/overhead.py), same samples.
+    train_ds, eval_ds = batched(train_ds), batched(eval_ds)
+
+    transformers.set_seed(args.seed)
+    with memory_errors(resolved):
+        model = build_policy(resolved)
+    if resolved.model.pretrain_from:  # before anything is written: a misfit is a UserError
+        from ilstudio.models.state_io import load_pretrained_policy
+
+        logging.info("model.load_pretrain: initialised from %s",
+                     load_pretrained_policy(model, resolved.model.pretrain_from))
+    finalize()
+    if args.gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
+        raise UserError(f"--gradient_checkpointing: policy '{resolved.model.policy}' has no "
+                        f"checkpointable backbone")
+
+    return train_ds, eval_ds, stats, {"summary": summary, "fingerprint": fingerprint}, model
+
+
+def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
+    """Train and return the final metrics."""
+    from ilstudio.training.lazy_imports import import_trainer
+
+    import_trainer(need_peft=resolved.lora.enable or resolved.quantization.enable)
+    import torch
+
     hyper = resolved.hyper
+    dumps.check_recordable(resolved)  # also for the Python API: before anything is built
+    check_logging_dir(resolved)
     from ilstudio.training import threads
 
     logging.info("torch threads: %d (%s)", *threads.configure(hyper.dataloader_num_workers))
@@ -173,29 +386,12 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
     # rank 0 writes anything; any rank's error stops all ranks with the same message.
     distributed.agree(distributed.config_text(resolved, hyper, extra), verdict)
 
-    # A policy's data-side processor (the VLA's tokenizer), None for most policies.
-    processor = build_processor(resolved)
-    train_ds, eval_ds, stats, summary = build_datasets(
-        resolved.task, resolved.dataset, resolved.model.chunk_size, args.do_eval, args.seed,
-        language=processor, cache_dir=resolved.model.cache_dir)
-    logging.info("data: %s", summary)
-    # Preloaded data: one vectorised gather per batch (bench/overhead.py), same samples.
-    train_ds, eval_ds = batched(train_ds), batched(eval_ds)
-
-    transformers.set_seed(args.seed)
-    model = build_policy(resolved)
-    if resolved.model.pretrain_from:  # before anything is written: a misfit is a UserError
-        from ilstudio.models.state_io import load_pretrained_policy
-
-        logging.info("model.load_pretrain: initialised from %s",
-                     load_pretrained_policy(model, resolved.model.pretrain_from))
-    finalize()
-    if hyper.gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
-        raise UserError(f"--gradient_checkpointing: policy '{resolved.model.policy}' has no "
-                        f"checkpointable backbone")
+    train_ds, eval_ds, stats, data, model = _data_and_model(resolved, args, resume_from)
 
     out = Path(resolved.output_dir)
-    resume_changes = check_resume_config(resolved, resume_from)
+    resume_changes = check_resume_config(resolved, resume_from)  # names the changed keys
+    check_checkpoint_fits(model, resume_from)  # what the configuration cannot tell: the weights
+    probe_first_step(resolved, args, model, train_ds)
     # Validation passed: take the directory. The lock is the run's first write and is held
     # until it ends; output_dir is checked again under it (another run may have written
     # there since the first check).
@@ -209,19 +405,59 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
             verdict = str(e)
     try:
         distributed.agree(distributed.config_text(resolved, hyper, extra), verdict)
-        return _train_locked(resolved, hyper, args, model, train_ds, eval_ds, stats, summary,
+        return _train_locked(resolved, hyper, args, model, train_ds, eval_ds, stats, data,
                              resume_from, resume_changes, overwrite_output_dir)
     finally:
         if lock is not None:
             lock.release()
 
 
+def _resume_plan(trainer, resolved: Resolved, resume_from: str | None,
+                 target: int) -> tuple[int | None, bool]:
+    """(the step a finished run ended at when there is nothing to do, else None; whether
+    only the final save is missing)."""
+    out = Path(resolved.output_dir)
+    if parse_resume(resolved.hyper.resume_from_checkpoint) is False:
+        return None, False
+    done = rundir.finished_step(out)
+    if done is not None and target <= done:
+        logging.warning("%s: this run is already finished at step %d (the configuration asks "
+                        "for %d steps): nothing to do, nothing changed. Pass a larger "
+                        "--max_steps to continue it.", out, done, target)
+        return done, False
+    if resume_from is None:
+        return None, False
+    at = trainer.checkpoint_step(resume_from)
+    if at > target:
+        raise UserError(f"--resume_from_checkpoint: {Path(resume_from).name} is at step "
+                        f"{at}, beyond --max_steps={target} (steps cannot be undone). "
+                        f"Pass --max_steps >= {at}, or start a new run.")
+    # Killed after its last checkpoint but before its final save: finish from the
+    # checkpoint without training (a training call would run one step past max_steps).
+    return None, at == target
+
+
+def _train_until_done_or_sigterm(trainer, resume_from: str | None, out: Path):
+    """trainer.train(); on SIGTERM, the checkpoint at the current step and Preempted."""
+    with stop_on_sigterm(trainer) as stop:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    if stop.requested:
+        last = rundir.last_complete_checkpoint(out)
+        raise Preempted(f"SIGTERM: stopped at step {trainer.state.global_step} after saving "
+                        f"{last}; resume with: {resume_command(out)}")
+    return result
+
+
 def _train_locked(resolved: Resolved, hyper, args, model, train_ds, eval_ds, stats,
-                  summary: dict, resume_from: str | None, resume_changes: list,
+                  data: dict, resume_from: str | None, resume_changes: list,
                   overwrite_output_dir: bool) -> dict:
     """The part of a run that writes: called holding output_dir's lock."""
     from ilstudio.data.batched import collate
-    from ilstudio.training.trainer import OperativeConfigToTensorBoard, PolicyTrainer
+    from ilstudio.training.trainer import (
+        OperativeConfigToTensorBoard,
+        PolicyTrainer,
+        RecordLogFiles,
+    )
 
     out = Path(resolved.output_dir)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", tensorboard_dir(hyper))
@@ -229,39 +465,26 @@ def _train_locked(resolved: Resolved, hyper, args, model, train_ds, eval_ds, sta
     if "tensorboard" in (args.report_to or []):
         callbacks.append(OperativeConfigToTensorBoard(os.environ["TENSORBOARD_LOGGING_DIR"],
                                                       dumps.operative_text()))
+    callbacks.append(RecordLogFiles(os.environ["TENSORBOARD_LOGGING_DIR"]))  # after the writers
     trainer = PolicyTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             data_collator=collate, callbacks=callbacks,
                             ema_decay=resolved.model.ema_decay if resolved.model.using_ema else None,
                             episode_first=resolved.dataset.episode_first)
     target = trainer.planned_max_steps()
-    finish_only = False
-    if parse_resume(resolved.hyper.resume_from_checkpoint) is not False:
-        done = rundir.finished_step(out)
-        if done is not None and target <= done:
-            logging.warning("%s: this run is already finished at step %d (the configuration asks "
-                            "for %d steps): nothing to do, nothing changed. Pass a larger "
-                            "--max_steps to continue it.", out, done, target)
-            return {"already_finished_at_step": done}
-        if resume_from is not None:
-            at = trainer.checkpoint_step(resume_from)
-            if at > target:
-                raise UserError(f"--resume_from_checkpoint: {Path(resume_from).name} is at step "
-                                f"{at}, beyond --max_steps={target} (steps cannot be undone). "
-                                f"Pass --max_steps >= {at}, or start a new run.")
-            # Killed after its last checkpoint but before its final save: finish from the
-            # checkpoint without training (a training call would run one step past max_steps).
-            finish_only = at == target
+    done, finish_only = _resume_plan(trainer, resolved, resume_from, target)
+    if done is not None:
+        return {"already_finished_at_step": done}
 
     with rundir.output_errors(out, "the run's configuration"):
         if distributed.is_main_process():
             if overwrite_output_dir and resume_from is None and rundir.holds_a_run(out):
                 logging.warning("--overwrite_output_dir: replacing the run in %s", out)
                 rundir.remove_run(out)
+            rundir.start_manifest(out)  # every file from here on is recorded as the run's
             dumps.write_run_config(resolved, out, args.to_json_string())
-            stats.save(out / rundir.NORM_STATS)
+            _write_data_records(out, stats, data, resumed=resume_from is not None)
             if resume_changes:
                 record_resume_changes(out, resume_from, resume_changes)
-            rundir.write_atomic(out / rundir.DATA_SUMMARY, json.dumps(summary, indent=2) + "\n")
 
     if hyper.eval_every_steps > 0 and not finish_only:
         add_sim_evaluation(trainer, resolved, stats, hyper, args)
@@ -270,7 +493,7 @@ def _train_locked(resolved: Resolved, hyper, args, model, train_ds, eval_ds, sta
                      "state), no training step", resume_from, target)
         result = trainer.finish_from_checkpoint(resume_from)
     else:
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        result = _train_until_done_or_sigterm(trainer, resume_from, out)
     with rundir.output_errors(out, "the final model"):
         save_final_model(trainer, out)
     metrics = dict(result.metrics)

@@ -216,6 +216,14 @@ class PolicyTrainer(Trainer):
 
         restore(resume_from_checkpoint, self.model, self.ema)
 
+    def save_state(self) -> None:
+        """trainer_state.json beside the run, atomically (and so in the run's manifest): the
+        last file a run writes, which says it finished."""
+        if not self.is_world_process_zero():
+            return
+        with rundir.atomic_path(Path(self.args.output_dir) / rundir.TRAINER_STATE) as tmp:
+            self.state.save_to_json(str(tmp))
+
     def compute_loss(self, model, inputs, *args, **kwargs):
         out = super().compute_loss(model, inputs, *args, **kwargs)
         loss = out[0] if isinstance(out, tuple) else out
@@ -297,6 +305,55 @@ class ApplyIntervalsOnResume(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         state.compute_steps(args, state.max_steps)
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM (a cluster scheduler's notice before preemption) during training: finish the
+    current optimizer step, save a checkpoint at it, and stop (the caller then exits).
+    Resuming from that checkpoint continues bit-identically, as from any other."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class RecordLogFiles(TrainerCallback):
+    """TensorBoard writes its event files itself: record the ones this run creates in the
+    run's manifest (at the start, every log and save, and the end), so --overwrite_output_dir
+    knows them, and a user's file beside them stays the user's."""
+
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir = Path(log_dir)
+        self.before = self._files()
+        self.recorded: set[Path] = set()
+
+    def _files(self) -> set[Path]:
+        if not self.log_dir.is_dir():
+            return set()
+        return {p for p in self.log_dir.rglob("events.out.tfevents.*") if p.is_file()}
+
+    def _record(self, state) -> None:
+        if not state.is_world_process_zero:
+            return
+        for p in sorted(self._files() - self.before - self.recorded):
+            rundir.record_written(p)
+            self.recorded.add(p)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._record(state)
+
+    def on_log(self, args, state, control, **kwargs):
+        self._record(state)
+
+    def on_save(self, args, state, control, **kwargs):
+        self._record(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._record(state)
 
 
 class OperativeConfigToTensorBoard(TrainerCallback):
