@@ -103,10 +103,13 @@ def test_the_default_mode_is_the_policys_declared_one_and_evaluations_are_kept(
                     "--output_dir", str(tinyact_run / "mine")) == 0
     assert len(calls) == STEPS  # the flag forces it on
     assert json.loads((tinyact_run / "mine/eval_results.json").read_text())["temporal_ensemble"] is True
-    # --overwrite_output_dir knows evals/ as the run's own; a folder the user chose is theirs.
+    # --overwrite_output_dir knows what the evaluator wrote (the run's manifest lists it, in
+    # evals/ and in a folder chosen inside the run alike); a user's own file stays foreign.
     from ilstudio import rundir
 
-    assert rundir.foreign_entries(tinyact_run) == ["mine/"]
+    assert rundir.foreign_entries(tinyact_run) == []
+    (tinyact_run / "mine" / "notes.md").write_text("mine\n")
+    assert rundir.foreign_entries(tinyact_run) == ["mine/notes.md"]
 
 
 def listing(run: Path) -> list[str]:
