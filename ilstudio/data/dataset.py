@@ -52,7 +52,7 @@ def read_threads(n_episodes: int) -> int:
 class EpisodeDataset(Dataset):
     """All (episode, t) pairs of the given episodes, as normalized training samples."""
 
-    def __init__(self, paths: Sequence[str | Path], task: TaskSettings, settings: DatasetSettings,
+    def __init__(self, paths: Sequence[str | Path | EpisodeRef], task: TaskSettings, settings: DatasetSettings,
                  chunk_size: int, stats: NormStats,
                  episode_lengths: Sequence[int] | None = None, language: Any = None) -> None:
         """language: a policy's text processor (ilstudio.data.language.LanguageProcessor) or

@@ -39,7 +39,7 @@ import torch
 from absl import logging
 
 from ilstudio.data.episodes import INSTRUCTION_ATTR, TEXT_KEYS, episode_ref
-from ilstudio.data.source import read_errors
+from ilstudio.data.source import EpisodeRef, read_errors
 from ilstudio.errors import UserError
 
 SUBTASK_KEY = TEXT_KEYS["subtask"]  # as messages name them (the HDF5 layout above)
@@ -69,7 +69,7 @@ class EpisodeText:
         return "none"
 
 
-def read_episode_text(path: str | Path, steps: int, default_instruction: str = "") -> EpisodeText:
+def read_episode_text(path: str | Path | EpisodeRef, steps: int, default_instruction: str = "") -> EpisodeText:
     """Read an episode's instruction and per-step texts (missing per-step texts -> None).
 
     path: an episode reference of any format (a bare path: HDF5); a LeRobot episode's task
@@ -173,7 +173,7 @@ class LanguageProcessor:
             logging.warning("%s (further cuts are not reported)", message)
             self._warned = True
 
-    def for_episodes(self, paths: Sequence[Path], lengths: Sequence[int]) -> EpisodeLanguage:
+    def for_episodes(self, paths: Sequence[str | Path | EpisodeRef], lengths: Sequence[int]) -> EpisodeLanguage:
         """Bind to a dataset's episodes (reads their text now; tokenizes now if not lazy)."""
         texts = [read_episode_text(p, int(n), self.default_instruction)
                  for p, n in zip(paths, lengths, strict=True)]

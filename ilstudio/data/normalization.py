@@ -17,7 +17,7 @@ import torch
 
 from ilstudio.data.episodes import episode_ref
 from ilstudio.data.progress import progress
-from ilstudio.data.source import read_errors
+from ilstudio.data.source import EpisodeRef, read_errors
 from ilstudio.errors import UserError
 
 MIN_STD = 1e-2  # as ACT: a constant dimension must not blow up after normalization
@@ -78,7 +78,7 @@ class NormStats:
             raise UserError(f"{path}: not a valid normalization stats file ({e!r})") from None
 
 
-def compute_stats(paths: Sequence[str | Path]) -> NormStats:
+def compute_stats(paths: Sequence[str | Path | EpisodeRef]) -> NormStats:
     """Mean/std over every timestep of the given episodes (std clipped to >= 1e-2)."""
     if not paths:
         raise UserError("cannot compute normalization stats from zero episodes")
