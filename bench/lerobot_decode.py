@@ -73,7 +73,6 @@ def main() -> None:
     from ilstudio.config.settings import DatasetSettings, TaskSettings
     from ilstudio.data.convert import convert
     from ilstudio.data.dataset import EpisodeDataset
-    from ilstudio.data.episodes import open_episode
     from ilstudio.data.normalization import compute_stats
     from ilstudio.data.sources import list_episodes
     from ilstudio.data.synthetic import write_synthetic_dataset
@@ -95,9 +94,9 @@ def main() -> None:
             print(f"# converted to {name} in {time.perf_counter() - t0:.1f} s")
             dirs[name] = d
         refs = {k: list_episodes(str(d)) for k, d in dirs.items()}
-        with open_episode(refs["hdf5 (gzip)"][0]) as f:
-            camera = sorted(f["observations/images"])[0]
-            _, height, width, _ = f[f"observations/images/{camera}"].shape
+        with refs["hdf5 (gzip)"][0].open() as src:
+            camera = sorted(src.cameras())[0]
+            height, width = src.frame_size(camera)
         task = TaskSettings(dataset_dir="", camera_names=(camera,))
         stats = compute_stats(refs["hdf5 (gzip)"])
         # The same v3.0 files once more, decoded per sample as before the decoded-episode

@@ -145,15 +145,14 @@ def check_frame_size(task, sim) -> str | None:
     Runs trained before sim.* was part of the config fall back to its defaults; the episodes
     themselves still tell the size the policy saw.
     """
-    from ilstudio.data.episodes import open_episode
     from ilstudio.data.sources import list_episodes
 
     try:  # the first episode of task.dataset_dir, HDF5 or LeRobot
         first = list_episodes(task.dataset_dir)[:1] if task.camera_names else []
         if not first:
             return None
-        with open_episode(first[0]) as f:
-            shape = f[f"observations/images/{task.camera_names[0]}"].shape[1:3]
+        with first[0].open() as src:
+            shape = src.frame_size(task.camera_names[0])
     except (OSError, KeyError, UserError):
         return None
     if tuple(shape) != (sim.render_height, sim.render_width):

@@ -75,8 +75,11 @@ def test_lazy_reading_holds_one_handle_per_dataset_and_closes_them(tiny_data: Pa
     ds = build_datasets(task, DatasetSettings(), 5, False, 0)[0]
     ds[0], ds[1]
     held = ds._source(0)
-    assert held[ACTION_KEY] is ds._source(0)[ACTION_KEY]  # not re-opened per sample
-    assert held.file.id.valid and set(held) == {"observations/qpos", ACTION_KEY, "observations/images/top"}
+    assert held is ds._source(0)  # not re-opened per sample, nor its datasets
+    datasets = dict(held.held)
+    ds[2]
+    assert all(held.held[k] is d for k, d in datasets.items())
+    assert held.file.id.valid and set(held.held) == {"observations/qpos", ACTION_KEY, "observations/images/top"}
     ds.close()
     assert not held.file.id.valid
 

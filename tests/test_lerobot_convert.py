@@ -131,11 +131,11 @@ def test_recorder_writes_lerobot_directly(tmp_path):
     (ref,) = list_episodes(str(outs["lerobot"]))
     assert ref.data.info.raw["robot_type"] == "aloha_sim_transfer_cube" and ref.data.info.fps == 50
     a = read(list_episode_files(outs["hdf5"])[0])
-    with ref.open_source() as src:
-        assert np.array_equal(src["observations/qpos"], a["qpos"])
-        assert np.array_equal(src["action"], a["action"])
+    with ref.open() as src:
+        assert np.array_equal(src.states(), a["qpos"])
+        assert np.array_equal(src.actions(), a["action"])
         for cam, frames in a["images"].items():
-            diff = src[f"observations/images/{cam}"][()].astype(np.float64) - frames
+            diff = src.frames(cam).astype(np.float64) - frames
             assert 10 * np.log10(255.0 ** 2 / max((diff ** 2).mean(), 1e-12)) >= PSNR_MIN
     r = subprocess.run([sys.executable, "-m", "ilstudio.sim.record", "--num_episodes", "1",
                         "--output_dir", str(outs["lerobot"]), "--format=lerobot", *small],

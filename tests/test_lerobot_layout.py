@@ -148,8 +148,8 @@ def test_fractional_fps_survives_writing_reading_and_conversion(tmp_path):
     refs = list_episodes(str(root))
     assert check_episodes(refs, task_for(root), need_images=True) == list(LENGTHS[:2])
     with open_episode(refs[1]) as src:
-        assert src.attrs["fps"] == 29.97
-        frames = src["observations/images/top"][()]
+        assert src.fps == 29.97
+        frames = src.frames("top")
     assert [which_frame(f, 1, CAMS["top"], 33) for f in frames] == list(range(33))
     convert(str(root), tmp_path / "h5", "hdf5")
     convert(str(tmp_path / "h5"), tmp_path / "back", "lerobot")
@@ -166,7 +166,7 @@ def test_episodes_come_in_episode_index_order(tmp_path):
     assert [r.meta.index for r in refs] == [0, 1, 2]
     assert [r.meta.length for r in refs] == list(LENGTHS)
     with open_episode(refs[0]) as src:
-        assert np.array_equal(src["action"], EPISODES[0]["action"])
+        assert np.array_equal(src.actions(), EPISODES[0]["action"])
 
 
 def test_video_files_roll_over_before_the_limit_is_crossed(tmp_path):
@@ -186,7 +186,7 @@ def test_video_files_roll_over_before_the_limit_is_crossed(tmp_path):
     refs = list_episodes(str(root))
     assert check_episodes(refs, task_for(root), need_images=True) == [33] * 8
     with open_episode(refs[5]) as src:
-        assert [which_frame(f, 1, CAMS["top"], 33) for f in src["observations/images/top"][()]] \
+        assert [which_frame(f, 1, CAMS["top"], 33) for f in src.frames("top")] \
             == list(range(33))
 
 
@@ -205,7 +205,7 @@ def test_data_files_roll_over_before_the_limit_is_crossed(tmp_path):
         assert (root / f"data/chunk-000/file-{f:03d}.parquet").stat().st_size / 2**20 < 2.5 * one
     refs = list_episodes(str(root))
     with open_episode(refs[3]) as src:
-        assert np.array_equal(src["action"], ep["action"])
+        assert np.array_equal(src.actions(), ep["action"])
 
 
 # -- the lazy video path: decoded episodes per process, within dataset.video_cache_mb ----------

@@ -76,4 +76,4 @@ def test_blocks_give_the_frames_one_whole_fit_gives(big_frames, monkeypatch):
 
     with h5py.File(big_frames[1]) as f:
         whole = fit_frames(f["observations/images/top"][()], FITTED, "resize")
-    assert np.array_equal(ds.episode_frames(1, "observations/images/top"), whole)
+    assert np.array_equal(ds.episode_frames(1, "top"), whole)

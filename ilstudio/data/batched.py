@@ -21,8 +21,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ilstudio.data.episodes import ACTION_KEY, QPOS_KEY
-
 
 class Batch(dict):
     """A batch already collated by ``__getitems__`` (``collate`` passes it through)."""
@@ -54,9 +52,9 @@ class BatchedEpisodes(Dataset):
     def __init__(self, ds: Any) -> None:
         self.ds = ds
         episodes = range(len(ds.episode_lengths))
-        self._qpos = np.concatenate([np.asarray(ds.episode_array(e, QPOS_KEY), dtype=np.float32)
+        self._qpos = np.concatenate([np.asarray(ds.preloaded(e).states(), dtype=np.float32)
                                      for e in episodes])
-        self._action = np.concatenate([np.asarray(ds.episode_array(e, ACTION_KEY), dtype=np.float32)
+        self._action = np.concatenate([np.asarray(ds.preloaded(e).actions(), dtype=np.float32)
                                        for e in episodes])
         self._starts = ds.episode_starts.astype(np.int64)
         self._lengths = ds.episode_lengths.astype(np.int64)
@@ -98,13 +96,13 @@ class BatchedEpisodes(Dataset):
         h = ds.history
         frame_t = np.maximum(t[:, None] - (h - 1) + np.arange(h), 0)  # (B, h)
         out = None
-        keys = ds.image_keys
-        for c, key in enumerate(keys):
+        cameras = ds.cameras
+        for c, cam in enumerate(cameras):
             for e in np.unique(ep):
                 sel = np.nonzero(ep == e)[0]
-                frames = ds.episode_frames(int(e), key)[frame_t[sel]]  # (n, h, H, W, 3)
+                frames = ds.episode_frames(int(e), cam)[frame_t[sel]]  # (n, h, H, W, 3)
                 if out is None:
-                    out = np.empty((len(ep), len(keys), *frames.shape[1:]), frames.dtype)
+                    out = np.empty((len(ep), len(cameras), *frames.shape[1:]), frames.dtype)
                 out[sel, c] = frames
         x = torch.from_numpy(out).permute(0, 1, 2, 5, 3, 4).float().div_(255.0)
         return x[:, :, 0] if h == 1 else x

@@ -26,39 +26,26 @@ from typing import Any
 
 import numpy as np
 
-from ilstudio.data.episodes import (
-    ACTION_KEY,
-    IMAGES_KEY,
-    QPOS_KEY,
-    check_attrs,
-    open_episode,
-    read_errors,
-)
+from ilstudio.data.episodes import ACTION_KEY, IMAGES_KEY, QPOS_KEY, QVEL_KEY
 from ilstudio.data.lerobot_format import INFO_PATH
+from ilstudio.data.source import EpisodeRef, read_errors
 from ilstudio.data.sources import list_episodes
 from ilstudio.errors import UserError, guarded
 from ilstudio.rundir import atomic_dir
 
-QVEL_KEY = "observations/qvel"
 DEFAULT_FPS = 50.0  # ALOHA/ACT's control rate (DT = 0.02 s), for HDF5 without an fps attribute
 
 
-def read_episode(ref: Any) -> dict[str, Any]:
-    """One episode of either format as arrays: state, action, velocity, images, task, mirrored, fps."""
-    with open_episode(ref) as f, read_errors(ref):
-        group = f.get(IMAGES_KEY)
-        cams = list(group.keys()) if group is not None else []
-        qvel = f.get(QVEL_KEY)
-        if not hasattr(ref, "open_source"):  # an HDF5 file: its attributes as declared
-            check_attrs(f.attrs, str(ref))
-        attrs = dict(f.attrs)
-        task = attrs.get("language_instruction", "")
-        return {"state": np.asarray(f[QPOS_KEY][()]), "action": np.asarray(f[ACTION_KEY][()]),
-                "velocity": None if qvel is None else np.asarray(qvel[()]),
-                "images": {c: np.asarray(f[f"{IMAGES_KEY}/{c}"][()]) for c in cams},
-                "task": task.decode() if isinstance(task, bytes) else str(task),
-                "mirrored": bool(attrs.get("mirrored", False)),
-                "fps": float(attrs["fps"]) if "fps" in attrs else None}
+def read_episode(ref: EpisodeRef) -> dict[str, Any]:
+    """One episode of any format as arrays: state, action, velocity, images, task, mirrored, fps."""
+    with ref.open() as src, read_errors(ref):
+        src.check_declared()  # e.g. an HDF5 file's root attributes as declared
+        qvel = src.velocities()
+        return {"state": np.asarray(src.states()), "action": np.asarray(src.actions()),
+                "velocity": None if qvel is None else np.asarray(qvel),
+                "images": {c: np.asarray(src.frames(c)) for c in src.cameras()},
+                "task": str(src.instruction or ""), "mirrored": bool(src.mirrored),
+                "fps": None if src.fps is None else float(src.fps)}
 
 
 def _progress(refs: list, show: bool):

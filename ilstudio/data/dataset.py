@@ -5,12 +5,14 @@ A sample is one timestep t of one episode: the normalized state at t and the nex
 end with its last action and flagged in ``is_pad`` so the loss can ignore them.
 
 Two ways to read: ``preload_data`` loads everything once (fast epochs, needs RAM);
-otherwise each sample reads just its slices from an h5py handle held open per process.
+otherwise each sample reads just its slices from an episode source (``source.py``: any
+format) held open per process.
 
 Memory while frames are fitted up front (``lazy_preprocess = False``): frames are fitted as
 they are read, ``FIT_BLOCK`` frames at a time, inside the (parallel) read. Each reading thread
 (``read_threads``: at most 8, the CPU count, the episode count) holds at most one block of
-full-size uint8 frames of one camera (HDF5 reads just that block), plus ``fit_frames``' float32
+full-size uint8 frames of one camera (``EpisodeSource.frame_blocks``: HDF5 reads just that
+block), plus ``fit_frames``' float32
 copy of it (5 bytes per value in all: 37 MB at 240x320, against 92 MB for a 400-step episode);
 a LeRobot video camera is decoded whole, so there the bound is one episode of one camera per
 thread. Only fitted frames are kept, so preloading 50 episodes recorded at
@@ -25,32 +27,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ilstudio.config.settings import DatasetSettings, TaskSettings, images_enabled
-from ilstudio.data.episodes import (
-    ACTION_KEY,
-    IMAGES_KEY,
-    QPOS_KEY,
-    check_camera_sizes,
-    check_episodes,
-    episode_ref,
-    is_mirrored,
-    open_episode,
-    read_errors,
-)
+from ilstudio.data.episodes import check_camera_sizes, check_episodes, episode_ref, is_mirrored
 from ilstudio.data.image_ops import fit_frames
 from ilstudio.data.normalization import NormStats, compute_stats
 from ilstudio.data.progress import progress
+from ilstudio.data.source import ArraysSource, EpisodeRef, EpisodeSource, read_errors
 from ilstudio.data.sources import scan_episodes
 from ilstudio.data.video import set_cache_mb
 from ilstudio.errors import UserError
-
-# An episode source: an open h5py.File or a dict of preloaded arrays, indexed by the same keys.
-Source = Any
 
 FIT_BLOCK = 32  # frames read and fitted at once when fitting up front (see the module doc)
 
@@ -60,27 +49,15 @@ def read_threads(n_episodes: int) -> int:
     return max(1, min(8, n_episodes, os.cpu_count() or 1))
 
 
-class _HeldEpisode(dict):
-    """An open episode file's datasets by key (what ``_source`` hands out), and the file."""
-
-    def __init__(self, file: h5py.File, datasets: dict[str, h5py.Dataset]) -> None:
-        super().__init__(datasets)
-        self.file = file
-
-    def close(self) -> None:
-        self.clear()
-        self.file.close()
-
-
 class EpisodeDataset(Dataset):
     """All (episode, t) pairs of the given episodes, as normalized training samples."""
 
-    def __init__(self, paths: Sequence[str | Path], task: TaskSettings, settings: DatasetSettings,
+    def __init__(self, paths: Sequence[str | Path | EpisodeRef], task: TaskSettings, settings: DatasetSettings,
                  chunk_size: int, stats: NormStats,
                  episode_lengths: Sequence[int] | None = None, language: Any = None) -> None:
         """language: a policy's text processor (ilstudio.data.language.LanguageProcessor) or
         None; with one, samples also carry input_ids, attention_mask and labels."""
-        self.paths = [episode_ref(p) for p in paths]  # HDF5 paths or LeRobot episodes
+        self.paths: list[EpisodeRef] = [episode_ref(p) for p in paths]  # any format
         set_cache_mb(settings.video_cache_mb)  # lazily read mp4: decoded episodes per process
         if not self.paths:
             raise UserError("EpisodeDataset needs at least one episode")
@@ -97,15 +74,15 @@ class EpisodeDataset(Dataset):
         self.episode_lengths = np.asarray(episode_lengths, dtype=np.int64)
         self.episode_starts = np.concatenate([[0], np.cumsum(self.episode_lengths)[:-1]])
         self.episode_index = np.repeat(np.arange(len(self.paths)), self.episode_lengths)
-        self._image_keys = [f"{IMAGES_KEY}/{c}" for c in task.camera_names] if self.use_images else []
-        self._handles: dict[int, dict[int, _HeldEpisode]] = {}  # pid -> episode -> open datasets
+        self._cameras = list(task.camera_names) if self.use_images else []
+        self._handles: dict[int, dict[int, EpisodeSource]] = {}  # pid -> episode -> open source
         # Per-frame preprocessing (fitting to dataset.image_size): per sample when
         # lazy_preprocess, else once for every frame as it is read, cached as uint8.
         self.frames_fitted = 0  # frames passed through the fitting so far (observable cost)
         fit_up_front = self.use_images and not settings.lazy_preprocess
-        self._preloaded: list[dict[str, np.ndarray]] | None = None
+        self._preloaded: list[ArraysSource] | None = None
         if settings.preload_data:
-            self._preloaded = self._read_all(self._keys(), fit_up_front, "loading episodes, frames fitted")
+            self._preloaded = self._read_all(True, fit_up_front, "loading episodes, frames fitted")
         self._frame_cache: dict[tuple[int, str], np.ndarray] | None = None
         if fit_up_front:
             self._frame_cache = self._cache_fitted_frames()
@@ -117,57 +94,50 @@ class EpisodeDataset(Dataset):
 
     # -- reading ---------------------------------------------------------------------
 
-    def _keys(self) -> list[str]:
-        return [QPOS_KEY, ACTION_KEY, *self._image_keys]
+    def _read_episode(self, ep: int, rows: bool, fit_images: bool) -> ArraysSource:
+        """Episode ``ep`` in memory: its cameras' frames (fitted as they are read when
+        ``fit_images``: full-size frames are never all held, see the module doc), and its
+        state and action rows when ``rows``."""
+        ref = self.paths[ep]
+        with ref.open() as src, read_errors(ref):
+            images = {c: self._read_fitted(src, c) if fit_images else src.frames(c)
+                      for c in self._cameras}
+            if not rows:
+                return ArraysSource(src.name, np.empty((0, 0)), np.empty((0, 0)), images)
+            return ArraysSource(src.name, src.states(), src.actions(), images)
 
-    def _read_episode(self, ep: int, keys: list[str], fit_images: bool) -> dict[str, np.ndarray]:
-        """Episode ``ep``'s arrays under ``keys``; camera frames fitted as they are read when
-        ``fit_images`` (full-size frames are never all held: see the module doc)."""
-        path = self.paths[ep]
-        with open_episode(path) as f, read_errors(path):
-            return {k: self._read_fitted(f[k]) if fit_images and k in self._image_keys
-                    else f[k][()] for k in keys}
-
-    def _read_fitted(self, frames: Any) -> np.ndarray:
-        """One camera's frames fitted to dataset.image_size, FIT_BLOCK frames at a time.
-
-        An HDF5 dataset is read block by block (only one block of full-size frames is held);
-        other sources (LeRobot video) are decoded whole first, then fitted block by block.
-        """
-        if not isinstance(frames, h5py.Dataset):
-            frames = np.asarray(frames[()])
-        n = len(frames)
-        blocks = [fit_frames(np.asarray(frames[s:s + FIT_BLOCK]), self.settings.image_size,
-                             self.settings.image_aspect_ratio) for s in range(0, n, FIT_BLOCK)]
+    def _read_fitted(self, src: EpisodeSource, camera: str) -> np.ndarray:
+        """One camera's frames fitted to dataset.image_size, FIT_BLOCK frames at a time (as
+        few full-size frames held as the format allows: ``EpisodeSource.frame_blocks``)."""
+        blocks = [fit_frames(np.asarray(b), self.settings.image_size, self.settings.image_aspect_ratio)
+                  for b in src.frame_blocks(camera, FIT_BLOCK)]
         return np.concatenate(blocks) if len(blocks) != 1 else blocks[0]
 
-    def _read_all(self, keys: list[str], fit_images: bool, what: str) -> list[dict[str, np.ndarray]]:
-        """Every episode's ``keys``, read by ``read_threads`` threads, with a progress bar."""
+    def _read_all(self, rows: bool, fit_images: bool, what: str) -> list[ArraysSource]:
+        """Every episode (see ``_read_episode``), read by ``read_threads`` threads, with a
+        progress bar."""
         n, size = len(self.paths), self.settings.image_size
         desc = f"{what} to {size[0]}x{size[1]}" if fit_images and size is not None else what
         with ThreadPoolExecutor(max_workers=read_threads(n)) as pool:
-            arrays = list(progress(pool.map(lambda ep: self._read_episode(ep, keys, fit_images),
+            arrays = list(progress(pool.map(lambda ep: self._read_episode(ep, rows, fit_images),
                                             range(n)), total=n, desc=desc, unit="episode"))
         if fit_images:  # counted here, not in the threads
-            self.frames_fitted += int(self.episode_lengths.sum()) * len(self._image_keys)
+            self.frames_fitted += int(self.episode_lengths.sum()) * len(self._cameras)
         return arrays
 
-    def _source(self, ep: int) -> Source:
-        """The episode's arrays: preloaded, or this process's own open datasets.
+    def _source(self, ep: int) -> EpisodeSource:
+        """The episode: preloaded, or this process's own open source.
 
-        Lazy reading holds the file and each of its datasets open: ``file[key]`` re-opens
-        a dataset on every call (~246 us against ~17 us for a held handle, three or more
-        per sample). Handles are keyed by pid, so a DataLoader worker forked after the
-        parent opened files opens its own (HDF5 handles are not fork-safe).
+        Lazy reading holds each episode open (an HDF5 source also holds its datasets: see
+        ``episodes.HDF5Source``). Sources are keyed by pid, so a DataLoader worker forked
+        after the parent opened files opens its own (HDF5 handles are not fork-safe).
         """
         if self._preloaded is not None:
             return self._preloaded[ep]
         handles = self._handles.setdefault(os.getpid(), {})
         held = handles.get(ep)
         if held is None:
-            f = open_episode(self.paths[ep])
-            with read_errors(self.paths[ep]):
-                held = handles[ep] = _HeldEpisode(f, {k: f[k] for k in self._keys()})
+            held = handles[ep] = self.paths[ep].open()
         return held
 
     def fit(self, frames: np.ndarray) -> np.ndarray:
@@ -179,17 +149,17 @@ class EpisodeDataset(Dataset):
         """lazy_preprocess=false: every frame of every episode fitted once, up front (already
         fitted while preloading; else read and fitted now, files not kept open: fork-safe)."""
         if self._preloaded is not None:  # the raw frames were never kept: move the fitted ones
-            return {(ep, k): arrays.pop(k) for ep, arrays in enumerate(self._preloaded)
-                    for k in self._image_keys}
-        fitted = self._read_all(self._image_keys, True, "fitting frames")
-        return {(ep, k): arrays[k] for ep, arrays in enumerate(fitted) for k in self._image_keys}
+            return {(ep, c): src.images.pop(c) for ep, src in enumerate(self._preloaded)
+                    for c in self._cameras}
+        fitted = self._read_all(False, True, "fitting frames")
+        return {(ep, c): src.images[c] for ep, src in enumerate(fitted) for c in self._cameras}
 
     # -- batched access (ilstudio/data/batched.py gathers whole batches through these) ----
 
     @property
-    def image_keys(self) -> list[str]:
-        """The HDF5 keys of the cameras a sample carries (empty without images)."""
-        return list(self._image_keys)
+    def cameras(self) -> list[str]:
+        """The cameras a sample carries, in order (empty without images)."""
+        return list(self._cameras)
 
     def can_gather_batches(self) -> bool:
         """Whether a batch can be gathered from whole-episode arrays: preloaded, no language
@@ -198,27 +168,27 @@ class EpisodeDataset(Dataset):
                 and (not self.use_images or self._frame_cache is not None
                      or self.settings.image_size is None))
 
-    def episode_array(self, ep: int, key: str) -> np.ndarray:
-        """A whole preloaded array of episode ``ep`` (qpos, action); needs preload_data."""
+    def preloaded(self, ep: int) -> ArraysSource:
+        """Episode ``ep`` as preloaded (its state and action rows); needs preload_data."""
         if self._preloaded is None:
-            raise RuntimeError("episode_array needs dataset.preload_data")
-        return self._preloaded[ep][key]
+            raise RuntimeError("preloaded episodes need dataset.preload_data")
+        return self._preloaded[ep]
 
-    def episode_frames(self, ep: int, key: str) -> np.ndarray:
-        """Every frame of camera ``key`` in episode ``ep``, as a sample would see it: fitted
+    def episode_frames(self, ep: int, camera: str) -> np.ndarray:
+        """Every frame of ``camera`` in episode ``ep``, as a sample would see it: fitted
         (cached up front), or the preloaded raw frames when no fitting applies."""
         if self._frame_cache is not None:
-            return self._frame_cache[(ep, key)]
-        return self.episode_array(ep, key)
+            return self._frame_cache[(ep, camera)]
+        return self.preloaded(ep).frames(camera)
 
     def close(self) -> None:
         """Close this process's open files (lazy mode)."""
-        for f in self._handles.pop(os.getpid(), {}).values():
-            f.close()
+        for src in self._handles.pop(os.getpid(), {}).values():
+            src.close()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_handles"] = {}  # h5py handles cannot be pickled (spawn workers reopen)
+        state["_handles"] = {}  # open sources cannot be pickled (spawn workers reopen)
         return state
 
     # -- samples ---------------------------------------------------------------------
@@ -230,23 +200,23 @@ class EpisodeDataset(Dataset):
         ep = int(self.episode_index[i])
         return ep, i - int(self.episode_starts[ep])
 
-    def _action_chunk(self, src: Source, ep: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+    def _action_chunk(self, src: EpisodeSource, ep: int, t: int) -> tuple[np.ndarray, np.ndarray]:
         end = min(t + self.chunk_size, int(self.episode_lengths[ep]))
-        actions = np.asarray(src[ACTION_KEY][t:end], dtype=np.float32)
+        actions = np.asarray(src.actions(t, end), dtype=np.float32)
         n = end - t
         if n < self.chunk_size:
             actions = np.concatenate([actions, np.repeat(actions[-1:], self.chunk_size - n, 0)])
         return actions, np.arange(self.chunk_size) >= n
 
-    def _frames(self, src: Source, ep: int, t: int) -> torch.Tensor:
+    def _frames(self, src: EpisodeSource, ep: int, t: int) -> torch.Tensor:
         """(cams, 3, H, W), or (cams, history, 3, H, W) when history > 1; floats in [0, 1]."""
         start = max(0, t - self.history + 1)
         per_cam = []
-        for key in self._image_keys:
+        for cam in self._cameras:
             if self._frame_cache is not None:
-                frames = self._frame_cache[(ep, key)][start:t + 1]
+                frames = self._frame_cache[(ep, cam)][start:t + 1]
             else:
-                frames = self.fit(np.asarray(src[key][start:t + 1]))  # (n, H, W, 3) uint8
+                frames = self.fit(np.asarray(src.frames(cam, start, t + 1)))  # (n, H, W, 3) uint8
             if len(frames) < self.history:  # before the episode start: repeat frame 0
                 pad = np.repeat(frames[:1], self.history - len(frames), 0)
                 frames = np.concatenate([pad, frames])
@@ -261,7 +231,7 @@ class EpisodeDataset(Dataset):
 
     def _sample(self, ep: int, t: int) -> dict[str, torch.Tensor]:
         src = self._source(ep)
-        qpos = np.asarray(src[QPOS_KEY][t], dtype=np.float32)
+        qpos = np.asarray(src.states(t, t + 1)[0], dtype=np.float32)
         actions, is_pad = self._action_chunk(src, ep, t)
         sample = {
             "qpos": torch.from_numpy(self.stats.normalize_qpos(qpos).astype(np.float32)),
@@ -310,7 +280,7 @@ def build_datasets(task: TaskSettings, settings: DatasetSettings, chunk_size: in
     else:
         train_idx, val_idx = list(range(len(paths))), []
 
-    def subset(idx: list[int]) -> tuple[list[Path], list[int]]:
+    def subset(idx: list[int]) -> tuple[list[EpisodeRef], list[int]]:
         return [paths[i] for i in idx], [lengths[i] for i in idx]
 
     train_paths, train_lengths = subset(train_idx)

@@ -34,17 +34,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from absl import logging
 
-from ilstudio.data.episodes import episode_ref, open_episode, read_errors
+from ilstudio.data.episodes import INSTRUCTION_ATTR, TEXT_KEYS, episode_ref
+from ilstudio.data.source import EpisodeRef, read_errors
 from ilstudio.errors import UserError
 
-INSTRUCTION_ATTR = "language_instruction"
-SUBTASK_KEY = "language/subtask"
-REASONING_KEY = "language/reasoning"
+SUBTASK_KEY = TEXT_KEYS["subtask"]  # as messages name them (the HDF5 layout above)
+REASONING_KEY = TEXT_KEYS["reasoning"]
 IGNORE = -100
 SUBTASK_MARK = " subtask: "
 REASONING_MARK = " reasoning: "
@@ -70,35 +69,23 @@ class EpisodeText:
         return "none"
 
 
-def _strings(f: h5py.File, key: str, steps: int, path: Path) -> tuple[str, ...] | None:
-    obj = f.get(key)
-    if obj is None:
-        return None
-    if not isinstance(obj, h5py.Dataset) or obj.ndim != 1 or obj.shape[0] != steps:
-        raise UserError(f"{path.name}: /{key} must be a (T,) string dataset with T = {steps} "
-                        f"steps, got {getattr(obj, 'shape', 'a group')}")
-    try:
-        return tuple(str(s) for s in obj.asstr()[()])
-    except (TypeError, ValueError):
-        raise UserError(f"{path.name}: /{key} has dtype {obj.dtype}, expected strings") from None
-
-
-def read_episode_text(path: str | Path, steps: int, default_instruction: str = "") -> EpisodeText:
+def read_episode_text(path: str | Path | EpisodeRef, steps: int, default_instruction: str = "") -> EpisodeText:
     """Read an episode's instruction and per-step texts (missing per-step texts -> None).
 
-    path: an HDF5 episode or a LeRobot episode (whose task string is its instruction).
+    path: an episode reference of any format (a bare path: HDF5); a LeRobot episode's task
+    string is its instruction.
     """
-    path = episode_ref(path)
-    with open_episode(path) as f, read_errors(path):
-        instruction = f.attrs.get(INSTRUCTION_ATTR, default_instruction)
-        if isinstance(instruction, bytes):
-            instruction = instruction.decode()
+    ref = episode_ref(path)
+    with ref.open() as src, read_errors(ref):
+        instruction = src.instruction
+        if instruction is None:
+            instruction = default_instruction
         if not instruction:
-            raise UserError(f"{path.name}: no root attribute '{INSTRUCTION_ATTR}' and no "
+            raise UserError(f"{ref.name}: no root attribute '{INSTRUCTION_ATTR}' and no "
                             f"vla.instruction to fall back on; a language-conditioned policy needs "
                             f"a task instruction (write the attribute, or bind vla.instruction)")
-        return EpisodeText(str(instruction), _strings(f, SUBTASK_KEY, steps, path),
-                           _strings(f, REASONING_KEY, steps, path))
+        return EpisodeText(str(instruction), src.step_texts("subtask", steps),
+                           src.step_texts("reasoning", steps))
 
 
 class LanguageProcessor:
@@ -186,7 +173,7 @@ class LanguageProcessor:
             logging.warning("%s (further cuts are not reported)", message)
             self._warned = True
 
-    def for_episodes(self, paths: Sequence[Path], lengths: Sequence[int]) -> EpisodeLanguage:
+    def for_episodes(self, paths: Sequence[str | Path | EpisodeRef], lengths: Sequence[int]) -> EpisodeLanguage:
         """Bind to a dataset's episodes (reads their text now; tokenizes now if not lazy)."""
         texts = [read_episode_text(p, int(n), self.default_instruction)
                  for p, n in zip(paths, lengths, strict=True)]

@@ -1,11 +1,11 @@
 """Reading a LeRobotDataset (v2.1 or v3.0) as ilstudio episodes.
 
-Each episode becomes a ``LeRobotEpisode`` reference that the episode layer treats like an
-HDF5 episode path: ``open_source()`` gives an object indexed by the same keys as an ACT HDF5
-file (``observations/qpos`` = ``observation.state``, ``action``, ``observations/images/<cam>``
-= ``observation.images.<cam>``, ``attrs['language_instruction']`` = the episode's task), so
-``EpisodeDataset`` and its parameters (preload_data, lazy_preprocess, history_images_length,
-image_aspect_ratio, episode_first, skip_mirrored_data, normalization) work unchanged.
+Each episode becomes a ``LeRobotEpisode`` reference implementing the episode protocol
+(``source.py``); ``open()`` gives a ``LeRobotSource`` (states = ``observation.state``, actions =
+``action``, velocities = ``observation.velocity``, frames of camera <cam> =
+``observation.images.<cam>``, instruction = the episode's task), so ``EpisodeDataset`` and
+its parameters (preload_data, lazy_preprocess, history_images_length, image_aspect_ratio,
+episode_first, skip_mirrored_data, normalization) work unchanged.
 
 Frames come from the mp4 at ``from_timestamp + timestamp[i]`` (video.py decodes by
 timestamp, LeRobot's rule), or from PNG bytes in the parquet for ``dtype: image`` features.
@@ -19,14 +19,14 @@ import functools
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ilstudio.data.episodes import ACTION_KEY, IMAGES_KEY, QPOS_KEY, check_exact_values
+from ilstudio.data.episodes import check_exact_values
 from ilstudio.data.lerobot_format import (
     ACTION_KEY as LR_ACTION,
 )
@@ -47,8 +47,6 @@ from ilstudio.data.lerobot_schema import EpisodeFiles, check_data_files, check_t
 from ilstudio.data.video import DECODED, VideoError, decode_run, probe, shared_reader
 from ilstudio.errors import UserError
 
-QVEL_KEY = "observations/qvel"
-INSTRUCTION_ATTR = "language_instruction"  # as ilstudio.data.language reads it
 MIRRORED_FIELD = "mirrored"  # an optional per-episode field (ilstudio writes it; LeRobot ignores it)
 
 
@@ -276,7 +274,9 @@ class LeRobotEpisode:
         (``episodes.check_episodes`` asks each LeRobot reference, see ``check_episode``)."""
         return check_episode(self, task, need_images, frame_shapes)
 
-    def open_source(self) -> LeRobotSource:
+    read_as = ""  # "cannot be read" messages: the reference already names the dataset
+
+    def open(self) -> LeRobotSource:
         return LeRobotSource(self)
 
     def rows(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -291,50 +291,34 @@ class LeRobotEpisode:
         return cols, rows
 
 
-class _Frames:
-    """One camera's frames of one episode, sliceable like an h5py (T, H, W, 3) dataset."""
-
-    def __init__(self, source: LeRobotSource, camera: str) -> None:
-        self.source, self.camera = source, camera
-        self.feature = source.ref.data.info.cameras[camera]
-
-    def __len__(self) -> int:
-        return len(self.source.timestamps)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self), *self.source.ref.data.info.frame_shape(self.camera), 3)
-
-    def __getitem__(self, sel: Any) -> np.ndarray:
-        idx = np.arange(len(self))
-        picked = idx if isinstance(sel, tuple) and sel == () else idx[sel]
-        one = np.ndim(picked) == 0
-        frames = self.source.frames(self.camera, np.atleast_1d(picked))
-        return frames[0] if one else frames
-
-
 class LeRobotSource:
-    """An open LeRobot episode, indexed by ACT HDF5 keys (see the module docstring)."""
+    """An open LeRobot episode (the episode protocol of source.py)."""
 
     def __init__(self, ref: LeRobotEpisode) -> None:
         self.ref = ref
         data, meta = ref.data, ref.meta
         cols, rows = ref.rows()
-        self._cols, self._rows = cols, rows
         path = data.root / meta.data_file
         for key in (STATE_KEY, LR_ACTION, "timestamp"):
             if key not in cols:
                 raise UserError(f"{path}: no '{key}' column (LeRobot layout expected)")
         self.timestamps = cols["timestamp"][rows].astype(np.float64)
-        self._arrays = {QPOS_KEY: cols[STATE_KEY][rows], ACTION_KEY: cols[LR_ACTION][rows]}
-        if VELOCITY_KEY in cols:
-            self._arrays[QVEL_KEY] = cols[VELOCITY_KEY][rows]
+        self._state, self._action = cols[STATE_KEY][rows], cols[LR_ACTION][rows]
+        self._velocity = cols[VELOCITY_KEY][rows] if VELOCITY_KEY in cols else None
         task_index = cols.get("task_index")
         task = (data.tasks.get(int(task_index[rows[0]])) if task_index is not None and len(rows)
                 else None) or (meta.tasks[0] if meta.tasks else "")
-        self.attrs: dict[str, Any] = {MIRRORED_FIELD: meta.mirrored, "fps": data.info.fps}
-        if task:  # absent, not empty: language falls back on vla.instruction as for HDF5
-            self.attrs[INSTRUCTION_ATTR] = task
+        # absent, not empty: language falls back on vla.instruction as for HDF5
+        self.instruction: str | None = task or None
+        self.mirrored, self.fps = meta.mirrored, data.info.fps
+
+    @property
+    def name(self) -> str:
+        return str(self.ref)
+
+    @property
+    def steps(self) -> int:
+        return len(self.timestamps)
 
     def __enter__(self) -> LeRobotSource:
         return self
@@ -345,23 +329,38 @@ class LeRobotSource:
     def close(self) -> None:
         """Nothing to release: video readers are shared per file and process (video.shared_reader)."""
 
-    def get(self, key: str, default: Any = None) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            return default
+    def states(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._state[start:stop]
 
-    def __getitem__(self, key: str) -> Any:
-        if key in self._arrays:
-            return self._arrays[key]
-        if key == IMAGES_KEY:  # like the HDF5 group: camera -> frames
-            return {cam: _Frames(self, cam) for cam in self.ref.data.info.cameras}
-        prefix = IMAGES_KEY + "/"
-        if key.startswith(prefix) and key[len(prefix):] in self.ref.data.info.cameras:
-            return _Frames(self, key[len(prefix):])
-        raise KeyError(key)
+    def actions(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._action[start:stop]
 
-    def frames(self, camera: str, indices: np.ndarray) -> np.ndarray:
+    def velocities(self) -> np.ndarray | None:
+        return self._velocity
+
+    def cameras(self) -> list[str]:
+        return list(self.ref.data.info.cameras)
+
+    def frame_size(self, camera: str) -> tuple[int, int]:
+        return self.ref.data.info.frame_shape(camera)
+
+    def frames(self, camera: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self.frames_at(camera, np.arange(self.steps)[start:stop])
+
+    def frame_blocks(self, camera: str, block: int) -> Iterator[np.ndarray]:
+        """A video is decoded whole (one pass), then handed out block by block."""
+        frames = self.frames(camera)
+        for s in range(0, len(frames), block):
+            yield frames[s:s + block]
+
+    def step_texts(self, kind: str, steps: int) -> tuple[str, ...] | None:
+        """LeRobot datasets carry no per-step texts."""
+        return None
+
+    def check_declared(self) -> None:
+        """info.json and the tables were checked against lerobot_schema when loaded."""
+
+    def frames_at(self, camera: str, indices: np.ndarray) -> np.ndarray:
         """uint8 (n, H, W, 3) frames of this episode at the given step indices."""
         data, meta = self.ref.data, self.ref.meta
         feature = data.info.cameras[camera]
@@ -443,9 +442,9 @@ def check_episode(ref: LeRobotEpisode, task: Any, need_images: bool,
                             f"but the episode metadata says length {meta.length}")
         if steps == 0:
             raise UserError(f"{where}: episode has 0 steps")
-        for key, name in ((QPOS_KEY, STATE_KEY), (ACTION_KEY, LR_ACTION)):
-            arr = np.asarray(src[key])
-            dim = info.state_dim if key == QPOS_KEY else info.action_dim
+        for arr, name, dim in ((src.states(), STATE_KEY, info.state_dim),
+                               (src.actions(), LR_ACTION, info.action_dim)):
+            arr = np.asarray(arr)
             if arr.ndim != 2 or arr.shape[1] != dim:
                 raise UserError(f"{data.root / meta.data_file}: '{name}' of episode {meta.index} "
                                 f"has shape {arr.shape}, info.json says ({steps}, {dim})")

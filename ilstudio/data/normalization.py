@@ -15,8 +15,9 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from ilstudio.data.episodes import ACTION_KEY, QPOS_KEY, episode_ref, open_episode, read_errors
+from ilstudio.data.episodes import episode_ref
 from ilstudio.data.progress import progress
+from ilstudio.data.source import EpisodeRef, read_errors
 from ilstudio.errors import UserError
 
 MIN_STD = 1e-2  # as ACT: a constant dimension must not blow up after normalization
@@ -77,16 +78,16 @@ class NormStats:
             raise UserError(f"{path}: not a valid normalization stats file ({e!r})") from None
 
 
-def compute_stats(paths: Sequence[str | Path]) -> NormStats:
+def compute_stats(paths: Sequence[str | Path | EpisodeRef]) -> NormStats:
     """Mean/std over every timestep of the given episodes (std clipped to >= 1e-2)."""
     if not paths:
         raise UserError("cannot compute normalization stats from zero episodes")
     qpos, action = [], []
-    refs = [episode_ref(p) for p in paths]  # HDF5 paths or LeRobot episodes
-    for p in progress(refs, total=len(refs), desc="normalization statistics", unit="episode"):
-        with open_episode(p) as f, read_errors(p):
-            qpos.append(np.asarray(f[QPOS_KEY][()], dtype=np.float64))
-            action.append(np.asarray(f[ACTION_KEY][()], dtype=np.float64))
+    refs = [episode_ref(p) for p in paths]  # any format (bare paths: HDF5)
+    for ref in progress(refs, total=len(refs), desc="normalization statistics", unit="episode"):
+        with ref.open() as src, read_errors(ref):
+            qpos.append(np.asarray(src.states(), dtype=np.float64))
+            action.append(np.asarray(src.actions(), dtype=np.float64))
     q, a = np.concatenate(qpos), np.concatenate(action)
     return NormStats(
         qpos_mean=q.mean(0), qpos_std=np.clip(q.std(0), MIN_STD, None),
