@@ -212,14 +212,20 @@ def test_data_files_roll_over_before_the_limit_is_crossed(tmp_path):
 
 
 def lazy_dataset(root: Path, cache_mb: float):
+    """cache_mb below 1 (not a value dataset.video_cache_mb, an integer, can take) is set on
+    the decoder after the dataset is built, to test a budget this small dataset does not fit."""
     from ilstudio.config.settings import DatasetSettings
+    from ilstudio.data import video
     from ilstudio.data.dataset import EpisodeDataset
     from ilstudio.data.normalization import compute_stats
 
     refs = list_episodes(str(root))
-    settings = DatasetSettings(video_cache_mb=cache_mb, image_size=(24, 32))
-    return EpisodeDataset(refs, task_for(root), settings, 5,
-                          compute_stats(refs))
+    settings = DatasetSettings(video_cache_mb=int(max(cache_mb, 1) if cache_mb else 0),
+                               image_size=(24, 32))
+    dataset = EpisodeDataset(refs, task_for(root), settings, 5, compute_stats(refs))
+    if 0 < cache_mb < 1:
+        video.DECODED.configure(cache_mb)
+    return dataset
 
 
 def test_lazy_video_decodes_each_episode_once_within_the_budget(v30, monkeypatch):

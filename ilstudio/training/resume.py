@@ -9,6 +9,7 @@ difference); an allowed change is printed and recorded in the run's resume_chang
 from __future__ import annotations
 
 import datetime
+import os
 from pathlib import Path
 
 from absl import logging
@@ -156,9 +157,17 @@ def data_fingerprint(resolved: Resolved) -> dict:
     lengths = check_episodes(paths, resolved.task, resolved.use_images)
     episodes = []
     for p, n in zip(paths, lengths, strict=True):
-        size = p.stat().st_size if isinstance(p, Path) else None
+        size = _file_size(p)
         episodes.append({"episode": str(p), "length": int(n), "bytes": size})
     return {"episodes": episodes, "timesteps": int(sum(lengths))}
+
+
+def _file_size(ref) -> int | None:
+    """An episode file's size in bytes; None for a format whose episodes are not one file."""
+    try:
+        return os.stat(os.fspath(ref)).st_size
+    except TypeError:  # not path-like (a LeRobot episode lives in shared files)
+        return None
 
 
 def _listed(names: list[str]) -> str:
