@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 
 from ilstudio.cli import fail, parse_command_line
-from ilstudio.config.hyperparams import define_flags
+from ilstudio.config.hyperparams import define_flags, help_groups
 from ilstudio.errors import UserError, guarded
 
 FLAGS = flags.FLAGS
@@ -20,28 +20,8 @@ flags.DEFINE_bool("help_gin", False, "Print every gin parameter (each configurab
                   "types, defaults and docs) and exit.")
 
 
-# --helpfull's groups, in the order a reader needs them; --helpshort shows COMMON only.
-HELP_GROUPS = [
-    ("Run and configuration", ["task_name", "gin_file", "gin_bindings", "gin_search_paths",
-                               "flagfile", "training_config", "yaml_unknown_keys", "output_dir",
-                               "overwrite_output_dir", "resume_from_checkpoint", "dry_run",
-                               "explain", "training_arg", "help_gin"]),
-    ("Optimisation", ["learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
-                      "gradient_accumulation_steps", "weight_decay", "warmup_steps", "warmup_ratio",
-                      "lr_scheduler_type", "optim", "adam_beta1", "adam_beta2", "adam_epsilon",
-                      "max_grad_norm", "seed"]),
-    ("Logging and saving", ["logging_steps", "logging_strategy", "logging_dir", "report_to",
-                            "save_steps", "save_strategy", "save_total_limit"]),
-    ("Evaluation during training", ["do_eval", "eval_steps", "eval_strategy",
-                                    "per_device_eval_batch_size"]),
-    ("Hardware and data loading", ["bf16", "fp16", "gradient_checkpointing", "deepspeed",
-                                   "dataloader_num_workers", "dataloader_pin_memory",
-                                   "remove_unused_columns"]),
-]
-COMMON = ["task_name", "gin_file", "gin_bindings", "gin_search_paths", "flagfile", "training_config", "output_dir", "dry_run",
-          "explain", "resume_from_checkpoint", "learning_rate", "max_steps",
-          "per_device_train_batch_size", "seed", "logging_steps", "report_to", "save_steps",
-          "help_gin"]
+# --helpfull's groups and --helpshort's flags, from the declarations (Hyper.group/common).
+HELP_GROUPS, COMMON = help_groups()
 HELP_DOC = """Train a policy.
 
   python train.py --gin_file=gin_configs/default.gin --gin_bindings='lora.r=16' --learning_rate=1e-3

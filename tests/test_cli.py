@@ -273,3 +273,26 @@ def test_values_switched_off_warn_and_are_kept_in_config_gin(tmp_path, tiny_data
     refused = run_train(*tiny_args(tiny_data, tmp_path / "r2"), "--gin_bindings=lora.enable = True",
                         "--gin_bindings=lora.r = 16", "--dry_run")
     assert_user_error(refused, "lora.enable = True", "no effect on policy 'mlp'")
+
+
+def test_every_flag_of_every_program_is_in_a_help_group():
+    """Help groups come from the declarations: a flag any ilstudio program defines and no
+    --helpfull heading lists fails here (it would land under "Other flags")."""
+    from ilstudio import eval as evaluator
+    from ilstudio import main
+    from ilstudio.cli import HELP_FLAGS, SHARED_FLAG_GROUP
+    from ilstudio.sim import quickstart, record
+
+    programs = {"train.py": (main.FLAGS, main.HELP_GROUPS),
+                "ilstudio.eval": (evaluator.FLAGS, [*evaluator._GROUPS, SHARED_FLAG_GROUP]),
+                "ilstudio.sim.record": (record.FLAGS, [*record._GROUPS, SHARED_FLAG_GROUP]),
+                "ilstudio.sim.quickstart": (quickstart.FLAGS, [*quickstart._GROUPS, SHARED_FLAG_GROUP])}
+    for program, (fv, groups) in programs.items():
+        grouped = {name for _, names in groups for name in names}
+        ours = {f.name for module, defined in fv.flags_by_module_dict().items()
+                if module.startswith("ilstudio") for f in defined}
+        assert ours, program
+        missing = sorted(ours - grouped - set(HELP_FLAGS))
+        assert not missing, f"{program}: flags in no help group: {missing}"
+    assert "eval_every_steps" in {n for _, names in main.HELP_GROUPS for n in names}
+    assert "eval_every_steps" in main.COMMON and "adam_beta2" not in main.COMMON

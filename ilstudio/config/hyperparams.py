@@ -38,6 +38,10 @@ class Hyper:
     # A checkpoint's optimizer/engine state means something else under another value: resuming
     # with a changed value is refused (ilstudio/training/resume.py).
     breaks_resume: bool = False
+    # The --helpshort/--helpfull heading it is shown under (one of HELP_GROUP_ORDER), and
+    # whether --helpshort shows it.
+    group: str = ""
+    common: bool = False
 
     @property
     def allowed(self) -> Bounds | None:
@@ -55,6 +59,11 @@ class Hyper:
         check_bounds(value, self.allowed, where)
 
 
+# train.py's help headings, in the order a reader needs them.
+RUN, OPTIM, LOGGING, EVAL, HARDWARE = ("Run and configuration", "Optimisation", "Logging and saving",
+                                       "Evaluation during training", "Hardware and data loading")
+HELP_GROUP_ORDER = (RUN, OPTIM, LOGGING, EVAL, HARDWARE)
+
 _STRATEGIES = ("no", "steps", "epoch")
 _PARSED: dict[str, Bounds] = {}
 
@@ -69,85 +78,85 @@ def _parsed_bounds(text: str | None) -> Bounds | None:
 
 HYPERPARAMS: tuple[Hyper, ...] = (
     Hyper("output_dir", str, None, "Where checkpoints, the final model and config dumps go "
-          "(default: runs/<task_name>)."),
+          "(default: runs/<task_name>).", group=RUN, common=True),
     Hyper("num_train_epochs", float, 3.0, "Epochs to train (ignored when --max_steps > 0).",
-          bounds="(0, 1e6]"),
+          bounds="(0, 1e6]", group=OPTIM),
     Hyper("max_steps", int, -1, "Total optimizer steps; -1 trains for --num_train_epochs.",
-          bounds="-1 or [1, inf)"),
+          bounds="-1 or [1, inf)", group=OPTIM, common=True),
     Hyper("per_device_train_batch_size", int, 8, "Training batch size per device (per process).",
-          bounds="[1, inf)"),
+          bounds="[1, inf)", group=OPTIM, common=True),
     Hyper("per_device_eval_batch_size", int, 8, "Evaluation batch size per device.",
-          bounds="[1, inf)"),
-    Hyper("learning_rate", float, 1e-4, "Peak learning rate of the optimizer.", bounds="[0, inf)"),
-    Hyper("weight_decay", float, 0.0, "AdamW weight decay.", bounds="[0, inf)"),
+          bounds="[1, inf)", group=EVAL),
+    Hyper("learning_rate", float, 1e-4, "Peak learning rate of the optimizer.", bounds="[0, inf)", group=OPTIM, common=True),
+    Hyper("weight_decay", float, 0.0, "AdamW weight decay.", bounds="[0, inf)", group=OPTIM),
     Hyper("warmup_steps", float, 0.0, "Linear warmup steps (an integer), or a ratio of total steps "
-          "if in [0, 1). Takes precedence over --warmup_ratio.", bounds="[0, inf)"),
+          "if in [0, 1). Takes precedence over --warmup_ratio.", bounds="[0, inf)", group=OPTIM),
     Hyper("warmup_ratio", float, 0.0, "Warmup as a ratio of total steps. transformers 5 removed "
           "this field: it is passed as TrainingArguments.warmup_steps=<ratio>, its v5 equivalent.",
-          to_training_args=False, bounds="[0, 1)"),
+          to_training_args=False, bounds="[0, 1)", group=OPTIM),
     Hyper("lr_scheduler_type", str, "linear", "Learning-rate schedule (linear, cosine, constant, "
-          "constant_with_warmup, ...)."),
+          "constant_with_warmup, ...).", group=OPTIM),
     Hyper("optim", str, "adamw_torch", "Optimizer name as TrainingArguments.optim understands it.",
-          breaks_resume=True),
-    Hyper("adam_beta1", float, 0.9, "AdamW beta1.", bounds="[0, 1)"),
-    Hyper("adam_beta2", float, 0.999, "AdamW beta2.", bounds="[0, 1)"),
+          breaks_resume=True, group=OPTIM),
+    Hyper("adam_beta1", float, 0.9, "AdamW beta1.", bounds="[0, 1)", group=OPTIM),
+    Hyper("adam_beta2", float, 0.999, "AdamW beta2.", bounds="[0, 1)", group=OPTIM),
     Hyper("adam_epsilon", float, 1e-8, "AdamW epsilon (0 would divide 0 by 0 for a parameter "
-          "with no gradient yet).", bounds="(0, inf)"),
+          "with no gradient yet).", bounds="(0, inf)", group=OPTIM),
     Hyper("logging_dir", str, None, "TensorBoard directory (default: <output_dir>/runs). A "
           "relative path is resolved under <output_dir>/runs (./logs: <output_dir>/runs/logs), "
           "so runs never write into the directory they start from; an absolute path is used as "
           "given. transformers 5 removed this field: it is passed as the TENSORBOARD_LOGGING_DIR "
-          "environment variable.", to_training_args=False),
-    Hyper("logging_strategy", str, "steps", "When to log: no, steps or epoch.", _STRATEGIES),
+          "environment variable.", to_training_args=False, group=LOGGING),
+    Hyper("logging_strategy", str, "steps", "When to log: no, steps or epoch.", _STRATEGIES, group=LOGGING),
     Hyper("logging_steps", float, 50, "Log every N steps (or a ratio of total steps if < 1).",
-          bounds="(0, inf)"),
+          bounds="(0, inf)", group=LOGGING, common=True),
     Hyper("report_to", str, "none", "Comma list of integrations to report to (tensorboard, "
-          "wandb, ...), 'all' or 'none'."),
-    Hyper("save_strategy", str, "steps", "When to save checkpoints: no, steps or epoch.", _STRATEGIES),
+          "wandb, ...), 'all' or 'none'.", group=LOGGING, common=True),
+    Hyper("save_strategy", str, "steps", "When to save checkpoints: no, steps or epoch.", _STRATEGIES, group=LOGGING),
     Hyper("save_steps", float, 500, "Save a checkpoint every N steps (or a ratio of total steps "
-          "if < 1).", bounds="(0, inf)"),
+          "if < 1).", bounds="(0, inf)", group=LOGGING, common=True),
     Hyper("save_total_limit", int, None, "Keep at most this many checkpoints (oldest deleted).",
-          bounds="[1, inf)"),
+          bounds="[1, inf)", group=LOGGING),
     Hyper("resume_from_checkpoint", str, "false", "true: resume from the newest checkpoint-N in "
           "output_dir if there is one, else start fresh; false: start fresh; or a checkpoint path.",
-          to_training_args=False),
+          to_training_args=False, group=RUN, common=True),
     Hyper("resume_weights_only", bool, False, "Accept resuming from a checkpoint that holds the "
           "model's weights but no optimizer, scheduler or RNG state (saved with save_only_model): "
           "training goes on from the weights and step with a fresh optimizer and schedule, and "
           "the run will not be bit-identical to an uninterrupted one. Without it such a "
-          "checkpoint is refused.", seed_documented=False, to_training_args=False),
-    Hyper("dataloader_num_workers", int, 0, "DataLoader worker processes.", bounds="[0, inf)"),
-    Hyper("dataloader_pin_memory", bool, True, "Pin host memory in the DataLoader."),
+          "checkpoint is refused.", seed_documented=False, to_training_args=False, group=RUN),
+    Hyper("dataloader_num_workers", int, 0, "DataLoader worker processes.", bounds="[0, inf)", group=HARDWARE),
+    Hyper("dataloader_pin_memory", bool, True, "Pin host memory in the DataLoader.", group=HARDWARE),
     Hyper("remove_unused_columns", bool, False, "Drop batch keys the model's forward does not "
-          "name. Default false (TrainingArguments says true): policies take their inputs by name."),
+          "name. Default false (TrainingArguments says true): policies take their inputs by name.", group=HARDWARE),
     Hyper("do_eval", bool, False, "Hold out episodes and evaluate on them (sets --eval_strategy "
-          "to steps unless given)."),
+          "to steps unless given).", group=EVAL),
     Hyper("eval_steps", float, None, "Evaluate every N steps (default: --logging_steps).",
-          bounds="(0, inf)"),
+          bounds="(0, inf)", group=EVAL),
     Hyper("seed", int, 42, "Random seed for model init, data order and dropout. Fixed on "
           "resume: the checkpoint's RNG state decides the rest of the run.",
-          bounds="[0, 4294967295]", breaks_resume=True),
+          bounds="[0, 4294967295]", breaks_resume=True, group=OPTIM, common=True),
     # Promised by the older system's users and never delivered there.
     Hyper("gradient_accumulation_steps", int, 1, "Batches accumulated per optimizer step.",
-          seed_documented=False, bounds="[1, inf)"),
+          seed_documented=False, bounds="[1, inf)", group=OPTIM),
     Hyper("max_grad_norm", float, 1.0, "Gradient clipping norm (0 disables).", seed_documented=False,
-          bounds="[0, inf)"),
-    Hyper("bf16", bool, False, "bfloat16 mixed precision.", seed_documented=False),
-    Hyper("fp16", bool, False, "float16 mixed precision (CUDA).", seed_documented=False),
+          bounds="[0, inf)", group=OPTIM),
+    Hyper("bf16", bool, False, "bfloat16 mixed precision.", seed_documented=False, group=HARDWARE),
+    Hyper("fp16", bool, False, "float16 mixed precision (CUDA).", seed_documented=False, group=HARDWARE),
     Hyper("gradient_checkpointing", bool, False, "Trade compute for memory in the backbone.",
-          seed_documented=False),
+          seed_documented=False, group=HARDWARE),
     Hyper("deepspeed", str, None, "Path to a DeepSpeed JSON config.", seed_documented=False,
-          breaks_resume=True),
+          breaks_resume=True, group=HARDWARE),
     Hyper("eval_every_steps", int, 0, "Roll the policy out in the task's simulator every N "
           "optimizer steps and at the last one (0: never): success rate and mean return are "
           "logged, <output_dir>/best/ keeps the weights with the highest success rate, "
           "learning_curve.png is redrawn. Tasks without a simulator skip it with a message.",
-          seed_documented=False, to_training_args=False, bounds="[0, inf)"),
+          seed_documented=False, to_training_args=False, bounds="[0, inf)", group=EVAL, common=True),
     Hyper("eval_episodes", int, 10, "Episodes per --eval_every_steps evaluation (evaluation "
           "seed 1; `python -m ilstudio.eval` reports on seed 0's episodes).",
-          seed_documented=False, to_training_args=False, bounds="[1, inf)"),
+          seed_documented=False, to_training_args=False, bounds="[1, inf)", group=EVAL),
     Hyper("eval_strategy", str, None, "When to evaluate: no, steps or epoch (default: steps if "
-          "--do_eval else no).", _STRATEGIES, seed_documented=False),
+          "--do_eval else no).", _STRATEGIES, seed_documented=False, group=EVAL),
 )
 
 HYPER_BY_NAME = {h.name: h for h in HYPERPARAMS}
@@ -252,6 +261,24 @@ def owned_field_message(name: str, where: str, yaml_key: bool = False) -> str | 
 
 _DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float,
            bool: flags.DEFINE_bool}
+
+# train.py's run-control flags (not hyperparameters), all under RUN in the help: name -> shown
+# by --helpshort. Defined below by define_flags (help_gin by main.py); flagfile is absl's own.
+RUN_FLAGS = {"task_name": True, "gin_file": True, "gin_bindings": True, "gin_search_paths": True,
+             "flagfile": True, "training_config": True, "yaml_unknown_keys": False,
+             "overwrite_output_dir": False, "dry_run": True, "explain": True,
+             "training_arg": False, "help_gin": True}
+
+
+def help_groups() -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """train.py's --helpfull headings with their flags, and the flags --helpshort shows: read
+    from the declarations (Hyper.group/common, RUN_FLAGS), so a new flag cannot miss them."""
+    by_group: dict[str, list[str]] = {g: [] for g in HELP_GROUP_ORDER}
+    by_group[RUN] += list(RUN_FLAGS)
+    for h in HYPERPARAMS:
+        by_group[h.group].append(h.name)
+    common = [n for n, shown in RUN_FLAGS.items() if shown] + [h.name for h in HYPERPARAMS if h.common]
+    return list(by_group.items()), common
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
