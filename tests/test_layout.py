@@ -189,3 +189,15 @@ def test_readme_layout_lists_the_layers():
         for top in group:
             short = top.removeprefix("ilstudio.")
             assert f"`{short}" in row, (short, row)
+
+
+def test_no_function_is_longer_than_60_lines():
+    """Long functions hide several jobs; README's style asks for small ones (60 lines at most)."""
+    long = []
+    for name, path in module_files().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert not long, "functions over 60 lines:\n  " + "\n  ".join(long)

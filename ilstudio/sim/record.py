@@ -98,17 +98,10 @@ def _same(a, b) -> bool:
     return type(b)(a) == b
 
 
-def record(task, sim, output_dir: str | os.PathLike, num_episodes: int, seed: int = 0,
-           max_attempts: int | None = None, progress: bool = True) -> dict:
-    """Record until ``num_episodes`` successful episodes exist in output_dir; returns a summary."""
-    from tqdm import tqdm
+def _prepared_output(task, output_dir: str | os.PathLike) -> Path:
+    """The episodes' folder, created, with partial files of a killed recording removed."""
+    from ilstudio.sim.writer import remove_partials
 
-    from ilstudio.sim.envs import RECORD, Renderer, episode_seed, make_joint_env, object_pose
-    from ilstudio.sim.scripted import ScriptedPlanner
-    from ilstudio.sim.writer import remove_partials, write_episode
-
-    if num_episodes < 1:
-        raise UserError(f"--num_episodes must be >= 1, got {num_episodes}")
     if not task.camera_names:
         raise UserError("task.camera_names is empty: the recorder needs at least one camera")
     out = Path(output_dir)
@@ -116,6 +109,21 @@ def record(task, sim, output_dir: str | os.PathLike, num_episodes: int, seed: in
         raise UserError(f"--output_dir={out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     remove_partials(out)
+    return out
+
+
+def record(task, sim, output_dir: str | os.PathLike, num_episodes: int, seed: int = 0,
+           max_attempts: int | None = None, progress: bool = True) -> dict:
+    """Record until ``num_episodes`` successful episodes exist in output_dir; returns a summary."""
+    from tqdm import tqdm
+
+    from ilstudio.sim.envs import RECORD, Renderer, episode_seed, make_joint_env, object_pose
+    from ilstudio.sim.scripted import ScriptedPlanner
+    from ilstudio.sim.writer import write_episode
+
+    if num_episodes < 1:
+        raise UserError(f"--num_episodes must be >= 1, got {num_episodes}")
+    out = _prepared_output(task, output_dir)
     attrs = _settings_attrs(task, sim, seed)
     have, attempt = existing_progress(out, attrs)
     max_attempts = max_attempts if max_attempts is not None else 4 * num_episodes + 10
