@@ -11,18 +11,22 @@ each mode in its own fresh subprocess (so peak RSS belongs to that mode alone; o
 
 - loads it the way a VLA run loads a backbone, ``ilstudio.policies.vla.backbones.load_backbone``
   with ``model.is_pretrained = True`` (4/8-bit bitsandbytes on the language model only: the
-  vision tower, merger and lm head stay in full precision; bits=16 loads in bf16): load time,
-  peak RSS right after the load, ``get_memory_footprint()`` (parameters + buffers);
+  vision tower, merger, embedding and lm head stay unquantized, in bf16; bits=16 loads all in
+  bf16; these three read the file with pread, not a memory map, ``from_pretrained_unmapped``):
+  load time, peak RSS right after the load, ``get_memory_footprint()`` (parameters + buffers);
 - puts an action head on the language model's last hidden states (a small policy), applies
   LoRA r=16 to every Linear layer of the language model with ``ilstudio.models.apply_lora``
-  (QLoRA, with ``prepare_model_for_kbit_training``, for the bitsandbytes modes), and times
+  (QLoRA, with ``prepare_kbit_training``, for the bitsandbytes modes), and times
   forward + backward + AdamW on a batch with one 56x56 image per sample (4 image tokens) and
   text (mean over the timed steps, after one warm-up step);
 - reports the process's peak RSS (``resource.getrusage``) over load and steps, and the part
   above the RSS right after importing torch/transformers/peft/bitsandbytes.
 
 The fp32 load maps the safetensors file and reads pages lazily, so its load-only RSS is small;
-they become resident when the steps read them: compare the whole-process peaks. Prints the
+they become resident when the steps read them: compare the whole-process peaks. Each child
+inherits the environment: glibc's allocator settings (``MALLOC_MMAP_THRESHOLD_``, printed in
+the machine line) apply to every mode alike. Without them glibc keeps the freed 4-bit
+dequantization buffers and a quantized process grows by hundreds of MiB per step. Prints the
 machine (CPU count, threads, load average, versions) and a table. On a shared machine step
 times vary several-fold with the load; memory figures are stable.
 """
@@ -121,7 +125,7 @@ def inputs(args, cfg, device):
 
 def load(directory: str, mode: str):
     """The backbone as a VLA run loads it: ``ilstudio.policies.vla.backbones.load_backbone``
-    (pretrained weights; 4/8-bit on the language model only, bf16 for bits=16)."""
+    (pretrained weights; 4/8-bit on the language model only, the rest in bf16; bf16 for bits=16)."""
     from ilstudio.config.settings import ModelSettings, QuantizationSettings
     from ilstudio.policies.vla.backbones import load_backbone
 

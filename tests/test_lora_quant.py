@@ -278,6 +278,12 @@ def test_qlora_trains_with_frozen_4bit_weights_and_saves_a_rebuildable_run(llama
     policy, targets = lora_policy(llama_dir, quant=quant, lora_lr=1e-2)
     base = {n: p.detach().clone() for n, p in policy.named_parameters() if "base_layer" in n}
     assert base and all(p.dtype == torch.uint8 for p in base.values())
+    # The unquantized frozen weights stay in the bf16 they were loaded in (torch_dtype_for;
+    # peft's prepare_model_for_kbit_training would upcast them); what trains is fp32.
+    params = dict(policy.named_parameters())
+    for n in ("llm.model.embed_tokens.weight", "llm.model.norm.weight", "llm.lm_head.weight"):
+        assert params[n].dtype == torch.bfloat16 and not params[n].requires_grad, n
+    assert all(p.dtype == torch.float32 for p in params.values() if p.requires_grad)
     probe = batch(4, seed=9)
     policy.eval()
     with torch.no_grad():

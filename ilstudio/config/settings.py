@@ -179,8 +179,9 @@ class QuantizationSettings:
     """bitsandbytes loading of the backbone."""
 
     enable: bool = param(False, "Load the backbone quantized with bitsandbytes "
-                         "(on a VLM: the language model only; vision tower, projector and LM "
-                         "head stay in full precision; train it with LoRA: QLoRA).", yaml="use_quantization",
+                         "(on a VLM: the language model only; vision tower, projector, embedding "
+                         "and LM head stay unquantized, in bf16; train it with LoRA: QLoRA).",
+                         yaml="use_quantization",
                          policies=VLA_ONLY)
     bits: int = param(4, "4 or 8 (bitsandbytes); 16 loads in bf16/fp16.", choices=(4, 8, 16),
                       policies=VLA_ONLY)

@@ -207,15 +207,15 @@ def apply_lora(model: nn.Module, lora: LoraSettings, target_modules: list[str],
     Returns the model to train: ``model`` itself (adapters injected in place) for a plain
     nn.Module root, or a task-specific ``PeftModel`` when the root is a HF PreTrainedModel.
 
-    quantized: run ``peft.prepare_model_for_kbit_training`` on each bitsandbytes-loaded HF
-        submodule first: it freezes that submodule, upcasts its fp16/bf16 weights to fp32
-        and, with ``gradient_checkpointing``, turns on non-reentrant checkpointing in it.
+    quantized: prepare each bitsandbytes-loaded HF submodule for k-bit training first
+        (``prepare_kbit_training``: it freezes that submodule and, with
+        ``gradient_checkpointing``, turns on non-reentrant checkpointing in it).
         None: detect (True when any submodule was loaded in 4/8-bit).
     parts: the policy's parts (name -> submodule). The base weights of the parts that hold
         a target are frozen; all other parameters keep their requires_grad. Default: the
         root's direct children.
     """
-    from peft import get_peft_model, inject_adapter_in_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, inject_adapter_in_model
     from transformers import PreTrainedModel
 
     if not target_modules:
@@ -231,10 +231,8 @@ def apply_lora(model: nn.Module, lora: LoraSettings, target_modules: list[str],
         quantized = any(is_quantized_module(m) for m in names.values())
     if quantized:
         kbit_roots = _outermost(n for n, m in names.items() if is_quantized_module(m))
-        gc_kwargs = {"use_reentrant": False}
         for n in kbit_roots:
-            prepare_model_for_kbit_training(names[n], use_gradient_checkpointing=gradient_checkpointing,
-                                            gradient_checkpointing_kwargs=gc_kwargs)
+            prepare_kbit_training(names[n], gradient_checkpointing)
         if not kbit_roots:
             raise ValueError("apply_lora(quantized=True): no bitsandbytes-loaded Hugging Face "
                              "model (is_loaded_in_4bit/8bit) inside the policy")
@@ -255,6 +253,21 @@ def apply_lora(model: nn.Module, lora: LoraSettings, target_modules: list[str],
     if lora.weight_path:
         load_adapter_weights(model, lora.weight_path)
     return model
+
+
+def prepare_kbit_training(module: nn.Module, gradient_checkpointing: bool = False) -> None:
+    """``peft.prepare_model_for_kbit_training`` without its fp32 upcast of frozen weights.
+
+    peft freezes the quantized model, casts every fp16/bf16 parameter to fp32 and, with
+    gradient checkpointing, enables it. Everything under a quantized root stays frozen under
+    QLoRA (only the adapters, fp32, train), so the cast buys nothing but memory: the weights
+    bitsandbytes leaves unquantized keep the dtype they were loaded in (bf16, see
+    ``torch_dtype_for``). Checkpointing is non-reentrant, which needs no input-grad hook.
+    """
+    for param in module.parameters():
+        param.requires_grad = False
+    if gradient_checkpointing:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _restore_trainability(model: nn.Module, lora: LoraSettings, before: dict[str, bool],

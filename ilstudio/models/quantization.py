@@ -52,7 +52,8 @@ def bnb_quantization_config(quant: QuantizationSettings,
     """``from_pretrained(quantization_config=...)`` for these settings; None means unquantized.
 
     bits=16 is not a bitsandbytes mode: it returns None and the caller loads with
-    ``dtype=torch_dtype_for(quant)`` (bf16). ``compute_dtype`` is the 4-bit matmul dtype
+    ``dtype=torch_dtype_for(quant)`` (bf16; for 4/8-bit that dtype applies to the parts left
+    unquantized). ``compute_dtype`` is the 4-bit matmul dtype
     (bitsandbytes' default, fp32, when None; bf16 is the usual choice on a GPU).
     """
     if not quant.enable or quant.bits == 16:
@@ -71,8 +72,15 @@ def bnb_quantization_config(quant: QuantizationSettings,
 
 
 def torch_dtype_for(quant: QuantizationSettings) -> torch.dtype | None:
-    """The ``dtype`` to load the backbone in: bf16 for an enabled bits=16, else None (default)."""
-    if quant.enable and quant.bits == 16:
+    """The ``dtype`` to load the backbone in; None (the checkpoint's) when quantization is off.
+
+    bits=16: bf16. bits=4/8: bf16 too, for the parts bitsandbytes leaves unquantized (the
+    embedding, norms, and on a VLM the vision tower, projector and lm head). Under QLoRA they
+    are frozen (``apply_lora`` keeps them in the dtype they were loaded in), so fp32 would only
+    double their memory: a 0.5 B model's embedding is 519 MiB in fp32, more than its 4-bit
+    layers. The quantized layers compute in fp32 (bitsandbytes' default compute dtype).
+    """
+    if quant.enable:
         import torch
 
         return torch.bfloat16
@@ -85,9 +93,9 @@ def quantized_from_config(auto_class: Any, config: Any, quantization_config: Bit
 
     bitsandbytes quantizes in ``from_pretrained``, so the random weights are saved to a
     temporary directory first. They are built in bf16 and released before the quantized load
-    streams them back: the fp32 model is never in memory, and peak memory stays near half of
-    an fp32 build (the quantized load itself holds only the quantized weights). ``kwargs``
-    (e.g. attn_implementation) go to both calls.
+    reads them back (``from_pretrained_unmapped``): the fp32 model is never in memory. The
+    modules bitsandbytes leaves alone stay bf16, as in a pretrained quantized load
+    (``torch_dtype_for``). ``kwargs`` (e.g. attn_implementation) go to both calls.
     """
     import gc
     import tempfile
@@ -99,9 +107,10 @@ def quantized_from_config(auto_class: Any, config: Any, quantization_config: Bit
         model.save_pretrained(tmp)
         del model
         gc.collect()
-        # dtype: the modules bitsandbytes leaves alone stay fp32, as in an unquantized build.
-        return auto_class.from_pretrained(tmp, quantization_config=quantization_config,
-                                          dtype=torch.float32, **kwargs)
+        from ilstudio.models.unmapped_load import from_pretrained_unmapped
+
+        return from_pretrained_unmapped(auto_class, tmp, config, quantization_config=quantization_config,
+                                        dtype=torch.bfloat16, **kwargs)
 
 
 def keep_portable_4bit_layout(model: nn.Module) -> None:

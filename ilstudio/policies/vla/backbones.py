@@ -111,9 +111,13 @@ def load_hf_vlm(model, quant_config=None, dtype: torch.dtype | None = None) -> B
     if dtype is not None:
         kw["dtype"] = dtype
     try:
-        if model.pretrained_backbone:
-            vlm = AutoModelForImageTextToText.from_pretrained(
-                name, **_from_kwargs(model), **kw, quantization_config=quant_config)
+        if model.pretrained_backbone and (quant_config is not None or dtype is not None):
+            from ilstudio.models import from_pretrained_unmapped  # read without a memory map
+
+            vlm = from_pretrained_unmapped(AutoModelForImageTextToText, name, cfg, **_from_kwargs(model),
+                                           **kw, quantization_config=quant_config)
+        elif model.pretrained_backbone:
+            vlm = AutoModelForImageTextToText.from_pretrained(name, **_from_kwargs(model), **kw)
         else:
             if quant_config is not None:  # random weights, never all in fp32 at once
                 from ilstudio.models import quantized_from_config

@@ -311,10 +311,14 @@ def load_llm(model, quantization_config=None, dtype=None) -> nn.Module:
     if dtype is not None:
         kw["dtype"] = dtype
     try:
-        if model.pretrained_backbone:
-            return AutoModelForCausalLM.from_pretrained(name, subfolder=LLM, **kw, **_attn_kwargs(model),
-                                                        quantization_config=quantization_config)
         cfg = AutoConfig.from_pretrained(name, subfolder=LLM, **_from_kwargs(model))
+        if model.pretrained_backbone and (quantization_config is not None or dtype is not None):
+            from ilstudio.models import from_pretrained_unmapped  # read without a memory map
+
+            return from_pretrained_unmapped(AutoModelForCausalLM, name, cfg, subfolder=LLM, **kw,
+                                            **_attn_kwargs(model), quantization_config=quantization_config)
+        if model.pretrained_backbone:
+            return AutoModelForCausalLM.from_pretrained(name, subfolder=LLM, **kw, **_attn_kwargs(model))
         if quantization_config is not None:  # random weights, never all in fp32 at once
             from ilstudio.models import quantized_from_config
 
