@@ -1,37 +1,51 @@
 #!/usr/bin/env bash
-# The CPU learning recipe: 50 scripted transfer-cube demonstrations -> TinyACT -> success rate.
+# The CPU learning recipes: 50 scripted demonstrations -> TinyACT -> success rate.
 #
 #   OMP_NUM_THREADS=1 bash bench/learning.sh [WORKDIR] [MAX_STEPS] [EVAL_EPISODES] [CURVE_EPISODES]
+#   RECIPE=insertion OMP_NUM_THREADS=1 bash bench/learning.sh [WORKDIR] [MAX_STEPS] ...
 #
-# Records 50 demonstrations (seed 0, the task's 240x320 rendering) into WORKDIR/data, trains
-# gin_configs/tinyact.gin (frames fitted once to 60x80, chunks of 100, batch 32, AdamW 1e-3
-# cosine, seed 42: the quickstart's run) saving a checkpoint every MAX_STEPS/3 steps, evaluates
-# the final policy on
-# EVAL_EPISODES simulated episodes with temporal ensembling (success rate, Wilson 95%
-# interval), then writes the learning curve (loss, image sensitivity and, with
-# CURVE_EPISODES > 0, success on that many episodes at every checkpoint) to
-# WORKDIR/run/learning_curve_sim.{json,png}. Defaults: /tmp/ilstudio_learning, 3000 steps,
+# RECIPE=cube (default): sim_transfer_cube_scripted with gin_configs/tinyact.gin, 3000 steps.
+# RECIPE=insertion: sim_insertion_scripted with gin_configs/insertion.gin (TinyACT plus colour
+# keypoints), MAX_STEPS default 5000, checkpoints every MAX_STEPS/4 (BENCHMARKS.md, "Learning:
+# insertion": measured with DEMOS=25: 15/50 at 5000 steps, 17/50 at checkpoint 2500).
+# DEMOS (default 50): demonstrations recorded and trained on (episodes 0..DEMOS-1 of seed 0).
+#
+# Records DEMOS demonstrations (seed 0, the task's 240x320 rendering) into WORKDIR/data, trains
+# the recipe's gin file (frames fitted once to 60x80, chunks of 100, batch 32, AdamW 1e-3
+# cosine, seed 42: the quickstart's run for the cube) saving a checkpoint every MAX_STEPS/3
+# steps (/4 for insertion), evaluates the final policy on EVAL_EPISODES simulated episodes with temporal
+# ensembling (success rate, Wilson 95% interval), then writes the learning curve (loss, image
+# sensitivity and, with CURVE_EPISODES > 0, success on that many episodes at every checkpoint)
+# to WORKDIR/run/learning_curve_sim.{json,png}. Defaults: /tmp/ilstudio_learning[_insertion],
 # 50 evaluation episodes, 10 per checkpoint. Prints the wall time of every stage.
-# Measured (BENCHMARKS.md, "Learning: CPU recipe"): 49/50 = 98% at 3000 steps.
+# Measured (BENCHMARKS.md): cube 49/50 = 98% at 3000 steps; insertion: see "Learning: insertion".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WORK=${1:-/tmp/ilstudio_learning}
-STEPS=${2:-3000}
+RECIPE=${RECIPE:-cube}
+case "$RECIPE" in
+  cube) TASK=sim_transfer_cube_scripted; GIN=gin_configs/tinyact.gin; DEF_STEPS=3000
+        DEF_WORK=/tmp/ilstudio_learning; PARTS=3 ;;
+  insertion) TASK=sim_insertion_scripted; GIN=gin_configs/insertion.gin; DEF_STEPS=5000
+             DEF_WORK=/tmp/ilstudio_learning_insertion; PARTS=4 ;;
+  *) echo "RECIPE must be cube or insertion, got '$RECIPE'" >&2; exit 2 ;;
+esac
+WORK=${1:-$DEF_WORK}
+STEPS=${2:-$DEF_STEPS}
 EPISODES=${3:-50}
 CURVE=${4:-10}
 export MUJOCO_GL=${MUJOCO_GL:-egl} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$WORK"
 t0=$(date +%s)
 
-python -m ilstudio.sim.record --task_name sim_transfer_cube_scripted --num_episodes 50 \
+python -m ilstudio.sim.record --task_name "$TASK" --num_episodes "${DEMOS:-50}" \
   --output_dir "$WORK/data" --seed 0 --no_progress
 t1=$(date +%s); echo "recording: $(( t1 - t0 )) s"
 
-python train.py --task_name=sim_transfer_cube_scripted --gin_file=gin_configs/tinyact.gin \
+python train.py --task_name="$TASK" --gin_file="$GIN" \
   --gin_bindings="task.dataset_dir = '$WORK/data'" \
   --output_dir="$WORK/run" --overwrite_output_dir --max_steps="$STEPS" --seed=42 \
   --per_device_train_batch_size=32 --learning_rate=1e-3 --lr_scheduler_type=cosine \
-  --logging_steps=100 --save_steps=$(( STEPS / 3 )) --report_to=none \
+  --logging_steps=100 --save_steps=$(( STEPS / PARTS )) --report_to=none \
   --training_arg=disable_tqdm=true 2>&1 | grep -E "'loss'|train_runtime" || true
 t2=$(date +%s); echo "training: $(( t2 - t1 )) s for $STEPS steps"
 

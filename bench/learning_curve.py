@@ -49,7 +49,7 @@ def loss_near(log: list[dict], step: int, window: int) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def sensitivity_of(ckpt: Path, max_episodes: int) -> dict:
+def sensitivity_of(ckpt: Path, max_episodes: int, bindings: tuple[str, ...] = ()) -> dict:
     from ilstudio.data.dataset import EpisodeDataset
     from ilstudio.data.episodes import list_episode_files
     from ilstudio.data.normalization import NormStats
@@ -57,7 +57,7 @@ def sensitivity_of(ckpt: Path, max_episodes: int) -> dict:
     from ilstudio.policies.sensitivity import first_samples, image_sensitivity
 
     weights, operative, norm = run_files(str(ckpt))
-    built = load_settings(operative)
+    built = load_settings(operative, gin_bindings=bindings)
     model, _, _ = load_policy(built, weights, "cpu")
     paths = list_episode_files(built["task"].dataset_dir)[:max_episodes]
     settings = dataclasses.replace(built["dataset"], preload_data=False, lazy_preprocess=True)
@@ -66,7 +66,8 @@ def sensitivity_of(ckpt: Path, max_episodes: int) -> dict:
     return image_sensitivity(model, first_samples(ds))
 
 
-def success_of(ckpt: Path, episodes: int, temporal_ensemble: bool, seed: int) -> dict:
+def success_of(ckpt: Path, episodes: int, temporal_ensemble: bool, seed: int,
+               bindings: tuple[str, ...] = ()) -> dict:
     """Reuses an evaluation already in the checkpoint (e.g. the quickstart's) when it used the
     same seed and ensembling and at least as many episodes."""
     from ilstudio.eval import evaluate, parse_args
@@ -83,7 +84,7 @@ def success_of(ckpt: Path, episodes: int, temporal_ensemble: bool, seed: int) ->
 
     argv = ["--checkpoint", str(ckpt), "--num_episodes", str(episodes), "--seed", str(seed),
             "--video_episodes", "0", "--no_progress",
-            "--output_dir", str(ckpt / "curve_eval")]
+            "--output_dir", str(ckpt / "curve_eval"), *(f"--gin_bindings={b}" for b in bindings)]
     argv.append("--temporal_ensemble" if temporal_ensemble else "--no_temporal_ensemble")
     s = evaluate(parse_args(argv))
     return {k: s[k] for k in keys}
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sensitivity_episodes", type=int, default=50)
     p.add_argument("--steps", default="", help="comma list: only these checkpoints")
     p.add_argument("--png", default=None)
+    p.add_argument("--gin_bindings", action="append", default=[],
+                   help="applied over the run's operative config, as in python -m ilstudio.eval "
+                        "(e.g. vla.instruction = '...' for a VLA trained on per-episode prompts)")
     args = p.parse_args(argv)
     run = Path(args.run_dir)
     state = _trainer_state(run)
@@ -141,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         point = {"step": step, "checkpoint": str(ckpt), "loss": loss_near(log, step, window),
-                 "sensitivity": sensitivity_of(ckpt, args.sensitivity_episodes)}
+                 "sensitivity": sensitivity_of(ckpt, args.sensitivity_episodes,
+                                               tuple(args.gin_bindings))}
         if args.episodes > 0:
             point["success"] = success_of(ckpt, args.episodes, not args.no_temporal_ensemble,
-                                          args.seed)
+                                          args.seed, tuple(args.gin_bindings))
         point["seconds"] = time.perf_counter() - t0
         points.append(point)
         s = point.get("success")

@@ -114,6 +114,35 @@ def test_saturation_keypoint_finds_the_coloured_object_untrained():
     torch.testing.assert_close(kp, expected, atol=0.1, rtol=0)
 
 
+def test_colour_keypoints_find_a_red_and_a_blue_object_apart_untrained():
+    """Insertion shows a red peg and a blue socket: one saturation keypoint lands between them,
+    the red and blue colour keypoints land on each (gin_configs/insertion.gin turns them on)."""
+    model = build_tiny(**{"tinyact.colour_keypoints": True, "tinyact.early_keypoints": 0})
+    red, blue = torch.tensor([[5, 5], [26, 4]]), torch.tensor([[20, 14], [8, 18]])
+    images = dot_images(red)[:, 0]
+    for i, (x, y) in enumerate(blue.tolist()):
+        images[i, :, y:y + 2, x:x + 2] = torch.tensor([0.1, 0.1, 0.9]).view(3, 1, 1)
+    kp = model.encoder(images)[:, :6].view(2, 3, 2)  # red, green, blue (x, y)
+    scale = torch.tensor([HW[1] - 1, HW[0] - 1])
+    torch.testing.assert_close(kp[:, 0], (red.float() + 0.5) / scale * 2 - 1, atol=0.1, rtol=0)
+    torch.testing.assert_close(kp[:, 2], (blue.float() + 0.5) / scale * 2 - 1, atol=0.1, rtol=0)
+
+
+def test_insertion_recipe_resolves_as_a_dry_run(tmp_path, tiny_data):
+    """gin_configs/insertion.gin on the insertion task resolves to TinyACT with colour keypoints
+    on the insertion task; a dry run writes nothing."""
+    out = tmp_path / "run"
+    proc = run_train("--task_name=sim_insertion_scripted", "--gin_file=gin_configs/insertion.gin",
+                     f"--gin_bindings=task.dataset_dir = '{tiny_data}'", f"--output_dir={out}",
+                     "--max_steps=10000", "--dry_run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for line in ("model.policy = 'tinyact'", "tinyact.colour_keypoints = True",
+                 "tinyact.saturation_keypoint = True", "(task: sim_insertion_scripted)",
+                 "model.chunk_size = 100", "dataset.lazy_preprocess = False"):
+        assert line in proc.stdout, line
+    assert not out.exists()
+
+
 def test_actnorm_standardizes_the_first_batch_then_is_a_fixed_map():
     norm = ActNorm(3)
     x = torch.randn(64, 3) * torch.tensor([0.05, 1.0, 0.0]) + torch.tensor([0.3, -2.0, 7.0])

@@ -48,6 +48,12 @@ class TinyACTConfig(PolicyConfig):
                                       "colour-saturation map (sharpness learned): where the most "
                                       "colourful thing in view is, from the first step of "
                                       "training.", documented=False)
+    colour_keypoints: bool = param(False, "Add three keypoints at the spatial softmax of the "
+                                   "red-, green- and blue-dominance maps (a channel minus the larger "
+                                   "of the other two; sharpness learned): where each coloured "
+                                   "object is when there are several (insertion: a red peg and a "
+                                   "blue socket, which one saturation keypoint averages).",
+                                   documented=False)
     input_norm: bool = param(False, "Standardize the head's input features (keypoints, pooled "
                              "features, state) with an affine map initialized from the first "
                              "training batch (ActNorm): small keypoint motions get unit scale.",

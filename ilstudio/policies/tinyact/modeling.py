@@ -44,6 +44,13 @@ def spatial_softmax(heat: torch.Tensor) -> torch.Tensor:
     return torch.stack([x, y], -1).flatten(1)
 
 
+def colour_dominance(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB -> (N, 3, H, W): how far each channel exceeds the larger of the other two
+    (0 on grey, white and black; the red map is high only on red things)."""
+    others = [torch.maximum(x[:, (c + 1) % 3], x[:, (c + 2) % 3]) for c in range(3)]
+    return (x - torch.stack(others, 1)).clamp(min=0)
+
+
 def random_shift(images: torch.Tensor, pad: int) -> torch.Tensor:
     """Shift each image of (N, C, H, W) by up to ``pad`` pixels (replicate padding, as DrQ)."""
     if pad <= 0:
@@ -94,10 +101,12 @@ class KeypointEncoder(nn.Module):
 
     def __init__(self, channels: tuple[int, ...], strides: tuple[int, ...], keypoints: int,
                  coord_channels: bool, early_keypoints: int = 0,
-                 saturation_channel: bool = False, saturation_keypoint: bool = False) -> None:
+                 saturation_channel: bool = False, saturation_keypoint: bool = False,
+                 colour_keypoints: bool = False) -> None:
         super().__init__()
         # log of the softmax sharpness for the saturation keypoint (learned; starts at 20).
         self.saturation_log_beta = nn.Parameter(torch.tensor(3.0)) if saturation_keypoint else None
+        self.colour_log_beta = nn.Parameter(torch.full((3,), 3.0)) if colour_keypoints else None
         self.coord_channels, self.saturation_channel = coord_channels, saturation_channel
         self.layers = nn.ModuleList()
         cin = 3 + (2 if coord_channels else 0) + (1 if saturation_channel else 0)
@@ -111,13 +120,16 @@ class KeypointEncoder(nn.Module):
         # object such as the cube is one linear colour filter away there.
         self.to_early_keypoints = (nn.Conv2d(channels[0], early_keypoints, 1)
                                    if early_keypoints else None)
-        self.out_dim = 2 * keypoints + cin + 2 * early_keypoints + (2 if saturation_keypoint else 0)
+        self.out_dim = (2 * keypoints + cin + 2 * early_keypoints + (2 if saturation_keypoint else 0)
+                        + (6 if colour_keypoints else 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sat = x.amax(1, keepdim=True) - x.amin(1, keepdim=True)  # 0 on grey and white
         out = []
         if self.saturation_log_beta is not None:
             out.append(spatial_softmax(sat * self.saturation_log_beta.exp()))
+        if self.colour_log_beta is not None:
+            out.append(spatial_softmax(colour_dominance(x) * self.colour_log_beta.exp().view(1, 3, 1, 1)))
         x = torch.cat([(x - 0.5) / 0.25, *([(sat - 0.25) / 0.25] if self.saturation_channel else [])], 1)
         if self.coord_channels:
             x = torch.cat([x, coord_grid(*x.shape[-2:], x.device, x.dtype).expand(len(x), -1, -1, -1)], 1)
@@ -141,7 +153,7 @@ class TinyACTPolicy(nn.Module):
         self.encoder = KeypointEncoder(tuple(config.channels), tuple(config.strides),
                                        config.keypoints, config.coord_channels,
                                        config.early_keypoints, config.saturation_channel,
-                                       config.saturation_keypoint)
+                                       config.saturation_keypoint, config.colour_keypoints)
         width = num_images * self.encoder.out_dim + ((state_dim + 1) if self.use_state else 0)
         # Standardize every input feature: keypoints move over a small part of the frame (the
         # cube's over ~0.1 of [-1, 1]); state and pooled features have other scales.
