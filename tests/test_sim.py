@@ -187,6 +187,16 @@ def test_headline_command_trains_lora_vla_on_recorded_data(recorded: Path, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     adapter = json.loads((run / "adapter_config.json").read_text())
     assert adapter["r"] == 16 and adapter["peft_type"] == "LORA"
+    # The evaluator rolls it out with no extra binding: the VLA is prompted with the scene's
+    # instruction, the one its recorded demonstrations carry (vla.instruction left empty).
+    from ilstudio.eval import main
+
+    assert "vla.instruction = ''" in (run / "operative_config.gin").read_text()
+    assert main(["--checkpoint", str(run), "--num_episodes", "1", "--no_progress",
+                 "--video_episodes", "0"]) == 0
+    evals = run / "evals"
+    res = json.loads((evals / (evals / "latest.txt").read_text().strip() / "eval_results.json").read_text())
+    assert res["model_policy"] == "vla" and res["episodes"][0]["steps"] == 400
 
 
 def test_temporal_ensemble_and_wilson_interval() -> None:

@@ -42,9 +42,22 @@ def _modeling(name: str):
 
 def _context(run) -> dict:
     """What a policy's ``build``/``build_processor`` take, from a run's settings."""
-    return {"policy_config": run.policy, "task": run.task, "dataset": run.dataset,
-            "model": run.model, "lora": run.lora, "quantization": run.quantization,
-            "use_images": run.use_images}
+    return {"policy_config": _with_scene_instruction(run.policy, getattr(run, "sim", None)),
+            "task": run.task, "dataset": run.dataset, "model": run.model, "lora": run.lora,
+            "quantization": run.quantization, "use_images": run.use_images}
+
+
+def _with_scene_instruction(policy_config, sim):
+    """A language-conditioned policy (one with an ``instruction`` setting) left without one
+    gets, on a simulated task, the instruction that scene's recorded demonstrations carry: so
+    the evaluator and in-training rollouts prompt it as training did, with no extra binding."""
+    import dataclasses
+
+    from ilstudio.config.settings import SIM_INSTRUCTIONS
+
+    if sim is None or getattr(policy_config, "instruction", None) != "":
+        return policy_config
+    return dataclasses.replace(policy_config, instruction=SIM_INSTRUCTIONS[sim.task])
 
 
 def build_policy(run, **context):

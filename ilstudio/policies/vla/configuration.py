@@ -31,7 +31,9 @@ class VLAConfig(PolicyConfig):
                                    "right-padded, longer targets are cut.", documented=False,
                                    bounds="[1, inf)")
     instruction: str = param("", "Instruction for episodes without a `language_instruction` "
-                             "attribute (plain ACT data).", documented=False)
+                             "attribute (plain ACT data), and the prompt of simulated rollouts; "
+                             "empty on a simulated task: the instruction its recorded "
+                             "demonstrations carry.", documented=False)
     backbone_family: str = param(
         "auto", "The backbone's kind and family: 'two_folder' (vision/ + llm/) or a standard "
         "checkpoint's model_type (qwen2_vl, qwen2_5_vl, idefics3, smolvlm, paligemma, llava, "
