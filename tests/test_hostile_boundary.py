@@ -290,7 +290,9 @@ def test_sigint_while_a_program_loads_or_runs_is_one_line(delay, tmp_path):
     (before guarded runs: ilstudio/__init__'s startup hook) or while it converts."""
     from ilstudio.data.synthetic import write_synthetic_dataset
 
-    write_synthetic_dataset(tmp_path / "src", num_episodes=6, episode_len=40)
+    # Enough episodes that the conversion still runs at the later delay on an idle machine
+    # (6 short ones finished in under 0.5 s there).
+    write_synthetic_dataset(tmp_path / "src", num_episodes=40, episode_len=100)
     p = subprocess.Popen([sys.executable, "-m", "ilstudio.data.convert", str(tmp_path / "src"),
                           str(tmp_path / "dst"), "--to", "lerobot", "--no_progress"],
                          env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
