@@ -42,9 +42,10 @@ def test_train_uses_the_cpus_its_affinity_allows(tiny_data: Path, tmp_path: Path
 LORA_AFTER_PLAIN = r"""
 import sys
 from ilstudio.resolve import resolve_argv
+from ilstudio.plan import make_plan
 from ilstudio.training.run import train
 
-train(resolve_argv(sys.argv[1:]))
+train(make_plan(resolve_argv(sys.argv[1:])))
 print("after plain run:", sorted(m for m in ("peft", "bitsandbytes") if m in sys.modules))
 import peft, torch
 import transformers.trainer as tr, transformers.trainer_utils as tu

@@ -9,7 +9,6 @@ difference); an allowed change is printed and recorded in the run's resume_chang
 from __future__ import annotations
 
 import datetime
-import os
 from pathlib import Path
 
 from absl import logging
@@ -144,66 +143,10 @@ def check_checkpoint_fits(model, checkpoint: str | None) -> None:
                         f"this run's own checkpoint, or start a new run.")
 
 
-def data_fingerprint(resolved: Resolved) -> dict:
-    """What the run trains on: every episode's name, length (steps) and size (bytes).
-
-    Recorded at the start (rundir.DATA_FINGERPRINT); a resume on other data is refused
-    (check_same_data), so the normalization and the sample order a checkpoint continues
-    are the ones it began with."""
-    from ilstudio.data.episodes import check_episodes
-    from ilstudio.data.sources import list_episodes
-
-    paths = list_episodes(resolved.task.dataset_dir, resolved.model.cache_dir)
-    lengths = check_episodes(paths, resolved.task, resolved.use_images)
-    episodes = []
-    for p, n in zip(paths, lengths, strict=True):
-        size = _file_size(p)
-        episodes.append({"episode": str(p), "length": int(n), "bytes": size})
-    return {"episodes": episodes, "timesteps": int(sum(lengths))}
-
-
-def _file_size(ref) -> int | None:
-    """An episode file's size in bytes; None for a format whose episodes are not one file."""
-    try:
-        return os.stat(os.fspath(ref)).st_size
-    except TypeError:  # not path-like (a LeRobot episode lives in shared files)
-        return None
-
-
-def _listed(names: list[str]) -> str:
-    return ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
-
-
-def check_same_data(run_dir: Path, now: dict, checkpoint: str) -> bool:
-    """On resume: the episodes are the ones the run recorded (UserError naming what was
-    added, removed or changed otherwise). False when the run predates fingerprints (then
-    the caller records one from now on)."""
-    import json
-
-    path = run_dir / rundir.DATA_FINGERPRINT
-    try:
-        saved = json.loads(path.read_text())
-        before = {e["episode"]: (e["length"], e["bytes"]) for e in saved["episodes"]}
-    except FileNotFoundError:
-        logging.warning("%s has no %s (written before runs recorded their data): resuming "
-                        "without checking that the episodes are unchanged", run_dir,
-                        rundir.DATA_FINGERPRINT)
-        return False
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"cannot resume from {checkpoint}: {path} is damaged ({e})") from None
-    after = {e["episode"]: (e["length"], e["bytes"]) for e in now["episodes"]}
-    added = sorted(set(after) - set(before))
-    removed = sorted(set(before) - set(after))
-    changed = sorted(k for k in set(before) & set(after) if before[k] != after[k])
-    if added or removed or changed:
-        what = [f"{label}: {_listed(names)}" for label, names in
-                (("added", added), ("removed", removed), ("changed length or size", changed))
-                if names]
-        raise UserError(f"cannot resume from {checkpoint}: the dataset is not the one the run "
-                        f"trained on ({'; '.join(what)}). Its normalization and sample order "
-                        f"would change under the checkpoint. Restore the episodes, or start "
-                        f"a new run (another --output_dir, or --overwrite_output_dir).")
-    return True
+def data_fingerprint(plan) -> dict:
+    """What the run trains on (names, lengths, sizes of its episodes): read from the plan,
+    whose episodes were checked once (ilstudio.data.checked.CheckedEpisodes.fingerprint)."""
+    return plan.data.fingerprint()
 
 
 def check_same_normalization(run_dir: Path, stats, checkpoint: str) -> None:
