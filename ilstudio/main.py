@@ -97,7 +97,7 @@ def make_run_plan(resolved):
     not start here (its verdict is printed, not raised)."""
     from ilstudio.config.dumps import describe
     from ilstudio.config.training_args import check_training_arguments
-    from ilstudio.plan import Plan, plan_data, plan_output
+    from ilstudio.plan import finish_plan, plan_data, plan_output
 
     show = FLAGS.dry_run or FLAGS.explain
     verdict = plan_output(resolved, FLAGS.overwrite_output_dir)
@@ -105,7 +105,7 @@ def make_run_plan(resolved):
         raise UserError(verdict.refused)
     if show:
         print(describe(resolved, explain=FLAGS.explain), end="", flush=True)
-    plan = Plan(resolved, FLAGS.overwrite_output_dir, verdict, plan_data(resolved, verdict))
+    plan = finish_plan(resolved, FLAGS.overwrite_output_dir, verdict, plan_data(resolved, verdict))
     # Last: where transformers' source cannot be read without importing it, this imports it.
     how = check_training_arguments(resolved.hyper, resolved.training_args_extra)
     if show:

@@ -4,20 +4,20 @@
 
 - the output directory's verdict (``Verdict``): a fresh run, a resume from checkpoint N, a run
   already finished at step N, or refused and why;
-- the checkpoint a resume continues (checked complete, with its training state) and that the
-  data is the data it began on (data_fingerprint.json);
+- the checkpoint a resume continues (checked complete, with its training state), that the
+  data is the data it began on (data_fingerprint.json), and the configuration changes it
+  makes (one a checkpoint cannot follow is refused; the allowed ones are kept to record);
 - the task's episodes, listed and checked once (``ilstudio.data.checked``): references,
   lengths, cameras, frame sizes, with the data summary and fingerprint.
 
 ``--dry_run`` and ``--explain`` print the plan; ``train(plan)`` runs it, reading these facts
 rather than computing them again. Torch-free: the dry run imports nothing heavy. What needs the
-built policy (the configuration changes a resume makes, checked against the operative config;
-the checkpoint's tensor shapes) is checked by training, before anything is written.
+built policy or the data's contents (the checkpoint's tensor shapes, the normalization, the
+first step) is checked by training, before anything is written.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ from ilstudio.config.training_args import parse_resume, tensorboard_dir
 from ilstudio.data.checked import CheckedEpisodes, check_dataset
 from ilstudio.errors import UserError
 from ilstudio.resolve import Resolved
+from ilstudio.resume import check_resume_config, check_same_data
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Plan:
     overwrite_output_dir: bool
     verdict: Verdict
     data: CheckedEpisodes
+    resume_changes: tuple = ()  # the allowed differences from the saved configuration (resume)
 
     @property
     def resume_from(self) -> str | None:
@@ -75,10 +77,13 @@ class Plan:
 
     def describe(self) -> str:
         """A few lines for --dry_run and --explain: verdict, resume, data."""
-        resume = self.resolved.hyper.resume_from_checkpoint
+        resume = f"--resume_from_checkpoint={self.resolved.hyper.resume_from_checkpoint}"
+        if self.resume_from:
+            changes = self.resume_changes
+            resume += (f" -> {self.resume_from}, {len(changes)} allowed configuration change(s)"
+                       + "".join(f"\n#   {d.line()}" for d in changes))
         return (f"# output_dir: {self.verdict.line()}\n"
-                f"# resume: --resume_from_checkpoint={resume}"
-                f"{f' -> {self.resume_from}' if self.resume_from else ''}\n"
+                f"# resume: {resume}\n"
                 f"# data: {self.data.describe()}\n")
 
 
@@ -88,7 +93,15 @@ def make_plan(resolved: Resolved, overwrite_output_dir: bool = False) -> Plan:
     verdict = plan_output(resolved, overwrite_output_dir)
     if verdict.refused:
         raise UserError(verdict.refused)
-    return Plan(resolved, overwrite_output_dir, verdict, plan_data(resolved, verdict))
+    return finish_plan(resolved, overwrite_output_dir, verdict, plan_data(resolved, verdict))
+
+
+def finish_plan(resolved: Resolved, overwrite: bool, verdict: Verdict,
+                data: CheckedEpisodes) -> Plan:
+    """The plan, with a resume's configuration changes checked (UserError naming every
+    change the checkpoint cannot follow; the allowed ones are said and kept)."""
+    changes = check_resume_config(resolved, verdict.resume_from)
+    return Plan(resolved, overwrite, verdict, data, tuple(changes))
 
 
 def plan_output(resolved: Resolved, overwrite: bool) -> Verdict:
@@ -217,41 +230,3 @@ def check_logging_dir(resolved: Resolved) -> None:
         raise UserError(f"--logging_dir={hyper.logging_dir or '(default: <output_dir>/runs)'}: "
                         f"TensorBoard cannot write {path}: {problem}. Choose another "
                         f"--logging_dir, or --report_to without tensorboard.")
-
-
-# -- the data a checkpoint continues ---------------------------------------------------
-
-
-def _listed(names: list[str]) -> str:
-    return ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
-
-
-def check_same_data(run_dir: Path, now: dict, checkpoint: str) -> bool:
-    """On resume: the episodes are the ones the run recorded (UserError naming what was
-    added, removed or changed otherwise). False when the run predates fingerprints (then
-    the caller records one from now on)."""
-
-    path = run_dir / rundir.DATA_FINGERPRINT
-    try:
-        saved = json.loads(path.read_text())
-        before = {e["episode"]: (e["length"], e["bytes"]) for e in saved["episodes"]}
-    except FileNotFoundError:
-        logging.warning("%s has no %s (written before runs recorded their data): resuming "
-                        "without checking that the episodes are unchanged", run_dir,
-                        rundir.DATA_FINGERPRINT)
-        return False
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"cannot resume from {checkpoint}: {path} is damaged ({e})") from None
-    after = {e["episode"]: (e["length"], e["bytes"]) for e in now["episodes"]}
-    added = sorted(set(after) - set(before))
-    removed = sorted(set(before) - set(after))
-    changed = sorted(k for k in set(before) & set(after) if before[k] != after[k])
-    if added or removed or changed:
-        what = [f"{label}: {_listed(names)}" for label, names in
-                (("added", added), ("removed", removed), ("changed length or size", changed))
-                if names]
-        raise UserError(f"cannot resume from {checkpoint}: the dataset is not the one the run "
-                        f"trained on ({'; '.join(what)}). Its normalization and sample order "
-                        f"would change under the checkpoint. Restore the episodes, or start "
-                        f"a new run (another --output_dir, or --overwrite_output_dir).")
-    return True

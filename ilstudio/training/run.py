@@ -23,14 +23,13 @@ from ilstudio.config.training_args import build_training_arguments, parse_resume
 from ilstudio.errors import UserError
 from ilstudio.plan import Plan, check_output_dir
 from ilstudio.resolve import Resolved, finalize
-from ilstudio.training import distributed
-from ilstudio.training.resume import (
+from ilstudio.resume import (
     check_checkpoint_fits,
-    check_resume_config,
     check_same_normalization,
     data_fingerprint,
     record_resume_changes,
 )
+from ilstudio.training import distributed
 
 
 class Preempted(Exception):
@@ -260,7 +259,6 @@ def train(plan: Plan) -> dict:
     train_ds, eval_ds, stats, data, model = _data_and_model(plan, args)
 
     out, resume_from = Path(resolved.output_dir), plan.resume_from
-    resume_changes = check_resume_config(resolved, resume_from)  # names the changed keys
     check_checkpoint_fits(model, resume_from)  # what the configuration cannot tell: the weights
     probe_first_step(resolved, args, model, train_ds)
     # Validation passed: take the directory. The lock is the run's first write and is held
@@ -277,7 +275,7 @@ def train(plan: Plan) -> dict:
     try:
         distributed.agree(distributed.config_text(resolved, hyper, extra), verdict)
         return _train_locked(resolved, hyper, args, model, train_ds, eval_ds, stats, data,
-                             resume_from, resume_changes, plan.overwrite_output_dir)
+                             resume_from, list(plan.resume_changes), plan.overwrite_output_dir)
     finally:
         if lock is not None:
             lock.release()

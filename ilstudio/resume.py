@@ -9,6 +9,7 @@ difference); an allowed change is printed and recorded in the run's resume_chang
 from __future__ import annotations
 
 import datetime
+import json
 from pathlib import Path
 
 from absl import logging
@@ -98,8 +99,9 @@ def record_resume_changes(run_dir: Path, checkpoint: str, diffs: list[Difference
 def check_resume_config(resolved: Resolved, resume_from: str | None) -> list:
     """On resume: stop on a change the checkpoint cannot follow; print the allowed ones.
 
-    Compares with the operative config and flags saved next to the checkpoint (call after
-    the policy is built, at the point where those were written, and before rewriting them).
+    Compares with the operative config and flags saved next to the checkpoint. Called by
+    the plan (ilstudio/plan.py), after resolution: every configurable is built by then
+    (resolve.build_settings), so the operative config is the one the run will write.
     """
     if resume_from is None:
         return []
@@ -147,6 +149,41 @@ def data_fingerprint(plan) -> dict:
     """What the run trains on (names, lengths, sizes of its episodes): read from the plan,
     whose episodes were checked once (ilstudio.data.checked.CheckedEpisodes.fingerprint)."""
     return plan.data.fingerprint()
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+
+
+def check_same_data(run_dir: Path, now: dict, checkpoint: str) -> bool:
+    """On resume: the episodes are the ones the run recorded (UserError naming what was
+    added, removed or changed otherwise). False when the run predates fingerprints (then
+    the caller records one from now on)."""
+
+    path = run_dir / rundir.DATA_FINGERPRINT
+    try:
+        saved = json.loads(path.read_text())
+        before = {e["episode"]: (e["length"], e["bytes"]) for e in saved["episodes"]}
+    except FileNotFoundError:
+        logging.warning("%s has no %s (written before runs recorded their data): resuming "
+                        "without checking that the episodes are unchanged", run_dir,
+                        rundir.DATA_FINGERPRINT)
+        return False
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot resume from {checkpoint}: {path} is damaged ({e})") from None
+    after = {e["episode"]: (e["length"], e["bytes"]) for e in now["episodes"]}
+    added = sorted(set(after) - set(before))
+    removed = sorted(set(before) - set(after))
+    changed = sorted(k for k in set(before) & set(after) if before[k] != after[k])
+    if added or removed or changed:
+        what = [f"{label}: {_listed(names)}" for label, names in
+                (("added", added), ("removed", removed), ("changed length or size", changed))
+                if names]
+        raise UserError(f"cannot resume from {checkpoint}: the dataset is not the one the run "
+                        f"trained on ({'; '.join(what)}). Its normalization and sample order "
+                        f"would change under the checkpoint. Restore the episodes, or start "
+                        f"a new run (another --output_dir, or --overwrite_output_dir).")
+    return True
 
 
 def check_same_normalization(run_dir: Path, stats, checkpoint: str) -> None:
