@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ilstudio.config.settings import DatasetSettings, TaskSettings, images_enabled
-from ilstudio.data.checked import CheckedEpisodes, check_dataset
+from ilstudio.data.checked import CheckedEpisodes
 from ilstudio.data.episodes import check_camera_sizes, check_episodes, episode_ref
 from ilstudio.data.image_ops import fit_frames
 from ilstudio.data.normalization import NormStats, compute_stats
@@ -258,19 +258,14 @@ def split_episodes(n: int, val_fraction: float, seed: int) -> tuple[list[int], l
     return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
 
 
-def build_datasets(task: TaskSettings, settings: DatasetSettings, chunk_size: int, do_eval: bool,
-                   seed: int, language: Any = None, cache_dir: str | None = None,
-                   episodes: CheckedEpisodes | None = None
+def build_datasets(episodes: CheckedEpisodes, task: TaskSettings, settings: DatasetSettings,
+                   chunk_size: int, do_eval: bool, seed: int, language: Any = None
                    ) -> tuple[EpisodeDataset, EpisodeDataset | None, NormStats, dict]:
-    """Split the checked episodes; stats come from train episodes only.
+    """Split the checked episodes (the plan's, or ``check_dataset``'s: listed and checked
+    once, never again here); stats come from train episodes only.
 
-    episodes: the plan's checked episodes (ilstudio.plan); without them (a caller with no
-    plan: tests, benches) they are listed and checked here, from task.dataset_dir.
     language: the policy's text processor (see EpisodeDataset), or None.
-    cache_dir: where hub datasets named in task.dataset_dir are cached (model.cache_dir).
     """
-    if episodes is None:
-        episodes = check_dataset(task, settings, cache_dir)
     paths, lengths = list(episodes.refs), list(episodes.lengths)
     if do_eval:
         train_idx, val_idx = split_episodes(len(paths), settings.val_fraction, seed)

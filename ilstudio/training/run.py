@@ -210,8 +210,8 @@ def _data_and_model(plan: Plan, args):
     # A policy's data-side processor (the VLA's tokenizer), None for most policies.
     processor = build_processor(resolved)
     train_ds, eval_ds, stats, summary = build_datasets(
-        resolved.task, resolved.dataset, resolved.model.chunk_size, args.do_eval, args.seed,
-        language=processor, episodes=plan.data)
+        plan.data, resolved.task, resolved.dataset, resolved.model.chunk_size, args.do_eval,
+        args.seed, language=processor)
     logging.info("data: %s", summary)
     if resume_from is not None:
         check_same_normalization(Path(resume_from).parent, stats, resume_from)
