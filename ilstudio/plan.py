@@ -54,8 +54,9 @@ class Verdict:
         if self.refused:
             return f"refused: {self.refused}"
         if self.finished_step is not None:
+            more = f", continued from {self.resume_from}" if self.resume_from else ""
             return (f"finished at step {self.finished_step} in {out} (nothing to do unless "
-                    f"--max_steps asks for more)")
+                    f"--max_steps asks for more{more})")
         if self.resume_from:
             return f"resume from {self.resume_from}"
         return f"fresh run in {out}"

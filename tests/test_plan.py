@@ -68,3 +68,29 @@ def test_each_episode_is_checked_once_and_the_resume_target_resolved_once(tiny_d
     assert resumed["at_first_step"] == episodes and resumed["check"] == episodes
     assert resumed["resume_checkpoint"] == 1
     assert (out / "checkpoint-2").is_dir()
+
+
+def test_the_plan_says_fresh_or_refused_and_why(tiny_data, tmp_path):
+    """The verdict, the resume and the data in a few lines (what --dry_run prints); a
+    directory holding another run is a refused verdict (printed by --explain), and
+    make_plan raises its message."""
+    import pytest
+
+    from ilstudio.errors import UserError
+    from ilstudio.plan import make_plan, plan_output
+    from ilstudio.resolve import resolve_argv
+
+    out = tmp_path / "run"
+    resolved = resolve_argv(tiny_args(tiny_data, out))
+    plan = make_plan(resolved)
+    assert plan.verdict.kind == "fresh" and plan.resume_from is None
+    assert plan.data.lengths == (50, 50, 50, 50) and len(plan.data.fingerprint()["episodes"]) == 4
+    assert plan.describe().splitlines() == [
+        f"# output_dir: fresh run in {out}", "# resume: --resume_from_checkpoint=false",
+        f"# data: 4 episodes, 200 steps in {tiny_data}"]
+    out.mkdir()
+    (out / "operative_config.gin").write_text("# the dumps of another run\n")
+    verdict = plan_output(resolved, overwrite=False)
+    assert verdict.kind == "refused" and "already holds a run" in verdict.refused
+    with pytest.raises(UserError, match="already holds a run"):
+        make_plan(resolved)
