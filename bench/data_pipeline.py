@@ -101,6 +101,7 @@ def main() -> None:
     from overhead import machine
 
     from ilstudio.data.batched import batched
+    from ilstudio.data.checked import check_dataset
     from ilstudio.data.dataset import build_datasets
     from ilstudio.data.synthetic import write_synthetic_dataset
     from ilstudio.resolve import resolve_argv
@@ -125,7 +126,7 @@ def main() -> None:
             resolved = resolve_argv([*base, f"--gin_bindings=dataset.preload_data = "
                                             f"{mode == 'preloaded'}"])
             t0 = time.perf_counter()
-            train_ds, _, _, _ = build_datasets(resolved.task, resolved.dataset,
+            train_ds, _, _, _ = build_datasets(check_dataset(resolved.task, resolved.dataset), resolved.task, resolved.dataset,
                                                resolved.model.chunk_size, False, 0)
             ds = batched(train_ds)
             build_s = time.perf_counter() - t0

@@ -79,11 +79,11 @@ def resolve(argv):
 def dry(argv):
     """What --dry_run checks, in-process."""
     from ilstudio.config.training_args import check_training_arguments
-    from ilstudio.training.run import validate_data
+    from ilstudio.plan import check_data
 
     r = resolve(argv)
     check_training_arguments(r.hyper, r.training_args_extra)
-    validate_data(r)
+    check_data(r)
     return r
 
 

@@ -58,10 +58,11 @@ class Side:
         from torch.utils.data import DataLoader, RandomSampler
 
         from ilstudio.data.batched import batched, collate
+        from ilstudio.data.checked import check_dataset
         from ilstudio.data.dataset import build_datasets
 
         t0 = time.perf_counter()
-        ds = batched(build_datasets(resolved.task, resolved.dataset, resolved.model.chunk_size,
+        ds = batched(build_datasets(check_dataset(resolved.task, resolved.dataset), resolved.task, resolved.dataset, resolved.model.chunk_size,
                                     False, 0)[0])
         self.build_s = time.perf_counter() - t0
         self.loader = DataLoader(ds, batch_size=batch, collate_fn=collate,

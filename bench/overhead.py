@@ -156,6 +156,7 @@ def run_trainer(cap: Capture, data: Path, out: Path, policy: str, batch: int,
     """(trainer steps/s, plain steps/s), from per-step medians of one interleaved run."""
     import gin
 
+    from ilstudio.plan import make_plan
     from ilstudio.resolve import resolve_argv
     from ilstudio.training.run import train
 
@@ -166,7 +167,7 @@ def run_trainer(cap: Capture, data: Path, out: Path, policy: str, batch: int,
             f"--output_dir={out}", f"--per_device_train_batch_size={batch}",
             f"--max_steps={cap.warmup + cap.steps + 1}", "--save_strategy=no",
             "--report_to=none", "--learning_rate=1e-4", *extra]
-    train(resolve_argv(argv))
+    train(make_plan(resolve_argv(argv)))
     return 1 / statistics.median(cap.trainer_times), 1 / statistics.median(cap.plain_times)
 
 

@@ -71,12 +71,13 @@ import sys, time
 import torch
 from torch.utils.data import DataLoader
 from ilstudio.config.settings import DatasetSettings, ModelSettings, TaskSettings
+from ilstudio.data.checked import check_dataset
 from ilstudio.data.dataset import build_datasets
 from ilstudio.policies import build_policy, policy_config_class
 
 task = TaskSettings(dataset_dir=sys.argv[1], camera_names=("top",), episode_len=50)
 dataset, model_settings = DatasetSettings(), ModelSettings()
-train_ds = build_datasets(task, dataset, model_settings.chunk_size, False, 42)[0]
+train_ds = build_datasets(check_dataset(task, dataset), task, dataset, model_settings.chunk_size, False, 42)[0]
 torch.manual_seed(42)
 model = build_policy("mlp", policy_config=policy_config_class("mlp")(hidden_dim=256, num_layers=3),
                      task=task, dataset=dataset, model=model_settings, use_images=True)

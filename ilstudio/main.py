@@ -53,46 +53,19 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def _main(argv: list[str]) -> None:
     """Every check --dry_run makes runs before torch is imported, in a real run too: a missing
-    dataset or an output_dir in use is reported in seconds, not after ~90 s of imports."""
+    dataset or an output_dir in use is reported in seconds, not after ~90 s of imports. The
+    plan (ilstudio/plan.py) is made once, here, and then printed or trained."""
     del argv
-    from ilstudio.config.dumps import check_recordable, describe
-    from ilstudio.config.training_args import check_training_arguments
-    from ilstudio.resolve import resolve
-    from ilstudio.training.run import (
-        check_logging_dir,
-        check_output_dir,
-        resume_checkpoint,
-        validate_data,
-    )
-
-    show = FLAGS.dry_run or FLAGS.explain
     resolved = None
     try:
-        resolved = resolve(FLAGS)
-        check_recordable(resolved)  # flags.txt must read back as this configuration
-        check_logging_dir(resolved)
-        resume = resume_checkpoint(resolved)
-        if not FLAGS.explain:  # would the run start? (--explain may inspect an existing run)
-            check_output_dir(resolved, resume, FLAGS.overwrite_output_dir)
-        if show:  # the resolved configuration, even when the data turns out to be missing
-            print(describe(resolved, explain=FLAGS.explain), end="", flush=True)
-        lengths = validate_data(resolved)
-        if resume is not None:  # the episodes a checkpoint continues are the ones it began on
-            from pathlib import Path
-
-            from ilstudio.training.resume import check_same_data, data_fingerprint
-
-            check_same_data(Path(resume).parent, data_fingerprint(resolved), resume)
-        # Last: where transformers' source cannot be read without importing it, this imports it.
-        how = check_training_arguments(resolved.hyper, resolved.training_args_extra)
-        if show:
-            print(f"# hyperparameters: {how}")
-            print(f"# data: {len(lengths)} episodes, {sum(lengths)} steps in {resolved.task.dataset_dir}")
+        resolved = resolve_run()
+        plan = make_run_plan(resolved)
+        if FLAGS.dry_run or FLAGS.explain:
             print("# dry run: configuration valid; nothing written, nothing trained")
             return
         from ilstudio.training.run import train
 
-        train(resolved, overwrite_output_dir=FLAGS.overwrite_output_dir)
+        train(plan)
     except UserError as e:
         logging.flush()
         fail(str(e))
@@ -106,6 +79,39 @@ def _main(argv: list[str]) -> None:
         logging.flush()
         print("\n" + str(e), file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
+
+
+def resolve_run():
+    """Flags + gin + YAML -> the resolved run (ilstudio/resolve.py), checked to record."""
+    from ilstudio.config.dumps import check_recordable
+    from ilstudio.resolve import resolve
+
+    resolved = resolve(FLAGS)
+    check_recordable(resolved)  # flags.txt must read back as this configuration
+    return resolved
+
+
+def make_run_plan(resolved):
+    """The plan, with --dry_run/--explain's printout between its halves: the configuration is
+    shown even when the data turns out to be missing. --explain may inspect a run that could
+    not start here (its verdict is printed, not raised)."""
+    from ilstudio.config.dumps import describe
+    from ilstudio.config.training_args import check_training_arguments
+    from ilstudio.plan import finish_plan, plan_data, plan_output
+
+    show = FLAGS.dry_run or FLAGS.explain
+    verdict = plan_output(resolved, FLAGS.overwrite_output_dir)
+    if verdict.refused and not FLAGS.explain:
+        raise UserError(verdict.refused)
+    if show:
+        print(describe(resolved, explain=FLAGS.explain), end="", flush=True)
+    plan = finish_plan(resolved, FLAGS.overwrite_output_dir, verdict, plan_data(resolved, verdict))
+    # Last: where transformers' source cannot be read without importing it, this imports it.
+    how = check_training_arguments(resolved.hyper, resolved.training_args_extra)
+    if show:
+        print(f"# hyperparameters: {how}")
+        print(plan.describe(), end="")
+    return plan
 
 
 def _interrupted(resolved) -> None:

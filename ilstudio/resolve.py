@@ -204,7 +204,7 @@ def bind_dataset_values(layers: GinLayers) -> None:
     if not task.dataset_dir or not isinstance(task.dataset_dir, (str, list, tuple)):
         return  # empty or mistyped: reported by the data layer / type checks with their context
     if task.data_command and isinstance(task.dataset_dir, str) and not Path(task.dataset_dir).expanduser().exists():
-        return  # a local task's data not created yet: validate_data names the command that does
+        return  # a local task's data not created yet: the plan (data/checked.py) names the command
     bound = {n: getattr(task, n) for n in TASK_FROM_DATA if layers.provenance.history.get(f"task.{n}")}
     derived = derived_task_values(task.dataset_dir, bound, construct(S.ModelSettings).cache_dir)
     for name, value in derived.items():

@@ -191,12 +191,13 @@ def test_lr_backbone_is_its_own_optimizer_group(tmp_path):
 @pytest.mark.parametrize("switch", ["model.freeze_backbone", "model.freeze_vision_tower"])
 def test_freeze_keeps_resnet_bit_identical_through_a_trainer_step(tmp_path, tiny_data, switch):
     """ACT's ResNet is both its backbone and its vision tower: either switch freezes it."""
+    from ilstudio.data.checked import check_dataset
     from ilstudio.data.dataset import build_datasets
 
     overrides = {switch: True, "task.dataset_dir": str(tiny_data)}
     model = build_act(**overrides)
     s = settings(**overrides)
-    train_ds, _, _, _ = build_datasets(s["task"], s["dataset"], CHUNK, False, 0)
+    train_ds, _, _, _ = build_datasets(check_dataset(s["task"], s["dataset"]), s["task"], s["dataset"], CHUNK, False, 0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = _trainer(model, tmp_path, train_ds, max_steps=2, per_device_train_batch_size=4)
     trainer.train()

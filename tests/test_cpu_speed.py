@@ -42,9 +42,10 @@ def test_train_uses_the_cpus_its_affinity_allows(tiny_data: Path, tmp_path: Path
 LORA_AFTER_PLAIN = r"""
 import sys
 from ilstudio.resolve import resolve_argv
+from ilstudio.plan import make_plan
 from ilstudio.training.run import train
 
-train(resolve_argv(sys.argv[1:]))
+train(make_plan(resolve_argv(sys.argv[1:])))
 print("after plain run:", sorted(m for m in ("peft", "bitsandbytes") if m in sys.modules))
 import peft, torch
 import transformers.trainer as tr, transformers.trainer_utils as tu
@@ -68,11 +69,12 @@ def test_plain_runs_do_not_import_peft_and_a_later_lora_model_is_still_recognise
 
 def test_lazy_reading_holds_one_handle_per_dataset_and_closes_them(tiny_data: Path) -> None:
     from ilstudio.config.settings import DatasetSettings, TaskSettings
+    from ilstudio.data.checked import check_dataset
     from ilstudio.data.dataset import build_datasets
     from ilstudio.data.episodes import ACTION_KEY
 
     task = TaskSettings(dataset_dir=str(tiny_data), camera_names=("top",), episode_len=50)
-    ds = build_datasets(task, DatasetSettings(), 5, False, 0)[0]
+    ds = build_datasets(check_dataset(task, DatasetSettings()), task, DatasetSettings(), 5, False, 0)[0]
     ds[0], ds[1]
     held = ds._source(0)
     assert held is ds._source(0)  # not re-opened per sample, nor its datasets
@@ -99,13 +101,14 @@ def test_policy_trainer_steps_match_transformers_trainer_bit_for_bit(tiny_data: 
 
     from ilstudio.config.settings import DatasetSettings, ModelSettings, TaskSettings
     from ilstudio.data.batched import batched, collate
+    from ilstudio.data.checked import check_dataset
     from ilstudio.data.dataset import build_datasets
     from ilstudio.policies import build_policy, policy_config_class
     from ilstudio.training.trainer import PolicyTrainer
 
     task = TaskSettings(dataset_dir=str(tiny_data), camera_names=("top",), episode_len=50)
     dataset = DatasetSettings(preload_data=True)
-    train_ds, eval_ds = (batched(d) for d in build_datasets(task, dataset, 5, True, 0)[:2])
+    train_ds, eval_ds = (batched(d) for d in build_datasets(check_dataset(task, dataset), task, dataset, 5, True, 0)[:2])
     finals, norms, evals = [], [], []
     for cls in (Trainer, PolicyTrainer):
         torch.manual_seed(0)

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ilstudio.config.settings import DatasetSettings, TaskSettings
+from ilstudio.data.checked import check_dataset
 from ilstudio.data.dataset import EpisodeDataset, build_datasets, split_episodes
 from ilstudio.data.episodes import check_episodes, is_mirrored, list_episode_files
 from ilstudio.data.normalization import NormStats, compute_stats
@@ -147,10 +148,10 @@ def test_skip_mirrored(tmp_path):
                             camera_names=(), mirrored_every=2)
     assert [is_mirrored(p) for p in list_episode_files(tmp_path)] == [False, True, False, True]
     task = task_for(tmp_path, cams=())
-    _, _, _, kept = build_datasets(task, DatasetSettings(skip_mirrored_data=True), CHUNK, False, 0)
+    _, _, _, kept = build_datasets(check_dataset(task, DatasetSettings(skip_mirrored_data=True)), task, DatasetSettings(skip_mirrored_data=True), CHUNK, False, 0)
     assert kept["episodes_train"] == 2 and kept["episodes_mirrored_skipped"] == 2
     assert kept["timesteps_train"] == 10
-    _, _, _, everything = build_datasets(task, DatasetSettings(), CHUNK, False, 0)
+    _, _, _, everything = build_datasets(check_dataset(task, DatasetSettings()), task, DatasetSettings(), CHUNK, False, 0)
     assert everything["episodes_train"] == 4
 
 
@@ -159,8 +160,8 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
                             camera_names=())
     task = task_for(tmp_path, cams=())
     settings = DatasetSettings(val_fraction=0.3)
-    train, val, stats, summary = build_datasets(task, settings, CHUNK, True, seed=7)
-    train2, val2, _, _ = build_datasets(task, settings, CHUNK, True, seed=7)
+    train, val, stats, summary = build_datasets(check_dataset(task, settings), task, settings, CHUNK, True, seed=7)
+    train2, val2, _, _ = build_datasets(check_dataset(task, settings), task, settings, CHUNK, True, seed=7)
     assert train.paths == train2.paths and val.paths == val2.paths
     assert not set(train.paths) & set(val.paths)
     assert len(train.paths) + len(val.paths) == 10 and len(val.paths) == 3
@@ -168,7 +169,7 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
     assert np.allclose(stats.action_mean, compute_stats(train.paths).action_mean)
     assert split_episodes(10, 0.3, 8) != split_episodes(10, 0.3, 7)
     assert len(split_episodes(2, 0.01, 0)[1]) == 1  # at least one held out
-    _, none, _, _ = build_datasets(task, settings, CHUNK, False, seed=7)
+    _, none, _, _ = build_datasets(check_dataset(task, settings), task, settings, CHUNK, False, seed=7)
     assert none is None
 
 
@@ -176,7 +177,8 @@ def test_eval_needs_two_episodes(tmp_path):
     write_synthetic_dataset(tmp_path, num_episodes=1, episode_len=4, state_dim=S, action_dim=A,
                             camera_names=())
     with pytest.raises(UserError, match="at least 2 episodes"):
-        build_datasets(task_for(tmp_path, cams=()), DatasetSettings(), CHUNK, True, 0)
+        task = task_for(tmp_path, cams=())
+        build_datasets(check_dataset(task, DatasetSettings()), task, DatasetSettings(), CHUNK, True, 0)
 
 
 def test_empty_or_missing_dir(tmp_path):

@@ -117,11 +117,11 @@ FAULTS = [truncate, garbage, missing_action, missing_camera, empty_dir, short_ac
 def dry_run_in_process(data: Path, out: Path, *extra: str) -> str:
     """What --dry_run runs (resolve + data checks), in-process: the UserError's message."""
     from ilstudio.errors import UserError
+    from ilstudio.plan import check_data
     from ilstudio.resolve import resolve_argv
-    from ilstudio.training.run import validate_data
 
     with pytest.raises(UserError) as e:
-        validate_data(resolve_argv(tiny_args(data, out, *extra)))
+        check_data(resolve_argv(tiny_args(data, out, *extra)))
     return str(e.value)
 
 
@@ -237,11 +237,11 @@ def test_corrupt_image_chunks_are_found_by_the_dry_run_checks(tmp_path, damage):
 
 def test_small_integer_episodes_are_exact_and_accepted(data, tmp_path):
     """Integer data within float32's exact range is fine (the dtype rule refuses only losses)."""
+    from ilstudio.plan import check_data
     from ilstudio.resolve import resolve_argv
-    from ilstudio.training.run import validate_data
 
     _replace(data / "episode_0.hdf5", "action", np.arange(30 * 14, dtype=np.int32).reshape(30, 14))
-    assert validate_data(resolve_argv(tiny_args(data, tmp_path / "out"))) == [30, 30, 30]
+    assert check_data(resolve_argv(tiny_args(data, tmp_path / "out"))).lengths == (30, 30, 30)
 
 
 def test_skipped_entries_are_warned_and_counted_in_data_summary(data, tmp_path):

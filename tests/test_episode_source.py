@@ -49,6 +49,7 @@ def test_no_format_switches_and_no_hdf5_keys_outside_the_hdf5_module():
 def test_a_registered_third_format_reads_through_every_reader(npz_dir, tiny_data, tmp_path):
     from ilstudio.config.settings import DatasetSettings, TaskSettings
     from ilstudio.data.batched import batched
+    from ilstudio.data.checked import check_dataset
     from ilstudio.data.convert import convert
     from ilstudio.data.dataset import build_datasets
     from ilstudio.data.language import read_episode_text
@@ -60,7 +61,7 @@ def test_a_registered_third_format_reads_through_every_reader(npz_dir, tiny_data
     task = TaskSettings(dataset_dir=str(npz_dir), camera_names=("top",), episode_len=50)
     hdf5_task = TaskSettings(dataset_dir=str(tiny_data), camera_names=("top",), episode_len=50)
     settings = DatasetSettings(preload_data=True, image_size=(12, 16), lazy_preprocess=False)
-    ours, theirs = (build_datasets(t, settings, 5, True, 0) for t in (task, hdf5_task))
+    ours, theirs = (build_datasets(check_dataset(t, settings), t, settings, 5, True, 0) for t in (task, hdf5_task))
     assert ours[3]["timesteps_train"] == theirs[3]["timesteps_train"] == 150
     assert np.array_equal(ours[2].qpos_mean, theirs[2].qpos_mean)
     fast = batched(ours[0])

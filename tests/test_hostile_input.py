@@ -133,9 +133,9 @@ def drive(tmp: Path, data: Path, *, yaml_text: str | None = None, yaml_doc=None,
     try:
         resolved = resolve_argv(argv)
         build_training_arguments(resolved.hyper, resolved.training_args_extra)
-        from ilstudio.training.run import validate_data
+        from ilstudio.plan import check_data
 
-        validate_data(resolved)
+        check_data(resolved)
     except UserError as e:
         msg = str(e)
         STATS["refused"] += 1

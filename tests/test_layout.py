@@ -25,7 +25,7 @@ LAYERS = (
     ("ilstudio.config",),
     ("ilstudio.data", "ilstudio.models"),
     ("ilstudio.policies",),
-    ("ilstudio.resolve", "ilstudio.cli", "ilstudio.tools"),
+    ("ilstudio.resolve", "ilstudio.plan", "ilstudio.resume", "ilstudio.cli", "ilstudio.tools"),
     ("ilstudio.training", "ilstudio.sim"),
     ("ilstudio.eval", "ilstudio.main"),
 )

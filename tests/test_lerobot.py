@@ -24,6 +24,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from conftest import run_train, small_policy, train_env  # noqa: E402
 
 from ilstudio.config.settings import DatasetSettings, TaskSettings  # noqa: E402
+from ilstudio.data.checked import check_dataset
 from ilstudio.data.dataset import EpisodeDataset, build_datasets  # noqa: E402
 from ilstudio.data.episodes import check_episodes, open_episode  # noqa: E402
 from ilstudio.data.language import read_episode_text  # noqa: E402
@@ -209,7 +210,7 @@ def test_history_frames_are_the_previous_timesteps(datasets):
 def test_skip_mirrored_and_summary(datasets):
     task = task_for(datasets["v3.0"])
     settings = DatasetSettings(skip_mirrored_data=True, image_size=(24, 32))
-    train, _, stats, summary = build_datasets(task, settings, 4, False, 0)
+    train, _, stats, summary = build_datasets(check_dataset(task, settings), task, settings, 4, False, 0)
     assert summary["episodes_found"] == 3 and summary["episodes_mirrored_skipped"] == 1
     assert list(train.episode_lengths) == [20, 27]
     kept = np.concatenate([EPISODES[0]["state"], EPISODES[2]["state"]])
@@ -218,13 +219,13 @@ def test_skip_mirrored_and_summary(datasets):
 
 def test_several_datasets_of_either_format(datasets, tiny_data):
     dirs = [str(datasets["v2.1"]), str(datasets["v3.0"]), str(datasets["png"])]
-    train, _, _, summary = build_datasets(task_for(dirs), DatasetSettings(image_size=(24, 32)), 4, False, 0)
+    task, settings = task_for(dirs), DatasetSettings(image_size=(24, 32))
+    train, _, _, summary = build_datasets(check_dataset(task, settings), task, settings, 4, False, 0)
     assert summary["episodes_train"] == 9 and len(train) == 3 * sum(LENGTHS)
     assert summary["dataset_dir"] == dirs
     # An HDF5 directory beside them with other dims: the mismatch names the file and both dims.
     with pytest.raises(UserError, match="columns, task.state_dim is 5"):
-        build_datasets(task_for([dirs[0], str(tiny_data)]), DatasetSettings(is_multimodal=False),
-                       4, False, 0)
+        check_dataset(task_for([dirs[0], str(tiny_data)]), DatasetSettings(is_multimodal=False))
 
 
 # -- train.py ------------------------------------------------------------------------------

@@ -143,8 +143,8 @@ def test_resume_true_restarts_a_run_killed_before_its_first_checkpoint(tiny_data
     """The same command (with --resume_from_checkpoint=true) starts over when nothing was
     checkpointed yet, but never retrains over a finished run."""
     from ilstudio.errors import UserError
+    from ilstudio.plan import check_output_dir, resume_checkpoint
     from ilstudio.resolve import resolve_argv
-    from ilstudio.training.run import check_output_dir, resume_checkpoint
 
     out = tmp_path / "run"
     out.mkdir()

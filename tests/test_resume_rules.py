@@ -100,7 +100,7 @@ def test_added_removed_or_changed_episodes_are_refused_on_resume(copied):
 
 
 def test_normalization_is_never_silently_recomputed(copied, tmp_path):
-    from ilstudio.training.resume import check_same_normalization
+    from ilstudio.resume import check_same_normalization
 
     data, out = copied
     from ilstudio.data.normalization import NormStats
@@ -152,8 +152,8 @@ def test_another_architectures_checkpoint_is_refused_before_writing(copied):
 def test_lora_lr_newly_set_or_unset_is_refused(tmp_path, saved, now):
     """lora.lr between unset and set changes the optimizer's parameter groups (a saved
     optimizer state no longer fits): the resume rules refuse it, naming the key."""
+    from ilstudio.resume import check_resume
     from ilstudio.tools.diff import Config, parse_gin_text
-    from ilstudio.training.resume import check_resume
 
     (tmp_path / rundir.OPERATIVE).write_text(f"lora.lr = {saved}\nlora.r = 8\n")
     (tmp_path / rundir.FLAGFILE).write_text("--learning_rate=0.001\n")

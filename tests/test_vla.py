@@ -70,13 +70,14 @@ def settings(data: Path, backbone: Path, *, dataset: dict | None = None, model: 
 def make(data, backbone, *, dataset=None, model=None, lora=None, quantization=None, seed=0,
          policy_config=None):
     """(policy, train dataset) built the way train.py builds them."""
+    from ilstudio.data.checked import check_dataset
     from ilstudio.data.dataset import build_datasets
     from ilstudio.policies import build_policy, build_processor
 
     task, ds, m = settings(data, backbone, dataset=dataset, model=model)
     pc = policy_config or VLAConfig()
     proc = build_processor("vla", policy_config=pc, task=task, dataset=ds, model=m)
-    train_ds, _, _, _ = build_datasets(task, ds, m.chunk_size, False, 0, language=proc)
+    train_ds, _, _, _ = build_datasets(check_dataset(task, ds), task, ds, m.chunk_size, False, 0, language=proc)
     torch.manual_seed(seed)
     policy = build_policy("vla", policy_config=pc, task=task, dataset=ds, model=m,
                           lora=lora or LoraSettings(), quantization=quantization or QuantizationSettings(),
@@ -369,6 +370,7 @@ def test_text_switches_need_the_text_in_the_data(backbone, plain_data):
 
 
 def test_lazy_and_eager_preprocess_give_identical_batches(backbone, lang_data):
+    from ilstudio.data.checked import check_dataset
     from ilstudio.data.dataset import build_datasets
 
     task, _, _ = settings(lang_data, backbone)
@@ -376,7 +378,7 @@ def test_lazy_and_eager_preprocess_give_identical_batches(backbone, lang_data):
     for lazy in (True, False):
         ds_settings = DatasetSettings(lazy_preprocess=lazy, use_reasoning=True, use_prev_subtask=True)
         proc = _processor(backbone, lazy_preprocess=lazy, use_reasoning=True, use_prev_subtask=True)
-        ds, _, _, _ = build_datasets(task, ds_settings, 5, False, 0, language=proc)
+        ds, _, _, _ = build_datasets(check_dataset(task, ds_settings), task, ds_settings, 5, False, 0, language=proc)
         built[lazy] = (ds, proc, proc.encode_calls)
     (lazy_ds, lazy_proc, lazy_calls), (eager_ds, eager_proc, eager_calls) = built[True], built[False]
     assert lazy_calls == 0  # nothing tokenized up front
@@ -488,6 +490,7 @@ def test_language_target_switches_need_a_language_loss(key, backbone, lang_data)
 
 
 def test_a_language_loss_needs_a_language_target_in_the_data(backbone, plain_data):
+    from ilstudio.data.checked import check_dataset
     from ilstudio.data.dataset import build_datasets
     from ilstudio.policies.vla.modeling import build_processor
 
@@ -495,7 +498,7 @@ def test_a_language_loss_needs_a_language_target_in_the_data(backbone, plain_dat
     proc = build_processor(policy_config=VLAConfig(instruction="follow the wave"), dataset=ds,
                            model=m)
     with pytest.raises(UserError, match="no episode has a language target"):
-        build_datasets(task, ds, 5, False, 0, language=proc)
+        build_datasets(check_dataset(task, ds), task, ds, 5, False, 0, language=proc)
 
 
 def test_vla_instruction_sets_the_evaluation_prompt(backbone, plain_data):
@@ -550,6 +553,7 @@ def test_train_py_run_learns_and_loads_back(backbone, lang_data, tmp_path):
     from safetensors.torch import load_file
 
     from ilstudio.config import settings as S
+    from ilstudio.data.checked import check_dataset
     from ilstudio.data.dataset import build_datasets
     from ilstudio.eval import load_policy, load_settings
     from ilstudio.policies import build_policy, build_processor
@@ -582,7 +586,7 @@ def test_train_py_run_learns_and_loads_back(backbone, lang_data, tmp_path):
     assert set(saved) == set(own) and all(torch.equal(own[k], saved[k]) for k in saved)
     # The loaded policy predicts as well as training ended: better than a fresh one.
     processor = build_processor("vla", policy_config=pc, task=task, dataset=ds, model=model)
-    data, _, _, _ = build_datasets(task, ds, model.chunk_size, False, 0, language=processor)
+    data, _, _, _ = build_datasets(check_dataset(task, ds), task, ds, model.chunk_size, False, 0, language=processor)
     batch = batch_of(data, n=16, start=0)
     fresh = build_policy("vla", policy_config=pc, task=task, dataset=ds, model=model,
                          lora=S.LoraSettings(), quantization=S.QuantizationSettings(), use_images=True)

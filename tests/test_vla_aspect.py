@@ -30,6 +30,7 @@ def data(tmp_path_factory) -> Path:
 
 def tower_input(data: Path, gin_file: str, aspect: str) -> torch.Tensor:
     """The pixel_values the vision tower gets for one sample, from a resolved command line."""
+    from ilstudio.data.checked import check_dataset
     from ilstudio.data.dataset import build_datasets
     from ilstudio.policies import build_policy, build_processor
     from ilstudio.resolve import resolve_argv
@@ -41,7 +42,7 @@ def tower_input(data: Path, gin_file: str, aspect: str) -> torch.Tensor:
                       f"--gin_bindings=dataset.image_aspect_ratio = '{aspect}'"])
     name = r.model.policy
     proc = build_processor(name, policy_config=r.policy, task=r.task, dataset=r.dataset, model=r.model)
-    train_ds, _, _, _ = build_datasets(r.task, r.dataset, r.model.chunk_size, False, 0, language=proc)
+    train_ds, _, _, _ = build_datasets(check_dataset(r.task, r.dataset), r.task, r.dataset, r.model.chunk_size, False, 0, language=proc)
     torch.manual_seed(0)
     policy = build_policy(name, policy_config=r.policy, task=r.task, dataset=r.dataset, model=r.model,
                           lora=r.lora, quantization=r.quantization, use_images=True)

@@ -36,7 +36,7 @@ class Hyper:
     # numeric hyperparameter has one. None (unset) is always allowed where the default is None.
     bounds: str | None = None
     # A checkpoint's optimizer/engine state means something else under another value: resuming
-    # with a changed value is refused (ilstudio/training/resume.py).
+    # with a changed value is refused (ilstudio/resume.py).
     breaks_resume: bool = False
     # The --helpshort/--helpfull heading it is shown under (one of HELP_GROUP_ORDER), and
     # whether --helpshort shows it.

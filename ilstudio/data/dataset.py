@@ -32,12 +32,12 @@ import torch
 from torch.utils.data import Dataset
 
 from ilstudio.config.settings import DatasetSettings, TaskSettings, images_enabled
-from ilstudio.data.episodes import check_camera_sizes, check_episodes, episode_ref, is_mirrored
+from ilstudio.data.checked import CheckedEpisodes
+from ilstudio.data.episodes import check_camera_sizes, check_episodes, episode_ref
 from ilstudio.data.image_ops import fit_frames
 from ilstudio.data.normalization import NormStats, compute_stats
 from ilstudio.data.progress import progress
 from ilstudio.data.source import ArraysSource, EpisodeRef, EpisodeSource, read_errors
-from ilstudio.data.sources import scan_episodes
 from ilstudio.data.video import set_cache_mb
 from ilstudio.errors import UserError
 
@@ -67,10 +67,10 @@ class EpisodeDataset(Dataset):
         self.stats = stats
         self.use_images = images_enabled(task, settings)
         self.history = settings.history_images_length
-        if episode_lengths is None:  # built directly rather than by build_datasets
+        if episode_lengths is None:  # built directly rather than from checked episodes
             episode_lengths = check_episodes(self.paths, task, self.use_images)
-        if self.use_images:
-            check_camera_sizes(self.paths[0], task.camera_names, settings.image_size)
+            if self.use_images:
+                check_camera_sizes(self.paths[0], task.camera_names, settings.image_size)
         self.episode_lengths = np.asarray(episode_lengths, dtype=np.int64)
         self.episode_starts = np.concatenate([[0], np.cumsum(self.episode_lengths)[:-1]])
         self.episode_index = np.repeat(np.arange(len(self.paths)), self.episode_lengths)
@@ -258,23 +258,15 @@ def split_episodes(n: int, val_fraction: float, seed: int) -> tuple[list[int], l
     return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
 
 
-def build_datasets(task: TaskSettings, settings: DatasetSettings, chunk_size: int, do_eval: bool,
-                   seed: int, language: Any = None, cache_dir: str | None = None
+def build_datasets(episodes: CheckedEpisodes, task: TaskSettings, settings: DatasetSettings,
+                   chunk_size: int, do_eval: bool, seed: int, language: Any = None
                    ) -> tuple[EpisodeDataset, EpisodeDataset | None, NormStats, dict]:
-    """List, filter, validate and split the episodes; stats come from train episodes only.
+    """Split the checked episodes (the plan's, or ``check_dataset``'s: listed and checked
+    once, never again here); stats come from train episodes only.
 
     language: the policy's text processor (see EpisodeDataset), or None.
-    cache_dir: where hub datasets named in task.dataset_dir are cached (model.cache_dir).
     """
-    paths, not_episodes = scan_episodes(task.dataset_dir, cache_dir)
-    n_found = len(paths)
-    if settings.skip_mirrored_data:
-        paths = [p for p in paths if not is_mirrored(p)]
-        if not paths:
-            raise UserError(f"all {n_found} episodes in {task.dataset_dir} are mirrored and "
-                            "dataset.skip_mirrored_data is true: nothing left to train on")
-    use_images = images_enabled(task, settings)
-    lengths = check_episodes(paths, task, use_images)
+    paths, lengths = list(episodes.refs), list(episodes.lengths)
     if do_eval:
         train_idx, val_idx = split_episodes(len(paths), settings.val_fraction, seed)
     else:
@@ -293,16 +285,17 @@ def build_datasets(task: TaskSettings, settings: DatasetSettings, chunk_size: in
         eval_ds = EpisodeDataset(val_paths, task, settings, chunk_size, stats, val_lengths,
                                  language)
     summary = {
-        "dataset_dir": task.dataset_dir if isinstance(task.dataset_dir, str) else list(task.dataset_dir),
-        "episodes_found": n_found,
-        "episodes_mirrored_skipped": n_found - len(paths),
+        "dataset_dir": (episodes.dataset_dir if isinstance(episodes.dataset_dir, str)
+                        else list(episodes.dataset_dir)),
+        "episodes_found": episodes.found,
+        "episodes_mirrored_skipped": episodes.found - len(paths),
         # *.hdf5 entries that are not readable files (dangling/looping symlinks, directories)
-        "entries_skipped": len(not_episodes),
-        "entries_skipped_why": dict(not_episodes),
+        "entries_skipped": len(episodes.skipped),
+        "entries_skipped_why": dict(episodes.skipped),
         "episodes_train": len(train_idx),
         "episodes_val": len(val_idx),
         "timesteps_train": len(train_ds),
         "timesteps_val": len(eval_ds) if eval_ds is not None else 0,
-        "cameras": list(task.camera_names) if use_images else [],
+        "cameras": list(episodes.cameras),
     }
     return train_ds, eval_ds, stats, summary

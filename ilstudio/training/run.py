@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -22,95 +21,15 @@ from ilstudio.config import dumps
 from ilstudio.config.hyperparams import Hyperparams
 from ilstudio.config.training_args import build_training_arguments, parse_resume, tensorboard_dir
 from ilstudio.errors import UserError
+from ilstudio.plan import Plan, check_output_dir
 from ilstudio.resolve import Resolved, finalize
-from ilstudio.training import distributed
-from ilstudio.training.resume import (
+from ilstudio.resume import (
     check_checkpoint_fits,
-    check_resume_config,
-    check_same_data,
     check_same_normalization,
     data_fingerprint,
     record_resume_changes,
 )
-
-
-@functools.cache
-def _starting_fresh(out: str) -> None:
-    """Said once per output_dir: the pre-launch check and the run both resolve the resume."""
-    logging.info("--resume_from_checkpoint=true: no checkpoint in %s, starting fresh", out)
-
-
-def resume_checkpoint(resolved: Resolved) -> str | None:
-    """The checkpoint to resume from, per --resume_from_checkpoint; None starts fresh."""
-    choice = parse_resume(resolved.hyper.resume_from_checkpoint)
-    out = Path(resolved.output_dir)
-    if choice is True:
-        last = rundir.last_complete_checkpoint(out)
-        if last is None and rundir.checkpoint_dirs(out):
-            found = "; ".join(f"{p.name}: {rundir.checkpoint_problem(p)}"
-                              for _, p in rundir.checkpoint_dirs(out)[:5])
-            raise UserError(f"--resume_from_checkpoint=true: no checkpoint in {out} is complete "
-                            f"({found}). Remove the damaged checkpoints to start over, or pass "
-                            f"--overwrite_output_dir without --resume_from_checkpoint.")
-        if last is None:
-            _starting_fresh(str(out))
-        return check_training_state(resolved, last)
-    if choice is False:
-        return None
-    problem = rundir.checkpoint_problem(choice)
-    if problem:
-        what = "not a checkpoint directory" if problem.startswith("no ") else "a damaged checkpoint"
-        raise UserError(f"--resume_from_checkpoint={choice}: {what} ({problem})")
-    return check_training_state(resolved, choice)
-
-
-def check_training_state(resolved: Resolved, checkpoint: str | None) -> str | None:
-    """A checkpoint without optimizer, scheduler or RNG state (save_only_model) cannot continue
-    bit-identically: refused unless --resume_weights_only accepts it, and then said."""
-    missing = rundir.missing_training_state(checkpoint) if checkpoint else []
-    if not missing:
-        return checkpoint
-    if not resolved.hyper.resume_weights_only:
-        raise UserError(f"--resume_from_checkpoint: {checkpoint} holds the model's weights but "
-                        f"not {', '.join(missing)} (saved with save_only_model?): resuming would "
-                        f"start a fresh optimizer and random state and silently end elsewhere "
-                        f"than an uninterrupted run. Pass --resume_weights_only to accept that, "
-                        f"or resume from a full checkpoint.")
-    logging.warning("--resume_weights_only: %s has no %s; continuing from its weights with a "
-                    "fresh optimizer state. This run will NOT be bit-identical to an "
-                    "uninterrupted one.", checkpoint, ", ".join(missing))
-    return checkpoint
-
-
-def check_output_dir(resolved: Resolved, resume_from: str | None, overwrite: bool,
-                     locked: bool = False) -> None:
-    """May this run write into output_dir? Checked before anything is written (and by
-    --dry_run), and again once the run holds the directory's lock (``locked``)."""
-    out = Path(resolved.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir={out}: exists and is not a directory")
-    if not locked:
-        rundir.check_not_in_use(out)
-    existing = rundir.holds_a_run(out)
-    if existing and overwrite and resume_from is None:
-        rundir.check_removable(out)
-    if existing and resume_from is None and not overwrite and parse_resume(
-            resolved.hyper.resume_from_checkpoint) is True:
-        if not rundir.is_finished(out):
-            # Killed before its first complete checkpoint: the same command starts it again.
-            logging.warning("--resume_from_checkpoint=true: %s holds an unfinished run with no "
-                            "complete checkpoint (%s); starting it again from step 0", out,
-                            ", ".join(existing[:5]))
-            return
-        raise UserError(
-            f"--output_dir={out} already holds a finished run ({', '.join(existing[:5])}) but no "
-            f"complete checkpoint to resume from (--resume_from_checkpoint=true). Pass "
-            f"--overwrite_output_dir to replace it, or choose another --output_dir.")
-    if existing and resume_from is None and not overwrite:
-        raise UserError(
-            f"--output_dir={out} already holds a run ({', '.join(existing[:5])}). Pass "
-            f"--resume_from_checkpoint=true to continue it, --overwrite_output_dir to replace it, "
-            f"or choose another --output_dir.")
+from ilstudio.training import distributed
 
 
 class Preempted(Exception):
@@ -155,28 +74,6 @@ def resume_command(out: str | os.PathLike) -> str:
     return shlex.join(["python", sys.argv[0], *argv, "--resume_from_checkpoint=true"])
 
 
-def check_logging_dir(resolved: Resolved) -> None:
-    """TensorBoard's directory (--logging_dir, or <output_dir>/runs) can be created and
-    written, wherever it resolves: checked before anything is written (and by --dry_run),
-    not found out by TensorBoard once the run has begun."""
-    hyper = resolved.hyper
-    if "tensorboard" not in str(hyper.report_to) and hyper.report_to != "all":
-        return
-    path = Path(tensorboard_dir(hyper)).expanduser().absolute()
-    for p in (path, *path.parents):
-        if p.exists() or p.is_symlink():
-            break
-    problem = None
-    if not p.is_dir():
-        problem = f"{p} is not a directory"
-    elif not os.access(p, os.W_OK | os.X_OK):
-        problem = f"{p} is not writable by this user"
-    if problem:
-        raise UserError(f"--logging_dir={hyper.logging_dir or '(default: <output_dir>/runs)'}: "
-                        f"TensorBoard cannot write {path}: {problem}. Choose another "
-                        f"--logging_dir, or --report_to without tensorboard.")
-
-
 def save_final_model(trainer, out: Path) -> None:
     """Write the final model beside the run, file by file atomically (staging dir, then rename).
 
@@ -193,27 +90,6 @@ def save_final_model(trainer, out: Path) -> None:
     finally:
         if trainer.is_world_process_zero():
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def validate_data(resolved: Resolved) -> list[int]:
-    """Header-level checks of the task's episodes (cheap; used by --dry_run too)."""
-    from ilstudio.data.episodes import check_camera_sizes, check_episodes
-    from ilstudio.data.sources import list_episodes
-
-    use_images = resolved.use_images
-    task = resolved.task
-    if task.data_command and isinstance(task.dataset_dir, str):
-        d = Path(task.dataset_dir).expanduser()
-        if not d.is_dir() or not any(d.iterdir()):
-            command = task.data_command.replace("{dataset_dir}", task.dataset_dir)
-            raise UserError(f"dataset directory {d} {'has no *.hdf5 files' if d.is_dir() else 'does not exist'}"
-                            f" (task.dataset_dir). Create the data of task '{resolved.task_name}' "
-                            f"with:\n  {command}")
-    paths = list_episodes(task.dataset_dir, resolved.model.cache_dir)
-    lengths = check_episodes(paths, resolved.task, use_images)
-    if use_images:
-        check_camera_sizes(paths[0], resolved.task.camera_names, resolved.dataset.image_size)
-    return lengths
 
 
 def add_sim_evaluation(trainer, resolved: Resolved, stats, hyper: Hyperparams, args) -> None:
@@ -320,23 +196,22 @@ def probe_first_step(resolved: Resolved, args, model, train_ds) -> None:
         torch.set_rng_state(states[2])
 
 
-def _data_and_model(resolved: Resolved, args, resume_from: str | None):
-    """(train_ds, eval_ds, stats, {"summary", "fingerprint"}, model), with the resume rules
-    about the data checked on the way; nothing is written."""
+def _data_and_model(plan: Plan, args):
+    """(train_ds, eval_ds, stats, {"summary", "fingerprint"}, model) from the plan's checked
+    episodes (listed and checked once, by the plan), with the resume rule about the
+    normalization checked on the way; nothing is written."""
     import transformers
 
     from ilstudio.data.batched import batched
     from ilstudio.data.dataset import build_datasets
     from ilstudio.policies import build_policy, build_processor
 
-    fingerprint = data_fingerprint(resolved)
-    if resume_from is not None:  # the data a checkpoint continues is the data it began with
-        check_same_data(Path(resume_from).parent, fingerprint, resume_from)
+    resolved, resume_from = plan.resolved, plan.resume_from
     # A policy's data-side processor (the VLA's tokenizer), None for most policies.
     processor = build_processor(resolved)
     train_ds, eval_ds, stats, summary = build_datasets(
-        resolved.task, resolved.dataset, resolved.model.chunk_size, args.do_eval, args.seed,
-        language=processor, cache_dir=resolved.model.cache_dir)
+        plan.data, resolved.task, resolved.dataset, resolved.model.chunk_size, args.do_eval,
+        args.seed, language=processor)
     logging.info("data: %s", summary)
     if resume_from is not None:
         check_same_normalization(Path(resume_from).parent, stats, resume_from)
@@ -356,19 +231,19 @@ def _data_and_model(resolved: Resolved, args, resume_from: str | None):
         raise UserError(f"--gradient_checkpointing: policy '{resolved.model.policy}' has no "
                         f"checkpointable backbone")
 
-    return train_ds, eval_ds, stats, {"summary": summary, "fingerprint": fingerprint}, model
+    return train_ds, eval_ds, stats, {"summary": summary, "fingerprint": data_fingerprint(plan)}, model
 
 
-def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
-    """Train and return the final metrics."""
+def train(plan: Plan) -> dict:
+    """Run the plan (ilstudio.plan.make_plan) and return the final metrics."""
     from ilstudio.training.lazy_imports import import_trainer
 
+    resolved = plan.resolved
     import_trainer(need_peft=resolved.lora.enable or resolved.quantization.enable)
     import torch
 
     hyper = resolved.hyper
     dumps.check_recordable(resolved)  # also for the Python API: before anything is built
-    check_logging_dir(resolved)
     from ilstudio.training import threads
 
     logging.info("torch threads: %d (%s)", *threads.configure(hyper.dataloader_num_workers))
@@ -376,37 +251,31 @@ def train(resolved: Resolved, overwrite_output_dir: bool = False) -> dict:
         hyper = dataclasses.replace(hyper, dataloader_pin_memory=False)
     extra = distributed.launch_defaults(resolved.training_args_extra)
     args = build_training_arguments(hyper, extra)  # under torchrun: joins the process group
-    resume_from = resume_checkpoint(resolved)
-    try:
-        check_output_dir(resolved, resume_from, overwrite_output_dir)
-        verdict = None
-    except UserError as e:
-        verdict = str(e)
-    # Barrier: every rank has checked output_dir, and resolved rank 0's configuration, before
-    # rank 0 writes anything; any rank's error stops all ranks with the same message.
-    distributed.agree(distributed.config_text(resolved, hyper, extra), verdict)
+    # Barrier: every rank has its plan (its verdict on output_dir), and resolved rank 0's
+    # configuration, before rank 0 writes anything; any rank's refusal stops all ranks with
+    # the same message.
+    distributed.agree(distributed.config_text(resolved, hyper, extra), plan.verdict.refused)
 
-    train_ds, eval_ds, stats, data, model = _data_and_model(resolved, args, resume_from)
+    train_ds, eval_ds, stats, data, model = _data_and_model(plan, args)
 
-    out = Path(resolved.output_dir)
-    resume_changes = check_resume_config(resolved, resume_from)  # names the changed keys
+    out, resume_from = Path(resolved.output_dir), plan.resume_from
     check_checkpoint_fits(model, resume_from)  # what the configuration cannot tell: the weights
     probe_first_step(resolved, args, model, train_ds)
     # Validation passed: take the directory. The lock is the run's first write and is held
     # until it ends; output_dir is checked again under it (another run may have written
-    # there since the first check).
+    # there since the plan's check).
     lock, verdict = None, None
     if distributed.is_main_process():
         try:
             with rundir.output_errors(out, "the run's configuration"):  # the lock file first
                 lock = rundir.RunLock(out)
-            check_output_dir(resolved, resume_from, overwrite_output_dir, locked=True)
+            check_output_dir(resolved, resume_from, plan.overwrite_output_dir, locked=True)
         except UserError as e:
             verdict = str(e)
     try:
         distributed.agree(distributed.config_text(resolved, hyper, extra), verdict)
         return _train_locked(resolved, hyper, args, model, train_ds, eval_ds, stats, data,
-                             resume_from, resume_changes, overwrite_output_dir)
+                             resume_from, list(plan.resume_changes), plan.overwrite_output_dir)
     finally:
         if lock is not None:
             lock.release()

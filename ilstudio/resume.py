@@ -9,7 +9,7 @@ difference); an allowed change is printed and recorded in the run's resume_chang
 from __future__ import annotations
 
 import datetime
-import os
+import json
 from pathlib import Path
 
 from absl import logging
@@ -99,8 +99,9 @@ def record_resume_changes(run_dir: Path, checkpoint: str, diffs: list[Difference
 def check_resume_config(resolved: Resolved, resume_from: str | None) -> list:
     """On resume: stop on a change the checkpoint cannot follow; print the allowed ones.
 
-    Compares with the operative config and flags saved next to the checkpoint (call after
-    the policy is built, at the point where those were written, and before rewriting them).
+    Compares with the operative config and flags saved next to the checkpoint. Called by
+    the plan (ilstudio/plan.py), after resolution: every configurable is built by then
+    (resolve.build_settings), so the operative config is the one the run will write.
     """
     if resume_from is None:
         return []
@@ -144,30 +145,10 @@ def check_checkpoint_fits(model, checkpoint: str | None) -> None:
                         f"this run's own checkpoint, or start a new run.")
 
 
-def data_fingerprint(resolved: Resolved) -> dict:
-    """What the run trains on: every episode's name, length (steps) and size (bytes).
-
-    Recorded at the start (rundir.DATA_FINGERPRINT); a resume on other data is refused
-    (check_same_data), so the normalization and the sample order a checkpoint continues
-    are the ones it began with."""
-    from ilstudio.data.episodes import check_episodes
-    from ilstudio.data.sources import list_episodes
-
-    paths = list_episodes(resolved.task.dataset_dir, resolved.model.cache_dir)
-    lengths = check_episodes(paths, resolved.task, resolved.use_images)
-    episodes = []
-    for p, n in zip(paths, lengths, strict=True):
-        size = _file_size(p)
-        episodes.append({"episode": str(p), "length": int(n), "bytes": size})
-    return {"episodes": episodes, "timesteps": int(sum(lengths))}
-
-
-def _file_size(ref) -> int | None:
-    """An episode file's size in bytes; None for a format whose episodes are not one file."""
-    try:
-        return os.stat(os.fspath(ref)).st_size
-    except TypeError:  # not path-like (a LeRobot episode lives in shared files)
-        return None
+def data_fingerprint(plan) -> dict:
+    """What the run trains on (names, lengths, sizes of its episodes): read from the plan,
+    whose episodes were checked once (ilstudio.data.checked.CheckedEpisodes.fingerprint)."""
+    return plan.data.fingerprint()
 
 
 def _listed(names: list[str]) -> str:
@@ -178,7 +159,6 @@ def check_same_data(run_dir: Path, now: dict, checkpoint: str) -> bool:
     """On resume: the episodes are the ones the run recorded (UserError naming what was
     added, removed or changed otherwise). False when the run predates fingerprints (then
     the caller records one from now on)."""
-    import json
 
     path = run_dir / rundir.DATA_FINGERPRINT
     try:
