@@ -218,6 +218,10 @@ def check_args(args: SimpleNamespace) -> None:
     if args.temporal_ensemble and args.query_every:
         raise UserError("--query_every applies to chunked execution; with --temporal_ensemble "
                         "the policy is queried every step: give one of them")
+    if args.policy != "checkpoint" and args.checkpoint:
+        raise UserError(f"--checkpoint={args.checkpoint} and --policy {args.policy} contradict each "
+                        f"other: --policy {args.policy} rolls out its own policy on --task_name "
+                        f"(give one of them)")
     if args.policy != "checkpoint" and (args.temporal_ensemble or args.no_temporal_ensemble
                                         or args.query_every):
         raise UserError(f"--temporal_ensemble/--no_temporal_ensemble/--query_every apply to "
