@@ -18,7 +18,12 @@ dtypes, 0-size frames, dangling/looping symlinks), the run directory (foreign fi
 lock), LeRobot metadata (info.json, the episodes and tasks tables, data columns and videos
 mutated field by field), converter destinations, the Python API (HyperArguments fields),
 special files (FIFOs, devices, directories as configs, includes, flagfiles, metadata, data
-and the lock), Ctrl-C (a real SIGINT at a random moment of every program).
+and the lock), Ctrl-C (a real SIGINT at a random moment of every program), files read back
+(drawn strings through flags.txt, yaml_to_gin's .flags and gin's config dumps), evaluator flags
+(python -m ilstudio.eval in-process, on a run without and with a simulator), the manifest
+(user files planted at random depths in a finished run, real --overwrite_output_dir, also after
+a real evaluation) and resume variants (flipped bits, no optimizer/RNG state, changed data,
+another architecture's checkpoint: real resumes, the run directory's listing compared).
 """
 
 from __future__ import annotations
@@ -997,6 +1002,42 @@ def family_manifest(rng: random.Random, n: int, data: Path, work: Path) -> None:
             why = f"rc {r.returncode}: {r.stderr[-300:]}"
         record("manifest: foreign files", " ".join(planted) or "(none)", held, why)
         shutil.rmtree(run, ignore_errors=True)
+    _after_a_real_evaluation(rng, work)
+
+
+def _after_a_real_evaluation(rng: random.Random, work: Path) -> None:
+    """python -m ilstudio.eval (in-process) writes into a simulated run; --overwrite_output_dir
+    then succeeds, or, with a user file in the evaluation's folder, lists it and changes nothing."""
+    import contextlib
+    import io
+
+    from ilstudio import eval as ev
+    from ilstudio import rundir
+
+    for plant in (False, True):
+        run = Path(shutil.copytree(_sim_run(work), work / f"evaluated{int(plant)}"))
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            rc = ev.main(["--checkpoint", str(run), *_SIM_EVAL])
+        folders = sorted(p for p in (run / "evals").iterdir() if p.is_dir()) if rc == 0 else []
+        if not folders:
+            record("manifest: foreign files", "after a real evaluation", False, f"eval rc {rc}")
+            continue
+        planted = []
+        if plant:
+            rel = f"{folders[0].relative_to(run).as_posix()}/{rng.choice(['notes.md', 'eval_results.json.orig'])}"
+            (run / rel).write_text("the user's\n")
+            planted.append(rel)
+        found = rundir.foreign_entries(run)
+        before = _listing(run)
+        r = _train([*_sim_train_args(work, run), "--overwrite_output_dir"])
+        if plant:
+            held = found == planted and r.returncode == 2 and planted[0] in r.stderr \
+                and _listing(run) == before
+        else:
+            held = found == [] and r.returncode == 0 and not (run / "evals").exists()
+        record("manifest: foreign files", f"after a real evaluation: {planted or '(none)'}", held,
+               f"found {found}; rc {r.returncode}: {r.stderr[-300:]}")
+        shutil.rmtree(run, ignore_errors=True)
 
 
 def _flip(path: Path, rng: random.Random) -> int:
@@ -1097,7 +1138,7 @@ def family_resume(rng: random.Random, n: int, data: Path, work: Path) -> None:
         shutil.rmtree(d)
         shutil.copytree(orig, d)
         kind = kinds[i % 4] if i < 4 else rng.choice(kinds)
-        real = i < max(4, n // 3)
+        real = True
         try:
             if kind == "flipped bit":
                 victim = run / "checkpoint-6" / rng.choice(["model.safetensors", "optimizer.pt",
@@ -1146,6 +1187,57 @@ def family_resume(rng: random.Random, n: int, data: Path, work: Path) -> None:
         shutil.rmtree(run, ignore_errors=True)
     shutil.rmtree(d)
     shutil.copytree(orig, d)
+    # and many more flipped bits, in-process: the evaluator's loader and the checkpoint check
+    run = Path(shutil.copytree(base, work / "flipped_run"))
+    for _ in range(4 * n):
+        ck = run / rng.choice(["checkpoint-3", "checkpoint-6"])
+        victim = ck / rng.choice(["model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"])
+        at = _flip(victim, rng)
+        try:
+            err, _ = attempt(lambda v=victim: read_state(v)) if victim.suffix == ".safetensors" \
+                else ("(not a file the evaluator reads)", None)
+            problem = rundir.checkpoint_problem(ck)
+        except Exception as e:  # noqa: BLE001
+            record("resume: flipped bit (loaders)", f"{victim.name} bit at {at}", False,
+                   f"{type(e).__name__}: {e}")
+            continue
+        finally:
+            shutil.copy(base / victim.relative_to(run), victim)
+        record("resume: flipped bit (loaders)", f"{victim.name} bit at {at}",
+               err is not None and problem is not None, f"loader: {err}; checkpoint_problem: {problem}")
+    shutil.rmtree(run, ignore_errors=True)
+
+
+_SIM_SMALL = ["sim.render_height = 36", "sim.render_width = 48"]
+_SIM_TINYACT = ["tinyact.channels = (4, 4)", "tinyact.strides = (2, 2)", "tinyact.keypoints = 4",
+                "tinyact.early_keypoints = 0", "tinyact.hidden_dim = 16",
+                "dataset.image_size = (24, 32)", "model.chunk_size = 5"]
+_SIM_EVAL = ["--num_episodes=1", "--video_episodes=1", "--no_progress",
+             "--gin_bindings=task.episode_len = 12"]
+
+
+def _sim_train_args(work: Path, out: Path) -> list[str]:
+    return ["--task_name=sim_transfer_cube_scripted",
+            f"--gin_bindings=task.dataset_dir = '{work / 'sim_data'}'",
+            "--gin_file=gin_configs/tinyact.gin",
+            *[f"--gin_bindings={b}" for b in _SIM_SMALL + _SIM_TINYACT], f"--output_dir={out}",
+            "--max_steps=2", "--per_device_train_batch_size=4", "--save_steps=1", "--report_to=none"]
+
+
+def _sim_run(work: Path) -> Path:
+    """A 2-step TinyACT run on two recorded 36x48 episodes: the evaluator can roll it out
+    (12-step episodes) in seconds, so its checks past the simulator's are reached."""
+    from ilstudio.sim.config import load_task
+    from ilstudio.sim.record import record as record_episodes
+
+    out = work / "sim_run"
+    if not (out / "model.safetensors").is_file():
+        task, sim = load_task("sim_transfer_cube_scripted", _SIM_SMALL)
+        assert record_episodes(task, sim, work / "sim_data", num_episodes=2, seed=0,
+                               progress=False)["kept"] == 2
+        r = _train(_sim_train_args(work, out))
+        assert r.returncode == 0, r.stderr[-2000:]
+    return out
 
 
 def family_eval_flags(rng: random.Random, n: int, data: Path, work: Path) -> None:
@@ -1156,26 +1248,27 @@ def family_eval_flags(rng: random.Random, n: int, data: Path, work: Path) -> Non
 
     from ilstudio import eval as ev
 
-    base = _finished_run(data, work, "finished", "--report_to=none")
+    bases = [_finished_run(data, work, "finished", "--report_to=none"), _sim_run(work)]
     area = work / "eval_area"
-    for _ in range(n):
+    for i in range(n):
         shutil.rmtree(area, ignore_errors=True)
+        base = bases[i % 2]
         run = Path(shutil.copytree(base, area / "run"))
         (area / "a_file").write_text("mine")
         kind = rng.choice(["device", "seed", "num_episodes", "output_dir a file", "no weights",
                            "normalization", "modes"])
-        args = ["--checkpoint", str(run), "--no_progress"]
+        args = ["--checkpoint", str(run), *_SIM_EVAL]
         if kind == "device":
             args.append("--device=" + rng.choice(["tpu", "", "cuda:99", "cpu:x", "cuda:-1", "gpu",
-                                                  "mps", "cuda:1e3", "meta", " cpu", "cpu\n--x"]))
+                                                  "mps", "cuda:1e3", "meta", "cpu\n--x"]))
         elif kind == "seed":
             args.append(f"--seed={rng.choice([-1, -(2 ** 31), 2 ** 64, 10 ** 30, -10 ** 30])}")
         elif kind == "num_episodes":
-            args.append(f"--num_episodes={rng.choice([0, -1, -10 ** 9])}")
+            args[2] = f"--num_episodes={rng.choice([0, -1, -10 ** 9])}"
         elif kind == "output_dir a file":
             args.append(f"--output_dir={area / 'a_file' / rng.choice(['', 'x', 'x/y'])}".rstrip("/"))
         elif kind == "no weights":
-            ck = run / rng.choice(["checkpoint-3", "checkpoint-6"])
+            ck = rng.choice(sorted(run.glob("checkpoint-*")))
             (ck / "model.safetensors").unlink()
             args[1] = str(ck)
         elif kind == "normalization":
@@ -1198,13 +1291,14 @@ def family_eval_flags(rng: random.Random, n: int, data: Path, work: Path) -> Non
         except SystemExit as e:
             rc = e.code
         except Exception as e:  # noqa: BLE001
-            record("evaluator flags", f"{kind}: {args[2:]}", False, f"{type(e).__name__}: {e}")
+            record("evaluator flags", f"{kind}: {args[6:]}", False, f"{type(e).__name__}: {e}")
             continue
         err = buf.getvalue().strip()
+        kind = f"{kind} ({'simulated task' if i % 2 else 'no simulator'})"
         lines = [x for x in err.splitlines() if not x.startswith("Run with --helpfull")]
         held = rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") \
             and "Traceback" not in err and _listing(area) == before
-        record("evaluator flags", f"{kind}: {' '.join(args[2:])}", held, f"rc {rc}: {err[-300:]}")
+        record("evaluator flags", f"{kind}: {' '.join(args[6:])}", held, f"rc {rc}: {err[-300:]}")
     shutil.rmtree(area, ignore_errors=True)
 
 
