@@ -527,17 +527,18 @@ def _mutate_parquet(path: Path, rng: random.Random) -> str:
     values = t.column(col).to_pylist()
     i = rng.randrange(len(values))
     how = rng.choice(["null", "all zero", "shift", "nan", "ragged", "negative"])
+    numeric = isinstance(values[0], (int, float)) and not isinstance(values[0], bool)
     if how == "null":
         values[i] = None
-    elif how == "all zero" and isinstance(values[0], (int, float)):
+    elif how == "all zero" and numeric:
         values = [type(values[0])(0)] * len(values)
     elif how == "nan" and isinstance(values[0], float):
         values[i] = float("nan")
     elif how == "ragged" and isinstance(values[0], list):
         values[i] = values[i][:-1]
-    elif how == "negative" and isinstance(values[0], (int, float)):
+    elif how == "negative" and numeric:
         values[i] = -1 - values[i]
-    elif isinstance(values[0], (int, float)):
+    elif numeric:  # (not a bool column: True + 1000 is no bool)
         how = "shift"
         values[i] = values[i] + 1000
     else:
