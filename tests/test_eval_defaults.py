@@ -118,6 +118,7 @@ def listing(run: Path) -> list[str]:
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--seed=-1"], "--seed"),
+    (["--seed=18446744073709551616"], "--seed"),  # 2**64 used to be evaluated (found by bench)
     (["--device=gpu7"], "--device='gpu7': not a torch device"),
     (["--device=cuda:3"], "--device='cuda:3'"),
     (["--temporal_ensemble", "--no_temporal_ensemble"], "contradict"),
