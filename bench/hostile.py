@@ -18,7 +18,12 @@ dtypes, 0-size frames, dangling/looping symlinks), the run directory (foreign fi
 lock), LeRobot metadata (info.json, the episodes and tasks tables, data columns and videos
 mutated field by field), converter destinations, the Python API (HyperArguments fields),
 special files (FIFOs, devices, directories as configs, includes, flagfiles, metadata, data
-and the lock), Ctrl-C (a real SIGINT at a random moment of every program).
+and the lock), Ctrl-C (a real SIGINT at a random moment of every program), files read back
+(drawn strings through flags.txt, yaml_to_gin's .flags and gin's config dumps), evaluator flags
+(python -m ilstudio.eval in-process, on a run without and with a simulator), the manifest
+(user files planted at random depths in a finished run, real --overwrite_output_dir, also after
+a real evaluation) and resume variants (flipped bits, no optimizer/RNG state, changed data,
+another architecture's checkpoint: real resumes, the run directory's listing compared).
 """
 
 from __future__ import annotations
@@ -396,9 +401,7 @@ def family_run_dir(rng: random.Random, n: int, data: Path, work: Path) -> None:
     from ilstudio import rundir
 
     run_args = ["--max_steps=6", "--save_steps=3", "--logging_steps=3", "--report_to=none"]
-    finished = work / "finished"
-    r = _train([*base_args(data, finished), *run_args])
-    assert r.returncode == 0, r.stderr[-2000:]
+    finished = _finished_run(data, work, "finished", "--report_to=none")
     names = ["paper.tex", "src/", "checkpoint-old/", "checkpoint-/", "model.safetensors.bak",
              ".hidden", "runs2/", "notes", "checkpoint-3x/", ".git/", "best.json", "flags.txt~"]
     # foreign files under --overwrite_output_dir (in-process, and a few real train.py runs)
@@ -524,17 +527,18 @@ def _mutate_parquet(path: Path, rng: random.Random) -> str:
     values = t.column(col).to_pylist()
     i = rng.randrange(len(values))
     how = rng.choice(["null", "all zero", "shift", "nan", "ragged", "negative"])
+    numeric = isinstance(values[0], (int, float)) and not isinstance(values[0], bool)
     if how == "null":
         values[i] = None
-    elif how == "all zero" and isinstance(values[0], (int, float)):
+    elif how == "all zero" and numeric:
         values = [type(values[0])(0)] * len(values)
     elif how == "nan" and isinstance(values[0], float):
         values[i] = float("nan")
     elif how == "ragged" and isinstance(values[0], list):
         values[i] = values[i][:-1]
-    elif how == "negative" and isinstance(values[0], (int, float)):
+    elif how == "negative" and numeric:
         values[i] = -1 - values[i]
-    elif isinstance(values[0], (int, float)):
+    elif numeric:  # (not a bool column: True + 1000 is no bool)
         how = "shift"
         values[i] = values[i] + 1000
     else:
@@ -795,9 +799,514 @@ def family_ctrl_c(rng: random.Random, n: int, data: Path, work: Path) -> None:
         record("Ctrl-C", f"{name} at {delay:.1f}s", held, f"rc {p.returncode}: {err[-300:]}")
 
 
+# -- what landed after the last table (issue 18): files read back, manifest, resume, evaluator --
+
+_TRICKY = ["\n", "\r", "\r\n", "\u2028", "\x85", "'", '"', "\\", "--", "#", "--gin_file=x.gin",
+           " ", "\t", "é", "\U0001f600", "=", "%macro", "@ref", "--flagfile=/etc/passwd", "\\n"]
+
+
+def _tricky(rng: random.Random) -> str:
+    parts = [rng.choice(_TRICKY) if rng.random() < 0.6 else rng.choice(["tb", "logs", "a b", "x"])
+             for _ in range(rng.randint(1, 5))]
+    if rng.random() < 0.3:
+        parts.insert(0, "--" if rng.random() < 0.5 else "\n--")
+    return "".join(parts) or "x"
+
+
+def _absl_reads(path: Path):
+    from absl import flags
+
+    from ilstudio.config.hyperparams import define_flags
+
+    fv = flags.FlagValues()
+    define_flags(fv)
+    fv(["train.py", f"--flagfile={path}"])
+    return fv
+
+
+def _flagfile_holds(path: Path, value: str, gin_file: list[str] | None) -> str | None:
+    """Why the flagfile at path does not read back as logging_dir=value and nothing else."""
+    fv = _absl_reads(path)
+    if fv["logging_dir"].value != value:
+        return f"logging_dir read back as {fv['logging_dir'].value!r}"
+    if (fv["gin_file"].value if fv["gin_file"].present else None) != gin_file:
+        return f"gin_file read back as {fv['gin_file'].value!r}"
+    return None
+
+
+def hostile_probe(value=None):
+    return value
+
+
+_PROBE: dict = {}
+
+
+def family_read_back(rng: random.Random, n: int, data: Path, work: Path) -> None:
+    """A drawn string value written into flags.txt / .flags / config.gin: refused (exit-2
+    semantics, before anything is written) or read back by absl / gin as exactly itself."""
+    import gin
+
+    from ilstudio.config import dumps
+    from ilstudio.tools.yaml_to_gin import convert, gin_literal
+
+    probe = gin.external_configurable(hostile_probe, "hostile_probe") if "hostile_probe" not in \
+        globals().get("_PROBE", {}) else _PROBE["hostile_probe"]
+    _PROBE["hostile_probe"] = probe
+
+    area = work / "read_back"
+    area.mkdir(exist_ok=True)
+    real = 0
+    for i in range(n):
+        value = _tricky(rng)
+        surface = rng.choice(["flag", "YAML", "yaml_to_gin", "gin", "train.py"] if real < 2 else
+                             ["flag", "YAML", "yaml_to_gin", "gin"])
+        case = f"{surface}: {value!r}"
+        out = area / f"out{i}"
+        yaml = area / f"c{i}.yaml"
+        import yaml as pyyaml
+
+        yaml.write_text(pyyaml.safe_dump({"logging_dir": value}), encoding="utf-8")
+        try:
+            why = None
+            if surface == "gin":
+                gin.clear_config()
+                gin.parse_config(f"hostile_probe.value = {gin_literal(value)}")
+                why = None if probe() == value else f"parsed as {probe()!r}"  # (and operative)
+                for text in (gin.config_str(), gin.operative_config_str()):
+                    gin.clear_config()
+                    gin.parse_config(text)
+                    if probe() != value:
+                        why = f"read back as {probe()!r}"
+                gin.clear_config()
+            elif surface == "yaml_to_gin":
+                err, texts = attempt(lambda yaml=yaml: convert(str(yaml)))
+                if texts is not None:
+                    (area / f"o{i}.flags").write_text(texts[1], encoding="utf-8")
+                    why = _flagfile_holds(area / f"o{i}.flags", value, None)
+                elif dumps.unrepresentable(value) is None:
+                    why = f"refused a writable value: {err}"
+            elif surface == "train.py":
+                real += 1
+                r = _train([*base_args(data, out), f"--training_config={yaml}", "--max_steps=1",
+                            "--save_steps=1", "--report_to=none"])
+                if r.returncode == 2:
+                    why = None if (not out.exists() and "Traceback" not in r.stderr
+                                   and dumps.unrepresentable(value)) else f"rc 2: {r.stderr[-300:]}"
+                elif r.returncode == 0:
+                    why = _flagfile_holds(out / "flags.txt", value,
+                                          [str((out / "config.gin").resolve())])
+                else:
+                    why = f"rc {r.returncode}: {r.stderr[-300:]}"
+            else:
+                argv = [*base_args(data, out)] + ([f"--logging_dir={value}"] if surface == "flag"
+                                                  else [f"--training_config={yaml}"])
+                err, resolved = attempt(lambda argv=argv: resolve(argv))
+                if resolved is not None:
+                    err, text = attempt(lambda r=resolved, out=out: dumps.flagfile_text(
+                        r, out / "config.gin"))
+                    if text is not None:
+                        (area / f"f{i}.txt").write_text(text, encoding="utf-8")
+                        why = _flagfile_holds(area / f"f{i}.txt", value,
+                                              [str((out / "config.gin").resolve())])
+                    elif dumps.unrepresentable(value) is None:
+                        why = f"refused a writable value: {err}"
+                if out.exists():
+                    why = "wrote the output directory"
+        except Exception as e:  # noqa: BLE001 - a traceback is a break
+            record("files read back", case, False, f"{type(e).__name__}: {e}")
+            continue
+        record("files read back", case, why is None, why or "")
+        shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(area, ignore_errors=True)
+
+
+def _listing(root: Path) -> list[tuple]:
+    """Every entry with its size and mtime (the lock excluded: a refused run may take it)."""
+    from ilstudio import rundir
+
+    return sorted((p.relative_to(root).as_posix(), p.is_dir(), p.stat().st_size if p.is_file() else 0,
+                   p.stat().st_mtime_ns) for p in root.rglob("*") if p.name != rundir.LOCK_FILE)
+
+
+RUN_ARGS = ["--max_steps=6", "--save_steps=3", "--logging_steps=3", "--seed=5"]
+
+
+def _finished_run(data: Path, work: Path, name: str, *extra: str) -> Path:
+    out = work / name
+    if not (out / "model.safetensors").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        r = _train([*base_args(data, out), *RUN_ARGS, *extra])
+        assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def _expected_foreign(run: Path, planted: list[str]) -> list[str]:
+    """What foreign_entries should list: the topmost new entry of each planted path."""
+    found = set()
+    for rel in planted:
+        parts = rel.split("/")
+        for k in range(1, len(parts) + 1):
+            prefix = "/".join(parts[:k])
+            if not (run / prefix).exists():
+                found.add(prefix + ("/" if k < len(parts) else ""))
+                break
+    return sorted(found)
+
+
+def family_manifest(rng: random.Random, n: int, data: Path, work: Path) -> None:
+    """User files planted at random depths inside a finished run (one evaluation's files
+    written by rundir's writers, as the evaluator writes them): foreign_entries lists exactly
+    them; a real --overwrite_output_dir exits 2 and changes nothing; with none, it succeeds."""
+    from ilstudio import rundir
+
+    base = _finished_run(data, work, "finished_tb", "--report_to=tensorboard")
+    if not (base / "evals" / "seed0_episodes1").is_dir():  # what the evaluator writes, its way
+        (base / "evals" / "seed0_episodes1").mkdir(parents=True)
+        rundir.write_atomic(base / "evals" / "seed0_episodes1" / "eval_episode_0_success.gif", b"GIF89a")
+        rundir.write_atomic(base / "evals" / "seed0_episodes1" / "eval_results.json", "{}")
+        rundir.write_atomic(base / "evals" / "latest.txt", "seed0_episodes1\n")
+    dirs = sorted({p.parent.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file()})
+    names = ["notes.md", ".flags.txt.orig", "model.safetensors.bak", "checkpoint-5", "optimizer.pt~",
+             "trainer_state.json.orig", "events.out.tfevents.mine", "eval_results (1).json", ".git",
+             "checkpoint-7", "rng_state.pth.bak", "manifest.jsonl.orig"]
+    real = 0
+    for i in range(n):
+        run = work / f"planted{i}"
+        shutil.copytree(base, run)
+        planted = []
+        for _ in range(rng.randint(0, 4) if i else 0):
+            parent = rng.choice(dirs)
+            sub = [rng.choice(["sub", "checkpoint-9", "old", "runs"]) for _ in range(rng.choice([0, 0, 1, 2]))]
+            rel = "/".join(p for p in [parent, *sub, rng.choice(names)] if p not in ("", "."))
+            if (run / rel).exists() or any((run / q).is_file() for q in Path(rel).parents):
+                continue
+            (run / rel).parent.mkdir(parents=True, exist_ok=True)
+            (run / rel).write_text("the user's\n")
+            planted.append(rel)
+        expected = _expected_foreign(base, planted)
+        try:
+            found = rundir.foreign_entries(run)
+        except Exception as e:  # noqa: BLE001
+            record("manifest: foreign files", " ".join(planted), False, f"{type(e).__name__}: {e}")
+            continue
+        held, why = found == expected, f"found {found}, expected {expected}"
+        if held and (real < 3 or not planted and real < 4):
+            real += 1
+            before = _listing(run)
+            r = _train([*base_args(data, run), *RUN_ARGS, "--report_to=tensorboard",
+                        "--overwrite_output_dir"])
+            if planted:
+                held = r.returncode == 2 and "Traceback" not in r.stderr and _listing(run) == before \
+                    and all(e in r.stderr for e in expected)
+            else:
+                held = r.returncode == 0 and not (run / "evals").exists()
+            why = f"rc {r.returncode}: {r.stderr[-300:]}"
+        record("manifest: foreign files", " ".join(planted) or "(none)", held, why)
+        shutil.rmtree(run, ignore_errors=True)
+    _after_a_real_evaluation(rng, work)
+
+
+def _after_a_real_evaluation(rng: random.Random, work: Path) -> None:
+    """python -m ilstudio.eval (in-process) writes into a simulated run; --overwrite_output_dir
+    then succeeds, or, with a user file in the evaluation's folder, lists it and changes nothing."""
+    import contextlib
+    import io
+
+    from ilstudio import eval as ev
+    from ilstudio import rundir
+
+    for plant in (False, True):
+        run = Path(shutil.copytree(_sim_run(work), work / f"evaluated{int(plant)}"))
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            rc = ev.main(["--checkpoint", str(run), *_SIM_EVAL])
+        folders = sorted(p for p in (run / "evals").iterdir() if p.is_dir()) if rc == 0 else []
+        if not folders:
+            record("manifest: foreign files", "after a real evaluation", False, f"eval rc {rc}")
+            continue
+        planted = []
+        if plant:
+            rel = f"{folders[0].relative_to(run).as_posix()}/{rng.choice(['notes.md', 'eval_results.json.orig'])}"
+            (run / rel).write_text("the user's\n")
+            planted.append(rel)
+        found = rundir.foreign_entries(run)
+        before = _listing(run)
+        r = _train([*_sim_train_args(work, run), "--overwrite_output_dir"])
+        if plant:
+            held = found == planted and r.returncode == 2 and planted[0] in r.stderr \
+                and _listing(run) == before
+        else:
+            held = found == [] and r.returncode == 0 and not (run / "evals").exists()
+        record("manifest: foreign files", f"after a real evaluation: {planted or '(none)'}", held,
+               f"found {found}; rc {r.returncode}: {r.stderr[-300:]}")
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def _flip(path: Path, rng: random.Random) -> int:
+    data = bytearray(path.read_bytes())
+    at = rng.randrange(len(data))
+    data[at] ^= 1 << rng.randrange(8)
+    path.write_bytes(bytes(data))
+    return at
+
+
+def _resumable(data: Path, work: Path) -> tuple[Path, Path]:
+    """A run on its own data copy, made resumable (an unfinished run killed after checkpoint-6)."""
+    from ilstudio import rundir
+    from ilstudio.data.synthetic import write_synthetic_dataset
+
+    d = work / "resume_data"
+    if not d.exists():
+        write_synthetic_dataset(d, num_episodes=4, episode_len=30)
+        shutil.copytree(d, work / "resume_data.orig")
+    run = _finished_run(d, work, "resume_run")
+    if (run / rundir.TRAINER_STATE).exists():
+        (run / rundir.TRAINER_STATE).unlink()
+    return d, run
+
+
+def _resume(data: Path, run: Path, *extra: str) -> subprocess.CompletedProcess:
+    return _train([*base_args(data, run), *RUN_ARGS, "--resume_from_checkpoint=true", *extra])
+
+
+def _refused_unchanged(r, run: Path, before, *words: str) -> str | None:
+    if r.returncode != 2 or "Traceback" in r.stderr:
+        return f"rc {r.returncode}: {r.stderr[-300:]}"
+    if _listing(run) != before:
+        return "refused, but the run directory changed"
+    missing = [w for w in words if w not in r.stderr]
+    return f"message lacks {missing}: {r.stderr[-300:]}" if missing else None
+
+
+def _damage_state(run: Path, rng: random.Random) -> str:
+    gone = rng.sample(["optimizer.pt", "scheduler.pt", "rng_state.pth"], rng.randint(1, 3))
+    for ck in run.glob("checkpoint-*"):
+        for name in gone:
+            (ck / name).unlink(missing_ok=True)
+    return ",".join(gone)
+
+
+def _change_data(d: Path, rng: random.Random) -> str:
+    from ilstudio.data.synthetic import write_synthetic_dataset
+
+    eps = sorted(d.glob("*.hdf5"))
+    kind = rng.choice(["added", "removed", "changed"])
+    if kind == "added":
+        shutil.copy(rng.choice(eps), d / f"episode_{rng.randint(50, 999)}.hdf5")
+    elif kind == "removed":
+        rng.choice(eps).unlink()
+    else:
+        write_synthetic_dataset(d, num_episodes=rng.randint(1, 2), episode_len=rng.choice([20, 31, 40]))
+    return kind
+
+
+def _foreign_checkpoint(run: Path, rng: random.Random) -> str:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ilstudio import rundir
+
+    ck = run / "checkpoint-9"
+    shutil.copytree(run / "checkpoint-6", ck)
+    state = json.loads((ck / rundir.TRAINER_STATE).read_text())
+    state["global_step"] = 9
+    (ck / rundir.TRAINER_STATE).write_text(json.dumps(state))
+    own = load_file(str(ck / rundir.WEIGHTS))
+    kind = rng.choice(["other keys", "other shape", "fewer keys"])
+    if kind == "other keys":
+        own = {f"backbone.layer.{k}.weight": torch.zeros(3, 3) for k in range(rng.randint(1, 3))}
+    elif kind == "other shape":
+        key = rng.choice(sorted(own))
+        own[key] = torch.zeros(*[s + 1 for s in own[key].shape] or [2])
+    else:
+        own.pop(rng.choice(sorted(own)))
+    save_file(own, str(ck / rundir.WEIGHTS))
+    return kind
+
+
+def family_resume(rng: random.Random, n: int, data: Path, work: Path) -> None:
+    """Resume from a damaged or different checkpoint, or onto different data: the evaluator's
+    loader refuses a flipped bit (in-process, every case); real resumes fall back (exit 0) or
+    exit 2 with the run directory unchanged (listing with sizes and mtimes)."""
+    from ilstudio import rundir
+    from ilstudio.models.state_io import read_state
+
+    d, base = _resumable(data, work)
+    orig = work / "resume_data.orig"
+    kinds = ["flipped bit", "no optimizer/RNG state", "data changed", "another architecture"]
+    for i in range(n):
+        run = work / f"resumed{i}"
+        shutil.copytree(base, run)
+        shutil.rmtree(d)
+        shutil.copytree(orig, d)
+        kind = kinds[i % 4] if i < 4 else rng.choice(kinds)
+        real = True
+        try:
+            if kind == "flipped bit":
+                victim = run / "checkpoint-6" / rng.choice(["model.safetensors", "optimizer.pt",
+                                                            "model.safetensors", "rng_state.pth"])
+                case = f"{victim.name} bit at {_flip(victim, rng)}"
+                why = None
+                if victim.name == "model.safetensors":
+                    err, _ = attempt(lambda v=victim: read_state(v))
+                    why = None if err else "the evaluator's loader read a flipped file"
+                if why is None and rundir.checkpoint_problem(run / "checkpoint-6") is None:
+                    why = "checkpoint_problem saw no damage"
+                if why is None and real:
+                    before = _listing(run)
+                    r = _resume(d, run)
+                    why = None if r.returncode == 0 and "falling back to" in r.stderr else \
+                        _refused_unchanged(r, run, before)
+            else:
+                extra = []
+                if kind == "no optimizer/RNG state":
+                    case = _damage_state(run, rng)
+                    words = []
+                    if rng.random() < 0.3:
+                        extra = ["--resume_weights_only"]
+                elif kind == "data changed":
+                    case = _change_data(d, rng)
+                    words = ["dataset is not the one the run trained on"]
+                    extra = rng.choice([[], ["--dry_run"]])
+                else:
+                    case = _foreign_checkpoint(run, rng)
+                    words = ["checkpoint-9"]
+                    extra = ["--max_steps=12"]
+                case = f"{kind}: {case} {' '.join(extra)}"
+                if not real:
+                    shutil.rmtree(run, ignore_errors=True)
+                    continue
+                before = _listing(run)
+                r = _resume(d, run, *extra)
+                if extra == ["--resume_weights_only"] and r.returncode == 0:
+                    why = None if "will NOT be bit-identical" in r.stderr else "no warning"
+                else:
+                    why = _refused_unchanged(r, run, before, *words)
+        except Exception as e:  # noqa: BLE001
+            record("resume variants", kind, False, f"{type(e).__name__}: {e}")
+            continue
+        record("resume variants", case, why is None, why or "")
+        shutil.rmtree(run, ignore_errors=True)
+    shutil.rmtree(d)
+    shutil.copytree(orig, d)
+    # and many more flipped bits, in-process: the evaluator's loader and the checkpoint check
+    run = Path(shutil.copytree(base, work / "flipped_run"))
+    for _ in range(4 * n):
+        ck = run / rng.choice(["checkpoint-3", "checkpoint-6"])
+        victim = ck / rng.choice(["model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"])
+        at = _flip(victim, rng)
+        try:
+            err, _ = attempt(lambda v=victim: read_state(v)) if victim.suffix == ".safetensors" \
+                else ("(not a file the evaluator reads)", None)
+            problem = rundir.checkpoint_problem(ck)
+        except Exception as e:  # noqa: BLE001
+            record("resume: flipped bit (loaders)", f"{victim.name} bit at {at}", False,
+                   f"{type(e).__name__}: {e}")
+            continue
+        finally:
+            shutil.copy(base / victim.relative_to(run), victim)
+        record("resume: flipped bit (loaders)", f"{victim.name} bit at {at}",
+               err is not None and problem is not None, f"loader: {err}; checkpoint_problem: {problem}")
+    shutil.rmtree(run, ignore_errors=True)
+
+
+_SIM_SMALL = ["sim.render_height = 36", "sim.render_width = 48"]
+_SIM_TINYACT = ["tinyact.channels = (4, 4)", "tinyact.strides = (2, 2)", "tinyact.keypoints = 4",
+                "tinyact.early_keypoints = 0", "tinyact.hidden_dim = 16",
+                "dataset.image_size = (24, 32)", "model.chunk_size = 5"]
+_SIM_EVAL = ["--num_episodes=1", "--video_episodes=1", "--no_progress",
+             "--gin_bindings=task.episode_len = 12"]
+
+
+def _sim_train_args(work: Path, out: Path) -> list[str]:
+    return ["--task_name=sim_transfer_cube_scripted",
+            f"--gin_bindings=task.dataset_dir = '{work / 'sim_data'}'",
+            "--gin_file=gin_configs/tinyact.gin",
+            *[f"--gin_bindings={b}" for b in _SIM_SMALL + _SIM_TINYACT], f"--output_dir={out}",
+            "--max_steps=2", "--per_device_train_batch_size=4", "--save_steps=1", "--report_to=none"]
+
+
+def _sim_run(work: Path) -> Path:
+    """A 2-step TinyACT run on two recorded 36x48 episodes: the evaluator can roll it out
+    (12-step episodes) in seconds, so its checks past the simulator's are reached."""
+    from ilstudio.sim.config import load_task
+    from ilstudio.sim.record import record as record_episodes
+
+    out = work / "sim_run"
+    if not (out / "model.safetensors").is_file():
+        task, sim = load_task("sim_transfer_cube_scripted", _SIM_SMALL)
+        assert record_episodes(task, sim, work / "sim_data", num_episodes=2, seed=0,
+                               progress=False)["kept"] == 2
+        r = _train(_sim_train_args(work, out))
+        assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def family_eval_flags(rng: random.Random, n: int, data: Path, work: Path) -> None:
+    """python -m ilstudio.eval's flags and run files, in-process: exit 2, one message, nothing
+    written (the run and --output_dir's parent listed before and after)."""
+    import contextlib
+    import io
+
+    from ilstudio import eval as ev
+
+    bases = [_finished_run(data, work, "finished", "--report_to=none"), _sim_run(work)]
+    area = work / "eval_area"
+    for i in range(n):
+        shutil.rmtree(area, ignore_errors=True)
+        base = bases[i % 2]
+        run = Path(shutil.copytree(base, area / "run"))
+        (area / "a_file").write_text("mine")
+        kind = rng.choice(["device", "seed", "num_episodes", "output_dir a file", "no weights",
+                           "normalization", "modes"])
+        args = ["--checkpoint", str(run), *_SIM_EVAL]
+        if kind == "device":
+            args.append("--device=" + rng.choice(["tpu", "", "cuda:99", "cpu:x", "cuda:-1", "gpu",
+                                                  "mps", "cuda:1e3", "meta", "cpu\n--x"]))
+        elif kind == "seed":
+            args.append(f"--seed={rng.choice([-1, -(2 ** 31), 2 ** 64, 10 ** 30, -10 ** 30])}")
+        elif kind == "num_episodes":
+            args[2] = f"--num_episodes={rng.choice([0, -1, -10 ** 9])}"
+        elif kind == "output_dir a file":
+            args.append(f"--output_dir={area / 'a_file' / rng.choice(['', 'x', 'x/y'])}".rstrip("/"))
+        elif kind == "no weights":
+            ck = rng.choice(sorted(run.glob("checkpoint-*")))
+            (ck / "model.safetensors").unlink()
+            args[1] = str(ck)
+        elif kind == "normalization":
+            stats = json.loads((run / "normalization.json").read_text())
+            key = rng.choice(sorted(k for k, v in stats.items() if isinstance(v, list)))
+            vals = stats[key]
+            vals[rng.randrange(len(vals))] = rng.choice(["NaN", "Infinity", "-Infinity"])
+            (run / "normalization.json").write_text(json.dumps(stats).replace('"NaN"', "NaN")
+                                                    .replace('"Infinity"', "Infinity")
+                                                    .replace('"-Infinity"', "-Infinity"))
+        else:
+            args += rng.choice([["--temporal_ensemble", "--no_temporal_ensemble"],
+                                ["--temporal_ensemble", "--query_every=5"],
+                                ["--policy=scripted"], ["--policy=hold", "--query_every=3"]])
+        before = _listing(area)
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(io.StringIO()):
+                rc = ev.main(args)
+        except SystemExit as e:
+            rc = e.code
+        except Exception as e:  # noqa: BLE001
+            record("evaluator flags", f"{kind}: {args[6:]}", False, f"{type(e).__name__}: {e}")
+            continue
+        err = buf.getvalue().strip()
+        kind = f"{kind} ({'simulated task' if i % 2 else 'no simulator'})"
+        lines = [x for x in err.splitlines() if not x.startswith("Run with --helpfull")]
+        held = rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") \
+            and "Traceback" not in err and _listing(area) == before
+        record("evaluator flags", f"{kind}: {' '.join(args[6:])}", held, f"rc {rc}: {err[-300:]}")
+    shutil.rmtree(area, ignore_errors=True)
+
+
 FAMILIES = [family_ranges, family_yaml_size, family_task_paths, family_two_keys, family_encoding,
             family_training_arg, family_data, family_lerobot_meta, family_convert_dst, family_api,
-            family_special_files, family_run_dir, family_ctrl_c]
+            family_special_files, family_run_dir, family_ctrl_c, family_read_back, family_eval_flags,
+            family_manifest, family_resume]
 
 
 def main() -> int:
@@ -820,7 +1329,7 @@ def main() -> int:
             continue
         rng = random.Random(f"{a.seed}:{fam.__name__}")
         start = time.monotonic()
-        few = fam in (family_run_dir, family_ctrl_c)  # real subprocesses: fewer cases
+        few = fam in (family_run_dir, family_ctrl_c, family_manifest, family_resume)  # real subprocesses: fewer cases
         fam(rng, a.cases if not few else max(1, a.cases // 4), data, work)
         print(f"# {fam.__name__}: {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
     lines = ["", "| family | cases tried | held | broke |", "|---|---|---|---|"]

@@ -53,9 +53,9 @@ flags.DEFINE_enum("policy", "checkpoint", ["checkpoint", "scripted", "hold"],
                   "reach ~100%); hold: stand still (0%).", flag_values=FLAGS)
 flags.DEFINE_integer("num_episodes", 50, "Simulated evaluation episodes.", lower_bound=1,
                      flag_values=FLAGS)
-flags.DEFINE_integer("seed", 0, "Evaluation seed (>= 0); episode poses never coincide with "
-                     "recording ones. The results folder is named by it.", lower_bound=0,
-                     flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Evaluation seed (0 to 2**32-1, as train.py's --seed); "
+                     "episode poses never coincide with recording ones. The results folder is "
+                     "named by it.", lower_bound=0, upper_bound=2**32 - 1, flag_values=FLAGS)
 flags.DEFINE_bool("temporal_ensemble", None, "Force temporal ensembling on: query every step and "
                   "blend overlapping chunks (ACT, weights exp(-0.01 i)). Default: the policy's "
                   "declared mode, <policy>.temporal_ensemble in the run's operative_config.gin "
@@ -208,8 +208,8 @@ def check_args(args: SimpleNamespace) -> None:
     """The flags' cross-checks, before anything is loaded or written (UserError: exit 2)."""
     if args.num_episodes < 1:
         raise UserError(f"--num_episodes must be >= 1, got {args.num_episodes}")
-    if args.seed < 0:
-        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed <= 2**32 - 1:
+        raise UserError(f"--seed must be in [0, 4294967295] (as train.py's), got {args.seed}")
     if args.temporal_ensemble is False:  # absl's --notemporal_ensemble: the same as ours
         args.no_temporal_ensemble = True
     if args.temporal_ensemble and args.no_temporal_ensemble:
@@ -218,6 +218,10 @@ def check_args(args: SimpleNamespace) -> None:
     if args.temporal_ensemble and args.query_every:
         raise UserError("--query_every applies to chunked execution; with --temporal_ensemble "
                         "the policy is queried every step: give one of them")
+    if args.policy != "checkpoint" and args.checkpoint:
+        raise UserError(f"--checkpoint={args.checkpoint} and --policy {args.policy} contradict each "
+                        f"other: --policy {args.policy} rolls out its own policy on --task_name "
+                        f"(give one of them)")
     if args.policy != "checkpoint" and (args.temporal_ensemble or args.no_temporal_ensemble
                                         or args.query_every):
         raise UserError(f"--temporal_ensemble/--no_temporal_ensemble/--query_every apply to "

@@ -128,15 +128,23 @@ def check_checkpoint_fits(model, checkpoint: str | None) -> None:
     if checkpoint is None or not (Path(checkpoint) / rundir.WEIGHTS).is_file():
         return
     saved = rundir.safetensors_shapes(Path(checkpoint) / rundir.WEIGHTS)
-    own = {k: list(v.shape) for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    own = {k: list(v.shape) for k, v in state.items()}
     unknown = sorted(set(saved) - set(own))
     wrong = [f"{k}: saved {saved[k]}, the policy's {own[k]}" for k in sorted(saved)
              if k in own and saved[k] != own[k]]
-    if unknown or wrong:
+    # A tensor the file lacks (transformers would load the rest and then fail on it), unless
+    # tied to a saved one (shared storage is saved under one name).
+    tied = {state[k].data_ptr() for k in saved if k in state}
+    lacking = sorted(k for k in set(own) - set(saved) if state[k].data_ptr() not in tied)
+    if unknown or wrong or lacking:
         parts = []
         if unknown:
             parts.append(f"{len(unknown)} tensor(s) the policy does not have "
                          f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''})")
+        if lacking:
+            parts.append(f"{len(lacking)} of the policy's tensor(s) missing "
+                         f"({', '.join(lacking[:3])}{', ...' if len(lacking) > 3 else ''})")
         if wrong:
             parts.append(f"{len(wrong)} of another shape ({'; '.join(wrong[:3])})")
         raise UserError(f"cannot resume from {checkpoint}: its {rundir.WEIGHTS} is not a "

@@ -118,11 +118,14 @@ def listing(run: Path) -> list[str]:
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--seed=-1"], "--seed"),
+    (["--seed=18446744073709551616"], "--seed"),  # 2**64 used to be evaluated (found by bench)
     (["--device=gpu7"], "--device='gpu7': not a torch device"),
     (["--device=cuda:3"], "--device='cuda:3'"),
     (["--temporal_ensemble", "--no_temporal_ensemble"], "contradict"),
     (["--output_dir={run}/operative_config.gin"], "exists and is not a directory"),
     (["--query_every=6", "--no_temporal_ensemble"], "--query_every=6"),
+    (["--policy=scripted"], "--policy scripted contradict"),  # it used to ignore --checkpoint
+    (["--policy=hold"], "--policy hold contradict"),
 ])
 def test_bad_evaluator_flags_are_one_message_and_exit_2(tinyact_run: Path, flags: list[str],
                                                         message: str, capsys) -> None:

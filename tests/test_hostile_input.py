@@ -296,3 +296,10 @@ def test_former_crashes_are_user_errors(tmp_path, tiny_data, kind, payload, name
     else:
         msg = drive(tmp_path, tiny_data, flags=[payload])
     assert msg is not None and named in msg
+
+
+def test_a_training_arg_transformers_refuses_is_named_as_given(tmp_path, tiny_data):
+    """--training_arg=debug=/tmp/x was reported as '--debug=/tmp/x', a flag that does not
+    exist (found by bench/hostile.py at --cases 60)."""
+    msg = drive(tmp_path, tiny_data, flags=["--training_arg=debug=/tmp/x"])
+    assert msg is not None and msg.startswith("--training_arg=debug=/tmp/x: "), msg

@@ -215,3 +215,13 @@ def test_fifo_as_metadata_is_refused_at_once(copy):
     (d / "meta/info.json").unlink()
     os.symlink("/dev/zero", d / "meta/info.json")
     refused(d, "info.json", "character device")
+
+
+@pytest.mark.parametrize("version", ["v2.1", "v3.0"])
+def test_frames_naming_a_task_their_episode_does_not_list(copy, version):
+    """All frames set to task 0: episode 1 would train on episode 0's instruction (found by
+    bench/hostile.py's LeRobot family at --cases 60)."""
+    d = copy(version)
+    data = sorted((d / "data").rglob("*.parquet"))[-1]
+    edit_parquet(data, "task_index", lambda v: [0] * len(v))
+    refused(d, data.name, "episode 1's frames have task(s)", "does not list for it")

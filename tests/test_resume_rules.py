@@ -148,6 +148,24 @@ def test_another_architectures_checkpoint_is_refused_before_writing(copied):
     assert snapshot(out) == before
 
 
+def test_a_checkpoint_missing_one_of_the_policys_tensors_is_refused(copied):
+    """It used to load the rest and fail in transformers with an AttributeError (found by
+    bench/hostile.py's resume family)."""
+    from safetensors.torch import load_file, save_file
+
+    data, out = copied
+    state = load_file(str(out / "checkpoint-6" / rundir.WEIGHTS))
+    gone = sorted(state)[0]
+    del state[gone]
+    save_file(state, str(out / "checkpoint-6" / rundir.WEIGHTS))
+    (out / rundir.MANIFEST).write_text("\n".join(  # as if the run had written it so
+        ln for ln in (out / rundir.MANIFEST).read_text().splitlines()
+        if "checkpoint-6/model.safetensors" not in ln) + "\n")
+    before = snapshot(out)
+    refused(resume(data, out), "checkpoint-6", "missing", gone)
+    assert snapshot(out) == before
+
+
 @pytest.mark.parametrize("saved,now", [("None", "1e-4"), ("1e-4", "None")])
 def test_lora_lr_newly_set_or_unset_is_refused(tmp_path, saved, now):
     """lora.lr between unset and set changes the optimizer's parameter groups (a saved

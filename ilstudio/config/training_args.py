@@ -154,7 +154,8 @@ def build_training_arguments(hyper: Hyperparams, extra: dict[str, Any] | None = 
         return TrainingArguments(**kwargs)
     except (TypeError, ValueError, OverflowError) as e:
         culprit = _culprit(TrainingArguments, kwargs)
-        where = f"--{culprit}={kwargs[culprit]}: " if culprit else ""
+        flag = f"--training_arg={culprit}" if culprit in (extra or {}) else f"--{culprit}"
+        where = f"{flag}={kwargs[culprit]}: " if culprit else ""
         hint = did_you_mean(str(kwargs[culprit]), _enum_values(TrainingArguments, culprit)) if culprit else ""
         raise UserError(f"{where}TrainingArguments rejected the hyperparameters{hint}: {e}") from None
 

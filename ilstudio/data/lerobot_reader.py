@@ -95,7 +95,8 @@ class LeRobotData:
         episodes, tasks = loader(info)
         check_data_files(info.root, info.fps, [
             EpisodeFiles(e.index, e.length, e.data_file,
-                         {keys[c]: (s.path, s.from_timestamp) for c, s in e.videos.items()})
+                         {keys[c]: (s.path, s.from_timestamp) for c, s in e.videos.items()},
+                         e.tasks)
             for e in episodes], tasks, {STATE_KEY: info.state_dim, LR_ACTION: info.action_dim})
         return cls(info, episodes, tasks)
 

@@ -314,6 +314,7 @@ class EpisodeFiles:
     length: int
     data_file: str  # relative to the root
     videos: dict[str, tuple[str, float]]  # feature key -> (file relative to the root, from_timestamp)
+    tasks: tuple[str, ...] = ()  # the episodes table's "tasks" (empty: not listed, not checked)
 
 
 def check_data_files(root: Path, fps: float, episodes: Sequence[EpisodeFiles], tasks: dict[int, str],
@@ -330,6 +331,9 @@ def check_data_files(root: Path, fps: float, episodes: Sequence[EpisodeFiles], t
     for name, eps in by_file.items():
         cols = _frame_columns(root / name, vectors)
         _check_rows(root / name, cols, {ep.index: ep.length for ep in eps}, listed, tasks, fps)
+        if "task_index" in cols:
+            for ep in eps:
+                _check_episode_tasks(root / name, ep, cols, tasks)
     _check_video_rates(root, fps, episodes)
 
 
@@ -400,6 +404,21 @@ def _check_rows(path: Path, cols: dict[str, np.ndarray], expected: dict[int, int
             raise UserError(f"{path}: episode {index} has {len(rows)} rows but the episode "
                             f"metadata says length {length}")
         _check_frames(path, index, cols, rows, fps)
+
+
+def _check_episode_tasks(path: Path, ep: EpisodeFiles, cols: dict[str, np.ndarray],
+                         tasks: dict[int, str]) -> None:
+    """An episode's frames name only tasks its row in the episodes table lists (the frame's
+    task is the instruction a language-conditioned policy trains on)."""
+    if not ep.tasks:
+        return
+    rows = cols["episode_index"] == ep.index
+    named = {tasks[i] for i in np.unique(cols["task_index"][rows]).astype(int).tolist()}
+    other = sorted(named - set(ep.tasks))
+    if other:
+        raise UserError(f"{path}: episode {ep.index}'s frames have task(s) "
+                        f"{[shown(t) for t in other[:MAX_ROWS_SHOWN]]} that the episodes table "
+                        f"does not list for it (it lists {[shown(t) for t in ep.tasks[:3]]})")
 
 
 def _check_frames(path: Path, index: int, cols: dict[str, np.ndarray], rows: np.ndarray,
