@@ -1,13 +1,17 @@
-"""The action loss every policy trains with: L1 over the steps of a chunk that hold data.
+"""The losses policies train with, one definition each, so that every policy's reported
+``l1`` (and the VLAs' ``lm_loss``) means the same thing and a fix reaches all of them.
 
-Chunks near an episode's end are padded (``is_pad``): those steps repeat the last action
-and would teach the policy to stop, so they must not count. One definition, so that every
-policy's reported ``l1`` means the same thing and a fix reaches all of them.
+The action loss is L1 over the steps of a chunk that hold data: chunks near an episode's end
+are padded (``is_pad``), those steps repeat the last action and would teach the policy to
+stop, so they must not count.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from ilstudio.data.language import IGNORE  # the label of a token no loss counts (prompt, padding)
 
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor,
@@ -22,3 +26,12 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor,
         return per_step.mean()
     keep = (~is_pad.bool()).to(per_step.dtype)
     return (per_step * keep).sum() / keep.sum().clamp(min=1.0)
+
+
+def language_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy over the target tokens that count (IGNORE elsewhere); a batch
+    with none gives a zero that keeps the graph, so every step has the same parameters."""
+    if (target != IGNORE).any():
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                               ignore_index=IGNORE)
+    return logits.sum() * 0.0

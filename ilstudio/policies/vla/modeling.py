@@ -42,12 +42,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from absl import logging
 from torch import nn
 
 from ilstudio.errors import UserError
-from ilstudio.policies.losses import masked_l1
+from ilstudio.policies.losses import language_loss, masked_l1
 from ilstudio.policies.vla.layout import (
     LLM,
     PROJECTOR,
@@ -60,7 +59,6 @@ from ilstudio.policies.vla.layout import (
 )
 from ilstudio.policies.vla.parts import trainable_parts, untie_embeddings
 
-IGNORE = -100
 # Pixel normalization per vision model type (their image processors' defaults).
 _CLIP_MEAN, _CLIP_STD = (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)
 _PIXEL_STATS = {"clip_vision_model": (_CLIP_MEAN, _CLIP_STD)}
@@ -207,11 +205,7 @@ class VLAPolicy(nn.Module):
             start = qs + k - 1  # the hidden state before each target token predicts it
             h = hidden[:, start:start + target.shape[1]]
             logits = self.llm.get_output_embeddings()(h).float()
-            if (target != IGNORE).any():
-                lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                          ignore_index=IGNORE)
-            else:
-                lm_loss = logits.sum() * 0.0
+            lm_loss = language_loss(logits, target)
             loss = loss + self.llm_loss_weight * lm_loss
             out["lm_loss"] = lm_loss.detach()
         out["loss"] = loss

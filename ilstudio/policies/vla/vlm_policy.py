@@ -22,15 +22,12 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torch.nn.functional as F
 from absl import logging
 from torch import nn
 
-from ilstudio.policies.losses import masked_l1
+from ilstudio.policies.losses import language_loss, masked_l1
 from ilstudio.policies.vla.backbones import Backbone
 from ilstudio.policies.vla.vlm_inputs import ImageTextInputs
-
-IGNORE = -100
 
 
 class StateActionHead(nn.Module):
@@ -172,11 +169,7 @@ class HFVLAPolicy(nn.Module):
             target = labels[:, self.prompt_len:]
             start = qs + k - 1  # the hidden state before each target token predicts it
             logits = self.vlm.get_output_embeddings()(hidden[:, start:start + target.shape[1]]).float()
-            if (target != IGNORE).any():
-                lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                          ignore_index=IGNORE)
-            else:
-                lm_loss = logits.sum() * 0.0
+            lm_loss = language_loss(logits, target)
             loss = loss + self.llm_loss_weight * lm_loss
             out["lm_loss"] = lm_loss.detach()
         out["loss"] = loss
