@@ -35,3 +35,24 @@ def language_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                ignore_index=IGNORE)
     return logits.sum() * 0.0
+
+
+def vla_losses(pred: torch.Tensor, action: torch.Tensor, is_pad: torch.Tensor | None,
+               hidden: torch.Tensor, labels: torch.Tensor | None, *, queries_start: int,
+               num_queries: int, prompt_len: int, lm_head: torch.nn.Module,
+               llm_loss_weight: float) -> dict:
+    """A VLA's training losses, for both backbone kinds: the masked L1 of the action chunk,
+    plus ``llm_loss_weight`` x the language loss on the target tokens that follow the action
+    queries (read by the model's own LM head) when that weight is on and labels are given."""
+    action_loss = masked_l1(pred, action, is_pad)
+    out = {"action_loss": action_loss.detach()}
+    loss = action_loss
+    if llm_loss_weight > 0 and labels is not None:
+        target = labels[:, prompt_len:]
+        start = queries_start + num_queries - 1  # the hidden state before each target token
+        logits = lm_head(hidden[:, start:start + target.shape[1]]).float()
+        lm_loss = language_loss(logits, target)
+        loss = loss + llm_loss_weight * lm_loss
+        out["lm_loss"] = lm_loss.detach()
+    out["loss"] = loss
+    return out

@@ -46,7 +46,7 @@ from absl import logging
 from torch import nn
 
 from ilstudio.errors import UserError
-from ilstudio.policies.losses import language_loss, masked_l1
+from ilstudio.policies.losses import vla_losses
 from ilstudio.policies.vla.layout import (
     LLM,
     PROJECTOR,
@@ -196,20 +196,10 @@ class VLAPolicy(nn.Module):
         pred = self._actions(hidden, qs)
         if action is None:
             return {"actions": pred}
-        action_loss = masked_l1(pred, action, is_pad)
-        out = {"action_loss": action_loss.detach()}
-        loss = action_loss
-        if with_lm:
-            k = self.action_head.queries.shape[0]
-            target = labels[:, self.prompt_len:]
-            start = qs + k - 1  # the hidden state before each target token predicts it
-            h = hidden[:, start:start + target.shape[1]]
-            logits = self.llm.get_output_embeddings()(h).float()
-            lm_loss = language_loss(logits, target)
-            loss = loss + self.llm_loss_weight * lm_loss
-            out["lm_loss"] = lm_loss.detach()
-        out["loss"] = loss
-        return out
+        return vla_losses(pred, action, is_pad, hidden, labels, queries_start=qs,
+                          num_queries=self.action_head.queries.shape[0],
+                          prompt_len=self.prompt_len, lm_head=self.llm.get_output_embeddings(),
+                          llm_loss_weight=self.llm_loss_weight)
 
     @torch.no_grad()
     def select_action(self, qpos: torch.Tensor, images: torch.Tensor,

@@ -25,7 +25,7 @@ import torch
 from absl import logging
 from torch import nn
 
-from ilstudio.policies.losses import language_loss, masked_l1
+from ilstudio.policies.losses import vla_losses
 from ilstudio.policies.vla.backbones import Backbone
 from ilstudio.policies.vla.vlm_inputs import ImageTextInputs
 
@@ -161,19 +161,10 @@ class HFVLAPolicy(nn.Module):
         pred = self._actions(hidden, qs)
         if action is None:
             return {"actions": pred}
-        action_loss = masked_l1(pred, action, is_pad)
-        out = {"action_loss": action_loss.detach()}
-        loss = action_loss
-        if with_lm:
-            k = self.action_head.queries.shape[0]
-            target = labels[:, self.prompt_len:]
-            start = qs + k - 1  # the hidden state before each target token predicts it
-            logits = self.vlm.get_output_embeddings()(hidden[:, start:start + target.shape[1]]).float()
-            lm_loss = language_loss(logits, target)
-            loss = loss + self.llm_loss_weight * lm_loss
-            out["lm_loss"] = lm_loss.detach()
-        out["loss"] = loss
-        return out
+        return vla_losses(pred, action, is_pad, hidden, labels, queries_start=qs,
+                          num_queries=self.action_head.queries.shape[0],
+                          prompt_len=self.prompt_len, lm_head=self.vlm.get_output_embeddings(),
+                          llm_loss_weight=self.llm_loss_weight)
 
     @torch.no_grad()
     def select_action(self, qpos, images, input_ids=None, attention_mask=None) -> torch.Tensor:
