@@ -75,6 +75,23 @@ def refused(r: subprocess.CompletedProcess, *words: str) -> None:
         assert w in r.stderr, (w, r.stderr[-2000:])
 
 
+@pytest.mark.parametrize("damage", [
+    "",                                        # truncated to nothing
+    '{"episodes": [{"episode": "a", "len',     # torn mid-write
+    "[1, 2, 3]",                               # valid JSON, not an object
+    '{"episodes": [7]}',                       # entries that are not objects
+    '{"episodes": [{"episode": "a"}]}',        # an entry without length and size
+])
+def test_a_damaged_data_fingerprint_is_refused_naming_the_file(copied, damage):
+    """The fingerprint is a file the run reads back: a damaged one is a clear refusal
+    (exit 2, the file named), never a traceback, and the run directory is left as it was."""
+    data, out = copied
+    (out / rundir.DATA_FINGERPRINT).write_text(damage)
+    before = snapshot(out)
+    refused(resume(data, out, "--dry_run"), str(out / rundir.DATA_FINGERPRINT), "damaged")
+    assert snapshot(out) == before
+
+
 def test_the_run_records_its_data(data_and_run):
     data, run = data_and_run
     fp = json.loads((run / rundir.DATA_FINGERPRINT).read_text())
