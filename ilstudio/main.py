@@ -70,7 +70,7 @@ def _main(argv: list[str]) -> None:
         logging.flush()
         fail(str(e))
     except KeyboardInterrupt:
-        _interrupted(resolved)
+        _interrupted(resolved.output_dir if resolved is not None else None)
     except Exception as e:
         from ilstudio.training.run import Preempted
 
@@ -100,7 +100,7 @@ def make_run_plan(resolved):
     from ilstudio.plan import finish_plan, plan_data, plan_output
 
     show = FLAGS.dry_run or FLAGS.explain
-    verdict = plan_output(resolved, FLAGS.overwrite_output_dir)
+    verdict = plan_output(resolved.hyper, FLAGS.overwrite_output_dir)
     if verdict.refused and not FLAGS.explain:
         raise UserError(verdict.refused)
     if show:
@@ -114,17 +114,17 @@ def make_run_plan(resolved):
     return plan
 
 
-def _interrupted(resolved) -> None:
-    """Ctrl-C: one line (the last complete checkpoint and the command that resumes), exit
-    code 130, no traceback. Every write is atomic, so nothing half-written is left."""
+def _interrupted(out: str | None) -> None:
+    """Ctrl-C: one line (the last complete checkpoint in ``out``, the run's output_dir, and the
+    command that resumes), exit code 130, no traceback. Every write is atomic, so nothing
+    half-written is left. ``out`` is None when Ctrl-C came before the configuration resolved."""
     from ilstudio import rundir
     from ilstudio.training.run import resume_command
 
     logging.flush()
-    if resolved is None or not rundir.holds_a_run(resolved.output_dir):
+    if out is None or not rundir.holds_a_run(out):
         line = "interrupted (Ctrl-C) before the run wrote anything"
     else:
-        out = resolved.output_dir
         last = rundir.last_complete_checkpoint(out)
         line = (f"interrupted (Ctrl-C): the last complete checkpoint is {last}; resume with: "
                 f"{resume_command(out)}" if last else

@@ -25,6 +25,7 @@ from pathlib import Path
 from absl import logging
 
 from ilstudio import rundir
+from ilstudio.config.hyperparams import Hyperparams
 from ilstudio.config.training_args import parse_resume, tensorboard_dir
 from ilstudio.data.checked import CheckedEpisodes, check_dataset
 from ilstudio.errors import UserError
@@ -91,7 +92,7 @@ class Plan:
 def make_plan(resolved: Resolved, overwrite_output_dir: bool = False) -> Plan:
     """The whole plan at once (the Python API; train.py prints between the two halves).
     UserError when the output directory is refused or the data does not check."""
-    verdict = plan_output(resolved, overwrite_output_dir)
+    verdict = plan_output(resolved.hyper, overwrite_output_dir)
     if verdict.refused:
         raise UserError(verdict.refused)
     return finish_plan(resolved, overwrite_output_dir, verdict, plan_data(resolved, verdict))
@@ -105,18 +106,20 @@ def finish_plan(resolved: Resolved, overwrite: bool, verdict: Verdict,
     return Plan(resolved, overwrite, verdict, data, tuple(changes))
 
 
-def plan_output(resolved: Resolved, overwrite: bool) -> Verdict:
-    """The output directory's verdict. A bad --resume_from_checkpoint or logging_dir raises;
-    a directory this run may not use is a refused verdict (--explain may inspect it)."""
-    check_logging_dir(resolved)
-    resume = resume_checkpoint(resolved)
+def plan_output(hyper: Hyperparams, overwrite: bool) -> Verdict:
+    """The output directory's verdict, from the hyperparameters that name it and say how to
+    use it (output_dir, resume_from_checkpoint, resume_weights_only, logging_dir, report_to).
+    A bad --resume_from_checkpoint or logging_dir raises; a directory this run may not use is
+    a refused verdict (--explain may inspect it)."""
+    check_logging_dir(hyper)
+    resume = resume_checkpoint(hyper)
     try:
-        check_output_dir(resolved, resume, overwrite)
+        check_output_dir(hyper, resume, overwrite)
         refused = None
     except UserError as e:
         refused = str(e)
-    out = resolved.output_dir
-    finished = (rundir.finished_step(out) if parse_resume(resolved.hyper.resume_from_checkpoint)
+    out = hyper.output_dir
+    finished = (rundir.finished_step(out) if parse_resume(hyper.resume_from_checkpoint)
                 is not False and Path(out).is_dir() else None)
     return Verdict(str(out), resume, finished, refused)
 
@@ -138,10 +141,11 @@ def plan_data(resolved: Resolved, verdict: Verdict) -> CheckedEpisodes:
 # -- the output directory and the checkpoint --------------------------------------------
 
 
-def resume_checkpoint(resolved: Resolved) -> str | None:
-    """The checkpoint to resume from, per --resume_from_checkpoint; None starts fresh."""
-    choice = parse_resume(resolved.hyper.resume_from_checkpoint)
-    out = Path(resolved.output_dir)
+def resume_checkpoint(hyper: Hyperparams) -> str | None:
+    """The checkpoint to resume from, per --resume_from_checkpoint in --output_dir; None
+    starts fresh."""
+    choice = parse_resume(hyper.resume_from_checkpoint)
+    out = Path(hyper.output_dir)
     if choice is True:
         last = rundir.last_complete_checkpoint(out)
         if last is None and rundir.checkpoint_dirs(out):
@@ -152,23 +156,23 @@ def resume_checkpoint(resolved: Resolved) -> str | None:
                             f"--overwrite_output_dir without --resume_from_checkpoint.")
         if last is None:
             logging.info("--resume_from_checkpoint=true: no checkpoint in %s, starting fresh", out)
-        return check_training_state(resolved, last)
+        return check_training_state(last, hyper.resume_weights_only)
     if choice is False:
         return None
     problem = rundir.checkpoint_problem(choice)
     if problem:
         what = "not a checkpoint directory" if problem.startswith("no ") else "a damaged checkpoint"
         raise UserError(f"--resume_from_checkpoint={choice}: {what} ({problem})")
-    return check_training_state(resolved, choice)
+    return check_training_state(choice, hyper.resume_weights_only)
 
 
-def check_training_state(resolved: Resolved, checkpoint: str | None) -> str | None:
+def check_training_state(checkpoint: str | None, weights_only: bool) -> str | None:
     """A checkpoint without optimizer, scheduler or RNG state (save_only_model) cannot continue
     bit-identically: refused unless --resume_weights_only accepts it, and then said."""
     missing = rundir.missing_training_state(checkpoint) if checkpoint else []
     if not missing:
         return checkpoint
-    if not resolved.hyper.resume_weights_only:
+    if not weights_only:
         raise UserError(f"--resume_from_checkpoint: {checkpoint} holds the model's weights but "
                         f"not {', '.join(missing)} (saved with save_only_model?): resuming would "
                         f"start a fresh optimizer and random state and silently end elsewhere "
@@ -180,11 +184,12 @@ def check_training_state(resolved: Resolved, checkpoint: str | None) -> str | No
     return checkpoint
 
 
-def check_output_dir(resolved: Resolved, resume_from: str | None, overwrite: bool,
+def check_output_dir(hyper: Hyperparams, resume_from: str | None, overwrite: bool,
                      locked: bool = False) -> None:
-    """May this run write into output_dir? Checked before anything is written (and by
-    --dry_run), and again once the run holds the directory's lock (``locked``)."""
-    out = Path(resolved.output_dir)
+    """May this run write into --output_dir (given --resume_from_checkpoint)? Checked before
+    anything is written (and by --dry_run), and again once the run holds the directory's lock
+    (``locked``)."""
+    out = Path(hyper.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir={out}: exists and is not a directory")
     if not locked:
@@ -193,7 +198,7 @@ def check_output_dir(resolved: Resolved, resume_from: str | None, overwrite: boo
     if existing and overwrite and resume_from is None:
         rundir.check_removable(out)
     if existing and resume_from is None and not overwrite and parse_resume(
-            resolved.hyper.resume_from_checkpoint) is True:
+            hyper.resume_from_checkpoint) is True:
         if not rundir.is_finished(out):
             # Killed before its first complete checkpoint: the same command starts it again.
             logging.warning("--resume_from_checkpoint=true: %s holds an unfinished run with no "
@@ -211,11 +216,10 @@ def check_output_dir(resolved: Resolved, resume_from: str | None, overwrite: boo
             f"or choose another --output_dir.")
 
 
-def check_logging_dir(resolved: Resolved) -> None:
+def check_logging_dir(hyper: Hyperparams) -> None:
     """TensorBoard's directory (--logging_dir, or <output_dir>/runs) can be created and
     written, wherever it resolves: checked before anything is written (and by --dry_run),
     not found out by TensorBoard once the run has begun."""
-    hyper = resolved.hyper
     if "tensorboard" not in str(hyper.report_to) and hyper.report_to != "all":
         return
     path = Path(tensorboard_dir(hyper)).expanduser().absolute()

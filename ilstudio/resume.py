@@ -153,12 +153,6 @@ def check_checkpoint_fits(model, checkpoint: str | None) -> None:
                         f"this run's own checkpoint, or start a new run.")
 
 
-def data_fingerprint(plan) -> dict:
-    """What the run trains on (names, lengths, sizes of its episodes): read from the plan,
-    whose episodes were checked once (ilstudio.data.checked.CheckedEpisodes.fingerprint)."""
-    return plan.data.fingerprint()
-
-
 def _listed(names: list[str]) -> str:
     return ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
 

@@ -46,7 +46,16 @@ from ilstudio.plan import make_plan
 from ilstudio.training.run import train
 
 train(make_plan(resolve_argv(sys.argv[1:])))
-print("after plain run:", sorted(m for m in ("peft", "bitsandbytes") if m in sys.modules))
+print("after plain run:", sorted(m for m in ("peft", "bitsandbytes", "scipy") if m in sys.modules))
+import gc
+print("frozen after the run:", gc.get_freeze_count() > 100_000, gc.isenabled())
+import numpy as np
+import transformers.loss.loss_for_object_detection as detection
+cost = np.array([[4.0, 1.0, 3.0], [2.0, 0.0, 5.0], [3.0, 2.0, 2.0]])
+print("matching:", [a.tolist() for a in detection.linear_sum_assignment(cost)], "scipy" in sys.modules)
+from scipy.optimize import linear_sum_assignment
+print("same as scipy:", detection.linear_sum_assignment.__doc__ != linear_sum_assignment.__doc__,
+      [a.tolist() for a in linear_sum_assignment(cost)])
 import peft, torch
 import transformers.trainer as tr, transformers.trainer_utils as tu
 
@@ -59,11 +68,17 @@ print("peft model seen:", tu._is_peft_model(wrapped), isinstance(wrapped, tr.Pef
 
 def test_plain_runs_do_not_import_peft_and_a_later_lora_model_is_still_recognised(
         tiny_data: Path, tmp_path: Path) -> None:
+    """Nor scipy: transformers' object-detection losses get a stand-in that imports scipy's
+    matching on its first call (and answers as scipy does). The import's objects are frozen
+    out of the garbage collector's reach, which is on again after it."""
     proc = subprocess.run([sys.executable, "-c", LORA_AFTER_PLAIN,
                            *tiny_args(tiny_data, tmp_path / "run", "--max_steps=1", "--save_strategy=no")],
                           cwd=REPO, capture_output=True, text=True, timeout=300, env=train_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "after plain run: []" in proc.stdout
+    assert "frozen after the run: True True" in proc.stdout
+    assert "matching: [[0, 1, 2], [1, 0, 2]] True" in proc.stdout
+    assert "same as scipy: True [[0, 1, 2], [1, 0, 2]]" in proc.stdout
     assert "peft model seen: True True False" in proc.stdout
 
 

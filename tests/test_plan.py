@@ -90,7 +90,7 @@ def test_the_plan_says_fresh_or_refused_and_why(tiny_data, tmp_path):
         f"# data: 4 episodes, 200 steps in {tiny_data}"]
     out.mkdir()
     (out / "operative_config.gin").write_text("# the dumps of another run\n")
-    verdict = plan_output(resolved, overwrite=False)
+    verdict = plan_output(resolved.hyper, overwrite=False)
     assert verdict.kind == "refused" and "already holds a run" in verdict.refused
     with pytest.raises(UserError, match="already holds a run"):
         make_plan(resolved)

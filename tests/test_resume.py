@@ -150,11 +150,11 @@ def test_resume_true_restarts_a_run_killed_before_its_first_checkpoint(tiny_data
     out.mkdir()
     (out / "operative_config.gin").write_text("# dumps of a run killed at step 3\n")
     resolved = resolve_argv([*tiny_args(tiny_data, out), "--resume_from_checkpoint=true"])
-    assert resume_checkpoint(resolved) is None
-    check_output_dir(resolved, None, overwrite=False)  # starts again from step 0
+    assert resume_checkpoint(resolved.hyper) is None
+    check_output_dir(resolved.hyper, None, overwrite=False)  # starts again from step 0
     (out / "model.safetensors").write_bytes(b"finished")
     with pytest.raises(UserError, match="already holds a finished run"):
-        check_output_dir(resolved, None, overwrite=False)
+        check_output_dir(resolved.hyper, None, overwrite=False)
     fresh = resolve_argv(tiny_args(tiny_data, out))
     with pytest.raises(UserError, match="already holds a run"):
-        check_output_dir(fresh, None, overwrite=False)
+        check_output_dir(fresh.hyper, None, overwrite=False)

@@ -130,7 +130,7 @@ def test_a_run_without_lora_or_quantization_imports_neither_peft_nor_bitsandbyte
     """A one-step MLP run that builds TrainingArguments before the Trainer (the pre-launch
     check where the source schema is unavailable; a --training_arg lookup takes the same path,
     ilstudio.config.lazy_peft). bitsandbytes without the optional `kernels` package warns
-    "pip install kernels" on import."""
+    "pip install kernels" on import. scipy (transformers' object-detection losses) neither."""
     args = tiny_args(tiny_data, tmp_path / "o", "--max_steps=1", "--training_arg=dataloader_drop_last=true")
     proc = subprocess.run([sys.executable, "-X", "importtime", "-c", _OTHER_RELEASE_RUN, *args],
                           cwd=REPO, capture_output=True, text=True, timeout=300, env=train_env())
@@ -138,7 +138,7 @@ def test_a_run_without_lora_or_quantization_imports_neither_peft_nor_bitsandbyte
     names = {line.rsplit("|", 1)[-1].strip().split(".")[0]
              for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert {"torch", "transformers"} <= names and (tmp_path / "o" / "model.safetensors").exists()
-    assert not names & {"peft", "bitsandbytes"}, names & {"peft", "bitsandbytes"}
+    assert not names & {"peft", "bitsandbytes", "scipy"}, names & {"peft", "bitsandbytes", "scipy"}
     assert "gemm_4bit" not in proc.stderr and "pip install kernels" not in proc.stderr
 
 

@@ -145,7 +145,7 @@ def build_training_arguments(hyper: Hyperparams, extra: dict[str, Any] | None = 
     """A TrainingArguments, or a UserError that says which value transformers refused."""
     from ilstudio.config.lazy_peft import training_arguments_class
 
-    TrainingArguments = training_arguments_class()  # noqa: N806 - without peft/bitsandbytes
+    TrainingArguments = training_arguments_class(built=True)  # noqa: N806 - without peft/bitsandbytes
 
     kwargs = training_args_kwargs(hyper, extra or {})
     if kwargs.get("deepspeed"):

@@ -23,12 +23,7 @@ from ilstudio.config.training_args import build_training_arguments, parse_resume
 from ilstudio.errors import UserError
 from ilstudio.plan import Plan, check_output_dir
 from ilstudio.resolve import Resolved, finalize
-from ilstudio.resume import (
-    check_checkpoint_fits,
-    check_same_normalization,
-    data_fingerprint,
-    record_resume_changes,
-)
+from ilstudio.resume import check_checkpoint_fits, check_same_normalization, record_resume_changes
 from ilstudio.training import distributed
 
 
@@ -96,7 +91,7 @@ def add_sim_evaluation(trainer, resolved: Resolved, stats, hyper: Hyperparams, a
     """--eval_every_steps: rollouts, best/ and learning_curve.png (ilstudio/training/sim_eval.py)."""
     from ilstudio.training.sim_eval import SimEvalCallback, why_no_rollouts
 
-    reason = why_no_rollouts(resolved, args)
+    reason = why_no_rollouts(resolved.task_name, resolved.sim, resolved.task.camera_names, args)
     if reason and distributed.is_main_process():
         logging.warning("--eval_every_steps=%d: no evaluation in the simulator: %s. Only %s is "
                         "drawn.", hyper.eval_every_steps, reason, "learning_curve.png")
@@ -119,9 +114,9 @@ def _write_data_records(out: Path, stats, data: dict, resumed: bool) -> None:
 
 
 @contextlib.contextmanager
-def memory_errors(resolved: Resolved):
-    """Running out of memory while building the model or trying the first step is a user's
-    sizing problem, reported before anything is written."""
+def memory_errors(policy: str):
+    """Running out of memory while building the model (``policy``: model.policy) or trying
+    the first step is a user's sizing problem, reported before anything is written."""
     import torch
 
     try:
@@ -131,7 +126,7 @@ def memory_errors(resolved: Resolved):
         if not isinstance(e, MemoryError | torch.OutOfMemoryError) and not (
                 "can't allocate memory" in text or "out of memory" in text.lower()):
             raise
-        raise UserError(f"policy '{resolved.model.policy}' does not fit in memory "
+        raise UserError(f"policy '{policy}' does not fit in memory "
                         f"({type(e).__name__}: {text[:200]}). Choose a smaller model, a smaller "
                         f"--per_device_train_batch_size, or quantization (quantization.enable). "
                         f"Nothing was written.") from None
@@ -164,10 +159,11 @@ def _probe_optimizer(args, model):
                         f"--training_arg=lr_scheduler_kwargs='{{...}}'. Nothing was written.") from None
 
 
-def probe_first_step(resolved: Resolved, args, model, train_ds) -> None:
+def probe_first_step(policy: str, args, model, train_ds) -> None:
     """What the first step needs, tried before anything is written: the optimizer and
     scheduler are built, the first batch is loaded and run through the model (no gradient,
-    eval mode, every random generator restored: the run is unchanged by the probe)."""
+    eval mode, every random generator restored: the run is unchanged by the probe).
+    ``policy`` (model.policy) names the model in an out-of-memory message."""
     import random
 
     import numpy as np
@@ -183,7 +179,7 @@ def probe_first_step(resolved: Resolved, args, model, train_ds) -> None:
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     modes = [(m, m.training) for m in model.modules()]  # a frozen part may be in eval mode
     try:
-        with memory_errors(resolved), torch.no_grad():
+        with memory_errors(policy), torch.no_grad():
             getitems = getattr(train_ds, "__getitems__", None)
             batch = getitems(indices) if getitems else collate([train_ds[i] for i in indices])
             model.eval()
@@ -219,7 +215,7 @@ def _data_and_model(plan: Plan, args):
     train_ds, eval_ds = batched(train_ds), batched(eval_ds)
 
     transformers.set_seed(args.seed)
-    with memory_errors(resolved):
+    with memory_errors(resolved.model.policy):
         model = build_policy(resolved)
     if resolved.model.pretrain_from:  # before anything is written: a misfit is a UserError
         from ilstudio.models.state_io import load_pretrained_policy
@@ -231,7 +227,7 @@ def _data_and_model(plan: Plan, args):
         raise UserError(f"--gradient_checkpointing: policy '{resolved.model.policy}' has no "
                         f"checkpointable backbone")
 
-    return train_ds, eval_ds, stats, {"summary": summary, "fingerprint": data_fingerprint(plan)}, model
+    return train_ds, eval_ds, stats, {"summary": summary, "fingerprint": plan.data.fingerprint()}, model
 
 
 def train(plan: Plan) -> dict:
@@ -260,7 +256,7 @@ def train(plan: Plan) -> dict:
 
     out, resume_from = Path(resolved.output_dir), plan.resume_from
     check_checkpoint_fits(model, resume_from)  # what the configuration cannot tell: the weights
-    probe_first_step(resolved, args, model, train_ds)
+    probe_first_step(resolved.model.policy, args, model, train_ds)
     # Validation passed: take the directory. The lock is the run's first write and is held
     # until it ends; output_dir is checked again under it (another run may have written
     # there since the plan's check).
@@ -269,7 +265,7 @@ def train(plan: Plan) -> dict:
         try:
             with rundir.output_errors(out, "the run's configuration"):  # the lock file first
                 lock = rundir.RunLock(out)
-            check_output_dir(resolved, resume_from, plan.overwrite_output_dir, locked=True)
+            check_output_dir(hyper, resume_from, plan.overwrite_output_dir, locked=True)
         except UserError as e:
             verdict = str(e)
     try:
@@ -281,12 +277,12 @@ def train(plan: Plan) -> dict:
             lock.release()
 
 
-def _resume_plan(trainer, resolved: Resolved, resume_from: str | None,
+def _resume_plan(trainer, hyper: Hyperparams, resume_from: str | None,
                  target: int) -> tuple[int | None, bool]:
     """(the step a finished run ended at when there is nothing to do, else None; whether
-    only the final save is missing)."""
-    out = Path(resolved.output_dir)
-    if parse_resume(resolved.hyper.resume_from_checkpoint) is False:
+    only the final save is missing), from --output_dir and --resume_from_checkpoint."""
+    out = Path(hyper.output_dir)
+    if parse_resume(hyper.resume_from_checkpoint) is False:
         return None, False
     done = rundir.finished_step(out)
     if done is not None and target <= done:
@@ -340,7 +336,7 @@ def _train_locked(resolved: Resolved, hyper, args, model, train_ds, eval_ds, sta
                             ema_decay=resolved.model.ema_decay if resolved.model.using_ema else None,
                             episode_first=resolved.dataset.episode_first)
     target = trainer.planned_max_steps()
-    done, finish_only = _resume_plan(trainer, resolved, resume_from, target)
+    done, finish_only = _resume_plan(trainer, hyper, resume_from, target)
     if done is not None:
         return {"already_finished_at_step": done}
 

@@ -28,27 +28,31 @@ import importlib.util
 import json
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from absl import logging
 from transformers import TrainerCallback
 
 from ilstudio import rundir
+from ilstudio.config.settings import SimSettings
 from ilstudio.training import curve
 
 SELECTION_SEED = 1
 SIM_PACKAGES = ("mujoco", "dm_control", "gym_aloha")
 
 
-def why_no_rollouts(resolved, args) -> str | None:
-    """Why this run cannot be evaluated in the simulator (None when it can)."""
-    if resolved.layers.provenance.source_of("sim.task") == "default":
-        return (f"task {resolved.task_name} has no simulator (its gin file binds no sim.*; "
+def why_no_rollouts(task_name: str, sim: SimSettings | None, camera_names: Sequence[str],
+                    args) -> str | None:
+    """Why this run cannot be evaluated in the simulator (None when it can). ``sim``: the
+    run's SimSettings, None when its task binds no sim.* (``resolve.build_settings``)."""
+    if sim is None:
+        return (f"task {task_name} has no simulator (its gin file binds no sim.*; "
                 f"the simulated tasks are sim_transfer_cube_scripted and sim_insertion_scripted)")
     missing = [p for p in SIM_PACKAGES if importlib.util.find_spec(p) is None]
     if missing:
         return f"the simulator is not installed ({', '.join(missing)} missing: pip install -e '.[sim]')"
-    if not resolved.task.camera_names:
+    if not camera_names:
         return "task.camera_names is empty: the simulator needs a camera to render"
     if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
         return "the weights are sharded across processes (DeepSpeed/FSDP); only the main process rolls out"
