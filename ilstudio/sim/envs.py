@@ -189,7 +189,7 @@ class Renderer:
     def render(self) -> dict[str, np.ndarray]:
         """{camera: (H, W, 3) uint8}, each a fresh copy."""
         if self.physics is not self.source:
-            _pose_like(self.physics, self.source)
+            pose_like(self.physics, self.source)
         return {c: np.array(cam.render(render_flag_overrides=dict(self._overrides)), copy=True)
                 for c, cam in self._cams.items()}
 
@@ -206,7 +206,7 @@ def _render_physics(physics: mujoco.Physics, mesh_mm: float) -> mujoco.Physics:
     return copy
 
 
-def _pose_like(target: mujoco.Physics, source: mujoco.Physics) -> None:
+def pose_like(target: mujoco.Physics, source: mujoco.Physics) -> None:
     """Pose ``target`` as ``source`` is now: what the renderer reads (bodies, geoms,
     cameras, lights), computed from positions alone; velocities and contacts stay unread."""
     target.data.qpos[:] = source.data.qpos
