@@ -10,6 +10,9 @@ Differences from the stock tasks, each for a measured reason:
   global ``gym_aloha.tasks.sim.BOX_POSE``, which we write in place (``BOX_POSE[0] = ...``).
 * The end-effector scene's mocap welds get ``sim.weld_torquescale`` (MuJoCo 3 tracks the
   commanded rotation too softly otherwise and every scripted grasp misses).
+* With ``sim.render_mesh_mm`` > 0 the cameras render a posed copy of the scene with
+  simplified meshes (``ilstudio.sim.meshes``): on a CPU a frame costs what its triangles
+  cost. The simulated physics never sees the copy.
 """
 
 from __future__ import annotations
