@@ -102,3 +102,25 @@ def test_render_copy_follows_the_physics_and_simplified_frames_stay_close() -> N
         diffs.append(np.abs(a - b))
     d = np.stack(diffs)
     assert 0 < d.max() <= 48 and d.mean() < 0.2, (d.max(), d.mean())
+
+
+def test_recordings_without_the_mesh_attribute_resume_only_with_full_meshes(tmp_path) -> None:
+    """Episodes recorded before sim.render_mesh_mm existed were rendered with full meshes: a
+    recording continues them at 0 and refuses to mix in simplified frames."""
+    import dataclasses
+
+    import h5py
+
+    from ilstudio.errors import UserError
+    from ilstudio.sim.config import load_task
+    from ilstudio.sim.record import _settings_attrs, existing_progress
+
+    task, sim = load_task(TASK, [])
+    expected = _settings_attrs(task, sim, seed=0)
+    assert expected["render_mesh_mm"] == 0.0
+    with h5py.File(tmp_path / "episode_0.hdf5", "w") as f:
+        f.attrs.update({k: v for k, v in expected.items() if k != "render_mesh_mm"} | {"attempt": 0})
+    assert existing_progress(tmp_path, expected) == (1, 1)
+    simplified = _settings_attrs(task, dataclasses.replace(sim, render_mesh_mm=2.0), seed=0)
+    with pytest.raises(UserError, match="render_mesh_mm"):
+        existing_progress(tmp_path, simplified)
