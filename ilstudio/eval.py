@@ -347,7 +347,8 @@ def evaluate(args: SimpleNamespace) -> dict:
         base, prefix = Path(f"runs/eval_{args.policy}_{args.task_name}"), ""
         info.update(task_name=args.task_name, temporal_ensemble=False)
     info.update(sim_task=sim.task, episode_len=task.episode_len, cameras=list(task.camera_names),
-                render=[sim.render_height, sim.render_width], num_workers=args.num_workers)
+                render=[sim.render_height, sim.render_width], render_mesh_mm=sim.render_mesh_mm,
+                num_workers=args.num_workers)
     results, seconds = roll_out(args, agent, task, sim)
     summary = {**info, **rollout.summarize(results, seconds)}
     replay = lambda i: rollout.run_episodes(  # noqa: E731 - the same episode again, filmed

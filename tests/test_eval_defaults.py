@@ -112,6 +112,21 @@ def test_the_default_mode_is_the_policys_declared_one_and_evaluations_are_kept(
     assert rundir.foreign_entries(tinyact_run) == ["mine/notes.md"]
 
 
+def test_simplified_meshes_reach_the_evaluators_renderer(tinyact_run: Path, tmp_path: Path,
+                                                         monkeypatch) -> None:
+    """sim.render_mesh_mm given to the evaluator is what its renderer draws (and is recorded)."""
+    from ilstudio.sim import envs
+
+    made, init = [], envs.Renderer.__init__
+    monkeypatch.setattr(envs.Renderer, "__init__",
+                        lambda self, *a, **k: init(self, *a, **k) or made.append(self))
+    out = tmp_path / "mesh"
+    assert evaluate(tinyact_run, "--gin_bindings=sim.render_mesh_mm = 2.0", "--output_dir", str(out)) == 0
+    assert json.loads((out / "eval_results.json").read_text())["render_mesh_mm"] == 2.0
+    assert made and all(r.physics is not r.source and r.physics.model.mesh_facenum.sum()
+                        < 0.6 * r.source.model.mesh_facenum.sum() for r in made)
+
+
 def listing(run: Path) -> list[str]:
     return sorted(str(p.relative_to(run)) for p in run.rglob("*"))
 
@@ -126,6 +141,7 @@ def listing(run: Path) -> list[str]:
     (["--query_every=6", "--no_temporal_ensemble"], "--query_every=6"),
     (["--policy=scripted"], "--policy scripted contradict"),  # it used to ignore --checkpoint
     (["--policy=hold"], "--policy hold contradict"),
+    (["--gin_bindings=sim.render_mesh_mm = -1.0"], "sim.render_mesh_mm"),
 ])
 def test_bad_evaluator_flags_are_one_message_and_exit_2(tinyact_run: Path, flags: list[str],
                                                         message: str, capsys) -> None:

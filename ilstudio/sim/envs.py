@@ -10,6 +10,9 @@ Differences from the stock tasks, each for a measured reason:
   global ``gym_aloha.tasks.sim.BOX_POSE``, which we write in place (``BOX_POSE[0] = ...``).
 * The end-effector scene's mocap welds get ``sim.weld_torquescale`` (MuJoCo 3 tracks the
   commanded rotation too softly otherwise and every scripted grasp misses).
+* With ``sim.render_mesh_mm`` > 0 the cameras render a posed copy of the scene with
+  simplified meshes (``ilstudio.sim.meshes``): on a CPU a frame costs what its triangles
+  cost. The simulated physics never sees the copy.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # before dm_control is imported (head
 
 import collections  # noqa: E402
 
+import mujoco as mj  # noqa: E402  (the raw bindings: kinematics of the render copy)
 import numpy as np  # noqa: E402
 from dm_control import mujoco  # noqa: E402
 from dm_control.rl import control  # noqa: E402
@@ -166,7 +170,9 @@ class Renderer:
 
     One dm_control ``Camera`` per camera, created once and reused (creating one per frame
     reallocates the scene); every frame is copied, because the camera returns a view of a
-    buffer the next render overwrites.
+    buffer the next render overwrites. With ``sim.render_mesh_mm`` > 0 the cameras look at
+    a render-only copy of the scene whose meshes are simplified (``ilstudio.sim.meshes``),
+    posed from the simulated physics before each frame; the simulation itself is untouched.
     """
 
     def __init__(self, physics: mujoco.Physics, cameras: tuple[str, ...] | list[str],
@@ -177,12 +183,39 @@ class Renderer:
                 raise UserError(f"task.camera_names: camera {cam!r} is not in the ALOHA scene; "
                                 f"it has {', '.join(names)}")
         self.cameras = tuple(cameras)
-        self._cams = {c: mujoco.Camera(physics, height=settings.render_height,
+        self.source, self.physics = physics, _render_physics(physics, settings.render_mesh_mm)
+        self._cams = {c: mujoco.Camera(self.physics, height=settings.render_height,
                                        width=settings.render_width, camera_id=c)
                       for c in self.cameras}
         self._overrides = {} if settings.shadows else {"shadow": False}
 
     def render(self) -> dict[str, np.ndarray]:
         """{camera: (H, W, 3) uint8}, each a fresh copy."""
+        if self.physics is not self.source:
+            pose_like(self.physics, self.source)
         return {c: np.array(cam.render(render_flag_overrides=dict(self._overrides)), copy=True)
                 for c, cam in self._cams.items()}
+
+
+def _render_physics(physics: mujoco.Physics, mesh_mm: float) -> mujoco.Physics:
+    """The physics the cameras render: ``physics`` itself, or (mesh_mm > 0) a copy with
+    simplified meshes, made before its first render creates its GL context."""
+    if mesh_mm <= 0:
+        return physics
+    from ilstudio.sim.meshes import simplify_render_meshes
+
+    copy = physics.copy(share_model=False)
+    simplify_render_meshes(copy.model.ptr, mesh_mm / 1000.0)
+    return copy
+
+
+def pose_like(target: mujoco.Physics, source: mujoco.Physics) -> None:
+    """Pose ``target`` as ``source`` is now: what the renderer reads (bodies, geoms,
+    cameras, lights), computed from positions alone; velocities and contacts stay unread."""
+    target.data.qpos[:] = source.data.qpos
+    target.data.mocap_pos[:] = source.data.mocap_pos
+    target.data.mocap_quat[:] = source.data.mocap_quat
+    m, d = target.model.ptr, target.data.ptr
+    mj.mj_kinematics(m, d)
+    mj.mj_comPos(m, d)
+    mj.mj_camlight(m, d)

@@ -60,7 +60,8 @@ def _settings_attrs(task, sim, seed: int) -> dict:
     return {"recorder": RECORDER, "seed": seed, "sim_task": sim.task,
             "render_height": sim.render_height, "render_width": sim.render_width,
             "shadows": sim.shadows, "multisamples": sim.multisamples,
-            "weld_torquescale": sim.weld_torquescale, "episode_len": task.episode_len,
+            "render_mesh_mm": sim.render_mesh_mm, "weld_torquescale": sim.weld_torquescale,
+            "episode_len": task.episode_len,
             "camera_names": ",".join(task.camera_names)}
 
 
@@ -77,7 +78,7 @@ def existing_progress(out: Path, expected: dict) -> tuple[int, int]:
             raise UserError(f"{out} holds {p.name} where episode_{i}.hdf5 was expected: it is not "
                             f"a recording this command can continue; choose another --output_dir")
         with h5py.File(p, "r") as f:
-            attrs = {k: f.attrs.get(k) for k in [*expected, "attempt"]}
+            attrs = {k: f.attrs.get(k, _BEFORE_ATTR.get(k)) for k in [*expected, "attempt"]}
         differs = {k: (attrs[k], v) for k, v in expected.items()
                    if not _same(attrs[k], v)}
         if differs:
@@ -86,6 +87,10 @@ def existing_progress(out: Path, expected: dict) -> tuple[int, int]:
                             f"same settings or choose another --output_dir")
         next_attempt = max(next_attempt, int(attrs["attempt"]) + 1)
     return len(files), next_attempt
+
+
+# Settings attributes that earlier recorders did not write, with the value they rendered with.
+_BEFORE_ATTR = {"render_mesh_mm": 0.0}
 
 
 def _same(a, b) -> bool:
