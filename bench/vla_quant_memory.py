@@ -25,10 +25,13 @@ each mode in its own fresh subprocess (so peak RSS belongs to that mode alone; o
 The fp32 load maps the safetensors file and reads pages lazily, so its load-only RSS is small;
 they become resident when the steps read them: compare the whole-process peaks. The 4/8-bit
 loads leave the token embedding (tied lm head) in the file the same way
-(``ilstudio.models.mapped_embeddings``). On the CPU every mode first applies the allocator
-policy a CPU training run applies (``ilstudio.training.allocator.configure``: glibc's mmap and
-trim thresholds fixed at 128 KiB, unless ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
-are set, which every child inherits); the table is followed by what each mode ran with.
+(``ilstudio.models.mapped_embeddings``). On the CPU the modes that quantize (bf16, int8, nf4)
+apply the allocator policy a quantized CPU training run applies
+(``ilstudio.training.allocator.configure``: glibc's mmap and trim thresholds fixed at 128 KiB,
+unless ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` are set, which every child
+inherits); fp32 keeps glibc's defaults, as a run that does not quantize does, or applies it
+too with ``--allocator all`` (the same allocator in every mode). The table is followed by what
+each mode ran with.
 Without it glibc keeps the freed 4-bit dequantization buffers and a quantized process grows by
 hundreds of MiB per step. Prints the machine (CPU count, threads, load average, versions) and a
 table. On a shared machine step times vary several-fold with the load; memory figures are
@@ -153,8 +156,9 @@ def measure(args, directory: str, mode: str) -> dict:
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    allocator = "-"
-    if not cuda:  # what train.py does in every CPU run (ilstudio.training.run.train)
+    allocator = "glibc defaults" if not cuda else "-"
+    if not cuda and (mode != "fp32" or args.allocator == "all"):
+        # what train.py does in a CPU run that quantizes (ilstudio.training.run.train)
         from ilstudio.training import allocator as policy
 
         allocator = policy.configure()
@@ -257,7 +261,7 @@ def table(rows: list[dict], cuda: bool) -> str:
 
 
 SIZES = ("text_hidden", "text_intermediate", "text_layers", "heads", "kv_heads", "vocab", "vision_depth",
-         "vision_dim", "batch", "seq", "steps", "lora_r", "device")
+         "vision_dim", "batch", "seq", "steps", "lora_r", "device", "allocator")
 
 
 def child(args, *extra: str) -> dict:
@@ -287,6 +291,9 @@ def parse_args():
     p.add_argument("--lora_r", type=int, default=16)
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--allocator", choices=("product", "all"), default="product",
+                   help="CPU: apply ilstudio.training.allocator's policy as train.py does (product: in the "
+                        "modes that quantize, bf16/int8/nf4; fp32 keeps glibc's defaults) or in every mode (all)")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--checkpoint", help="build the checkpoint into this directory once and reuse it "
                    "(default: a temporary directory, removed at the end)")

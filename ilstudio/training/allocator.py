@@ -8,8 +8,12 @@ fresh buffer, forward and backward). With glibc's adaptive defaults a 0.5 B QLoR
 200-400 MiB a step and its peak resident memory was 1.8x that with the policy below; the fp32
 run's 1.2x (bench/vla_quant_memory.py, BENCHMARKS.md "VLA quantization"). Fixing both
 thresholds at 128 KiB (glibc's own starting value; what ``MALLOC_MMAP_THRESHOLD_=131072
-MALLOC_TRIM_THRESHOLD_=131072`` does) keeps memory at what the tensors alive need; the
-step time did not change measurably there.
+MALLOC_TRIM_THRESHOLD_=131072`` does) keeps memory at what the tensors alive need.
+
+It has a price: a freed block goes back and the next step faults it in again. A small conv
+net with 10-40 MB activations stepped 10-11% slower under it (two processes run side by
+side, December 2026); the QLoRA step did not change measurably. So a CPU run applies it when
+it quantizes (``quantization.enable``: the run asked to save memory), not otherwise.
 
 A user's own ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` win: nothing is changed
 then. Other C libraries (macOS, Windows, musl) are left alone.
