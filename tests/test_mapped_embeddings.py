@@ -97,3 +97,15 @@ def test_unmapped_load_without_the_flag_reads_them(ckpts):
     emb = vlm.get_input_embeddings()
     assert emb.weight.dtype == torch.bfloat16
     assert not _file_backed(emb.weight, ckpts["qwen2_vl"] / "model.safetensors")
+
+
+def test_a_bf16_checkpoint_maps_in_bf16(ckpts, tmp_path):
+    """Published checkpoints are bf16: the map is the weight itself, no cast in between."""
+    from transformers import AutoModelForImageTextToText
+
+    src = AutoModelForImageTextToText.from_pretrained(ckpts["qwen2_vl"], dtype=torch.bfloat16)
+    src.save_pretrained(tmp_path)
+    vlm = _load(tmp_path, mapped=True)
+    emb = vlm.get_input_embeddings()
+    assert emb.weight.dtype == torch.bfloat16 and _file_backed(emb.weight, tmp_path / "model.safetensors")
+    assert torch.equal(emb.weight, src.get_input_embeddings().weight)
