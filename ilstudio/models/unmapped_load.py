@@ -11,7 +11,9 @@ ends with ~1.4 GB of the file resident, more than the quantized model itself.
 ``pread`` straight into fresh memory only when transformers converts it, and the
 full-precision copy is freed once it is quantized or cast. (safetensors' own pread backend,
 ``safe_open(..., backend="pread")``, reads a tensor through a second buffer: twice its size
-at once, 1 GiB for a 0.5 B model's fp32 embedding.) The loaded weights are the same
+at once, 1 GiB for a 0.5 B model's fp32 embedding.) When transformers would cast every
+tensor to the load's dtype first (``_cast_on_read``), each is converted while it is read, 16 MiB
+of the file at a time, so a wide fp32 tensor never exists whole. The loaded weights are the same
 (tests/test_unmapped_load.py). It applies to local directories with safetensors weights;
 anything else (a hub id in a cache, .bin weights, an unusual dtype) loads the normal way.
 """
