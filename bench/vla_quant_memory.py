@@ -23,12 +23,19 @@ each mode in its own fresh subprocess (so peak RSS belongs to that mode alone; o
   above the RSS right after importing torch/transformers/peft/bitsandbytes.
 
 The fp32 load maps the safetensors file and reads pages lazily, so its load-only RSS is small;
-they become resident when the steps read them: compare the whole-process peaks. Each child
-inherits the environment: glibc's allocator settings (``MALLOC_MMAP_THRESHOLD_``, printed in
-the machine line) apply to every mode alike. Without them glibc keeps the freed 4-bit
-dequantization buffers and a quantized process grows by hundreds of MiB per step. Prints the
-machine (CPU count, threads, load average, versions) and a table. On a shared machine step
-times vary several-fold with the load; memory figures are stable.
+they become resident when the steps read them: compare the whole-process peaks. The 4/8-bit
+loads leave the token embedding (tied lm head) in the file the same way
+(``ilstudio.models.mapped_embeddings``). On the CPU the modes that quantize (bf16, int8, nf4)
+apply the allocator policy a quantized CPU training run applies
+(``ilstudio.training.allocator.configure``: glibc's mmap and trim thresholds fixed at 128 KiB,
+unless ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` are set, which every child
+inherits); fp32 keeps glibc's defaults, as a run that does not quantize does, or applies it
+too with ``--allocator all`` (the same allocator in every mode). The table is followed by what
+each mode ran with.
+Without it glibc keeps the freed 4-bit dequantization buffers and a quantized process grows by
+hundreds of MiB per step. Prints the machine (CPU count, threads, load average, versions) and a
+table. On a shared machine step times vary several-fold with the load; memory figures are
+stable.
 """
 
 from __future__ import annotations
@@ -149,6 +156,12 @@ def measure(args, directory: str, mode: str) -> dict:
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    allocator = "glibc defaults" if not cuda else "-"
+    if not cuda and (mode != "fp32" or args.allocator == "all"):
+        # what train.py does in a CPU run that quantizes (ilstudio.training.run.train)
+        from ilstudio.training import allocator as policy
+
+        allocator = policy.configure()
     base_rss = current_rss_mib()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -199,7 +212,7 @@ def measure(args, directory: str, mode: str) -> dict:
            "trainable_m": sum(p.numel() for p in trainable) / 1e6, "adapters": len(targets),
            "step_s": sum(times) / len(times), "peak_rss_mib": rss_mib(), "load_peak_rss_mib": load_peak,
            "base_rss_mib": base_rss, "loss_first": losses[0], "loss_last": losses[-1],
-           "loadavg": os.getloadavg()[0]}
+           "loadavg": os.getloadavg()[0], "allocator": allocator}
     if cuda:
         out["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -248,7 +261,7 @@ def table(rows: list[dict], cuda: bool) -> str:
 
 
 SIZES = ("text_hidden", "text_intermediate", "text_layers", "heads", "kv_heads", "vocab", "vision_depth",
-         "vision_dim", "batch", "seq", "steps", "lora_r", "device")
+         "vision_dim", "batch", "seq", "steps", "lora_r", "device", "allocator")
 
 
 def child(args, *extra: str) -> dict:
@@ -278,6 +291,9 @@ def parse_args():
     p.add_argument("--lora_r", type=int, default=16)
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--allocator", choices=("product", "all"), default="product",
+                   help="CPU: apply ilstudio.training.allocator's policy as train.py does (product: in the "
+                        "modes that quantize, bf16/int8/nf4; fp32 keeps glibc's defaults) or in every mode (all)")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--checkpoint", help="build the checkpoint into this directory once and reuse it "
                    "(default: a temporary directory, removed at the end)")
@@ -319,6 +335,8 @@ def main() -> None:
             rows.append({"mode": mode, **row})
             print(f"  {mode}: {'failed' if 'error' in row else 'done'}", flush=True)
     print(table(rows, args.device.startswith("cuda")))
+    for said in sorted({r.get("allocator", "-") for r in rows if "error" not in r}):
+        print(f"allocator ({', '.join(r['mode'] for r in rows if r.get('allocator') == said)}): {said}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -101,10 +101,11 @@ def test_lazy_reading_holds_one_handle_per_dataset_and_closes_them(tiny_data: Pa
     assert not held.file.id.valid
 
 
-def test_train_run_logs_threads(tiny_data: Path, tmp_path: Path) -> None:
+def test_train_run_logs_threads_and_keeps_the_allocator(tiny_data: Path, tmp_path: Path) -> None:
     proc = run_train(*tiny_args(tiny_data, tmp_path / "run", "--max_steps=1", "--save_strategy=no"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torch threads: 1 (OMP_NUM_THREADS)" in proc.stderr
+    assert "glibc allocator" not in proc.stderr  # a run that does not quantize keeps glibc's defaults
 
 
 def test_policy_trainer_steps_match_transformers_trainer_bit_for_bit(tiny_data: Path, tmp_path: Path) -> None:

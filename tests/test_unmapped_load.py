@@ -31,13 +31,15 @@ def _mapped(path: Path) -> bool:
     return str(path.resolve()) in Path("/proc/self/maps").read_text()
 
 
-@pytest.mark.parametrize("how", ["nf4", "bf16"])
+@pytest.mark.parametrize("how", ["nf4", "nf4+bf16", "bf16"])
 def test_unmapped_load_equals_from_pretrained_and_keeps_nothing_mapped(ckpt, how, tmp_path):
+    """bf16 loads convert while reading (LazyTensor.cast_to), block by block: same weights."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     from ilstudio.models import from_pretrained_unmapped
 
-    kw = {"quantization_config": _nf4()} if how == "nf4" else {"dtype": torch.bfloat16}
+    kw = {"quantization_config": _nf4()} if how.startswith("nf4") else {}
+    kw |= {"dtype": torch.bfloat16} if how.endswith("bf16") else {}
     ckpt = Path(shutil.copytree(ckpt, tmp_path / "ckpt"))  # a file no earlier load mapped
     cfg = AutoConfig.from_pretrained(ckpt)
     ours = from_pretrained_unmapped(AutoModelForImageTextToText, str(ckpt), cfg, **kw)
@@ -48,7 +50,7 @@ def test_unmapped_load_equals_from_pretrained_and_keeps_nothing_mapped(ckpt, how
     a, b = ours.state_dict(), ref.state_dict()
     assert a.keys() == b.keys()
     assert [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])] == []
-    if how == "nf4":
+    if how.startswith("nf4"):
         assert ours.is_loaded_in_4bit and any(v.dtype == torch.uint8 for v in a.values())
     assert ours.generation_config.to_dict() == ref.generation_config.to_dict()
 
@@ -68,3 +70,22 @@ def test_sharded_checkpoint_reads_every_shard(ckpt, tmp_path):
                                     AutoConfig.from_pretrained(tmp_path), dtype=torch.bfloat16)
     ref = model.to(torch.bfloat16).state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in ours.state_dict().items())
+
+
+def test_cast_on_read_converts_block_by_block(ckpt, monkeypatch):
+    """A tensor larger than one block is read in several reads into the narrower dtype."""
+    from ilstudio.models import unmapped_load
+    from ilstudio.models.unmapped_load import lazy_state_dict, safetensors_files
+
+    state = lazy_state_dict(safetensors_files(ckpt))
+    big = max(state.values(), key=lambda t: t.nbytes)
+    whole = big.read()
+    monkeypatch.setattr(unmapped_load, "CAST_BLOCK", 1000 * big.dtype.itemsize)
+    reads = []
+    real = unmapped_load.LazyTensor._pread_into
+    monkeypatch.setattr(unmapped_load.LazyTensor, "_pread_into",
+                        lambda self, out, offset: reads.append(offset) or real(self, out, offset))
+    big.cast_to = torch.bfloat16
+    got = big.read()
+    assert got.dtype == torch.bfloat16 and torch.equal(got, whole.to(torch.bfloat16))
+    assert len(reads) == -(-whole.numel() // 1000) > 1

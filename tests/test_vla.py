@@ -615,6 +615,8 @@ def test_train_py_qlora_run_learns_and_loads_back(backbone, lang_data, tmp_path)
                                 "--gin_bindings=quantization.enable = True",
                                 "--gin_bindings=quantization.bits = 4"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if not torch.cuda.is_available():  # the frozen embedding (tied head) stays in the file
+        assert "left in the checkpoint file (memory-mapped, read as used): input embedding" in proc.stderr
     logs = [e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"]
             if "loss" in e]
     assert np.mean(logs[-2:]) < 0.85 * np.mean(logs[:2]), logs
@@ -637,3 +639,32 @@ def test_train_py_qlora_run_learns_and_loads_back(backbone, lang_data, tmp_path)
     again = load_adapter_run(again, out)
     head = "action_head.mlp.0.weight"
     assert torch.equal(again.state_dict()[head], own[head])
+
+
+def test_language_logits_only_where_labels_count_give_the_full_logits_loss(backbone, lang_data):
+    """vla_losses runs the LM head on the labelled positions only; the loss and the gradients
+    equal those of full logits over the target span with IGNORE positions (the tiny model's head)."""
+    from ilstudio.data.language import IGNORE
+    from ilstudio.policies.losses import language_loss, vla_losses
+
+    policy, _ = make(lang_data, backbone, model={"llm_loss_weight": 0.5})
+    head = policy.llm.get_output_embeddings()
+    g = torch.Generator().manual_seed(0)
+    b, qs, k, p, t = 3, 4, 2, 3, 6
+    hidden = torch.randn(b, qs + k + t, head.in_features, generator=g, requires_grad=True)
+    labels = torch.randint(0, head.out_features, (b, p + t), generator=g)
+    labels[:, :p] = IGNORE
+    labels[0, p + 4:] = IGNORE  # padded target tail
+    labels[2, p:] = IGNORE  # a sample without language target
+    seen = []
+    hook = head.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape)))
+    pred = action = torch.zeros(b, k, 2)
+    out = vla_losses(pred, action, None, hidden, labels, queries_start=qs, num_queries=k,
+                     prompt_len=p, lm_head=head, llm_loss_weight=1.0)
+    hook.remove()
+    assert seen == [(int((labels[:, p:] != IGNORE).sum()), head.out_features)]  # 4 + 6 rows, not 18
+    start = qs + k - 1
+    full = language_loss(head(hidden[:, start:start + t]).float(), labels[:, p:])
+    torch.testing.assert_close(out["lm_loss"], full.detach())
+    ours = torch.autograd.grad(out["loss"], hidden)[0]
+    torch.testing.assert_close(ours, torch.autograd.grad(full, hidden)[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -336,6 +337,11 @@ def test_train_py_qlora_run_is_rebuilt_by_the_evaluator(checkpoints, data, tmp_p
                             "--gin_bindings=quantization.enable = True",
                             "--gin_bindings=quantization.bits = 4"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    from ilstudio.training import allocator
+
+    if allocator._glibc() is not None and not any(os.environ.get(v) for v in allocator.USER_VARIABLES):
+        assert "glibc allocator: freed blocks of 128 KiB and more go back" in proc.stderr  # quantized CPU run
+    assert "left in the checkpoint file (memory-mapped, read as used): input embedding" in proc.stderr
     try:
         built = load_settings(out / "operative_config.gin")
         rebuilt, _, _ = load_policy(built, out / "model.safetensors", "cpu")

@@ -11,7 +11,9 @@ ends with ~1.4 GB of the file resident, more than the quantized model itself.
 ``pread`` straight into fresh memory only when transformers converts it, and the
 full-precision copy is freed once it is quantized or cast. (safetensors' own pread backend,
 ``safe_open(..., backend="pread")``, reads a tensor through a second buffer: twice its size
-at once, 1 GiB for a 0.5 B model's fp32 embedding.) The loaded weights are the same
+at once, 1 GiB for a 0.5 B model's fp32 embedding.) When transformers would cast every
+tensor to the load's dtype first (``_cast_on_read``), each is converted while it is read, 16 MiB
+of the file at a time, so a wide fp32 tensor never exists whole. The loaded weights are the same
 (tests/test_unmapped_load.py). It applies to local directories with safetensors weights;
 anything else (a hub id in a cache, .bin weights, an unusual dtype) loads the normal way.
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 INDEX = "model.safetensors.index.json"
+CAST_BLOCK = 16 * 2**20  # bytes of the file read at once when converting while reading
 SINGLE = "model.safetensors"
 
 
@@ -50,6 +53,7 @@ class LazyTensor:
     def __init__(self, path: Path, offset: int, nbytes: int, shape: list[int], dtype: Any) -> None:
         self.path, self.offset, self.nbytes = path, offset, nbytes
         self.shape, self.dtype = tuple(shape), dtype
+        self.cast_to: Any = None  # read as this narrower dtype (set by from_pretrained_unmapped)
 
     def is_floating_point(self) -> bool:
         return self.dtype.is_floating_point
@@ -58,14 +62,49 @@ class LazyTensor:
         return list(self.shape)
 
     def read(self) -> Any:
+        """The whole tensor; as ``cast_to`` when set, converted a block at a time, so the
+        file's wider copy never exists whole (a 0.5 B model's fp32 embedding is 519 MiB)."""
         import torch
 
-        out = torch.empty(self.shape, dtype=self.dtype)
+        if self.cast_to is None:
+            return self._pread_into(torch.empty(self.shape, dtype=self.dtype), self.offset)
+        out = torch.empty(self.shape, dtype=self.cast_to)
+        flat, step = out.reshape(-1), CAST_BLOCK // self.dtype.itemsize
+        block = torch.empty(min(step, flat.numel()), dtype=self.dtype)
+        for start in range(0, flat.numel(), step):
+            part = block[:min(step, flat.numel() - start)]
+            flat[start:start + part.numel()].copy_(
+                self._pread_into(part, self.offset + start * self.dtype.itemsize))
+        return out
+
+    def rows(self, start: int, count: int) -> Any:
+        """Rows ``start:start + count`` of a tensor of 1+ dimensions, read alone."""
+        import torch
+
+        row = self.nbytes // self.shape[0]
+        return self._pread_into(torch.empty((count, *self.shape[1:]), dtype=self.dtype),
+                                self.offset + start * row)
+
+    def mapped(self) -> Any:
+        """The tensor as a copy-on-write memory map of its bytes in the file: nothing is read
+        until used, pages read stay file-backed, a write copies only the page it touches."""
+        import mmap
+
+        import torch
+
+        with open(self.path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        count = self.nbytes // self.dtype.itemsize
+        return torch.frombuffer(mm, dtype=self.dtype, count=count, offset=self.offset).view(self.shape)
+
+    def _pread_into(self, out: Any, offset: int) -> Any:
+        import torch
+
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        done = 0
+        done, nbytes = 0, view.nbytes
         with open(self.path, "rb", buffering=0) as f:
-            while done < self.nbytes:  # one read returns at most ~2 GiB
-                n = os.preadv(f.fileno(), [view[done:]], self.offset + done)
+            while done < nbytes:  # one read returns at most ~2 GiB
+                n = os.preadv(f.fileno(), [view[done:]], offset + done)
                 if n <= 0:
                     raise OSError(f"{self.path}: truncated tensor data")
                 done += n
@@ -95,14 +134,31 @@ def lazy_state_dict(files: list[Path]) -> dict[str, LazyTensor] | None:
     return state
 
 
+def _cast_on_read(model_class: Any, config: Any, dtype: Any) -> Any:
+    """``dtype`` when transformers would cast every floating checkpoint tensor to it before
+    anything else (it does, ``core_model_loading._materialize_copy``, quantized weights
+    included), so converting while reading gives the same weights; else None: a pre-quantized
+    checkpoint, or a model that keeps some modules in fp32 (``_keep_in_fp32_modules*``)."""
+    import torch
+
+    if not isinstance(dtype, torch.dtype) or getattr(config, "quantization_config", None):
+        return None
+    with torch.device("meta"):
+        skeleton = model_class._from_config(config)
+    strict = getattr(skeleton, "_keep_in_fp32_modules_strict", None)
+    loose = getattr(skeleton, "_keep_in_fp32_modules", None) if dtype == torch.float16 else None
+    return None if strict or loose else dtype
+
+
 def from_pretrained_unmapped(auto_class: Any, name: str, config: Any, *, subfolder: str = "",
-                             **kwargs: Any) -> Any:
+                             map_embeddings: bool = False, **kwargs: Any) -> Any:
     """``auto_class.from_pretrained(name, config=config, subfolder=subfolder, **kwargs)``,
     reading a local directory's safetensors with pread instead of a memory map.
 
     ``kwargs``: what ``from_pretrained`` takes (quantization_config, dtype, attn_implementation,
     cache_dir, ...). The generation config is read from the directory as ``from_pretrained``
-    would. ``config`` itself is left as it was.
+    would. ``config`` itself is left as it was. ``map_embeddings``: afterwards, leave the
+    token embedding and lm head in the file (``mapped_embeddings.map_embeddings``).
     """
     import copy
 
@@ -118,7 +174,19 @@ def from_pretrained_unmapped(auto_class: Any, name: str, config: Any, *, subfold
         return auto_class.from_pretrained(name, config=config, **sub, **kwargs)
     kwargs.pop("cache_dir", None)  # a local directory: nothing to cache
     model_class = _get_model_class(config, auto_class._model_mapping)
+    narrow = _cast_on_read(model_class, config, kwargs.get("dtype"))
+    for lazy in state.values():
+        if narrow is not None and lazy.dtype.is_floating_point and lazy.dtype.itemsize > narrow.itemsize:
+            lazy.cast_to = narrow
     model = model_class.from_pretrained(None, config=config, state_dict=state, **kwargs)
     if model.can_generate() and (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
+    if map_embeddings:
+        from ilstudio.models.mapped_embeddings import map_embeddings as map_them
+
+        mapped = map_them(model, state)
+        if mapped:
+            from absl import logging
+
+            logging.info("left in the checkpoint file (memory-mapped, read as used): %s", ", ".join(mapped))
     return model

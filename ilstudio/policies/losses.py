@@ -43,15 +43,19 @@ def vla_losses(pred: torch.Tensor, action: torch.Tensor, is_pad: torch.Tensor | 
                llm_loss_weight: float) -> dict:
     """A VLA's training losses, for both backbone kinds: the masked L1 of the action chunk,
     plus ``llm_loss_weight`` x the language loss on the target tokens that follow the action
-    queries (read by the model's own LM head) when that weight is on and labels are given."""
+    queries (read by the model's own LM head) when that weight is on and labels are given.
+    The LM head runs only on the positions whose label counts: a real VLM's vocabulary is
+    ~150-260k tokens, so padded target positions would cost a vocabulary-wide row each, in
+    the forward, its float copy and the backward."""
     action_loss = masked_l1(pred, action, is_pad)
     out = {"action_loss": action_loss.detach()}
     loss = action_loss
     if llm_loss_weight > 0 and labels is not None:
         target = labels[:, prompt_len:]
         start = queries_start + num_queries - 1  # the hidden state before each target token
-        logits = lm_head(hidden[:, start:start + target.shape[1]]).float()
-        lm_loss = language_loss(logits, target)
+        counted = target != IGNORE  # logits only where a label counts: (n, vocab), not (B, T, vocab)
+        logits = lm_head(hidden[:, start:start + target.shape[1]][counted]).float()
+        lm_loss = language_loss(logits, target[counted])
         loss = loss + llm_loss_weight * lm_loss
         out["lm_loss"] = lm_loss.detach()
     out["loss"] = loss

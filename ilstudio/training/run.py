@@ -245,6 +245,10 @@ def train(plan: Plan) -> dict:
     logging.info("torch threads: %d (%s)", *threads.configure(hyper.dataloader_num_workers))
     if not torch.cuda.is_available():  # pinning needs an accelerator; avoid the warning
         hyper = dataclasses.replace(hyper, dataloader_pin_memory=False)
+        if resolved.quantization.enable:  # a run that quantizes asked to save host memory
+            from ilstudio.training import allocator
+
+            logging.info(allocator.configure())
     extra = distributed.launch_defaults(resolved.training_args_extra)
     args = build_training_arguments(hyper, extra)  # under torchrun: joins the process group
     # Barrier: every rank has its plan (its verdict on output_dir), and resolved rank 0's

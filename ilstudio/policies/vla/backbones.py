@@ -115,7 +115,9 @@ def load_hf_vlm(model, quant_config=None, dtype: torch.dtype | None = None) -> B
             from ilstudio.models import from_pretrained_unmapped  # read without a memory map
 
             vlm = from_pretrained_unmapped(AutoModelForImageTextToText, name, cfg, **_from_kwargs(model),
-                                           **kw, quantization_config=quant_config)
+                                           **kw, quantization_config=quant_config,
+                                           map_embeddings=quant_config is not None
+                                           and not torch.cuda.is_available())
         elif model.pretrained_backbone:
             vlm = AutoModelForImageTextToText.from_pretrained(name, **_from_kwargs(model), **kw)
         else:

@@ -300,7 +300,9 @@ def load_llm(model, quantization_config=None, dtype=None) -> nn.Module:
             from ilstudio.models import from_pretrained_unmapped  # read without a memory map
 
             return from_pretrained_unmapped(AutoModelForCausalLM, name, cfg, subfolder=LLM, **kw,
-                                            **_attn_kwargs(model), quantization_config=quantization_config)
+                                            **_attn_kwargs(model), quantization_config=quantization_config,
+                                            map_embeddings=quantization_config is not None
+                                            and not torch.cuda.is_available())
         if model.pretrained_backbone:
             return AutoModelForCausalLM.from_pretrained(name, subfolder=LLM, **kw, **_attn_kwargs(model))
         if quantization_config is not None:  # random weights, never all in fp32 at once

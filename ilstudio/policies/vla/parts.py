@@ -19,9 +19,12 @@ def trainable_parts(model) -> dict[str, bool]:
 
 def untie_embeddings(model: nn.Module) -> None:
     """Give the lm head its own copy of tied embeddings: a plain-module safetensors checkpoint
-    cannot hold shared tensors (the Trainer saves our state dict with safetensors)."""
+    cannot hold shared tensors (the Trainer saves our state dict with safetensors). A weight a
+    quantized load left in the file gets its own map of it, not a copy in memory."""
+    from ilstudio.models.mapped_embeddings import own_copy
+
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
     if out is not None and out.weight is inp.weight:
-        out.weight = nn.Parameter(inp.weight.detach().clone(), requires_grad=inp.weight.requires_grad)
+        out.weight = own_copy(inp.weight)
         for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
             cfg.tie_word_embeddings = False
