@@ -66,21 +66,32 @@ def sensitivity_of(ckpt: Path, max_episodes: int, bindings: tuple[str, ...] = ()
     return image_sensitivity(model, first_samples(ds))
 
 
+def _earlier_evaluations(ckpt: Path) -> list[Path]:
+    """Evaluations of exactly this checkpoint: its own folder's, and those in the run's evals/
+    (``python -m ilstudio.eval --checkpoint RUN/checkpoint-N`` writes them there, and the run's
+    evals/latest.txt may then name a checkpoint's evaluation, not the final weights')."""
+    run = ckpt.parent if ckpt.name.startswith("checkpoint-") else ckpt
+    found = [ckpt / "eval_results.json", *sorted((run / "evals").glob("*/eval_results.json"))]
+    out = []
+    for f in found:
+        if f.is_file() and Path(json.loads(f.read_text()).get("checkpoint", "")).resolve() == ckpt.resolve():
+            out.append(f)
+    return out
+
+
 def success_of(ckpt: Path, episodes: int, temporal_ensemble: bool, seed: int,
                bindings: tuple[str, ...] = ()) -> dict:
-    """Reuses an evaluation already in the checkpoint (e.g. the quickstart's) when it used the
-    same seed and ensembling and at least as many episodes."""
+    """Reuses an evaluation already made of this checkpoint (e.g. the quickstart's) when it used
+    the same seed and ensembling and at least as many episodes (the largest such one)."""
     from ilstudio.eval import evaluate, parse_args
 
     keys = ("successes", "num_episodes", "success_rate", "success_rate_ci95")
-    latest = ckpt / "evals" / "latest.txt"  # python -m ilstudio.eval's newest evaluation
-    done = ckpt / "evals" / latest.read_text().strip() / "eval_results.json" if latest.is_file() \
-        else ckpt / "eval_results.json"
-    if done.is_file():
-        r = json.loads(done.read_text())
-        if (r.get("seed") == seed and r.get("temporal_ensemble") == temporal_ensemble
-                and r.get("num_episodes", 0) >= episodes):
-            return {k: r[k] for k in keys}
+    usable = [r for r in (json.loads(f.read_text()) for f in _earlier_evaluations(ckpt))
+              if r.get("seed") == seed and r.get("temporal_ensemble") == temporal_ensemble
+              and r.get("num_episodes", 0) >= episodes]
+    if usable:
+        r = max(usable, key=lambda r: r["num_episodes"])
+        return {k: r[k] for k in keys}
 
     argv = ["--checkpoint", str(ckpt), "--num_episodes", str(episodes), "--seed", str(seed),
             "--video_episodes", "0", "--no_progress",
