@@ -571,7 +571,7 @@ def test_cube_recipe_resolves_as_a_dry_run(tmp_path, tiny_data):
     assert proc.returncode == 0, proc.stderr[-2000:]
     for line in ("model.policy = 'vla'", "model.model_name_or_path = 'ilstudio:vla_tiny'",
                  "lora.enable = True", "lora.module = 'llm'", "lora.r = 16",
-                 "vla.state_dropout = 0.5", "vla.image_size = 64",
+                 "vla.state_dropout = 0.5", "vla.image_size = 64", "model.chunk_size = 100",
                  "dataset.image_size = (64, 64)", "(task: sim_transfer_cube_scripted)"):
         assert line in proc.stdout, line
     assert not out.exists()
