@@ -10,8 +10,8 @@
 # keypoints), MAX_STEPS default 5000, checkpoints every MAX_STEPS/4 (BENCHMARKS.md, "Learning:
 # insertion": measured with DEMOS=25: 15/50 at 5000 steps, 17/50 at checkpoint 2500).
 # RECIPE=vla: the headline VLA (default.gin's policy) on sim_transfer_cube_scripted with
-# gin_configs/vla_cube.gin (64x64 tower input, state dropout 0.5), MAX_STEPS default 8000,
-# checkpoints every MAX_STEPS/8, evaluated in the policy's declared mode (BENCHMARKS.md,
+# gin_configs/vla_cube.gin (64x64 tower input, chunks of 100, state dropout 0.5), MAX_STEPS default 6000,
+# checkpoints every MAX_STEPS/6, evaluated in the policy's declared mode (BENCHMARKS.md,
 # "Learning: the headline VLA").
 # DEMOS (default 50): demonstrations recorded and trained on (episodes 0..DEMOS-1 of seed 0).
 #
@@ -21,9 +21,10 @@
 # steps (/4 for insertion), evaluates the final policy on EVAL_EPISODES simulated episodes in the
 # policy's declared evaluation mode (TinyACT: temporal ensembling; success rate, Wilson 95% interval), then writes the learning curve (loss, image
 # sensitivity and, with CURVE_EPISODES > 0, success on that many episodes at every checkpoint)
-# to WORKDIR/run/learning_curve_sim.{json,png}. Defaults: /tmp/ilstudio_learning[_insertion],
+# to WORKDIR/run/learning_curve_sim.{json,png}. Defaults: /tmp/ilstudio_learning[_insertion|_vla],
 # 50 evaluation episodes, 10 per checkpoint. Prints the wall time of every stage.
-# Measured (BENCHMARKS.md): cube 49/50 = 98% at 3000 steps; insertion: see "Learning: insertion".
+# Measured (BENCHMARKS.md): cube 49/50 = 98% at 3000 steps; insertion: see "Learning: insertion";
+# vla: 4/50 = 8% at checkpoint 2000 (run stopped at 2400), "Learning: the headline VLA".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RECIPE=${RECIPE:-cube}
@@ -32,8 +33,8 @@ case "$RECIPE" in
         DEF_WORK=/tmp/ilstudio_learning; PARTS=3 ;;
   insertion) TASK=sim_insertion_scripted; GIN=gin_configs/insertion.gin; DEF_STEPS=5000
              DEF_WORK=/tmp/ilstudio_learning_insertion; PARTS=4 ;;
-  vla) TASK=sim_transfer_cube_scripted; GIN=gin_configs/vla_cube.gin; DEF_STEPS=8000
-       DEF_WORK=/tmp/ilstudio_learning_vla; PARTS=8 ;;
+  vla) TASK=sim_transfer_cube_scripted; GIN=gin_configs/vla_cube.gin; DEF_STEPS=6000
+       DEF_WORK=/tmp/ilstudio_learning_vla; PARTS=6 ;;
   *) echo "RECIPE must be cube, insertion or vla, got '$RECIPE'" >&2; exit 2 ;;
 esac
 WORK=${1:-$DEF_WORK}
