@@ -517,10 +517,9 @@ def test_vla_instruction_sets_the_evaluation_prompt(backbone, plain_data):
                                                     b["attention_mask"]))
 
 
-def test_state_dropout_hides_the_state_in_training_only(backbone, lang_data):
-    """vla.state_dropout = 0.5: in training about half the samples' actions no longer depend on
-    the state; in evaluation every sample's do."""
-    policy, ds = make(lang_data, backbone, policy_config=VLAConfig(state_dropout=0.5))
+def check_state_dropout(policy, ds) -> None:
+    """With state dropout 0.5: in training about half the samples' actions no longer depend
+    on the state; in evaluation every sample's do (shared with test_vlm_families)."""
     b = batch_of(ds, n=16, start=0)
     other = b["qpos"] + 1.0
 
@@ -535,6 +534,12 @@ def test_state_dropout_hides_the_state_in_training_only(backbone, lang_data):
         same_eval = (actions(b["qpos"]) - actions(other)).abs().amax((1, 2)) < 1e-6
     assert 2 <= int(same.sum()) <= 14, same
     assert not same_eval.any()
+
+
+def test_state_dropout_hides_the_state_in_training_only(backbone, lang_data):
+    """vla.state_dropout reaches the two-folder policy's state token."""
+    policy, ds = make(lang_data, backbone, policy_config=VLAConfig(state_dropout=0.5))
+    check_state_dropout(policy, ds)
 
 
 def test_vla_image_size_builds_the_tower_for_that_input(backbone, lang_data):
