@@ -24,7 +24,7 @@
 # to WORKDIR/run/learning_curve_sim.{json,png}. Defaults: /tmp/ilstudio_learning[_insertion|_vla],
 # 50 evaluation episodes, 10 per checkpoint. Prints the wall time of every stage.
 # Measured (BENCHMARKS.md): cube 49/50 = 98% at 3000 steps; insertion: see "Learning: insertion";
-# vla: 4/50 = 8% at checkpoint 2000 (run stopped at 2400), "Learning: the headline VLA".
+# vla: 4/50 = 8% at 6000 steps (not the 50% target), "Learning: the headline VLA".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RECIPE=${RECIPE:-cube}
