@@ -517,6 +517,71 @@ def test_vla_instruction_sets_the_evaluation_prompt(backbone, plain_data):
                                                     b["attention_mask"]))
 
 
+def check_state_dropout(policy, ds) -> None:
+    """With state dropout 0.5: in training about half the samples' actions no longer depend
+    on the state; in evaluation every sample's do (shared with test_vlm_families)."""
+    b = batch_of(ds, n=16, start=0)
+    other = b["qpos"] + 1.0
+
+    def actions(qpos) -> torch.Tensor:
+        torch.manual_seed(3)  # the same dropout mask for both state inputs
+        return policy(qpos, b["images"], b["input_ids"], b["attention_mask"])["actions"]
+
+    with torch.no_grad():
+        policy.train()
+        same = (actions(b["qpos"]) - actions(other)).abs().amax((1, 2)) < 1e-6
+        policy.eval()
+        same_eval = (actions(b["qpos"]) - actions(other)).abs().amax((1, 2)) < 1e-6
+    assert 2 <= int(same.sum()) <= 14, same
+    assert not same_eval.any()
+
+
+def test_state_dropout_hides_the_state_in_training_only(backbone, lang_data):
+    """vla.state_dropout reaches the two-folder policy's state token."""
+    policy, ds = make(lang_data, backbone, policy_config=VLAConfig(state_dropout=0.5))
+    check_state_dropout(policy, ds)
+
+
+def test_vla_image_size_builds_the_tower_for_that_input(backbone, lang_data):
+    """vla.image_size = 32 on a backbone whose tower takes 16x16: a 32x32 tower (16 patch tokens
+    instead of 4), and frames fitted to 32x32."""
+    policy, ds = make(lang_data, backbone, policy_config=VLAConfig(image_size=32))
+    assert policy.image_size == 32
+    tokens = policy.encode_images(batch_of(ds, n=2)["images"])
+    assert tokens.shape[1] == (32 // TINY["patch_size"]) ** 2
+    plain, _ = make(lang_data, backbone)
+    assert plain.encode_images(batch_of(ds, n=2)["images"]).shape[1] == 4
+
+
+@pytest.mark.parametrize("model, message", [
+    ({}, "not a multiple of the vision tower's patch size (8)"),
+    ({"is_pretrained": True}, "needs model.is_pretrained = False"),
+])
+def test_vla_image_size_is_checked(model, message, backbone, lang_data):
+    task, ds, m = settings(lang_data, backbone, model=model)
+    size = 20 if not model else 32
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        VLAConfig(image_size=size).validate(task=task, dataset=ds, model=m, lora=LoraSettings(),
+                                            quantization=QuantizationSettings(),
+                                            source_of=lambda k: "test")
+
+
+def test_cube_recipe_resolves_as_a_dry_run(tmp_path, tiny_data):
+    """gin_configs/vla_cube.gin (the headline VLA's recipe) resolves to default.gin's policy (the
+    VLA with LoRA on the built-in backbone) plus its overrides; a dry run writes nothing."""
+    out = tmp_path / "run"
+    proc = run_train("--task_name=sim_transfer_cube_scripted", "--gin_file=gin_configs/vla_cube.gin",
+                     f"--gin_bindings=task.dataset_dir = '{tiny_data}'", f"--output_dir={out}",
+                     "--max_steps=8000", "--dry_run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for line in ("model.policy = 'vla'", "model.model_name_or_path = 'ilstudio:vla_tiny'",
+                 "lora.enable = True", "lora.module = 'llm'", "lora.r = 16",
+                 "vla.state_dropout = 0.5", "vla.image_size = 64", "model.chunk_size = 100",
+                 "dataset.image_size = (64, 64)", "(task: sim_transfer_cube_scripted)"):
+        assert line in proc.stdout, line
+    assert not out.exists()
+
+
 def test_vla_needs_cameras(backbone, lang_data):
     with pytest.raises(UserError, match="needs camera images"):
         validate(*settings(lang_data, backbone, cameras=()))

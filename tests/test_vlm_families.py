@@ -188,6 +188,14 @@ def test_every_camera_and_history_frame_reaches_the_model(family, checkpoints, d
     assert torch.isfinite(out["loss"])
 
 
+def test_state_dropout_reaches_a_standard_checkpoints_state_token(checkpoints, data):
+    """vla.state_dropout on a standard checkpoint (Qwen2-VL): the same training-only effect."""
+    from ilstudio.policies.vla.configuration import VLAConfig
+
+    policy, ds = make(data, checkpoints("qwen2_vl"), policy_config=VLAConfig(state_dropout=0.5))
+    test_vla.check_state_dropout(policy, ds)
+
+
 def test_dataset_image_size_bounds_qwen2_vl_image_tokens(checkpoints, data):
     counts = {}
     for size in ((16, 16), (32, 32)):

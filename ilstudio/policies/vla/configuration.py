@@ -6,7 +6,7 @@ import importlib.util
 
 from ilstudio.config.declare import configurable, param
 from ilstudio.errors import UserError
-from ilstudio.policies.base import PolicyConfig
+from ilstudio.policies.base import PolicyConfig, dropout_param
 from ilstudio.policies.vla.default_backbone import builtin_pretrained_message, is_builtin
 from ilstudio.policies.vla.layout import (
     backbone_family,
@@ -34,6 +34,16 @@ class VLAConfig(PolicyConfig):
                              "attribute (plain ACT data), and the prompt of simulated rollouts; "
                              "empty on a simulated task: the instruction its recorded "
                              "demonstrations carry.", documented=False)
+    state_dropout: float = dropout_param(
+        0.0, "Training only: probability that a sample's state token is zeroed, so the image "
+        "has to explain the action chunk (on scripted demonstrations the state alone explains "
+        "most of it, and a policy that always sees it learns to ignore the image). 0 feeds the "
+        "state always; evaluation always feeds it.")
+    image_size: int = param(0, "Side of the vision tower's square input, in pixels, for a "
+                            "two-folder backbone built with random weights (model.is_pretrained "
+                            "= False): the tower is built at this size (more patch tokens, same "
+                            "patch size). 0: the tower's own vision/config.json image_size. A "
+                            "multiple of the patch size.", documented=False, bounds="[0, inf)")
     backbone_family: str = param(
         "auto", "The backbone's kind and family: 'two_folder' (vision/ + llm/) or a standard "
         "checkpoint's model_type (qwen2_vl, qwen2_5_vl, idefics3, smolvlm, paligemma, llava, "
@@ -75,6 +85,23 @@ class VLAConfig(PolicyConfig):
         type(self)()
         object.__setattr__(self, "backbone_family", family)  # a frozen dataclass
 
+    def _image_size_problems(self, model, source_of) -> list[str]:
+        """vla.image_size: only where the tower is drawn fresh from a two-folder config."""
+        if not self.image_size:
+            return []
+        where = f"vla.image_size = {self.image_size} (set in {source_of('vla.image_size')})"
+        name = model.model_name_or_path
+        if model.pretrained_backbone:
+            return [f"{where} needs model.is_pretrained = False: pretrained position embeddings "
+                    f"are sized for the checkpoint's own input"]
+        if backbone_family(name, model.cache_dir) != "two_folder":
+            return [f"{where} applies to a two-folder backbone (vision/ + llm/); a standard "
+                    f"checkpoint's processor sets its own input size (dataset.image_size caps it)"]
+        patch = _vision_patch_size(name)
+        if patch and self.image_size % patch:
+            return [f"{where} is not a multiple of the vision tower's patch size ({patch})"]
+        return []
+
     def validate(self, *, task, dataset, model, lora, quantization, source_of) -> None:
         from ilstudio.models.lora import check_lora_settings
         from ilstudio.models.quantization import check_quantization_combo
@@ -85,6 +112,7 @@ class VLAConfig(PolicyConfig):
         check_quantization_combo(lora, quantization, source_of)
         problems = []
         problems += self._backbone_problems(model, source_of)
+        problems += self._image_size_problems(model, source_of)
         if model.llm_loss_weight == 0:
             # The language target only feeds the language loss: without it these do nothing.
             for key in ("use_reasoning", "select_seg_token_mask"):
@@ -100,6 +128,20 @@ class VLAConfig(PolicyConfig):
                                 f"False (the backbone then uses PyTorch SDPA attention)")
         if problems:
             raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def _vision_patch_size(name: str) -> int:
+    """The two-folder backbone's vision patch size (0 if its config cannot be read)."""
+    import json
+    from pathlib import Path
+
+    from ilstudio.policies.vla.layout import VISION, resolve
+
+    try:
+        return int(json.loads((Path(resolve(name)) / VISION / "config.json").read_text())
+                   .get("patch_size", 0))
+    except (OSError, ValueError, TypeError):
+        return 0
 
 
 def flash_attn_unavailable() -> str:

@@ -57,7 +57,7 @@ from ilstudio.policies.vla.layout import (
     missing_backbone_message,
     resolve,
 )
-from ilstudio.policies.vla.parts import trainable_parts, untie_embeddings
+from ilstudio.policies.vla.parts import drop_state, trainable_parts, untie_embeddings
 
 # Pixel normalization per vision model type (their image processors' defaults).
 _CLIP_MEAN, _CLIP_STD = (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)
@@ -86,13 +86,14 @@ class ActionHead(nn.Module):
 class VLAPolicy(nn.Module):
     def __init__(self, vit: nn.Module, llm: nn.Module, projector: MultimodalProjector,
                  action_head: ActionHead, *, prompt_len: int, num_cameras: int, history: int,
-                 llm_loss_weight: float, aspect: str = "pad") -> None:
+                 llm_loss_weight: float, aspect: str = "pad", state_dropout: float = 0.0) -> None:
         super().__init__()
         self.vit, self.llm, self.projector, self.action_head = vit, llm, projector, action_head
         self.prompt_len = prompt_len
         self.num_cameras, self.history = num_cameras, history
         self.llm_loss_weight = float(llm_loss_weight)
         self.aspect = aspect  # dataset.image_aspect_ratio: how frames become the tower's square
+        self.state_dropout = float(state_dropout)  # vla.state_dropout (training only)
         self.lora_lr: float | None = None  # lora.lr when LoRA adapters were injected
         self.prompt: tuple[torch.Tensor, torch.Tensor] | None = None  # see set_prompt
         vcfg = vit.config
@@ -166,6 +167,7 @@ class VLAPolicy(nn.Module):
         b = text.shape[0]
         img = self.encode_images(images).to(dtype)
         state = self.projector.state(qpos.to(self.projector.state.weight.dtype))[:, None].to(dtype)
+        state = drop_state(state, self.state_dropout, self.training)
         queries = self.action_head.queries[None].expand(b, -1, -1).to(dtype)
         middle = torch.cat([img, state, queries], 1)
         embeds = torch.cat([text[:, :p], middle, text[:, p:]], 1)
@@ -269,7 +271,9 @@ def _attn_kwargs(model) -> dict:
     return {"attn_implementation": "flash_attention_2"} if model.flash_attn else {}
 
 
-def load_vision(model) -> nn.Module:
+def load_vision(model, image_size: int = 0) -> nn.Module:
+    """The vision tower; image_size (vla.image_size, random weights only): build it for that
+    square input instead of its config's."""
     from transformers import AutoConfig, AutoModel
 
     name, kw = backbone_name(model), _from_kwargs(model)
@@ -277,6 +281,8 @@ def load_vision(model) -> nn.Module:
         if model.pretrained_backbone:
             return AutoModel.from_pretrained(name, subfolder=VISION, **kw, **_attn_kwargs(model))
         cfg = AutoConfig.from_pretrained(name, subfolder=VISION, **kw)
+        if image_size:
+            cfg.image_size = image_size
         return AutoModel.from_config(cfg, **_attn_kwargs(model))
     except OSError as e:
         raise UserError(f"model.model_name_or_path = {name!r}: cannot load the vision tower from "
@@ -377,7 +383,7 @@ def build(*, policy_config, task, dataset, model, lora, quantization, use_images
     )
 
     quant_config = bnb_quantization_config(quantization)  # None unless 4/8-bit
-    vit = load_vision(model)
+    vit = load_vision(model, policy_config.image_size)
     llm = load_llm(model, quant_config, torch_dtype_for(quantization))
     if quant_config is not None:
         keep_portable_4bit_layout(llm)
@@ -393,7 +399,8 @@ def build(*, policy_config, task, dataset, model, lora, quantization, use_images
     head = ActionHead(hidden, model.chunk_size, task.action_dim)
     policy = VLAPolicy(vit, llm, projector, head, prompt_len=policy_config.max_prompt_tokens,
                        num_cameras=len(task.camera_names), history=dataset.history_images_length,
-                       llm_loss_weight=model.llm_loss_weight, aspect=dataset.image_aspect_ratio)
+                       llm_loss_weight=model.llm_loss_weight, aspect=dataset.image_aspect_ratio,
+                       state_dropout=policy_config.state_dropout)
     train = trainable_parts(model)
     for part, module in policy.parts().items():
         for param in module.parameters():

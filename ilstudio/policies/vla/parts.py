@@ -1,7 +1,9 @@
-"""What the freezing switches train, and untied embeddings: shared by both backbone kinds."""
+"""What the freezing switches train, untied embeddings and state dropout: shared by both
+backbone kinds."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -28,3 +30,17 @@ def untie_embeddings(model: nn.Module) -> None:
         out.weight = own_copy(inp.weight)
         for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
             cfg.tie_word_embeddings = False
+
+
+def drop_state(state: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """vla.state_dropout: in training, zero each sample's state token with probability ``p``.
+
+    Why: on scripted demonstrations the joint state alone explains most of an action chunk, so
+    a policy that always sees it can reach a low loss without reading where the cube is in
+    the image (TinyACT's state_dropout, the same lever). Evaluation always feeds the state.
+    state: (B, 1, hidden) token embeddings.
+    """
+    if not training or p <= 0:
+        return state
+    keep = (torch.rand(state.shape[0], 1, 1, device=state.device) >= p).to(state.dtype)
+    return state * keep

@@ -33,7 +33,8 @@ def build_hf(backbone: Backbone, *, policy_config, task, dataset, model, lora) -
         inputs.tokenizer.pad_token = inputs.tokenizer.eos_token
     head = StateActionHead(embed.embedding_dim, model.chunk_size, task.action_dim, task.state_dim)
     policy = HFVLAPolicy(backbone, inputs, head, prompt_len=policy_config.max_prompt_tokens,
-                         llm_loss_weight=model.llm_loss_weight)
+                         llm_loss_weight=model.llm_loss_weight,
+                         state_dropout=policy_config.state_dropout)
     apply_trainability(policy, trainable_parts(model))
     freeze_unused_vision(policy)
     if policy_config.instruction:  # evaluation without per-call prompts uses vla.instruction

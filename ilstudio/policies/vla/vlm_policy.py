@@ -27,6 +27,7 @@ from torch import nn
 
 from ilstudio.policies.losses import vla_losses
 from ilstudio.policies.vla.backbones import Backbone
+from ilstudio.policies.vla.parts import drop_state
 from ilstudio.policies.vla.vlm_inputs import ImageTextInputs
 
 
@@ -47,13 +48,14 @@ def _kwargs_for(fn, values: dict) -> dict:
 
 class HFVLAPolicy(nn.Module):
     def __init__(self, backbone: Backbone, inputs: ImageTextInputs, head: StateActionHead, *,
-                 prompt_len: int, llm_loss_weight: float) -> None:
+                 prompt_len: int, llm_loss_weight: float, state_dropout: float = 0.0) -> None:
         super().__init__()
         self.vlm, self.action_head = backbone.vlm, head
         self.family, self.part_names = backbone.family, backbone.parts
         self.inputs = inputs
         self.prompt_len = prompt_len
         self.llm_loss_weight = float(llm_loss_weight)
+        self.state_dropout = float(state_dropout)  # vla.state_dropout (training only)
         self.lora_lr: float | None = None
         self.prompt: tuple[torch.Tensor, torch.Tensor] | None = None
         self.placeholder_id = int(inputs.tokenizer.pad_token_id)
@@ -127,6 +129,7 @@ class HFVLAPolicy(nn.Module):
         embeds = self.vlm.get_input_embeddings()(all_ids)
         head = self.action_head
         state = head.state(qpos.to(head.state.weight.dtype))[:, None].to(embeds.dtype)
+        state = drop_state(state, self.state_dropout, self.training)
         queries = head.queries[None].expand(b, -1, -1).to(embeds.dtype)
         embeds = torch.cat([embeds[:, :lp], state, queries, embeds[:, lp + 1 + k:]], 1)
         return embeds, all_ids, all_mask, enc, lp + 1
