@@ -35,6 +35,15 @@ def needs_shared(path: Path):
     return wrap
 
 
+def needs_simulator() -> None:
+    """For the MuJoCo test modules, called before they import anything of the simulator:
+    software GL unless the caller chose (dm_control reads it once, on first import), and a
+    module skip naming the package where the sim extra is not installed."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    for name in ("mujoco", "dm_control", "gym_aloha"):
+        pytest.importorskip(name)
+
+
 def train_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",

@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("MUJOCO_GL", "egl")  # before dm_control is imported anywhere
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+import pytest
+from conftest import needs_simulator
 
-import pytest  # noqa: E402
-
-pytest.importorskip("mujoco")
-pytest.importorskip("dm_control")
-pytest.importorskip("gym_aloha")
+needs_simulator()
 
 from conftest import finished_run, run_train, train_env  # noqa: E402
 

@@ -12,19 +12,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from pathlib import Path
 
-os.environ.setdefault("MUJOCO_GL", "egl")  # before dm_control is imported anywhere
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+import numpy as np
+import pytest
+from conftest import needs_simulator
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-pytest.importorskip("mujoco")
-pytest.importorskip("dm_control")
-pytest.importorskip("gym_aloha")
+needs_simulator()
 
 import torch  # noqa: E402
 

@@ -7,17 +7,12 @@ MLP so rollouts need no rendering except the TensorBoard video.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-os.environ.setdefault("MUJOCO_GL", "egl")  # before dm_control is imported anywhere
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+import pytest
+from conftest import needs_simulator
 
-import pytest  # noqa: E402
-
-pytest.importorskip("mujoco")
-pytest.importorskip("dm_control")
-pytest.importorskip("gym_aloha")
+needs_simulator()
 
 from conftest import run_train, small_policy, tiny_args, train_env  # noqa: E402
 

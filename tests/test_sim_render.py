@@ -7,17 +7,11 @@ Real MuJoCo/dm_control (EGL, llvmpipe on a CPU), the real transfer-cube scene.
 
 from __future__ import annotations
 
-import os
+import numpy as np
+import pytest
+from conftest import needs_simulator
 
-os.environ.setdefault("MUJOCO_GL", "egl")  # before dm_control is imported anywhere
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-pytest.importorskip("mujoco")
-pytest.importorskip("dm_control")
-pytest.importorskip("gym_aloha")
+needs_simulator()
 
 from ilstudio.sim.meshes import cluster_faces  # noqa: E402
 
