@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +23,7 @@ pytest.importorskip("pyarrow")
 pytest.importorskip("av")
 
 import pyarrow.parquet as pq  # noqa: E402
-from conftest import run_train, small_policy, train_env  # noqa: E402
+from conftest import REPO, run_train, small_policy, train_env  # noqa: E402
 
 from ilstudio.config.settings import DatasetSettings, TaskSettings  # noqa: E402
 from ilstudio.data.checked import check_dataset
@@ -250,6 +252,36 @@ def test_train_py_trains_on_a_lerobot_dataset(datasets, version, tmp_path):
     summary = json.loads((out / "data_summary.json").read_text())
     assert summary["timesteps_train"] == sum(LENGTHS) and summary["cameras"] == ["top", "wrist"]
     assert (out / "model.safetensors").is_file()
+
+
+COUNTING_RUN = r"""
+import pathlib, sys
+read_text, reads = pathlib.Path.read_text, []
+
+def counted(self, *a, **k):
+    if self.name == "info.json":
+        reads.append(str(self))
+    return read_text(self, *a, **k)
+
+pathlib.Path.read_text = counted
+sys.argv = ["train.py", *sys.argv[1:]]
+from ilstudio.main import run_cli
+try:
+    run_cli()
+finally:
+    print("INFO_READS", len(reads), file=sys.stderr)
+"""
+
+
+def test_a_run_parses_the_datasets_metadata_once(datasets, tmp_path):
+    """resolve binds the dims from meta/info.json and the plan checks the episodes against it:
+    one parse serves both (and the training that follows)."""
+    r = subprocess.run([sys.executable, "-c", COUNTING_RUN,
+                        *lerobot_args(str(datasets["v3.0"]), tmp_path / "run")],
+                       cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "INFO_READS 1" in r.stderr, r.stderr[-2000:]
+    assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
 def test_dry_run_a_list_and_a_contradicting_binding(datasets, tmp_path):

@@ -125,9 +125,30 @@ def _vector_dim(info: LeRobotInfo, key: str) -> int:
     return int(shape[0])
 
 
+_LOADED: dict[tuple[str, int, int], LeRobotInfo] = {}
+
+
 def load_info(root: str | Path) -> LeRobotInfo:
-    """Read and check meta/info.json (version, fps, features); UserError naming the file."""
+    """Read and check meta/info.json (version, fps, features); UserError naming the file.
+
+    Parsed once per process while the file is unchanged (same modification time and size):
+    resolve reads it to bind the task's dims and cameras, the plan to check the episodes,
+    and a run must not parse and check the same metadata twice."""
     root = Path(root).expanduser()
+    try:
+        st = (root / INFO_PATH).stat()
+        key = (str(root), st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None  # _read_info names what is wrong
+    if key in _LOADED:
+        return _LOADED[key]
+    info = _read_info(root)
+    if key is not None:
+        _LOADED[key] = info
+    return info
+
+
+def _read_info(root: Path) -> LeRobotInfo:
     path = root / INFO_PATH
     try:
         if path.exists():
