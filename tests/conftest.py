@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,19 @@ def needs_simulator() -> None:
     os.environ.setdefault("MUJOCO_GL", "egl")
     for name in ("mujoco", "dm_control", "gym_aloha"):
         pytest.importorskip(name)
+
+
+def assert_recipe_dry_run(out: Path, task_name: str, gin_file: str, data: Path,
+                          expected: Sequence[str], *extra: str) -> None:
+    """A recipe's gin file on its task resolves (``train.py --dry_run`` exits 0), the
+    operative values it prints include each of ``expected``, and nothing is written."""
+    proc = run_train(f"--task_name={task_name}", f"--gin_file={gin_file}",
+                     f"--gin_bindings=task.dataset_dir = '{data}'", f"--output_dir={out}",
+                     *extra, "--dry_run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for line in expected:
+        assert line in proc.stdout, line
+    assert not out.exists()
 
 
 def train_env(**extra: str) -> dict[str, str]:

@@ -15,7 +15,7 @@ import gin
 import numpy as np
 import pytest
 import torch
-from conftest import run_train, tiny_args
+from conftest import assert_recipe_dry_run, run_train, tiny_args
 from safetensors.torch import load_file
 
 from ilstudio.config import settings as S
@@ -131,17 +131,13 @@ def test_colour_keypoints_find_a_red_and_a_blue_object_apart_untrained():
 def test_insertion_recipe_resolves_as_a_dry_run(tmp_path, tiny_data):
     """gin_configs/insertion.gin on the insertion task resolves to TinyACT with colour keypoints
     and 120x160 frames read with a stride-4 first conv; a dry run writes nothing."""
-    out = tmp_path / "run"
-    proc = run_train("--task_name=sim_insertion_scripted", "--gin_file=gin_configs/insertion.gin",
-                     f"--gin_bindings=task.dataset_dir = '{tiny_data}'", f"--output_dir={out}",
-                     "--max_steps=10000", "--dry_run")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    for line in ("model.policy = 'tinyact'", "tinyact.colour_keypoints = True",
-                 "tinyact.saturation_keypoint = True", "(task: sim_insertion_scripted)",
-                 "model.chunk_size = 100", "dataset.lazy_preprocess = False",
-                 "dataset.image_size = (120, 160)", "tinyact.strides = (4, 2, 1)"):
-        assert line in proc.stdout, line
-    assert not out.exists()
+    assert_recipe_dry_run(
+        tmp_path / "run", "sim_insertion_scripted", "gin_configs/insertion.gin", tiny_data,
+        ("model.policy = 'tinyact'", "tinyact.colour_keypoints = True",
+         "tinyact.saturation_keypoint = True", "(task: sim_insertion_scripted)",
+         "model.chunk_size = 100", "dataset.lazy_preprocess = False",
+         "dataset.image_size = (120, 160)", "tinyact.strides = (4, 2, 1)"),
+        "--max_steps=10000")
 
 
 def test_actnorm_standardizes_the_first_batch_then_is_a_fixed_map():

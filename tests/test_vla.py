@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_train, tiny_args
+from conftest import REPO, assert_recipe_dry_run, run_train, tiny_args
 
 from ilstudio.config.settings import (
     DatasetSettings,
@@ -569,17 +569,13 @@ def test_vla_image_size_is_checked(model, message, backbone, lang_data):
 def test_cube_recipe_resolves_as_a_dry_run(tmp_path, tiny_data):
     """gin_configs/vla_cube.gin (the headline VLA's recipe) resolves to default.gin's policy (the
     VLA with LoRA on the built-in backbone) plus its overrides; a dry run writes nothing."""
-    out = tmp_path / "run"
-    proc = run_train("--task_name=sim_transfer_cube_scripted", "--gin_file=gin_configs/vla_cube.gin",
-                     f"--gin_bindings=task.dataset_dir = '{tiny_data}'", f"--output_dir={out}",
-                     "--max_steps=8000", "--dry_run")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    for line in ("model.policy = 'vla'", "model.model_name_or_path = 'ilstudio:vla_tiny'",
-                 "lora.enable = True", "lora.module = 'llm'", "lora.r = 16",
-                 "vla.state_dropout = 0.5", "vla.image_size = 64", "model.chunk_size = 100",
-                 "dataset.image_size = (64, 64)", "(task: sim_transfer_cube_scripted)"):
-        assert line in proc.stdout, line
-    assert not out.exists()
+    assert_recipe_dry_run(
+        tmp_path / "run", "sim_transfer_cube_scripted", "gin_configs/vla_cube.gin", tiny_data,
+        ("model.policy = 'vla'", "model.model_name_or_path = 'ilstudio:vla_tiny'",
+         "lora.enable = True", "lora.module = 'llm'", "lora.r = 16",
+         "vla.state_dropout = 0.5", "vla.image_size = 64", "model.chunk_size = 100",
+         "dataset.image_size = (64, 64)", "(task: sim_transfer_cube_scripted)"),
+        "--max_steps=8000")
 
 
 def test_vla_needs_cameras(backbone, lang_data):
