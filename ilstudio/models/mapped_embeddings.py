@@ -39,6 +39,12 @@ def _source_of(weight: torch.Tensor, state: dict[str, Any]) -> Any | None:
     return found[0] if len(found) == 1 else None
 
 
+def worth_mapping(quantization_config: Any) -> bool:
+    """Whether a backbone load should leave its embedding and lm head in the file: a 4/8-bit
+    load on the CPU (on CUDA the weights move to the device, where a file map is no saving)."""
+    return quantization_config is not None and not torch.cuda.is_available()
+
+
 def mapped_parameter(source: Any, requires_grad: bool = False) -> nn.Parameter:
     """A fresh Parameter over its own copy-on-write map of ``source`` (a LazyTensor)."""
     param = nn.Parameter(source.mapped(), requires_grad=requires_grad)

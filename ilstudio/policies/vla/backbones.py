@@ -113,11 +113,11 @@ def load_hf_vlm(model, quant_config=None, dtype: torch.dtype | None = None) -> B
     try:
         if model.pretrained_backbone and (quant_config is not None or dtype is not None):
             from ilstudio.models import from_pretrained_unmapped  # read without a memory map
+            from ilstudio.models.mapped_embeddings import worth_mapping
 
             vlm = from_pretrained_unmapped(AutoModelForImageTextToText, name, cfg, **_from_kwargs(model),
                                            **kw, quantization_config=quant_config,
-                                           map_embeddings=quant_config is not None
-                                           and not torch.cuda.is_available())
+                                           map_embeddings=worth_mapping(quant_config))
         elif model.pretrained_backbone:
             vlm = AutoModelForImageTextToText.from_pretrained(name, **_from_kwargs(model), **kw)
         else:

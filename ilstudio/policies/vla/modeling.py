@@ -304,11 +304,11 @@ def load_llm(model, quantization_config=None, dtype=None) -> nn.Module:
         cfg = AutoConfig.from_pretrained(name, subfolder=LLM, **_from_kwargs(model))
         if model.pretrained_backbone and (quantization_config is not None or dtype is not None):
             from ilstudio.models import from_pretrained_unmapped  # read without a memory map
+            from ilstudio.models.mapped_embeddings import worth_mapping
 
             return from_pretrained_unmapped(AutoModelForCausalLM, name, cfg, subfolder=LLM, **kw,
                                             **_attn_kwargs(model), quantization_config=quantization_config,
-                                            map_embeddings=quantization_config is not None
-                                            and not torch.cuda.is_available())
+                                            map_embeddings=worth_mapping(quantization_config))
         if model.pretrained_backbone:
             return AutoModelForCausalLM.from_pretrained(name, subfolder=LLM, **kw, **_attn_kwargs(model))
         if quantization_config is not None:  # random weights, never all in fp32 at once
