@@ -575,7 +575,7 @@ def test_cube_recipe_resolves_as_a_dry_run(tmp_path, tiny_data):
          "lora.enable = True", "lora.module = 'llm'", "lora.r = 16",
          "vla.state_dropout = 0.5", "vla.image_size = 64", "model.chunk_size = 100",
          "dataset.image_size = (64, 64)", "vla.keypoint_encoder = 32",
-         "(task: sim_transfer_cube_scripted)"),
+         "vla.keypoints_to_head = True", "(task: sim_transfer_cube_scripted)"),
         "--max_steps=8000")
 
 
