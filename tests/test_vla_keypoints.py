@@ -76,12 +76,18 @@ def test_keypoints_to_head_is_a_path_around_the_lm(backbone, lang_data):
 
 def test_keypoint_encoder_is_part_of_the_projector_and_trains_under_lora(backbone, lang_data):
     """The keypoint encoder belongs to the 'projector' part: with LoRA on the LM it trains in
-    full, and tune_mm_mlp_adapter (only projector + head) keeps it training."""
+    full; with LoRA on the projector its token MLP gets adapters and its convolutions still
+    train (nothing pretrained to keep); tune_mm_mlp_adapter (only projector + head) trains it."""
     lora = LoraSettings(enable=True, module="llm", r=4)
     policy, _ = make(lang_data, backbone, policy_config=KP, lora=lora)
     kp = policy.projector.keypoints
     assert any(kp is m for m in policy.parts()["projector"].modules())
     assert all(p.requires_grad for p in kp.parameters())
+    on_projector, _ = make(lang_data, backbone, policy_config=KP,
+                           lora=LoraSettings(enable=True, module="projector", r=4))
+    kp = on_projector.projector.keypoints
+    assert kp.encoder.layers[0][0].weight.requires_grad and kp.norm.bias.requires_grad
+    assert not kp.token[0].base_layer.weight.requires_grad and kp.token[0].lora_A.default.weight.requires_grad
     tuned, _ = make(lang_data, backbone, policy_config=KP, model={"tune_mm_mlp_adapter": True})
     assert all(p.requires_grad for p in tuned.projector.keypoints.parameters())
     assert not any(p.requires_grad for p in tuned.vit.parameters())

@@ -31,8 +31,9 @@ loss = masked L1(action chunk) + model.llm_loss_weight * LM loss.
 
 Parts (``VLAPolicy.parts()``, what LoRA's ``lora.module`` names): ``llm``, ``vit``,
 ``projector`` (image MLP + state embedding + the keypoint encoder and its token MLP: trained
-from scratch, so it trains under every switch below; lora.module = 'projector' adapts its
-Linear layers, not its convolutions), ``action_head`` (queries + MLP, + the keypoint map of
+from scratch, so it trains under every switch below; lora.module = 'projector' puts adapters
+on its token MLP, whose base weights then freeze, and its convolutions keep training),
+``action_head`` (queries + MLP, + the keypoint map of
 vla.keypoints_to_head). Trainable parts:
 
     default               everything
@@ -489,4 +490,18 @@ def build(*, policy_config, task, dataset, model, lora, quantization, use_images
         policy = apply_lora(policy, lora, targets, quantized=quant_config is not None,
                             parts=policy.parts())
         policy.lora_lr = lora.lr
+        _keypoint_encoder_trains(policy)
     return policy
+
+
+def _keypoint_encoder_trains(policy: VLAPolicy) -> None:
+    """LoRA freezes the base weights of every part it adapts; the keypoint encoder has none
+    worth keeping (it is always drawn fresh), so when lora.module names the projector its
+    convolutions, norms and sharpness still train; only the Linear layers LoRA wraps keep a
+    frozen base under their adapters."""
+    kp = policy.projector.keypoints
+    if kp is None:
+        return
+    for name, param in kp.named_parameters():
+        if "lora_" not in name and "base_layer" not in name:
+            param.requires_grad_(True)
