@@ -1,8 +1,8 @@
 """vla.keypoint_encoder and vla.keypoints_to_head: the VLA's keypoint token (TinyACT's conv +
 spatial-softmax encoder, ilstudio/policies/keypoints.py, projected into the LM).
 
-Real parts: the tiny two-folder backbone of test_vla, a tiny random Qwen2-VL checkpoint for the
-refusal, real train.py subprocesses, the evaluator's own rebuild (load_settings/load_policy) and
+Real parts: the tiny two-folder backbone of test_vla, a tiny random Qwen2-VL checkpoint (the
+standard-checkpoint kind), real train.py subprocesses, the evaluator's own rebuild (load_settings/load_policy) and
 the LoRA adapter route.
 """
 
@@ -101,19 +101,30 @@ def test_keypoints_to_head_needs_the_encoder(backbone, lang_data):
             source_of=lambda k: "test")
 
 
-def test_standard_checkpoint_refuses_the_keypoint_encoder_before_writing(lang_data, tmp_path):
-    """A standard image-text-to-text checkpoint (Qwen2-VL) has no keypoint token: train.py
-    exits 2 with one message naming vla.keypoint_encoder, and writes nothing."""
+def test_standard_checkpoint_gets_the_keypoint_token_in_its_action_head(lang_data, tmp_path):
+    """On a standard image-text-to-text checkpoint (Qwen2-VL) the projector is the model's own,
+    so the keypoint encoder sits in the action head: one token after the state token, and both
+    the token and the head path move the actions."""
     from ilstudio.policies.vla.tiny_families import write_tiny_vlm
 
     ckpt = write_tiny_vlm(tmp_path / "qwen2_vl", "qwen2_vl")
-    out = tmp_path / "run"
-    proc = run_train(*_vla_args(lang_data, out, ckpt, "--max_steps=1",
-                                "--gin_bindings=vla.keypoint_encoder = 8"))
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "vla.keypoint_encoder = 8" in proc.stderr and "two-folder" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not out.exists()
+    policy, ds = make(lang_data, ckpt,
+                      policy_config=VLAConfig(keypoint_encoder=4, keypoints_to_head=True))
+    head = policy.action_head
+    assert any(head.keypoint_encoder is m for m in policy.parts()["action_head"].modules())
+    b = batch_of(ds, n=2)
+    seq = policy._sequence(b["qpos"], b["images"], b["input_ids"], b["attention_mask"], False)
+    plain, _ = make(lang_data, ckpt)
+    plain_seq = plain._sequence(b["qpos"], b["images"], b["input_ids"], b["attention_mask"], False)
+    assert seq[4] == plain_seq[4] + 1 and seq[0].shape[1] == plain_seq[0].shape[1] + 1
+    before = _actions(policy, b)
+    with torch.no_grad():
+        head.keypoint_encoder.token[-1].bias += 1.0
+    after_token = _actions(policy, b)
+    assert ((after_token - before).abs().amax((1, 2)) > 1e-4).all()
+    with torch.no_grad():
+        head.keypoints.weight.mul_(-1.0)
+    assert ((_actions(policy, b) - after_token).abs().amax((1, 2)) > 1e-4).all()
 
 
 def test_train_py_run_resumes_and_is_rebuilt_exactly(backbone, lang_data, tmp_path):

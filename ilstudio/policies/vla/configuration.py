@@ -48,10 +48,11 @@ class VLAConfig(PolicyConfig):
         0, "Keypoints of an optional image encoder trained from scratch beside the vision tower "
         "(TinyACT's: a small conv net + spatial softmax, with saturation and red/green/blue "
         "keypoints; ilstudio/policies/keypoints.py), whose standardized features become one LM "
-        "token per image after the state token (the 'keypoint token', part of the projector: "
-        "it trains under every freezing switch). A random vision tower has no prior that finds "
-        "a small object; a spatial softmax over a colour map does. 0: off. Two-folder backbones "
-        "only.", documented=False, bounds="[0, inf)")
+        "token per image after the state token (the 'keypoint token'; part of the projector on "
+        "a two-folder backbone, of the action head on a standard checkpoint, whose projector is "
+        "the model's own: it trains under every freezing switch). A random vision tower has no "
+        "prior that finds a small object; a spatial softmax over a colour map does. 0: off.",
+        documented=False, bounds="[0, inf)")
     keypoints_to_head: bool = param(
         False, "Also add the keypoint features (vla.keypoint_encoder), linearly projected, to "
         "every action query's hidden state before the action head's MLP: a path to the actions "
@@ -114,18 +115,11 @@ class VLAConfig(PolicyConfig):
             return [f"{where} is not a multiple of the vision tower's patch size ({patch})"]
         return []
 
-    def _keypoint_problems(self, model, source_of) -> list[str]:
-        """vla.keypoint_encoder: built into the two-folder VLA only; keypoints_to_head needs it."""
-        where = f"(set in {source_of('vla.keypoint_encoder')})"
+    def _keypoint_problems(self, source_of) -> list[str]:
+        """vla.keypoints_to_head feeds the keypoint encoder's features: it needs one."""
         if self.keypoints_to_head and not self.keypoint_encoder:
             return [f"vla.keypoints_to_head = True (set in {source_of('vla.keypoints_to_head')}) "
                     f"needs the keypoint encoder: set vla.keypoint_encoder > 0 (it is 0)"]
-        if self.keypoint_encoder and model.model_name_or_path and backbone_family(
-                model.model_name_or_path, model.cache_dir) not in ("two_folder", ""):
-            return [f"vla.keypoint_encoder = {self.keypoint_encoder} {where} is built only into "
-                    f"a two-folder backbone (vision/ + llm/); model.model_name_or_path = "
-                    f"{model.model_name_or_path!r} is a standard checkpoint: set "
-                    f"vla.keypoint_encoder = 0"]
         return []
 
     def validate(self, *, task, dataset, model, lora, quantization, source_of) -> None:
@@ -139,7 +133,7 @@ class VLAConfig(PolicyConfig):
         problems = []
         problems += self._backbone_problems(model, source_of)
         problems += self._image_size_problems(model, source_of)
-        problems += self._keypoint_problems(model, source_of)
+        problems += self._keypoint_problems(source_of)
         if model.llm_loss_weight == 0:
             # The language target only feeds the language loss: without it these do nothing.
             for key in ("use_reasoning", "select_seg_token_mask"):

@@ -56,7 +56,6 @@ from absl import logging
 from torch import nn
 
 from ilstudio.errors import UserError
-from ilstudio.policies.keypoints import ActNorm, KeypointEncoder
 from ilstudio.policies.losses import vla_losses
 from ilstudio.policies.vla.layout import (
     LLM,
@@ -68,36 +67,18 @@ from ilstudio.policies.vla.layout import (
     missing_backbone_message,
     resolve,
 )
-from ilstudio.policies.vla.parts import drop_state, trainable_parts, untie_embeddings
+from ilstudio.policies.vla.parts import (
+    KeypointProjector,
+    drop_state,
+    keypoint_encoder_trains,
+    keypoint_inputs,
+    trainable_parts,
+    untie_embeddings,
+)
 
 # Pixel normalization per vision model type (their image processors' defaults).
 _CLIP_MEAN, _CLIP_STD = (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)
 _PIXEL_STATS = {"clip_vision_model": (_CLIP_MEAN, _CLIP_STD)}
-
-
-class KeypointProjector(nn.Module):
-    """vla.keypoint_encoder: images -> standardized keypoint features and one LM token each.
-
-    TinyACT's encoder as its recipe (gin_configs/tinyact.gin) sets it: conv widths (16, 32, 32)
-    with strides (2, 2, 1), coordinate and saturation channels, ``keypoints`` keypoints off the
-    last layer and 16 off the first, one saturation and three colour keypoints; then ActNorm
-    (keypoints move over a small part of [-1, 1]) and a 2-layer MLP to the LM's hidden size.
-    Trained from scratch: it has no pretrained weights to load.
-    """
-
-    def __init__(self, keypoints: int, llm_hidden: int) -> None:
-        super().__init__()
-        self.encoder = KeypointEncoder((16, 32, 32), (2, 2, 1), keypoints, coord_channels=True,
-                                       early_keypoints=16, saturation_channel=True,
-                                       saturation_keypoint=True, colour_keypoints=True)
-        self.out_dim = self.encoder.out_dim
-        self.norm = ActNorm(self.out_dim)
-        self.token = nn.Sequential(nn.Linear(self.out_dim, llm_hidden), nn.GELU(),
-                                   nn.Linear(llm_hidden, llm_hidden))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) in [0, 1] -> (N, out_dim) standardized features."""
-        return self.norm(self.encoder(images.to(self.norm.bias.dtype)))
 
 
 class MultimodalProjector(nn.Module):
@@ -212,7 +193,7 @@ class VLAPolicy(nn.Module):
         img = self.encode_images(images).to(dtype)
         state = self.projector.state(qpos.to(self.projector.state.weight.dtype))[:, None].to(dtype)
         state = drop_state(state, self.state_dropout, self.training)
-        keypoints, kp_tokens = self.keypoint_features(images, b)
+        keypoints, kp_tokens = keypoint_inputs(self.projector.keypoints, images, text.shape[-1])
         kp_tokens = kp_tokens.to(dtype)
         queries = self.action_head.queries[None].expand(b, -1, -1).to(dtype)
         middle = torch.cat([img, state, kp_tokens, queries], 1)
@@ -220,15 +201,6 @@ class VLAPolicy(nn.Module):
         mask = torch.cat([attention_mask[:, :p], attention_mask.new_ones(b, middle.shape[1]),
                           attention_mask[:, p:]], 1)
         return embeds, mask, p + img.shape[1] + 1 + kp_tokens.shape[1], keypoints
-
-    def keypoint_features(self, images: torch.Tensor, b: int):
-        """vla.keypoint_encoder: (B, images * features) standardized keypoint features (None
-        when off) and (B, images, LM hidden) keypoint tokens (no tokens when off)."""
-        kp = self.projector.keypoints
-        if kp is None:
-            return None, images.new_zeros(b, 0, self.action_head.queries.shape[1])
-        feats = kp(images.reshape(-1, *images.shape[-3:]).float())  # every camera and frame
-        return feats.reshape(b, -1), kp.token(feats).reshape(b, -1, kp.token[-1].out_features)
 
     def _hidden(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -490,18 +462,6 @@ def build(*, policy_config, task, dataset, model, lora, quantization, use_images
         policy = apply_lora(policy, lora, targets, quantized=quant_config is not None,
                             parts=policy.parts())
         policy.lora_lr = lora.lr
-        _keypoint_encoder_trains(policy)
+        keypoint_encoder_trains(policy.projector.keypoints)
     return policy
 
-
-def _keypoint_encoder_trains(policy: VLAPolicy) -> None:
-    """LoRA freezes the base weights of every part it adapts; the keypoint encoder has none
-    worth keeping (it is always drawn fresh), so when lora.module names the projector its
-    convolutions, norms and sharpness still train; only the Linear layers LoRA wraps keep a
-    frozen base under their adapters."""
-    kp = policy.projector.keypoints
-    if kp is None:
-        return
-    for name, param in kp.named_parameters():
-        if "lora_" not in name and "base_layer" not in name:
-            param.requires_grad_(True)
