@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_train
-from test_vla import STEPS, TINY, _vla_args, batch_of, make, settings
+from test_vla import STEPS, TINY, _vla_args, batch_of, make
 
-from ilstudio.config.settings import LoraSettings, QuantizationSettings
-from ilstudio.errors import UserError
+from ilstudio.config.settings import LoraSettings
 from ilstudio.policies.vla.configuration import VLAConfig
 
 KP = VLAConfig(keypoint_encoder=4)
@@ -93,12 +92,20 @@ def test_keypoint_encoder_is_part_of_the_projector_and_trains_under_lora(backbon
     assert not any(p.requires_grad for p in tuned.vit.parameters())
 
 
-def test_keypoints_to_head_needs_the_encoder(backbone, lang_data):
-    task, ds, m = settings(lang_data, backbone)
-    with pytest.raises(UserError, match=r"vla.keypoints_to_head = True .* set vla.keypoint_encoder > 0"):
-        VLAConfig(keypoints_to_head=True).validate(
-            task=task, dataset=ds, model=m, lora=LoraSettings(), quantization=QuantizationSettings(),
-            source_of=lambda k: "test")
+@pytest.mark.parametrize("binding, message", [
+    ("vla.keypoints_to_head = True", "vla.keypoints_to_head = True (set in --gin_bindings"),
+    ("vla.keypoint_encoder = -1", "vla.keypoint_encoder"),
+])
+def test_keypoint_settings_are_checked_before_anything_is_written(binding, message, backbone,
+                                                                  lang_data, tmp_path):
+    """train.py refuses the head path without an encoder, and a negative keypoint count:
+    exit 2, one message naming the parameter, nothing written."""
+    out = tmp_path / "run"
+    proc = run_train(*_vla_args(lang_data, out, backbone, "--max_steps=1",
+                                f"--gin_bindings={binding}"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
 
 
 def test_standard_checkpoint_gets_the_keypoint_token_in_its_action_head(lang_data, tmp_path):
