@@ -2,8 +2,8 @@
 spatial-softmax encoder, ilstudio/policies/keypoints.py, projected into the LM).
 
 Real parts: the tiny two-folder backbone of test_vla, a tiny random Qwen2-VL checkpoint (the
-standard-checkpoint kind), real train.py subprocesses, the evaluator's own rebuild (load_settings/load_policy) and
-the LoRA adapter route.
+standard-checkpoint kind), real train.py subprocesses, the evaluator's own rebuild
+(load_settings/load_policy) and the LoRA adapter route.
 """
 
 from __future__ import annotations
