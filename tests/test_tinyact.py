@@ -20,15 +20,10 @@ from safetensors.torch import load_file
 
 from ilstudio.config import settings as S
 from ilstudio.errors import UserError
+from ilstudio.policies.keypoints import ActNorm, random_shift, spatial_softmax
 from ilstudio.policies.sensitivity import image_sensitivity
 from ilstudio.policies.tinyact.configuration import TinyACTConfig
-from ilstudio.policies.tinyact.modeling import (
-    ActNorm,
-    TinyACTPolicy,
-    build,
-    random_shift,
-    spatial_softmax,
-)
+from ilstudio.policies.tinyact.modeling import TinyACTPolicy, build
 
 CHUNK, STATE, ACTION, HW = 8, 14, 14, (24, 32)
 TINY = {"tinyact.channels": (8, 16), "tinyact.strides": (2, 1), "tinyact.keypoints": 8,

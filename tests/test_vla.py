@@ -574,7 +574,8 @@ def test_cube_recipe_resolves_as_a_dry_run(tmp_path, tiny_data):
         ("model.policy = 'vla'", "model.model_name_or_path = 'ilstudio:vla_tiny'",
          "lora.enable = True", "lora.module = 'llm'", "lora.r = 16",
          "vla.state_dropout = 0.5", "vla.image_size = 64", "model.chunk_size = 100",
-         "dataset.image_size = (64, 64)", "(task: sim_transfer_cube_scripted)"),
+         "dataset.image_size = (64, 64)", "vla.keypoint_encoder = 32",
+         "vla.keypoints_to_head = True", "(task: sim_transfer_cube_scripted)"),
         "--max_steps=8000")
 
 

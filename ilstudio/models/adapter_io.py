@@ -88,7 +88,7 @@ def save_adapter(model: nn.Module, output_dir: str | Path, state_dict: dict | No
 
     Files: ``adapter_model.safetensors`` + ``adapter_config.json`` (loadable by peft and by
     ``lora.weight_path``), and ``non_lora_trainables.safetensors`` (e.g. the action head and
-    projector). With the base model (from ``model.model_name_or_path``, quantized or not)
+    projector, with the buffers of the modules they belong to). With the base model (from ``model.model_name_or_path``, quantized or not)
     they rebuild the trained policy: see ``load_adapter_run``.
     """
     from peft import get_peft_model_state_dict
@@ -104,10 +104,22 @@ def save_adapter(model: nn.Module, output_dir: str | Path, state_dict: dict | No
         model, state_dict=state_dict, adapter_name=ADAPTER_NAME).items()}
     save_file(adapter, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     model.peft_config[ADAPTER_NAME].save_pretrained(str(out))  # adapter_config.json
-    trainables = {n: state_dict[n].detach().contiguous().cpu() for n, p in model.named_parameters()
-                  if p.requires_grad and "lora_" not in n and n in state_dict}
+    names = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    names += _buffers_of_trained_modules(model)
+    trainables = {n: state_dict[n].detach().contiguous().cpu() for n in names if n in state_dict}
     save_file(trainables, str(out / NON_LORA_TRAINABLES), metadata={"format": "pt"})
     return [out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG, out / NON_LORA_TRAINABLES]
+
+
+def _buffers_of_trained_modules(model: nn.Module) -> list[str]:
+    """The buffers of modules that own a trainable non-LoRA parameter (an ActNorm's
+    ``initialized`` flag beside its learned affine map): state that training set and a
+    continued run must find again; a frozen base layer's buffers stay with the base."""
+    out = []
+    for name, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)) and "lora_" not in name:
+            out += [f"{name}.{b}" if name else b for b, _ in module.named_buffers(recurse=False)]
+    return out
 
 
 def load_adapter_run(model: nn.Module, run_dir: str | Path) -> nn.Module:

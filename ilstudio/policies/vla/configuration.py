@@ -44,6 +44,19 @@ class VLAConfig(PolicyConfig):
                             "= False): the tower is built at this size (more patch tokens, same "
                             "patch size). 0: the tower's own vision/config.json image_size. A "
                             "multiple of the patch size.", documented=False, bounds="[0, inf)")
+    keypoint_encoder: int = param(
+        0, "Keypoints of an optional image encoder trained from scratch beside the vision tower "
+        "(TinyACT's: a small conv net + spatial softmax, with saturation and red/green/blue "
+        "keypoints; ilstudio/policies/keypoints.py), whose standardized features become one LM "
+        "token per image after the state token (the 'keypoint token'; part of the projector on "
+        "a two-folder backbone, of the action head on a standard checkpoint, whose projector is "
+        "the model's own: it trains under every freezing switch). A random vision tower has no "
+        "prior that finds a small object; a spatial softmax over a colour map does. 0: off.",
+        documented=False, bounds="[0, inf)")
+    keypoints_to_head: bool = param(
+        False, "Also add the keypoint features (vla.keypoint_encoder), linearly projected, to "
+        "every action query's hidden state before the action head's MLP: a path to the actions "
+        "that does not go through the language model.", documented=False)
     backbone_family: str = param(
         "auto", "The backbone's kind and family: 'two_folder' (vision/ + llm/) or a standard "
         "checkpoint's model_type (qwen2_vl, qwen2_5_vl, idefics3, smolvlm, paligemma, llava, "
@@ -102,6 +115,13 @@ class VLAConfig(PolicyConfig):
             return [f"{where} is not a multiple of the vision tower's patch size ({patch})"]
         return []
 
+    def _keypoint_problems(self, source_of) -> list[str]:
+        """vla.keypoints_to_head feeds the keypoint encoder's features: it needs one."""
+        if self.keypoints_to_head and not self.keypoint_encoder:
+            return [f"vla.keypoints_to_head = True (set in {source_of('vla.keypoints_to_head')}) "
+                    f"needs the keypoint encoder: set vla.keypoint_encoder > 0 (it is 0)"]
+        return []
+
     def validate(self, *, task, dataset, model, lora, quantization, source_of) -> None:
         from ilstudio.models.lora import check_lora_settings
         from ilstudio.models.quantization import check_quantization_combo
@@ -113,6 +133,7 @@ class VLAConfig(PolicyConfig):
         problems = []
         problems += self._backbone_problems(model, source_of)
         problems += self._image_size_problems(model, source_of)
+        problems += self._keypoint_problems(source_of)
         if model.llm_loss_weight == 0:
             # The language target only feeds the language loss: without it these do nothing.
             for key in ("use_reasoning", "select_seg_token_mask"):

@@ -7,13 +7,19 @@ as described below.
 
 Sequence the LM reads (one row per sample; P, T fixed by vla.max_prompt_tokens/max_target_tokens)::
 
-    [prompt (P, left-padded)] [image tokens] [state token] [K action queries] [target (T)]
+    [prompt (P, left-padded)] [image tokens] [state token] [keypoint tokens] [K action queries]
+    [target (T)]
 
 * image tokens: every camera, every history frame (dataset.history_images_length), oldest
   first, fitted to the vision tower's square input by dataset.image_aspect_ratio ('pad':
   letterbox, 'resize': stretch): the tower's patch tokens through the projector's image MLP
   (the "mm MLP adapter": Linear(vision hidden, LM hidden), GELU, Linear(LM hidden, LM hidden)).
 * state token: the normalized qpos through the projector's linear ``state`` embedding.
+* keypoint tokens (only with vla.keypoint_encoder > 0): one per camera and frame, from
+  TinyACT's conv + spatial-softmax encoder (ilstudio/policies/keypoints.py) trained from
+  scratch, standardized (ActNorm) and mapped by an MLP to the LM's hidden size. A random ViT
+  has no prior that finds a ~2-pixel cube; a spatial softmax over a colour map does. With
+  vla.keypoints_to_head the head also adds a linear map of those features to every query.
 * action queries: K = model.chunk_size learned vectors (part of the action head); the LM's
   last hidden state at query k goes through the head's MLP to action k of the chunk.
 * target: the language target (subtask/reasoning, see ilstudio/data/language.py), after
@@ -24,7 +30,11 @@ Sequence the LM reads (one row per sample; P, T fixed by vla.max_prompt_tokens/m
 loss = masked L1(action chunk) + model.llm_loss_weight * LM loss.
 
 Parts (``VLAPolicy.parts()``, what LoRA's ``lora.module`` names): ``llm``, ``vit``,
-``projector`` (image MLP + state embedding), ``action_head`` (queries + MLP). Trainable parts:
+``projector`` (image MLP + state embedding + the keypoint encoder and its token MLP: trained
+from scratch, so it trains under every switch below; lora.module = 'projector' puts adapters
+on its token MLP, whose base weights then freeze, and its convolutions keep training),
+``action_head`` (queries + MLP, + the keypoint map of
+vla.keypoints_to_head). Trainable parts:
 
     default               everything
     freeze_vision_tower   vit frozen
@@ -57,7 +67,14 @@ from ilstudio.policies.vla.layout import (
     missing_backbone_message,
     resolve,
 )
-from ilstudio.policies.vla.parts import drop_state, trainable_parts, untie_embeddings
+from ilstudio.policies.vla.parts import (
+    KeypointProjector,
+    drop_state,
+    keypoint_encoder_trains,
+    keypoint_inputs,
+    trainable_parts,
+    untie_embeddings,
+)
 
 # Pixel normalization per vision model type (their image processors' defaults).
 _CLIP_MEAN, _CLIP_STD = (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758)
@@ -65,22 +82,30 @@ _PIXEL_STATS = {"clip_vision_model": (_CLIP_MEAN, _CLIP_STD)}
 
 
 class MultimodalProjector(nn.Module):
-    """Vision hidden -> LM hidden (2-layer MLP), and qpos -> one LM token (linear)."""
+    """Vision hidden -> LM hidden (2-layer MLP), qpos -> one LM token (linear), and with
+    vla.keypoint_encoder, each image -> one keypoint token (KeypointProjector)."""
 
-    def __init__(self, vision_hidden: int, llm_hidden: int, state_dim: int | None) -> None:
+    def __init__(self, vision_hidden: int, llm_hidden: int, state_dim: int | None,
+                 keypoints: int = 0) -> None:
         super().__init__()
         self.image = nn.Sequential(nn.Linear(vision_hidden, llm_hidden), nn.GELU(),
                                    nn.Linear(llm_hidden, llm_hidden))
         self.state = nn.Linear(state_dim, llm_hidden) if state_dim else None
+        self.keypoints = KeypointProjector(keypoints, llm_hidden) if keypoints else None
 
 
 class ActionHead(nn.Module):
-    """K learned query tokens appended to the LM input, and an MLP on their hidden states."""
+    """K learned query tokens appended to the LM input, and an MLP on their hidden states.
 
-    def __init__(self, hidden: int, chunk_size: int, action_dim: int) -> None:
+    keypoint_features (vla.keypoints_to_head): the width of every image's keypoint features
+    together; a linear map of them is added to each query's hidden state before the MLP."""
+
+    def __init__(self, hidden: int, chunk_size: int, action_dim: int,
+                 keypoint_features: int = 0) -> None:
         super().__init__()
         self.queries = nn.Parameter(torch.randn(chunk_size, hidden) * 0.02)
         self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, action_dim))
+        self.keypoints = nn.Linear(keypoint_features, hidden) if keypoint_features else None
 
 
 class VLAPolicy(nn.Module):
@@ -168,12 +193,14 @@ class VLAPolicy(nn.Module):
         img = self.encode_images(images).to(dtype)
         state = self.projector.state(qpos.to(self.projector.state.weight.dtype))[:, None].to(dtype)
         state = drop_state(state, self.state_dropout, self.training)
+        keypoints, kp_tokens = keypoint_inputs(self.projector.keypoints, images, text.shape[-1])
+        kp_tokens = kp_tokens.to(dtype)
         queries = self.action_head.queries[None].expand(b, -1, -1).to(dtype)
-        middle = torch.cat([img, state, queries], 1)
+        middle = torch.cat([img, state, kp_tokens, queries], 1)
         embeds = torch.cat([text[:, :p], middle, text[:, p:]], 1)
         mask = torch.cat([attention_mask[:, :p], attention_mask.new_ones(b, middle.shape[1]),
                           attention_mask[:, p:]], 1)
-        return embeds, mask, p + img.shape[1] + 1
+        return embeds, mask, p + img.shape[1] + 1 + kp_tokens.shape[1], keypoints
 
     def _hidden(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -181,10 +208,14 @@ class VLAPolicy(nn.Module):
                                      position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
 
-    def _actions(self, hidden: torch.Tensor, query_start: int) -> torch.Tensor:
-        k = self.action_head.queries.shape[0]
-        h = hidden[:, query_start:query_start + k]
-        return self.action_head.mlp(h.to(self.action_head.mlp[0].weight.dtype)).float()
+    def _actions(self, hidden: torch.Tensor, query_start: int,
+                 keypoints: torch.Tensor | None = None) -> torch.Tensor:
+        head = self.action_head
+        k = head.queries.shape[0]
+        h = hidden[:, query_start:query_start + k].to(head.mlp[0].weight.dtype)
+        if head.keypoints is not None:  # vla.keypoints_to_head: a path around the LM
+            h = h + head.keypoints(keypoints.to(h.dtype))[:, None]
+        return head.mlp(h).float()
 
     # -- training and inference ----------------------------------------------------------
 
@@ -193,9 +224,10 @@ class VLAPolicy(nn.Module):
                 labels: torch.Tensor | None = None, action: torch.Tensor | None = None,
                 is_pad: torch.Tensor | None = None) -> dict:
         with_lm = self.llm_loss_weight > 0 and labels is not None
-        embeds, mask, qs = self._sequence(qpos, images, input_ids, attention_mask, with_lm)
+        embeds, mask, qs, keypoints = self._sequence(qpos, images, input_ids, attention_mask,
+                                                     with_lm)
         hidden = self._hidden(embeds, mask)
-        pred = self._actions(hidden, qs)
+        pred = self._actions(hidden, qs, keypoints)
         if action is None:
             return {"actions": pred}
         return vla_losses(pred, action, is_pad, hidden, labels, queries_start=qs,
@@ -216,8 +248,9 @@ class VLAPolicy(nn.Module):
             b = qpos.shape[0]
             input_ids, attention_mask = (x.to(qpos.device).reshape(1, -1).expand(b, -1)
                                          for x in self.prompt)
-        embeds, mask, qs = self._sequence(qpos, images, input_ids, attention_mask, False)
-        return self._actions(self._hidden(embeds, mask), qs)
+        embeds, mask, qs, keypoints = self._sequence(qpos, images, input_ids, attention_mask,
+                                                     False)
+        return self._actions(self._hidden(embeds, mask), qs, keypoints)
 
 
 # -- building --------------------------------------------------------------------------
@@ -360,6 +393,23 @@ def _freeze_unused(policy: VLAPolicy) -> None:
                      len(unused), ", ".join(unused[:4]))
 
 
+def _assemble(vit: nn.Module, llm: nn.Module, *, policy_config, task, dataset, model) -> VLAPolicy:
+    """The policy around a loaded tower and LM: projector (with the keypoint token when
+    vla.keypoint_encoder > 0) and action head sized from the task."""
+    hidden = llm.get_input_embeddings().embedding_dim
+    projector = MultimodalProjector(vit.config.hidden_size, hidden, task.state_dim,
+                                    policy_config.keypoint_encoder)
+    _load_projector(projector, model)
+    num_images = len(task.camera_names) * dataset.history_images_length
+    head = ActionHead(hidden, model.chunk_size, task.action_dim,
+                      num_images * projector.keypoints.out_dim
+                      if policy_config.keypoints_to_head else 0)
+    return VLAPolicy(vit, llm, projector, head, prompt_len=policy_config.max_prompt_tokens,
+                     num_cameras=len(task.camera_names), history=dataset.history_images_length,
+                     llm_loss_weight=model.llm_loss_weight, aspect=dataset.image_aspect_ratio,
+                     state_dropout=policy_config.state_dropout)
+
+
 def build(*, policy_config, task, dataset, model, lora, quantization, use_images: bool,
           **_) -> VLAPolicy:
     if not use_images:
@@ -393,14 +443,8 @@ def build(*, policy_config, task, dataset, model, lora, quantization, use_images
         raise UserError(f"model.model_name_or_path = {model.model_name_or_path!r}: the tokenizer "
                         f"has {tokenizer_vocab} tokens but the LM embeds only "
                         f"{llm.get_input_embeddings().num_embeddings}")
-    hidden = llm.get_input_embeddings().embedding_dim
-    projector = MultimodalProjector(vit.config.hidden_size, hidden, task.state_dim)
-    _load_projector(projector, model)
-    head = ActionHead(hidden, model.chunk_size, task.action_dim)
-    policy = VLAPolicy(vit, llm, projector, head, prompt_len=policy_config.max_prompt_tokens,
-                       num_cameras=len(task.camera_names), history=dataset.history_images_length,
-                       llm_loss_weight=model.llm_loss_weight, aspect=dataset.image_aspect_ratio,
-                       state_dropout=policy_config.state_dropout)
+    policy = _assemble(vit, llm, policy_config=policy_config, task=task, dataset=dataset,
+                       model=model)
     train = trainable_parts(model)
     for part, module in policy.parts().items():
         for param in module.parameters():
@@ -418,4 +462,6 @@ def build(*, policy_config, task, dataset, model, lora, quantization, use_images
         policy = apply_lora(policy, lora, targets, quantized=quant_config is not None,
                             parts=policy.parts())
         policy.lora_lr = lora.lr
+        keypoint_encoder_trains(policy.projector.keypoints)
     return policy
+

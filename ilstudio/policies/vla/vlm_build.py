@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ilstudio.errors import UserError
 from ilstudio.policies.vla.backbones import Backbone
-from ilstudio.policies.vla.parts import trainable_parts, untie_embeddings
+from ilstudio.policies.vla.parts import keypoint_encoder_trains, trainable_parts, untie_embeddings
 from ilstudio.policies.vla.vlm_inputs import ImageTextInputs, bound_pixels, load_processor
 from ilstudio.policies.vla.vlm_policy import (
     HFVLAPolicy,
@@ -31,7 +31,9 @@ def build_hf(backbone: Backbone, *, policy_config, task, dataset, model, lora) -
                         f"{embed.num_embeddings}")
     if inputs.tokenizer.pad_token_id is None:
         inputs.tokenizer.pad_token = inputs.tokenizer.eos_token
-    head = StateActionHead(embed.embedding_dim, model.chunk_size, task.action_dim, task.state_dim)
+    head = StateActionHead(embed.embedding_dim, model.chunk_size, task.action_dim, task.state_dim,
+                           policy_config.keypoint_encoder, inputs.num_images,
+                           policy_config.keypoints_to_head)
     policy = HFVLAPolicy(backbone, inputs, head, prompt_len=policy_config.max_prompt_tokens,
                          llm_loss_weight=model.llm_loss_weight,
                          state_dropout=policy_config.state_dropout)
@@ -49,4 +51,5 @@ def build_hf(backbone: Backbone, *, policy_config, task, dataset, model, lora) -
         policy = apply_lora(policy, lora, targets, quantized=backbone.quantized,
                             parts=policy.parts())
         policy.lora_lr = lora.lr
+        keypoint_encoder_trains(policy.action_head.keypoint_encoder)
     return policy

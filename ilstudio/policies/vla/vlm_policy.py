@@ -3,8 +3,11 @@
 The model's processor makes its own prompt (chat template, image tokens, pixels: see
 vlm_inputs.py); the policy's tokens follow it, as on the two-folder kind::
 
-    [processor output: prompt + image tokens (left-padded)] [state token] [K action queries]
-    [language target (T)]
+    [processor output: prompt + image tokens (left-padded)] [state token] [keypoint tokens]
+    [K action queries] [language target (T)]
+
+(keypoint tokens: only with vla.keypoint_encoder, one per image, as on the two-folder kind;
+here the encoder belongs to the action head, since the projector is the model's own.)
 
 The model's own forward merges the image features into the sequence (its projector /
 connector / merger), and its multimodal position ids (Qwen2-VL's M-RoPE through the base
@@ -14,7 +17,8 @@ target uses the model's own LM head.
 
 Parts: ``llm`` (the language model, its lm head with it for freezing), ``vit`` (the vision
 tower; a projector nested inside it, like Qwen2-VL's merger, is not part of it),
-``projector`` (the model's connector), ``action_head`` (state embedding, queries, MLP).
+``projector`` (the model's connector), ``action_head`` (state embedding, queries, MLP, and
+the keypoint encoder with its head map when vla.keypoint_encoder / vla.keypoints_to_head).
 """
 
 from __future__ import annotations
@@ -27,18 +31,24 @@ from torch import nn
 
 from ilstudio.policies.losses import vla_losses
 from ilstudio.policies.vla.backbones import Backbone
-from ilstudio.policies.vla.parts import drop_state
+from ilstudio.policies.vla.parts import KeypointProjector, drop_state, keypoint_inputs
 from ilstudio.policies.vla.vlm_inputs import ImageTextInputs
 
 
 class StateActionHead(nn.Module):
-    """qpos -> one LM token (linear), K learned query tokens, and an MLP on their hidden states."""
+    """qpos -> one LM token (linear), K learned query tokens, and an MLP on their hidden states;
+    with vla.keypoint_encoder, the keypoint encoder (one token per image) and with
+    vla.keypoints_to_head, a linear map of its features added to every query's hidden state."""
 
-    def __init__(self, hidden: int, chunk_size: int, action_dim: int, state_dim: int) -> None:
+    def __init__(self, hidden: int, chunk_size: int, action_dim: int, state_dim: int,
+                 keypoints: int = 0, num_images: int = 0, to_head: bool = False) -> None:
         super().__init__()
         self.state = nn.Linear(state_dim, hidden)
         self.queries = nn.Parameter(torch.randn(chunk_size, hidden) * 0.02)
         self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, action_dim))
+        self.keypoint_encoder = KeypointProjector(keypoints, hidden) if keypoints else None
+        self.keypoints = (nn.Linear(num_images * self.keypoint_encoder.out_dim, hidden)
+                          if keypoints and to_head else None)
 
 
 def _kwargs_for(fn, values: dict) -> dict:
@@ -115,7 +125,9 @@ class HFVLAPolicy(nn.Module):
                self.inputs(self._prompts(input_ids, attention_mask), images).items()}
         ids, mask = enc.pop("input_ids"), enc.pop("attention_mask")
         b, lp = ids.shape
-        k = self.action_head.queries.shape[0]
+        head = self.action_head
+        keypoints, kp_tokens = keypoint_inputs(head.keypoint_encoder, images, head.queries.shape[1])
+        k = head.queries.shape[0] + kp_tokens.shape[1]  # the policy's tokens after the state
         ids_parts = [ids, ids.new_full((b, 1 + k), self.placeholder_id)]
         mask_parts = [mask, mask.new_ones(b, 1 + k)]
         if with_target:
@@ -127,12 +139,12 @@ class HFVLAPolicy(nn.Module):
             if key in enc:  # the policy's tokens are text (PaliGemma: causal, after the prefix)
                 enc[key] = torch.cat([enc[key], enc[key].new_full((b, extra), fill)], 1)
         embeds = self.vlm.get_input_embeddings()(all_ids)
-        head = self.action_head
         state = head.state(qpos.to(head.state.weight.dtype))[:, None].to(embeds.dtype)
         state = drop_state(state, self.state_dropout, self.training)
         queries = head.queries[None].expand(b, -1, -1).to(embeds.dtype)
-        embeds = torch.cat([embeds[:, :lp], state, queries, embeds[:, lp + 1 + k:]], 1)
-        return embeds, all_ids, all_mask, enc, lp + 1
+        embeds = torch.cat([embeds[:, :lp], state, kp_tokens.to(embeds.dtype), queries,
+                            embeds[:, lp + 1 + k:]], 1)
+        return embeds, all_ids, all_mask, enc, lp + 1 + kp_tokens.shape[1], keypoints
 
     def _hidden(self, embeds, ids, mask, enc) -> torch.Tensor:
         base = self.vlm.base_model
@@ -149,19 +161,24 @@ class HFVLAPolicy(nn.Module):
                    use_cache=False, **_kwargs_for(base.forward, enc))
         return out.last_hidden_state
 
-    def _actions(self, hidden: torch.Tensor, query_start: int) -> torch.Tensor:
-        k = self.action_head.queries.shape[0]
-        h = hidden[:, query_start:query_start + k]
-        return self.action_head.mlp(h.to(self.action_head.mlp[0].weight.dtype)).float()
+    def _actions(self, hidden: torch.Tensor, query_start: int,
+                 keypoints: torch.Tensor | None = None) -> torch.Tensor:
+        head = self.action_head
+        k = head.queries.shape[0]
+        h = hidden[:, query_start:query_start + k].to(head.mlp[0].weight.dtype)
+        if head.keypoints is not None:  # vla.keypoints_to_head: a path around the LM
+            h = h + head.keypoints(keypoints.to(h.dtype))[:, None]
+        return head.mlp(h).float()
 
     # -- training and inference ----------------------------------------------------------
 
     def forward(self, qpos, images=None, input_ids=None, attention_mask=None, labels=None,
                 action=None, is_pad=None) -> dict:
         with_lm = self.llm_loss_weight > 0 and labels is not None
-        embeds, ids, mask, enc, qs = self._sequence(qpos, images, input_ids, attention_mask, with_lm)
+        embeds, ids, mask, enc, qs, keypoints = self._sequence(qpos, images, input_ids,
+                                                               attention_mask, with_lm)
         hidden = self._hidden(embeds, ids, mask, enc)
-        pred = self._actions(hidden, qs)
+        pred = self._actions(hidden, qs, keypoints)
         if action is None:
             return {"actions": pred}
         return vla_losses(pred, action, is_pad, hidden, labels, queries_start=qs,
@@ -180,8 +197,9 @@ class HFVLAPolicy(nn.Module):
             b = qpos.shape[0]
             input_ids, attention_mask = (x.to(qpos.device).reshape(1, -1).expand(b, -1)
                                          for x in self.prompt)
-        embeds, ids, mask, enc, qs = self._sequence(qpos, images, input_ids, attention_mask, False)
-        return self._actions(self._hidden(embeds, ids, mask, enc), qs)
+        embeds, ids, mask, enc, qs, keypoints = self._sequence(qpos, images, input_ids,
+                                                               attention_mask, False)
+        return self._actions(self._hidden(embeds, ids, mask, enc), qs, keypoints)
 
 
 # -- trainability ------------------------------------------------------------------------
