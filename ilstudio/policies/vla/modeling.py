@@ -70,6 +70,7 @@ from ilstudio.policies.vla.layout import (
 from ilstudio.policies.vla.parts import (
     KeypointProjector,
     drop_state,
+    head_actions,
     keypoint_encoder_trains,
     keypoint_inputs,
     trainable_parts,
@@ -210,12 +211,7 @@ class VLAPolicy(nn.Module):
 
     def _actions(self, hidden: torch.Tensor, query_start: int,
                  keypoints: torch.Tensor | None = None) -> torch.Tensor:
-        head = self.action_head
-        k = head.queries.shape[0]
-        h = hidden[:, query_start:query_start + k].to(head.mlp[0].weight.dtype)
-        if head.keypoints is not None:  # vla.keypoints_to_head: a path around the LM
-            h = h + head.keypoints(keypoints.to(h.dtype))[:, None]
-        return head.mlp(h).float()
+        return head_actions(self.action_head, hidden, query_start, keypoints)
 
     # -- training and inference ----------------------------------------------------------
 

@@ -94,3 +94,15 @@ def keypoint_inputs(kp: KeypointProjector | None, images: torch.Tensor, hidden: 
         return None, images.new_zeros(b, 0, hidden)
     feats = kp(images.reshape(-1, *images.shape[-3:]).float())
     return feats.reshape(b, -1), kp.token(feats).reshape(b, -1, hidden)
+
+
+def head_actions(head: nn.Module, hidden: torch.Tensor, query_start: int,
+                 keypoints: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, K, action_dim) actions from the LM's hidden states at the K action queries, through
+    the head's MLP; with vla.keypoints_to_head the keypoint features' linear map is added to
+    every query first (a path around the LM). One rule for both backbone kinds' heads."""
+    k = head.queries.shape[0]
+    h = hidden[:, query_start:query_start + k].to(head.mlp[0].weight.dtype)
+    if head.keypoints is not None:
+        h = h + head.keypoints(keypoints.to(h.dtype))[:, None]
+    return head.mlp(h).float()

@@ -31,7 +31,7 @@ from torch import nn
 
 from ilstudio.policies.losses import vla_losses
 from ilstudio.policies.vla.backbones import Backbone
-from ilstudio.policies.vla.parts import KeypointProjector, drop_state, keypoint_inputs
+from ilstudio.policies.vla.parts import KeypointProjector, drop_state, head_actions, keypoint_inputs
 from ilstudio.policies.vla.vlm_inputs import ImageTextInputs
 
 
@@ -163,12 +163,7 @@ class HFVLAPolicy(nn.Module):
 
     def _actions(self, hidden: torch.Tensor, query_start: int,
                  keypoints: torch.Tensor | None = None) -> torch.Tensor:
-        head = self.action_head
-        k = head.queries.shape[0]
-        h = hidden[:, query_start:query_start + k].to(head.mlp[0].weight.dtype)
-        if head.keypoints is not None:  # vla.keypoints_to_head: a path around the LM
-            h = h + head.keypoints(keypoints.to(h.dtype))[:, None]
-        return head.mlp(h).float()
+        return head_actions(self.action_head, hidden, query_start, keypoints)
 
     # -- training and inference ----------------------------------------------------------
 
