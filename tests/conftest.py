@@ -117,3 +117,23 @@ def finished_run(tmp_path_factory, name: str, data_dir: Path, *extra: str) -> tu
     r = run_train(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, args
+
+
+def rebuilt_exactly(out: Path):
+    """Rebuild a finished run as the evaluator does (operative_config.gin -> settings -> policy,
+    strict weights) and assert that every saved tensor comes back unchanged; returns
+    (the settings, the rebuilt policy)."""
+    import gin
+    import torch
+    from safetensors.torch import load_file
+
+    from ilstudio.eval import load_policy, load_settings
+
+    try:
+        built = load_settings(out / "operative_config.gin")
+        policy, _, _ = load_policy(built, out / "model.safetensors", "cpu")
+    finally:
+        gin.clear_config()
+    saved, own = load_file(str(out / "model.safetensors")), policy.state_dict()
+    assert set(saved) == set(own) and all(torch.equal(own[k], saved[k]) for k in saved)
+    return built, policy

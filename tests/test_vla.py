@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, assert_recipe_dry_run, run_train, tiny_args
+from conftest import REPO, assert_recipe_dry_run, rebuilt_exactly, run_train, tiny_args
 
 from ilstudio.config.settings import (
     DatasetSettings,
@@ -611,13 +611,11 @@ def test_train_py_validation_errors_exit_2(binding, message, backbone, lang_data
 
 
 def test_train_py_run_learns_and_loads_back(backbone, lang_data, tmp_path):
-    import gin
     from safetensors.torch import load_file
 
     from ilstudio.config import settings as S
     from ilstudio.data.checked import check_dataset
     from ilstudio.data.dataset import build_datasets
-    from ilstudio.eval import load_policy, load_settings
     from ilstudio.policies import build_policy, build_processor
 
     out = tmp_path / "run"
@@ -637,15 +635,9 @@ def test_train_py_run_learns_and_loads_back(backbone, lang_data, tmp_path):
     assert np.mean(logs[-2:]) < 0.8 * np.mean(logs[:2]), logs
 
     # Rebuild as the evaluator does: operative_config.gin -> settings -> policy, strict weights.
-    try:
-        built = load_settings(out / "operative_config.gin")
-        policy, _, _ = load_policy(built, out / "model.safetensors", "cpu")
-    finally:
-        gin.clear_config()
+    built, policy = rebuilt_exactly(out)
     task, ds, model, pc = built["task"], built["dataset"], built["model"], built["policy"]
     assert (model.policy, model.llm_loss_weight, ds.use_reasoning) == ("vla", 0.1, True)
-    own = policy.state_dict()
-    assert set(saved) == set(own) and all(torch.equal(own[k], saved[k]) for k in saved)
     # The loaded policy predicts as well as training ended: better than a fresh one.
     processor = build_processor("vla", policy_config=pc, task=task, dataset=ds, model=model)
     data, _, _, _ = build_datasets(check_dataset(task, ds), task, ds, model.chunk_size, False, 0, language=processor)

@@ -9,33 +9,18 @@ standard-checkpoint kind), real train.py subprocesses, the evaluator's own rebui
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+import test_vla
 import torch
-from conftest import run_train
-from test_vla import STEPS, TINY, _vla_args, batch_of, make
+from conftest import rebuilt_exactly, run_train
+from test_vla import _vla_args, batch_of, make
 
 from ilstudio.config.settings import LoraSettings
 from ilstudio.policies.vla.configuration import VLAConfig
 
 KP = VLAConfig(keypoint_encoder=4)
-
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory) -> Path:
-    from ilstudio.policies.vla.make_tiny import write_tiny_backbone
-
-    return write_tiny_backbone(tmp_path_factory.mktemp("vla") / "tiny", **TINY)
-
-
-@pytest.fixture(scope="module")
-def lang_data(tmp_path_factory) -> Path:
-    from ilstudio.data.synthetic import write_synthetic_dataset
-
-    d = tmp_path_factory.mktemp("lang_data")
-    write_synthetic_dataset(d, num_episodes=3, episode_len=STEPS, language=True)
-    return d
+backbone, lang_data = test_vla.backbone, test_vla.lang_data  # its module fixtures, shared
 
 
 def _actions(policy, b) -> torch.Tensor:
@@ -139,10 +124,6 @@ def test_train_py_run_resumes_and_is_rebuilt_exactly(backbone, lang_data, tmp_pa
     the evaluator's rebuild from the run directory gives exactly the saved weights; the LoRA
     adapter route restores the keypoint encoder and head path, the ActNorm's 'initialized'
     flag included (else a run continued with lora.weight_path would re-initialize it)."""
-    import gin
-    from safetensors.torch import load_file
-
-    from ilstudio.eval import load_policy, load_settings
     from ilstudio.models.adapter_io import load_adapter_run
     from ilstudio.policies import build_policy
 
@@ -158,13 +139,8 @@ def test_train_py_run_resumes_and_is_rebuilt_exactly(backbone, lang_data, tmp_pa
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
     operative = (out / "operative_config.gin").read_text()
     assert "vla.keypoint_encoder = 4" in operative and "vla.keypoints_to_head = True" in operative
-    try:
-        built = load_settings(out / "operative_config.gin")
-        policy, _, _ = load_policy(built, out / "model.safetensors", "cpu")
-    finally:
-        gin.clear_config()
-    saved, own = load_file(str(out / "model.safetensors")), policy.state_dict()
-    assert set(saved) == set(own) and all(torch.equal(own[k], saved[k]) for k in saved)
+    built, policy = rebuilt_exactly(out)
+    own = policy.state_dict()
     assert bool(own["projector.keypoints.norm.initialized"])  # trained: ActNorm set from data
     base = build_policy("vla", policy_config=built["policy"], task=built["task"],
                         dataset=built["dataset"], model=built["model"], lora=built["lora"],

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import test_vla
 import torch
-from conftest import REPO, run_train, tiny_args
+from conftest import REPO, rebuilt_exactly, run_train, tiny_args
 
 from ilstudio.config.settings import LoraSettings, QuantizationSettings
 from ilstudio.errors import UserError
@@ -302,20 +302,11 @@ def test_train_py_lora_resume_and_evaluator_rebuild(family, checkpoints, data, t
 
 
 def _check_rebuilt(out: Path, targets: list[str]) -> None:
-    import gin
-    from safetensors.torch import load_file
-
-    from ilstudio.eval import load_policy, load_settings
     from ilstudio.models.adapter_io import load_adapter_run
     from ilstudio.policies import build_policy
 
-    try:
-        built = load_settings(out / "operative_config.gin")
-        rebuilt, _, _ = load_policy(built, out / "model.safetensors", "cpu")
-    finally:
-        gin.clear_config()
-    saved, own = load_file(str(out / "model.safetensors")), rebuilt.state_dict()
-    assert set(saved) == set(own) and all(torch.equal(own[k], saved[k]) for k in saved)
+    built, rebuilt = rebuilt_exactly(out)
+    own = rebuilt.state_dict()
     base = build_policy("vla", policy_config=built["policy"], task=built["task"],
                         dataset=built["dataset"], model=built["model"], lora=built["lora"],
                         quantization=built["quantization"], use_images=True)
@@ -335,10 +326,7 @@ def test_train_py_qlora_run_is_rebuilt_by_the_evaluator(checkpoints, data, tmp_p
     """QLoRA through train.py (4-bit language model, tied embeddings untied) and a strict
     rebuild of its 4-bit weights and adapters by the evaluator's loader."""
     import bitsandbytes as bnb
-    import gin
-    from safetensors.torch import load_file
 
-    from ilstudio.eval import load_policy, load_settings
 
     out = tmp_path / "qlora"
     proc = run_train(*_args(data, out, checkpoints("paligemma"), "--max_steps=2",
@@ -350,11 +338,5 @@ def test_train_py_qlora_run_is_rebuilt_by_the_evaluator(checkpoints, data, tmp_p
     if allocator._glibc() is not None and not any(os.environ.get(v) for v in allocator.USER_VARIABLES):
         assert "glibc allocator: freed blocks of 128 KiB and more go back" in proc.stderr  # quantized CPU run
     assert "left in the checkpoint file (memory-mapped, read as used): input embedding" in proc.stderr
-    try:
-        built = load_settings(out / "operative_config.gin")
-        rebuilt, _, _ = load_policy(built, out / "model.safetensors", "cpu")
-    finally:
-        gin.clear_config()
+    built, rebuilt = rebuilt_exactly(out)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in rebuilt.modules())
-    saved, own = load_file(str(out / "model.safetensors")), rebuilt.state_dict()
-    assert set(saved) == set(own) and all(torch.equal(own[k], saved[k]) for k in saved)
