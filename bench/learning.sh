@@ -16,6 +16,11 @@
 # checkpoints every MAX_STEPS/6, evaluated in the policy's declared mode (BENCHMARKS.md,
 # "Learning: the headline VLA").
 # DEMOS (default 50): demonstrations recorded and trained on (episodes 0..DEMOS-1 of seed 0).
+# Insertion keeps 50: DEMOS=150 with MAX_STEPS=7500 scores no higher over training seeds 42,
+# 0 and 1 (evaluation seed 0: 51/150 against 65/150; DEMOS=100, seed 42: 25/100; BENCHMARKS.md
+# "Learning: insertion"), for three times the recording. Recording insertion costs ~13 s
+# of wall time per kept episode at load 3-4 (about 2.5 attempts each: the recorder keeps only
+# episodes whose joint-space replay inserts too), so ~11 minutes for 50.
 #
 # Records DEMOS demonstrations (seed 0, the task's 240x320 rendering) into WORKDIR/data, trains
 # the recipe's gin file (TinyACT: frames fitted once to 60x80, 120x160 for insertion, chunks of
