@@ -21,6 +21,12 @@ def _interrupted(exc: BaseException | None) -> bool:
     return False
 
 
+def sigint_seen() -> bool:
+    """Whether Ctrl-C reached this program's handler, even if the KeyboardInterrupt it raised
+    was lost on the way (see ``training.trainer.LostInterrupt``)."""
+    return bool(_SIGINT_SEEN)
+
+
 def _interrupt_during_startup() -> None:
     """A Ctrl-C before a program's ``errors.guarded`` runs (while ``python -m
     ilstudio.<program>`` imports its modules) is the same one line and exit code 130 as one

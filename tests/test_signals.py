@@ -96,3 +96,47 @@ def test_sigint_prints_one_line_with_the_checkpoint_and_the_resume_command(tiny_
                                f"resume with: python ")
     assert f"--output_dir={out} " in lines[0]
     assert lines[0].endswith(" --resume_from_checkpoint=true")
+
+
+class _RaisesInFinalizer:
+    """Stands for a finalizer the SIGINT handler interrupts: its KeyboardInterrupt is
+    "ignored" by Python (sys.unraisablehook) instead of reaching the training loop."""
+
+    def __del__(self):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_lost_in_a_finalizer_still_stops_training_at_the_next_step(tmp_path, monkeypatch):
+    """A real PolicyTrainer: at step 3 Ctrl-C arrives (the handler records it) while a
+    finalizer runs, so its KeyboardInterrupt is swallowed; the run stops at the next step
+    boundary instead of training on (without the LostInterrupt callback, it trains all 50)."""
+    import torch
+    from transformers import TrainerCallback, TrainingArguments
+
+    import ilstudio
+    from ilstudio.policies.mlp.configuration import MLPConfig
+    from ilstudio.policies.mlp.modeling import MLPPolicy
+    from ilstudio.training.trainer import PolicyTrainer
+
+    monkeypatch.setattr(ilstudio, "_SIGINT_SEEN", [])
+    swallowed = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: swallowed.append(u.exc_type))
+
+    class CtrlCInAFinalizer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                ilstudio._SIGINT_SEEN.append(signal.SIGINT)  # what the handler records
+                obj = _RaisesInFinalizer()
+                del obj  # the handler's KeyboardInterrupt, raised inside __del__: lost
+
+    data = [{"qpos": torch.randn(14), "action": torch.randn(5, 14), "is_pad": torch.zeros(5, dtype=torch.bool)}
+            for _ in range(16)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=50, per_device_train_batch_size=4,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                             dataloader_pin_memory=False)
+    trainer = PolicyTrainer(model=MLPPolicy(MLPConfig(hidden_dim=16, num_layers=1), 14, 14, 5, 0, 1),
+                            args=args, train_dataset=data, callbacks=[CtrlCInAFinalizer()])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert swallowed == [KeyboardInterrupt]  # the first one really was lost
+    assert trainer.state.global_step == 3

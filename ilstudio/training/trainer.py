@@ -57,6 +57,7 @@ class PolicyTrainer(Trainer):
 
         self.episode_first = episode_first
         self.add_callback(ApplyIntervalsOnResume())
+        self.add_callback(LostInterrupt())
         self.ema = EMA(ema_decay) if ema_decay is not None else None
         if self.ema is not None:
             self.add_callback(EMACallback(self.ema))
@@ -305,6 +306,27 @@ class ApplyIntervalsOnResume(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         state.compute_steps(args, state.max_steps)
+
+
+class LostInterrupt(TrainerCallback):
+    """Ctrl-C whose KeyboardInterrupt was lost: when the SIGINT handler raises while Python
+    runs a finalizer (a tensor's ``__del__``, a weakref callback, the garbage collector), the
+    exception is reported as "Exception ignored" and dropped, and training would go on as if
+    nothing had happened (seen once in CI: a run still training 240 s after Ctrl-C). The
+    handler also records the signal (``ilstudio.sigint_seen``), so the next step boundary
+    raises it again and the run ends as any Ctrl-C does: one line, exit code 130."""
+
+    def _check(self) -> None:
+        from ilstudio import sigint_seen
+
+        if sigint_seen():
+            raise KeyboardInterrupt
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._check()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._check()
 
 
 class StopOnSignal(TrainerCallback):
