@@ -25,9 +25,17 @@ STEPS = ["--max_steps=40", "--save_steps=1000", "--seed=11", "--logging_steps=1"
          "--gin_bindings=mlp.hidden_dim = 512"]
 
 
+def _as_from_a_terminal() -> None:
+    """A user's Ctrl-C comes from a shell that leaves SIGINT to the program; a test runner
+    started as a background job (``cmd &`` in a script, ``nohup``) has SIGINT ignored, which
+    its children inherit and train.py deliberately leaves so (see ilstudio/__init__.py)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO,
-                            env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=_as_from_a_terminal)
 
 
 def read_until(proc: subprocess.Popen, marker: bytes, timeout: float = 240) -> bytes:

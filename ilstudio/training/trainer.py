@@ -312,9 +312,9 @@ class LostInterrupt(TrainerCallback):
     """Ctrl-C whose KeyboardInterrupt was lost: when the SIGINT handler raises while Python
     runs a finalizer (a tensor's ``__del__``, a weakref callback, the garbage collector), the
     exception is reported as "Exception ignored" and dropped, and training would go on as if
-    nothing had happened (seen once in CI: a run still training 240 s after Ctrl-C). The
-    handler also records the signal (``ilstudio.sigint_seen``), so the next step boundary
-    raises it again and the run ends as any Ctrl-C does: one line, exit code 130."""
+    nothing had happened (tests/test_signals.py swallows one that way). The handler also
+    records the signal (``ilstudio.sigint_seen``), so the next step boundary raises it again
+    and the run ends as any Ctrl-C does: one line, exit code 130."""
 
     def _check(self) -> None:
         from ilstudio import sigint_seen
