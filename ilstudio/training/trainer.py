@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 
-from ilstudio import rundir
+from ilstudio import rundir, sigint_seen
 from ilstudio.errors import UserError
 
 
@@ -316,17 +316,9 @@ class LostInterrupt(TrainerCallback):
     records the signal (``ilstudio.sigint_seen``), so the next step boundary raises it again
     and the run ends as any Ctrl-C does: one line, exit code 130."""
 
-    def _check(self) -> None:
-        from ilstudio import sigint_seen
-
-        if sigint_seen():
-            raise KeyboardInterrupt
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._check()
-
     def on_step_end(self, args, state, control, **kwargs):
-        self._check()
+        if sigint_seen():  # the end of one step is the boundary before the next
+            raise KeyboardInterrupt
 
 
 class StopOnSignal(TrainerCallback):
