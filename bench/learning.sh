@@ -7,10 +7,11 @@
 #
 # RECIPE=cube (default): sim_transfer_cube_scripted with gin_configs/tinyact.gin, 3000 steps.
 # RECIPE=insertion: sim_insertion_scripted with gin_configs/insertion.gin (TinyACT plus colour
-# keypoints, frames fitted to 120x160, the state never hidden), MAX_STEPS default 5000,
-# checkpoints every MAX_STEPS/4 (BENCHMARKS.md, "Learning: insertion": 50 demonstrations, 5000
-# steps, ~8.5 CPU-minutes of training: 57/100 and 59/100 over evaluation seeds 0 and 1 for
-# training seeds 42 and 0; this script evaluates seed 0's 50 episodes: 29/50 with seed 42).
+# keypoints, frames fitted to 120x160, the state never hidden, evaluated in chunks of 75 steps),
+# MAX_STEPS default 5000, checkpoints every MAX_STEPS/4 (BENCHMARKS.md, "Learning: insertion":
+# 50 demonstrations, 5000 steps, ~8.5 CPU-minutes of training; evaluation seeds 0-4: 167/250,
+# 171/250 and 169/250 for training seeds 42, 0 and 1; this script evaluates seed 0's 50
+# episodes: 35/50 with seed 42).
 # RECIPE=vla: the headline VLA (default.gin's policy) on sim_transfer_cube_scripted with
 # gin_configs/vla_cube.gin (64x64 tower input, chunks of 100, state dropout 0.5, the keypoint
 # token with its features also fed to the action head), MAX_STEPS default 6000,
@@ -27,9 +28,10 @@
 # the recipe's gin file (TinyACT: frames fitted once to 60x80, 120x160 for insertion, chunks of
 # 100; batch 32, AdamW 1e-3 cosine, seed 42: the quickstart's run for the cube) saving a
 # checkpoint every MAX_STEPS/3 steps (/4 for insertion), evaluates the final policy on
-# EVAL_EPISODES simulated episodes in the policy's declared evaluation mode (TinyACT: temporal
-# ensembling; success rate, Wilson 95% interval), then writes the learning curve (loss, image
-# sensitivity and, with CURVE_EPISODES > 0, success on that many episodes at every checkpoint)
+# EVAL_EPISODES simulated episodes in the policy's declared evaluation mode (tinyact.gin:
+# temporal ensembling; insertion.gin: chunks of 75 steps; success rate, Wilson 95% interval),
+# then writes the learning curve (loss, image sensitivity and, with CURVE_EPISODES > 0, success
+# on that many episodes at every checkpoint, in the same mode)
 # to WORKDIR/run/learning_curve_sim.{json,png}. Defaults: /tmp/ilstudio_learning[_insertion|_vla],
 # 50 evaluation episodes, 10 per checkpoint. Prints the wall time of every stage.
 # Measured (BENCHMARKS.md): cube 49/50 = 98% at 3000 steps; insertion: see "Learning: insertion";

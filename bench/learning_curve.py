@@ -6,8 +6,9 @@ For every ``checkpoint-N`` of the run (and the final weights): the training loss
 step N (trainer_state.json), the image sensitivity of the policy (spread of its first predicted
 chunk across the recorded episodes' t = 0 observations relative to the recorded chunks' spread;
 see ilstudio/policies/sensitivity.py) and, with ``--episodes K``, the success rate over K
-simulated episodes (``python -m ilstudio.eval``'s evaluator, temporal ensembling by default;
-the same evaluation seeds at every checkpoint). Writes RUN_DIR/learning_curve_sim.json and a
+simulated episodes (``python -m ilstudio.eval``'s evaluator, in the policy's declared evaluation
+mode unless --temporal_ensemble / --no_temporal_ensemble force one; the same evaluation seeds at
+every checkpoint). Writes RUN_DIR/learning_curve_sim.json and a
 PNG (RUN_DIR/learning_curve_sim.png unless --png is given).
 """
 
@@ -79,16 +80,18 @@ def _earlier_evaluations(ckpt: Path) -> list[Path]:
     return out
 
 
-def success_of(ckpt: Path, episodes: int, temporal_ensemble: bool, seed: int,
+def success_of(ckpt: Path, episodes: int, temporal_ensemble: bool | None, seed: int,
                bindings: tuple[str, ...] = ()) -> dict:
     """Reuses an evaluation already made of this checkpoint (e.g. the quickstart's) when it used
-    the same seed and ensembling and at least as many episodes (the largest such one)."""
+    the same seed and mode and at least as many episodes (the largest such one). temporal_ensemble
+    None: the policy's declared mode (an evaluation made in it says so in eval_mode_source)."""
     from ilstudio.eval import evaluate, parse_args
 
     keys = ("successes", "num_episodes", "success_rate", "success_rate_ci95")
     usable = [r for r in (json.loads(f.read_text()) for f in _earlier_evaluations(ckpt))
-              if r.get("seed") == seed and r.get("temporal_ensemble") == temporal_ensemble
-              and r.get("num_episodes", 0) >= episodes]
+              if r.get("seed") == seed and r.get("num_episodes", 0) >= episodes
+              and (r.get("temporal_ensemble") == temporal_ensemble if temporal_ensemble is not None
+                   else "declared mode" in str(r.get("eval_mode_source")))]
     if usable:
         r = max(usable, key=lambda r: r["num_episodes"])
         return {k: r[k] for k in keys}
@@ -96,7 +99,8 @@ def success_of(ckpt: Path, episodes: int, temporal_ensemble: bool, seed: int,
     argv = ["--checkpoint", str(ckpt), "--num_episodes", str(episodes), "--seed", str(seed),
             "--video_episodes", "0", "--no_progress",
             "--output_dir", str(ckpt / "curve_eval"), *(f"--gin_bindings={b}" for b in bindings)]
-    argv.append("--temporal_ensemble" if temporal_ensemble else "--no_temporal_ensemble")
+    if temporal_ensemble is not None:
+        argv.append("--temporal_ensemble" if temporal_ensemble else "--no_temporal_ensemble")
     s = evaluate(parse_args(argv))
     return {k: s[k] for k in keys}
 
@@ -137,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("--episodes", type=int, default=0, help="simulated episodes per checkpoint (0: none)")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed")
-    p.add_argument("--no_temporal_ensemble", action="store_true")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--temporal_ensemble", dest="temporal_ensemble", action="store_true",
+                      default=None, help="force ensembling (default: the policy's declared mode)")
+    mode.add_argument("--no_temporal_ensemble", dest="temporal_ensemble", action="store_false",
+                      help="force chunked execution (the policy's query_every)")
     p.add_argument("--sensitivity_episodes", type=int, default=50)
     p.add_argument("--steps", default="", help="comma list: only these checkpoints")
     p.add_argument("--png", default=None)
@@ -159,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                  "sensitivity": sensitivity_of(ckpt, args.sensitivity_episodes,
                                                tuple(args.gin_bindings))}
         if args.episodes > 0:
-            point["success"] = success_of(ckpt, args.episodes, not args.no_temporal_ensemble,
+            point["success"] = success_of(ckpt, args.episodes, args.temporal_ensemble,
                                           args.seed, tuple(args.gin_bindings))
         point["seconds"] = time.perf_counter() - t0
         points.append(point)

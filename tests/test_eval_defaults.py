@@ -93,6 +93,14 @@ def test_the_default_mode_is_the_policys_declared_one_and_evaluations_are_kept(
     third = json.loads((evals / "seed3_episodes1/eval_results.json").read_text())
     assert third["temporal_ensemble"] is False and third["seed"] == 3
 
+    calls.clear()  # a declared chunk length (insertion.gin: tinyact.query_every = 75) is obeyed
+    assert evaluate(tinyact_run, "--gin_bindings=tinyact.temporal_ensemble = False",
+                    "--gin_bindings=tinyact.query_every = 3", "--seed", "4") == 0
+    assert len(calls) == math.ceil(STEPS / 3)
+    fourth = json.loads((evals / "seed4_episodes1/eval_results.json").read_text())
+    assert fourth["temporal_ensemble"] is False and fourth["query_every"] == 3
+    assert fourth["eval_mode_source"].startswith("tinyact.temporal_ensemble")
+
     calls.clear()
     assert evaluate(tinyact_run, "--temporal_ensemble", "--gin_bindings=tinyact.temporal_ensemble = False",
                     "--output_dir", str(tinyact_run / "mine")) == 0

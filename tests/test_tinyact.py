@@ -125,15 +125,16 @@ def test_colour_keypoints_find_a_red_and_a_blue_object_apart_untrained():
 
 def test_insertion_recipe_resolves_as_a_dry_run(tmp_path, tiny_data):
     """gin_configs/insertion.gin on the insertion task resolves to TinyACT with colour keypoints
-    and 120x160 frames read with a stride-4 first conv, the state never hidden; a dry run
-    writes nothing."""
+    and 120x160 frames read with a stride-4 first conv, the state never hidden, evaluated in
+    chunks of 75 steps (not ensembled); a dry run writes nothing."""
     assert_recipe_dry_run(
         tmp_path / "run", "sim_insertion_scripted", "gin_configs/insertion.gin", tiny_data,
         ("model.policy = 'tinyact'", "tinyact.colour_keypoints = True",
          "tinyact.saturation_keypoint = True", "(task: sim_insertion_scripted)",
          "model.chunk_size = 100", "dataset.lazy_preprocess = False",
          "dataset.image_size = (120, 160)", "tinyact.strides = (4, 2, 1)",
-         "tinyact.state_dropout = 0.0"),
+         "tinyact.state_dropout = 0.0", "tinyact.temporal_ensemble = False",
+         "tinyact.query_every = 75"),
         "--max_steps=10000")
 
 
