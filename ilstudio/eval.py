@@ -270,8 +270,9 @@ def eval_mode(args: SimpleNamespace, policy_config) -> tuple[bool, int | None, s
     if args.no_temporal_ensemble or args.temporal_ensemble is False or args.query_every:
         why = "--query_every" if args.query_every else "--no_temporal_ensemble"
         return False, args.query_every or policy_config.query_every or None, why
-    return (policy_config.temporal_ensemble, policy_config.query_every or None,
-            f"{name}.temporal_ensemble (the policy's declared mode)")
+    te, every = policy_config.temporal_ensemble, policy_config.query_every or None
+    source = f"{name}.temporal_ensemble" + ("" if te or not every else f" and {name}.query_every")
+    return te, every, f"{source} (the policy's declared mode)"
 
 
 def load_norm_stats(norm: Path):

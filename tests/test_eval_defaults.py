@@ -99,7 +99,8 @@ def test_the_default_mode_is_the_policys_declared_one_and_evaluations_are_kept(
     assert len(calls) == math.ceil(STEPS / 3)
     fourth = json.loads((evals / "seed4_episodes1/eval_results.json").read_text())
     assert fourth["temporal_ensemble"] is False and fourth["query_every"] == 3
-    assert fourth["eval_mode_source"].startswith("tinyact.temporal_ensemble")
+    assert fourth["eval_mode_source"] == ("tinyact.temporal_ensemble and tinyact.query_every "
+                                          "(the policy's declared mode)")
 
     calls.clear()
     assert evaluate(tinyact_run, "--temporal_ensemble", "--gin_bindings=tinyact.temporal_ensemble = False",
