@@ -85,13 +85,13 @@ def success_of(ckpt: Path, episodes: int, temporal_ensemble: bool | None, seed: 
     """Reuses an evaluation already made of this checkpoint (e.g. the quickstart's) when it used
     the same seed and mode and at least as many episodes (the largest such one). temporal_ensemble
     None: the policy's declared mode (an evaluation made in it says so in eval_mode_source)."""
-    from ilstudio.eval import evaluate, parse_args
+    from ilstudio.eval import DECLARED_MODE, evaluate, parse_args
 
     keys = ("successes", "num_episodes", "success_rate", "success_rate_ci95")
     usable = [r for r in (json.loads(f.read_text()) for f in _earlier_evaluations(ckpt))
               if r.get("seed") == seed and r.get("num_episodes", 0) >= episodes
               and (r.get("temporal_ensemble") == temporal_ensemble if temporal_ensemble is not None
-                   else "declared mode" in str(r.get("eval_mode_source")))]
+                   else str(r.get("eval_mode_source")).endswith(DECLARED_MODE))]
     if usable:
         r = max(usable, key=lambda r: r["num_episodes"])
         return {k: r[k] for k in keys}

@@ -260,6 +260,9 @@ def resolve_device(name: str):
     return dev
 
 
+DECLARED_MODE = "(the policy's declared mode)"  # ends eval_mode_source when no flag chose it
+
+
 def eval_mode(args: SimpleNamespace, policy_config) -> tuple[bool, int | None, str]:
     """(temporal ensembling, query_every or None for the whole chunk, where that came from):
     the flags when given, else the policy's declared ``<policy>.temporal_ensemble`` and
@@ -272,7 +275,7 @@ def eval_mode(args: SimpleNamespace, policy_config) -> tuple[bool, int | None, s
         return False, args.query_every or policy_config.query_every or None, why
     te, every = policy_config.temporal_ensemble, policy_config.query_every or None
     source = f"{name}.temporal_ensemble" + ("" if te or not every else f" and {name}.query_every")
-    return te, every, f"{source} (the policy's declared mode)"
+    return te, every, f"{source} {DECLARED_MODE}"
 
 
 def load_norm_stats(norm: Path):
